@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: fetches the model and the
+# Python client the tests drive, then runs every Rust test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/fetch-model.sh
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+if ! "$PYTHON" -c "import openai" 2>/dev/null; then
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check "openai>=1.50,<3"
+fi
+export TAILOR_TEST_PYTHON="$PYTHON"
+cargo test --locked --all-targets "$@"

@@ -1,0 +1,237 @@
+//! `POST /v1/chat/completions`: messages rendered through the chat template.
+
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{extract::State, Json, Router};
+use serde_json::Value as Json_;
+
+use super::error::ApiError;
+use super::generate::{self, Piece};
+use super::json::WithSampling;
+use super::params::{self, validate_sampling};
+use super::types::{
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+    ChatCompletionResponse, ChatMessage, Delta,
+};
+use super::{response_id, unix_now, AppState};
+use crate::loader::ModelInfo;
+use crate::prompt::ChatRequest;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/chat/completions", post(chat_completions))
+}
+
+async fn chat_completions(
+    State(state): State<AppState>,
+    WithSampling(req): WithSampling<ChatCompletionRequest>,
+) -> Result<Response, ApiError> {
+    let info = state.model_named(&req.model)?;
+    let params = validate_sampling(&req.sampling)?;
+    refuse_unsupported(&req)?;
+    let chat = ChatRequest {
+        messages: normalize_messages(&req.messages)?,
+        tools: None,
+        documents: req.documents.clone(),
+        add_generation_prompt: req
+            .add_generation_prompt
+            .unwrap_or(!req.continue_final_message),
+        continue_final_message: req.continue_final_message,
+        kwargs: merged_kwargs(&state, req.chat_template_kwargs.as_ref()),
+    };
+    let ids = render_chat(&info, &chat)?;
+    let (param, requested) = match req.max_completion_tokens {
+        Some(n) => ("max_completion_tokens", Some(n)),
+        None => ("max_tokens", req.max_tokens),
+    };
+    let max_tokens = params::resolve_max_tokens(param, requested, ids.len(), info.max_model_len)?;
+    let submitted = generate::submit_all(&state, vec![(ids, max_tokens)], &params)?;
+    let id = response_id("chatcmpl");
+    let created = unix_now();
+    if params.stream {
+        let model = req.model.clone();
+        let chunk = move |choices: Vec<ChatChunkChoice>, usage| {
+            serde_json::to_string(&ChatCompletionChunk {
+                id: id.clone(),
+                object: "chat.completion.chunk",
+                created,
+                model: model.clone(),
+                choices,
+                usage,
+            })
+            .ok()
+        };
+        let delta_choice = |index, delta, finish_reason| ChatChunkChoice {
+            index,
+            delta,
+            logprobs: None,
+            finish_reason,
+        };
+        let sse = generate::sse(submitted, params.include_usage, move |piece| match piece {
+            Piece::Start(index) => chunk(
+                vec![delta_choice(
+                    index,
+                    Delta {
+                        role: Some("assistant"),
+                        content: Some(String::new()),
+                    },
+                    None,
+                )],
+                None,
+            ),
+            Piece::Text(index, text) => chunk(
+                vec![delta_choice(
+                    index,
+                    Delta {
+                        role: None,
+                        content: Some(text),
+                    },
+                    None,
+                )],
+                None,
+            ),
+            Piece::Finish(index, reason) => chunk(
+                vec![delta_choice(index, Delta::default(), Some(reason.as_str()))],
+                None,
+            ),
+            Piece::Usage(usage) => chunk(Vec::new(), Some(usage)),
+        });
+        return Ok(sse.into_response());
+    }
+    let collected = generate::collect(submitted).await?;
+    let choices = collected
+        .choices
+        .into_iter()
+        .enumerate()
+        .map(|(index, (content, reason))| ChatChoice {
+            index,
+            message: ChatMessage {
+                role: "assistant",
+                content,
+            },
+            logprobs: None,
+            finish_reason: Some(reason.as_str()),
+        })
+        .collect();
+    Ok(Json(ChatCompletionResponse {
+        id,
+        object: "chat.completion",
+        created,
+        model: req.model,
+        choices,
+        usage: collected.usage,
+    })
+    .into_response())
+}
+
+/// Renders the conversation and tokenizes it (the template writes every
+/// special token itself, so nothing is added).
+pub fn render_chat(info: &ModelInfo, chat: &ChatRequest) -> Result<Vec<u32>, ApiError> {
+    let template = info.chat_template.as_ref().ok_or_else(|| {
+        ApiError::bad_request(
+            "this model has no chat template; start the server with --chat-template FILE",
+        )
+    })?;
+    let text = template.render(chat)?;
+    let ids = info.tokenizer.encode(&text).map_err(|e| {
+        ApiError::invalid("messages", format!("cannot tokenize the conversation: {e}"))
+    })?;
+    if ids.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "the rendered conversation is empty",
+        ));
+    }
+    Ok(ids)
+}
+
+/// Server defaults, overridden key by key by the request.
+pub fn merged_kwargs(
+    state: &AppState,
+    request: Option<&serde_json::Map<String, Json_>>,
+) -> serde_json::Map<String, Json_> {
+    let mut kwargs = (*state.default_chat_template_kwargs).clone();
+    if let Some(request) = request {
+        kwargs.extend(request.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    kwargs
+}
+
+fn refuse_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
+    if req.logprobs == Some(true) {
+        return Err(ApiError::unsupported("logprobs", ""));
+    }
+    params::refuse_if_set("top_logprobs", req.top_logprobs.as_ref())?;
+    params::refuse_if_set("tools", req.tools.as_ref())?;
+    if let Some(choice) = &req.tool_choice {
+        if choice.as_str() != Some("none") && !choice.is_null() {
+            return Err(ApiError::unsupported("tool_choice", ""));
+        }
+    }
+    params::refuse_if_set("functions", req.functions.as_ref())?;
+    params::refuse_if_set("function_call", req.function_call.as_ref())?;
+    params::refuse_if_set("audio", req.audio.as_ref())?;
+    params::refuse_if_set("prediction", req.prediction.as_ref())?;
+    if let Some(format) = &req.response_format {
+        let kind = format.get("type").and_then(Json_::as_str);
+        if !format.is_null() && kind != Some("text") {
+            return Err(ApiError::unsupported(
+                "response_format",
+                &format!("of type {}", kind.unwrap_or("?")),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks each message's shape and turns text-only content parts into one
+/// string, which is what most chat templates expect.
+pub fn normalize_messages(messages: &[Json_]) -> Result<Vec<Json_>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` must not be empty",
+        ));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, message)| {
+            let param = format!("messages[{i}]");
+            let Json_::Object(fields) = message else {
+                return Err(ApiError::invalid(param, "each message must be an object"));
+            };
+            if !fields.get("role").is_some_and(Json_::is_string) {
+                return Err(ApiError::invalid(
+                    format!("{param}.role"),
+                    "each message needs a string `role`",
+                ));
+            }
+            let mut fields = fields.clone();
+            if let Some(Json_::Array(parts)) = fields.get("content") {
+                let mut texts = Vec::with_capacity(parts.len());
+                for part in parts {
+                    match (
+                        part.get("type").and_then(Json_::as_str),
+                        part.get("text").and_then(Json_::as_str),
+                    ) {
+                        (Some("text"), Some(text)) => texts.push(text.to_string()),
+                        (kind, _) => {
+                            return Err(ApiError::unsupported(
+                                &format!("{param}.content"),
+                                &format!("with a part of type {}", kind.unwrap_or("unknown")),
+                            ))
+                        }
+                    }
+                }
+                fields.insert("content".into(), Json_::String(texts.join("\n")));
+            }
+            match fields.get("content") {
+                None | Some(Json_::Null) | Some(Json_::String(_)) => Ok(Json_::Object(fields)),
+                Some(_) => Err(ApiError::invalid(
+                    format!("{param}.content"),
+                    "`content` must be a string, a list of text parts or null",
+                )),
+            }
+        })
+        .collect()
+}

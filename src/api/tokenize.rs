@@ -1,0 +1,82 @@
+//! `POST /tokenize` and `POST /detokenize`, in vLLM's shapes.
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Json, Router};
+
+use super::chat::{merged_kwargs, normalize_messages, render_chat};
+use super::error::ApiError;
+use super::json::AppJson;
+use super::types::{DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse};
+use super::AppState;
+use crate::prompt::ChatRequest;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+}
+
+async fn tokenize(
+    State(state): State<AppState>,
+    AppJson(req): AppJson<TokenizeRequest>,
+) -> Result<Json<TokenizeResponse>, ApiError> {
+    let info = match &req.model {
+        Some(model) => state.model_named(model)?,
+        None => state.model()?,
+    };
+    let tokens = match (&req.prompt, &req.messages) {
+        (Some(prompt), None) => {
+            let result = if req.add_special_tokens.unwrap_or(true) {
+                info.tokenizer.encode_prompt(prompt)
+            } else {
+                info.tokenizer.encode(prompt)
+            };
+            result.map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize: {e}")))?
+        }
+        (None, Some(messages)) => {
+            let chat = ChatRequest {
+                messages: normalize_messages(messages)?,
+                add_generation_prompt: req
+                    .add_generation_prompt
+                    .unwrap_or(!req.continue_final_message),
+                continue_final_message: req.continue_final_message,
+                kwargs: merged_kwargs(&state, req.chat_template_kwargs.as_ref()),
+                ..Default::default()
+            };
+            render_chat(&info, &chat)?
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "give exactly one of `prompt` and `messages`",
+            ))
+        }
+    };
+    Ok(Json(TokenizeResponse {
+        count: tokens.len(),
+        tokens,
+        max_model_len: info.max_model_len,
+    }))
+}
+
+async fn detokenize(
+    State(state): State<AppState>,
+    AppJson(req): AppJson<DetokenizeRequest>,
+) -> Result<Json<DetokenizeResponse>, ApiError> {
+    let info = match &req.model {
+        Some(model) => state.model_named(model)?,
+        None => state.model()?,
+    };
+    let vocab = info.tokenizer.vocab_size() as u32;
+    if let Some(bad) = req.tokens.iter().find(|&&t| t >= vocab) {
+        return Err(ApiError::invalid(
+            "tokens",
+            format!("token id {bad} is outside the vocabulary (size {vocab})"),
+        ));
+    }
+    let prompt = info
+        .tokenizer
+        .decode(&req.tokens, false)
+        .map_err(|e| ApiError::invalid("tokens", format!("cannot decode: {e}")))?;
+    Ok(Json(DetokenizeResponse { prompt }))
+}

@@ -1,0 +1,178 @@
+//! Server configuration: flags (with `TAILOR_*` environment fallbacks) parsed
+//! raw by clap, then checked into one `ServeConfig`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+
+use crate::engine::EngineConfig;
+use crate::loader::LoadOptions;
+use crate::model::WeightMode;
+
+/// File name of the default model inside the model cache.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum DTypeArg {
+    /// Keep GGUF weights quantized (fast, small).
+    Quantized,
+    /// Dequantize every weight to float32 (exact parity with the reference).
+    F32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "TAILOR_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "TAILOR_PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// A GGUF file, a folder holding one, or a Hugging Face folder
+    /// (config.json + *.safetensors + tokenizer.json). Default: SmolLM2-135M-Instruct
+    /// Q4_1 in the model cache (fetch it with scripts/fetch-model.sh).
+    #[arg(long, env = "TAILOR_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Weight precision.
+    #[arg(long, env = "TAILOR_DTYPE", value_enum, default_value = "quantized")]
+    pub dtype: DTypeArg,
+    /// The id clients use for the base model (default: the file or folder name).
+    #[arg(long, env = "TAILOR_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Compute threads (default: all cores).
+    #[arg(long, env = "TAILOR_THREADS")]
+    pub threads: Option<usize>,
+    /// A Jinja chat template file that replaces the model's own.
+    #[arg(long, env = "TAILOR_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
+    /// JSON object of variables passed to every chat template render
+    /// (e.g. '{"enable_thinking": false}'); a request's `chat_template_kwargs` win.
+    #[arg(long, env = "TAILOR_CHAT_TEMPLATE_KWARGS")]
+    pub chat_template_kwargs: Option<String>,
+    /// Sequences decoded together in one engine step.
+    #[arg(long, env = "TAILOR_MAX_NUM_SEQS", default_value_t = 8)]
+    pub max_num_seqs: usize,
+    /// Requests allowed to wait for a slot; more get 429 at once.
+    #[arg(long, env = "TAILOR_MAX_WAITING", default_value_t = 64)]
+    pub max_waiting: usize,
+}
+
+/// A checked configuration that knows how to build the server's parts.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub addr: SocketAddr,
+    pub model: PathBuf,
+    pub load: LoadOptions,
+    pub engine: EngineConfig,
+    pub threads: Option<usize>,
+    pub chat_template_kwargs: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid --host/--port: {0}")]
+    Address(String),
+    #[error(
+        "the default model is not in the cache ({0}).\nFetch it with:\n    scripts/fetch-model.sh\nor pass --model PATH"
+    )]
+    DefaultModelMissing(String),
+    #[error("--model {0}: no such file or folder")]
+    ModelMissing(String),
+    #[error("cannot read --chat-template {path}: {message}")]
+    ChatTemplate { path: String, message: String },
+    #[error("--chat-template-kwargs must be a JSON object: {0}")]
+    Kwargs(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Where fetched models live: `$TAILOR_CACHE`, else `$XDG_CACHE_HOME/tailor`, else `~/.cache/tailor`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TAILOR_CACHE") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("tailor");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("tailor")
+}
+
+pub fn default_model_path() -> PathBuf {
+    cache_dir().join("models").join(DEFAULT_MODEL_FILE)
+}
+
+impl ServeArgs {
+    pub fn into_config(self) -> Result<ServeConfig, ConfigError> {
+        let addr: SocketAddr = format!("{}:{}", self.host, self.port)
+            .parse()
+            .or_else(|_| {
+                use std::net::ToSocketAddrs;
+                (self.host.as_str(), self.port)
+                    .to_socket_addrs()
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .ok_or(())
+            })
+            .map_err(|_| ConfigError::Address(format!("{}:{}", self.host, self.port)))?;
+        let model = match self.model {
+            Some(path) if path.exists() => path,
+            Some(path) => return Err(ConfigError::ModelMissing(path.display().to_string())),
+            None => {
+                let path = default_model_path();
+                if !path.exists() {
+                    return Err(ConfigError::DefaultModelMissing(path.display().to_string()));
+                }
+                path
+            }
+        };
+        let chat_template_override = match &self.chat_template {
+            Some(path) => {
+                Some(
+                    std::fs::read_to_string(path).map_err(|e| ConfigError::ChatTemplate {
+                        path: path.display().to_string(),
+                        message: e.to_string(),
+                    })?,
+                )
+            }
+            None => None,
+        };
+        let chat_template_kwargs = match &self.chat_template_kwargs {
+            Some(text) => match serde_json::from_str(text) {
+                Ok(serde_json::Value::Object(map)) => map,
+                Ok(_) => return Err(ConfigError::Kwargs("not an object".into())),
+                Err(e) => return Err(ConfigError::Kwargs(e.to_string())),
+            },
+            None => serde_json::Map::new(),
+        };
+        if self.max_num_seqs == 0 {
+            return Err(ConfigError::Invalid(
+                "--max-num-seqs must be at least 1".into(),
+            ));
+        }
+        if self.threads == Some(0) {
+            return Err(ConfigError::Invalid("--threads must be at least 1".into()));
+        }
+        Ok(ServeConfig {
+            addr,
+            model,
+            load: LoadOptions {
+                mode: match self.dtype {
+                    DTypeArg::Quantized => WeightMode::Quantized,
+                    DTypeArg::F32 => WeightMode::F32,
+                },
+                chat_template_override,
+                served_model_name: self.served_model_name,
+            },
+            engine: EngineConfig {
+                max_num_seqs: self.max_num_seqs,
+                max_waiting: self.max_waiting,
+            },
+            threads: self.threads,
+            chat_template_kwargs,
+        })
+    }
+}

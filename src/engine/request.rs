@@ -1,0 +1,55 @@
+//! What crosses into the engine (validated only) and what comes back.
+
+use tokio::sync::mpsc;
+
+use super::SamplingParams;
+
+/// A validated generation request: token ids in, events out.
+pub struct GenerationRequest {
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    /// Generated tokens at most (already checked against the context length).
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    /// Keep going past end-of-sequence tokens (fixed-length benchmarks).
+    pub ignore_eos: bool,
+    /// Unbounded on purpose: the engine must never wait on a slow client, and
+    /// `max_tokens` bounds how many events one request can queue.
+    pub events: mpsc::UnboundedSender<Event>,
+    /// The request's span: engine logs line up with the HTTP request.
+    pub span: tracing::Span,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` (or the context length) reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Newly released text (never half a character, never part of a stop string).
+    Text(String),
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+    },
+    Failed(String),
+}

@@ -1,0 +1,22 @@
+//! tailor: an OpenAI-compatible inference server for one base model, tailored
+//! per request by LoRA adapters and prompt templates.
+//!
+//! Layout (data flows top to bottom):
+//! - `api`: axum router, OpenAI wire types, errors, SSE;
+//! - `prompt`: Jinja environment and chat templates;
+//! - `engine`: the thread that owns the model, its queue and scheduler;
+//! - `loader`: a path → weights, tokenizer and template;
+//! - `model`: the transformer itself (candle);
+//! - `tokenizer`: text ↔ ids, from tokenizer.json or GGUF metadata.
+
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod loader;
+pub mod model;
+pub mod prompt;
+pub mod server;
+pub mod tokenizer;
+
+pub use config::ServeConfig;
+pub use server::run;

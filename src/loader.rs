@@ -1,0 +1,290 @@
+//! Turns a path into everything needed to serve a model: weights, tokenizer,
+//! chat template, stop tokens and the id clients name it by.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value as Json;
+
+use crate::model::gguf::{self, GgufSource};
+use crate::model::safetensors::SafetensorsSource;
+use crate::model::{Llama, ModelError, ModelFormat, WeightMode};
+use crate::prompt::jinja::Clock;
+use crate::prompt::{ChatTemplate, PromptError};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("{0}")]
+    ChatTemplate(#[from] PromptError),
+    #[error("{path}: {message}")]
+    Path { path: String, message: String },
+}
+
+/// Everything about the base model except its weights: shared with the HTTP side.
+pub struct ModelInfo {
+    /// The id clients name the base model by.
+    pub id: String,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    /// Generation ends when one of these is produced.
+    pub eos_token_ids: Vec<u32>,
+    pub max_model_len: usize,
+    pub format: ModelFormat,
+    pub mode: WeightMode,
+}
+
+pub struct Loaded {
+    pub model: Llama,
+    pub info: ModelInfo,
+}
+
+/// `--chat-template FILE` or the model's own.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub mode: WeightMode,
+    pub chat_template_override: Option<String>,
+    pub served_model_name: Option<String>,
+}
+
+pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, LoadError> {
+    let path_err = |message: String| LoadError::Path {
+        path: path.display().to_string(),
+        message,
+    };
+    let resolved = resolve(path).map_err(path_err)?;
+    let (model, mut info) = match &resolved {
+        Resolved::Gguf(file) => load_gguf(file, opts)?,
+        Resolved::HuggingFace(dir) => load_hf(dir, opts)?,
+    };
+    if let Some(source) = &opts.chat_template_override {
+        let (bos, eos) = match &info.chat_template {
+            Some(t) => t.special_tokens(),
+            None => (None, None),
+        };
+        info.chat_template = Some(ChatTemplate::new(source, bos, eos, Clock::Local)?);
+    }
+    if let Some(name) = &opts.served_model_name {
+        info.id = name.clone();
+    }
+    Ok(Loaded { model, info })
+}
+
+enum Resolved {
+    Gguf(PathBuf),
+    HuggingFace(PathBuf),
+}
+
+fn resolve(path: &Path) -> Result<Resolved, String> {
+    if path.is_file() {
+        return Ok(Resolved::Gguf(path.to_path_buf()));
+    }
+    if !path.is_dir() {
+        return Err("no such file or folder".into());
+    }
+    if path.join("config.json").is_file() {
+        return Ok(Resolved::HuggingFace(path.to_path_buf()));
+    }
+    let ggufs: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| e.to_string())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+        .collect();
+    match ggufs.as_slice() {
+        [one] => Ok(Resolved::Gguf(one.clone())),
+        [] => Err("folder has neither config.json nor a .gguf file".into()),
+        _ => Err("folder has several .gguf files; name one".into()),
+    }
+}
+
+fn file_stem(path: &Path) -> String {
+    path.file_stem()
+        .or_else(|| path.file_name())
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
+fn load_gguf(file: &Path, opts: &LoadOptions) -> Result<(Llama, ModelInfo), LoadError> {
+    let mut source = GgufSource::open(file, opts.mode)?;
+    let md = source.metadata();
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let side = SideFiles::read(dir);
+    let tokenizer = match side.tokenizer(dir)? {
+        Some(t) => t,
+        None => Tokenizer::from_gguf(md)?,
+    };
+    let token_text = |key: &str| -> Option<String> {
+        let id = md.get(key)?.to_u32().ok()?;
+        tokenizer.id_to_token(id)
+    };
+    let bos = side
+        .special("bos_token")
+        .or_else(|| token_text("tokenizer.ggml.bos_token_id"));
+    let eos = side
+        .special("eos_token")
+        .or_else(|| token_text("tokenizer.ggml.eos_token_id"));
+    let template_source = side
+        .chat_template()
+        .or_else(|| gguf::string(md, "tokenizer.chat_template").ok());
+    let mut eos_ids: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
+        .iter()
+        .filter_map(|k| md.get(*k).and_then(|v| v.to_u32().ok()))
+        .collect();
+    eos_ids.extend(side.generation_eos_ids());
+    let model = Llama::load(&mut source)?;
+    let info = build_info(
+        file_stem(file),
+        tokenizer,
+        template_source,
+        bos,
+        eos,
+        eos_ids,
+        &model,
+        ModelFormat::Gguf,
+        opts,
+    )?;
+    Ok((model, info))
+}
+
+fn load_hf(dir: &Path, opts: &LoadOptions) -> Result<(Llama, ModelInfo), LoadError> {
+    let mut source = SafetensorsSource::open(dir)?;
+    let side = SideFiles::read(dir);
+    let tokenizer = side.tokenizer(dir)?.ok_or_else(|| LoadError::Path {
+        path: dir.display().to_string(),
+        message: "a Hugging Face model folder needs tokenizer.json".into(),
+    })?;
+    let mut eos_ids = side.generation_eos_ids();
+    if let Some(id) = side
+        .special("eos_token")
+        .and_then(|t| tokenizer.token_to_id(&t))
+    {
+        eos_ids.push(id);
+    }
+    let model = Llama::load(&mut source)?;
+    let name = dir
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let info = build_info(
+        name,
+        tokenizer,
+        side.chat_template(),
+        side.special("bos_token"),
+        side.special("eos_token"),
+        eos_ids,
+        &model,
+        ModelFormat::HuggingFace,
+        opts,
+    )?;
+    Ok((model, info))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_info(
+    id: String,
+    tokenizer: Tokenizer,
+    template_source: Option<String>,
+    bos: Option<String>,
+    eos: Option<String>,
+    mut eos_token_ids: Vec<u32>,
+    model: &Llama,
+    format: ModelFormat,
+    opts: &LoadOptions,
+) -> Result<ModelInfo, LoadError> {
+    eos_token_ids.sort_unstable();
+    eos_token_ids.dedup();
+    let chat_template = template_source
+        .map(|s| ChatTemplate::new(&s, bos, eos, Clock::Local))
+        .transpose()?;
+    Ok(ModelInfo {
+        id,
+        tokenizer,
+        chat_template,
+        eos_token_ids,
+        max_model_len: model.config().max_position_embeddings,
+        format,
+        mode: opts.mode,
+    })
+}
+
+/// tokenizer.json, tokenizer_config.json and generation_config.json beside the weights.
+struct SideFiles {
+    tokenizer_config: Option<Json>,
+    generation_config: Option<Json>,
+    config: Option<Json>,
+}
+
+impl SideFiles {
+    fn read(dir: &Path) -> Self {
+        let json = |name: &str| -> Option<Json> {
+            let text = std::fs::read_to_string(dir.join(name)).ok()?;
+            serde_json::from_str(&text).ok()
+        };
+        Self {
+            tokenizer_config: json("tokenizer_config.json"),
+            generation_config: json("generation_config.json"),
+            config: json("config.json"),
+        }
+    }
+
+    fn tokenizer(&self, dir: &Path) -> Result<Option<Tokenizer>, LoadError> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let mut tokenizer = Tokenizer::from_file(&path)?;
+        let add_bos = self
+            .tokenizer_config
+            .as_ref()
+            .and_then(|c| c.get("add_bos_token"))
+            .and_then(Json::as_bool)
+            .unwrap_or(false);
+        let bos_id = self
+            .special("bos_token")
+            .and_then(|t| tokenizer.token_to_id(&t));
+        tokenizer.set_add_bos(add_bos, bos_id);
+        Ok(Some(tokenizer))
+    }
+
+    /// A special token's text; tokenizer_config.json writes it as a string or
+    /// as `{"content": ...}`.
+    fn special(&self, key: &str) -> Option<String> {
+        let v = self.tokenizer_config.as_ref()?.get(key)?;
+        v.as_str()
+            .or_else(|| v.get("content").and_then(Json::as_str))
+            .map(String::from)
+    }
+
+    fn chat_template(&self) -> Option<String> {
+        match self.tokenizer_config.as_ref()?.get("chat_template")? {
+            Json::String(s) => Some(s.clone()),
+            // Several named templates: the one called "default".
+            Json::Array(list) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Json::as_str) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(Json::as_str)
+                .map(String::from),
+            _ => None,
+        }
+    }
+
+    fn generation_eos_ids(&self) -> Vec<u32> {
+        let from = |c: &Option<Json>| -> Vec<u32> {
+            match c.as_ref().and_then(|c| c.get("eos_token_id")) {
+                Some(Json::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
+                Some(Json::Array(a)) => a
+                    .iter()
+                    .filter_map(|n| n.as_u64().map(|n| n as u32))
+                    .collect(),
+                _ => Vec::new(),
+            }
+        };
+        let mut ids = from(&self.generation_config);
+        ids.extend(from(&self.config));
+        ids
+    }
+}

@@ -1,0 +1,294 @@
+//! GGUF files of the Llama family (`llama`, which also covers Mistral, and
+//! `qwen2`): config from metadata, weights kept quantized or dequantized.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{Device, Tensor};
+
+use super::linear::Weight;
+use super::source::WeightSource;
+use super::{Linear, ModelConfig, ModelError, Result, WeightMode};
+
+pub struct GgufSource {
+    path: PathBuf,
+    reader: BufReader<File>,
+    content: Content,
+    mode: WeightMode,
+    config: ModelConfig,
+    /// llama.cpp's converter reorders q/k rows per head for its adjacent-pair
+    /// rotary layout; we undo it at load so every format shares the
+    /// half-split (Hugging Face) layout and LoRA deltas need no special case.
+    unpermute_qk: bool,
+}
+
+impl GgufSource {
+    pub fn open(path: &Path, mode: WeightMode) -> Result<Self> {
+        let io_err = |source| ModelError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut reader = BufReader::new(File::open(path).map_err(io_err)?);
+        let content = Content::read(&mut reader).map_err(|e| {
+            ModelError::Invalid(format!("{}: not a readable GGUF file: {e}", path.display()))
+        })?;
+        let arch = string(&content.metadata, "general.architecture")?;
+        let unpermute_qk = match arch.as_str() {
+            "llama" => true,
+            "qwen2" => false,
+            other => {
+                return Err(ModelError::Unsupported(format!(
+                    "GGUF architecture `{other}` (supported: llama, qwen2)"
+                )))
+            }
+        };
+        if content.tensor_infos.contains_key("rope_freqs.weight") {
+            return Err(ModelError::Unsupported(
+                "Llama 3.1-style rope frequency factors (rope_freqs.weight)".into(),
+            ));
+        }
+        let config = config_from_metadata(&content, &arch)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            reader,
+            content,
+            mode,
+            config,
+            unpermute_qk,
+        })
+    }
+
+    pub fn metadata(&self) -> &HashMap<String, Value> {
+        &self.content.metadata
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn qtensor(&mut self, gguf_name: &str) -> Result<QTensor> {
+        if !self.content.tensor_infos.contains_key(gguf_name) {
+            return Err(ModelError::MissingTensor(gguf_name.to_string()));
+        }
+        Ok(self
+            .content
+            .tensor(&mut self.reader, gguf_name, &Device::Cpu)?)
+    }
+
+    fn load_linear_weight(&mut self, name: &str) -> Result<QTensor> {
+        let gguf = gguf_name(&format!("{name}.weight"))?;
+        let mut q = self.qtensor(&gguf)?;
+        if self.unpermute_qk {
+            if name.ends_with("q_proj") {
+                q = unpermute_rows(&q, self.config.num_heads)?;
+            } else if name.ends_with("k_proj") {
+                q = unpermute_rows(&q, self.config.num_kv_heads)?;
+            }
+        }
+        Ok(q)
+    }
+}
+
+impl WeightSource for GgufSource {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn linear(&mut self, name: &str) -> Result<Linear> {
+        let q = self.load_linear_weight(name)?;
+        let (out_features, in_features) = q.shape().dims2()?;
+        let weight = match (self.mode, q.dtype()) {
+            (WeightMode::F32, _) | (_, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
+                Weight::Dense(q.dequantize(&Device::Cpu)?)
+            }
+            (WeightMode::Quantized, _) => Weight::Quantized(QMatMul::from_qtensor(q)?),
+        };
+        let bias_name = format!("{name}.bias");
+        let bias = if self.contains(&bias_name) {
+            if self.unpermute_qk && (name.ends_with("q_proj") || name.ends_with("k_proj")) {
+                return Err(ModelError::Unsupported(
+                    "q/k projection bias in a llama GGUF".into(),
+                ));
+            }
+            Some(self.dense(&bias_name)?)
+        } else {
+            None
+        };
+        Ok(Linear::new(weight, bias, out_features, in_features))
+    }
+
+    fn dense(&mut self, name: &str) -> Result<Tensor> {
+        let gguf = gguf_name(name)?;
+        Ok(self.qtensor(&gguf)?.dequantize(&Device::Cpu)?)
+    }
+
+    fn embedding(&mut self, name: &str) -> Result<QMatMul> {
+        let q = self.qtensor(&gguf_name(&format!("{name}.weight"))?)?;
+        Ok(match self.mode {
+            WeightMode::F32 => QMatMul::Tensor(q.dequantize(&Device::Cpu)?),
+            WeightMode::Quantized => QMatMul::from_qtensor(q)?,
+        })
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        gguf_name(name)
+            .map(|g| self.content.tensor_infos.contains_key(&g))
+            .unwrap_or(false)
+    }
+}
+
+/// Maps a Hugging Face tensor name to its GGUF name.
+fn gguf_name(hf: &str) -> Result<String> {
+    let unknown = || ModelError::Invalid(format!("no GGUF name for tensor `{hf}`"));
+    let (stem, suffix) = hf.rsplit_once('.').ok_or_else(unknown)?;
+    let mapped = match stem {
+        "model.embed_tokens" => "token_embd".to_string(),
+        "model.norm" => "output_norm".to_string(),
+        "lm_head" => "output".to_string(),
+        _ => {
+            let rest = stem.strip_prefix("model.layers.").ok_or_else(unknown)?;
+            let (layer, module) = rest.split_once('.').ok_or_else(unknown)?;
+            let module = match module {
+                "input_layernorm" => "attn_norm",
+                "post_attention_layernorm" => "ffn_norm",
+                "self_attn.q_proj" => "attn_q",
+                "self_attn.k_proj" => "attn_k",
+                "self_attn.v_proj" => "attn_v",
+                "self_attn.o_proj" => "attn_output",
+                "mlp.gate_proj" => "ffn_gate",
+                "mlp.up_proj" => "ffn_up",
+                "mlp.down_proj" => "ffn_down",
+                _ => return Err(unknown()),
+            };
+            format!("blk.{layer}.{module}")
+        }
+    };
+    Ok(format!("{mapped}.{suffix}"))
+}
+
+/// Undoes llama.cpp's `permute(w, n_head)`: GGUF row `h·d + 2j + i` holds
+/// Hugging Face row `h·d + i·d/2 + j`. Rows are whole quantization blocks, so
+/// this moves bytes and never touches the numbers.
+fn unpermute_rows(q: &QTensor, n_head: usize) -> Result<QTensor> {
+    let (rows, cols) = q.shape().dims2()?;
+    let data = q.data()?;
+    if !rows.is_multiple_of(n_head)
+        || !(rows / n_head).is_multiple_of(2)
+        || !data.len().is_multiple_of(rows)
+    {
+        return Err(ModelError::Invalid(format!(
+            "cannot split {rows} rows into {n_head} rotary heads"
+        )));
+    }
+    let row_bytes = data.len() / rows;
+    let head_dim = rows / n_head;
+    let half = head_dim / 2;
+    let mut out = vec![0u8; data.len()];
+    for h in 0..n_head {
+        for i in 0..2 {
+            for j in 0..half {
+                let hf = h * head_dim + i * half + j;
+                let gguf = h * head_dim + 2 * j + i;
+                out[hf * row_bytes..(hf + 1) * row_bytes]
+                    .copy_from_slice(&data[gguf * row_bytes..(gguf + 1) * row_bytes]);
+            }
+        }
+    }
+    let storage = QStorage::from_data(Cow::Owned(out), &Device::Cpu, q.dtype())?;
+    Ok(QTensor::new(storage, (rows, cols))?)
+}
+
+fn config_from_metadata(content: &Content, arch: &str) -> Result<ModelConfig> {
+    let md = &content.metadata;
+    let get = |key: &str| -> Result<&Value> {
+        let full = format!("{arch}.{key}");
+        md.get(&full).ok_or(ModelError::MissingMetadata(full))
+    };
+    let usize_of = |key: &str| -> Result<usize> { Ok(get(key)?.to_u64()? as usize) };
+    let num_heads = usize_of("attention.head_count")?;
+    let hidden_size = usize_of("embedding_length")?;
+    let vocab_size = match usize_of("vocab_size") {
+        Ok(v) => v,
+        Err(_) => match md.get("tokenizer.ggml.tokens") {
+            Some(v) => v.to_vec()?.len(),
+            None => return Err(ModelError::MissingMetadata(format!("{arch}.vocab_size"))),
+        },
+    };
+    let head_dim = usize_of("attention.key_length")
+        .or_else(|_| usize_of("rope.dimension_count"))
+        .unwrap_or(hidden_size / num_heads);
+    let config = ModelConfig {
+        vocab_size,
+        hidden_size,
+        intermediate_size: usize_of("feed_forward_length")?,
+        num_layers: usize_of("block_count")?,
+        num_heads,
+        num_kv_heads: usize_of("attention.head_count_kv").unwrap_or(num_heads),
+        head_dim,
+        rms_norm_eps: get("attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
+        rope_theta: get("rope.freq_base")
+            .and_then(|v| Ok(v.to_f32()?))
+            .unwrap_or(10_000.0),
+        max_position_embeddings: usize_of("context_length").unwrap_or(4096),
+        tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+        attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+/// A string metadata value.
+pub fn string(md: &HashMap<String, Value>, key: &str) -> Result<String> {
+    md.get(key)
+        .ok_or_else(|| ModelError::MissingMetadata(key.to_string()))?
+        .to_string()
+        .cloned()
+        .map_err(|_| ModelError::Invalid(format!("metadata `{key}` is not a string")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_hf_names_to_gguf() -> Result<()> {
+        assert_eq!(
+            gguf_name("model.layers.3.self_attn.k_proj.weight")?,
+            "blk.3.attn_k.weight"
+        );
+        assert_eq!(
+            gguf_name("model.layers.12.mlp.down_proj.weight")?,
+            "blk.12.ffn_down.weight"
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.post_attention_layernorm.weight")?,
+            "blk.0.ffn_norm.weight"
+        );
+        assert_eq!(gguf_name("model.norm.weight")?, "output_norm.weight");
+        assert!(gguf_name("model.layers.0.self_attn.rotary").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() -> Result<()> {
+        // 2 heads of dim 4, 32 columns (one F32 "block" row each is 32 values).
+        let (rows, cols, n_head) = (8usize, 32usize, 2usize);
+        let hf: Vec<f32> = (0..rows * cols).map(|i| (i / cols) as f32).collect();
+        // llama.cpp: reshape(n_head, 2, d/2, cols).swapaxes(1, 2).
+        let hf_t = Tensor::from_vec(hf.clone(), (rows, cols), &Device::Cpu)?;
+        let permuted = hf_t
+            .reshape((n_head, 2, rows / n_head / 2, cols))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((rows, cols))?;
+        let q = QTensor::quantize(&permuted, GgmlDType::F32)?;
+        let back = unpermute_rows(&q, n_head)?.dequantize(&Device::Cpu)?;
+        assert_eq!(back.flatten_all()?.to_vec1::<f32>()?, hf);
+        Ok(())
+    }
+}

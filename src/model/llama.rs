@@ -1,0 +1,356 @@
+//! The Llama-family decoder (SmolLM2, Llama 2/3, Mistral, Qwen2), run over a
+//! batch of sequences: every row has its own tokens, position and KV cache,
+//! and the projections see all rows of the step at once.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Tensor, D};
+
+use super::source::WeightSource;
+use super::{KvCache, Linear, ModelConfig, ModelError, Result};
+
+/// Which positions of a row need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position (generation).
+    Last,
+    /// Every position of the row (prefill checks, scoring).
+    All,
+}
+
+/// One sequence's share of a forward step.
+pub struct BatchRow<'a> {
+    /// New tokens, placed after what `cache` already holds.
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub logits: Logits,
+}
+
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn load(src: &mut dyn WeightSource, name: &str) -> Result<Self> {
+        Ok(Self {
+            weight: src.dense(&format!("{name}.weight"))?,
+            eps: src.config().rms_norm_eps as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+    }
+}
+
+/// Half-split (NeoX / Hugging Face) rotary tables, `[max_positions, head_dim / 2]`.
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &ModelConfig) -> Result<Self> {
+        let half = cfg.head_dim / 2;
+        // float32 throughout, as transformers computes it.
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / cfg.head_dim as f32))
+            .collect();
+        let n = cfg.max_position_embeddings;
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for pos in 0..n {
+            for f in &inv_freq {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (n, half), &Device::Cpu)?,
+            sin: Tensor::from_vec(sin, (n, half), &Device::Cpu)?,
+        })
+    }
+
+    /// `x`: `[1, heads, n, head_dim]` at positions `start..start + n`.
+    fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let n = x.dim(2)?;
+        let cos = self.cos.narrow(0, start, n)?;
+        let sin = self.sin.narrow(0, start, n)?;
+        Ok(candle_nn::rotary_emb::rope(x, &cos, &sin)?)
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(src: &mut dyn WeightSource, prefix: &str) -> Result<Self> {
+        let cfg = src.config().clone();
+        Ok(Self {
+            q_proj: src.linear(&format!("{prefix}.q_proj"))?,
+            k_proj: src.linear(&format!("{prefix}.k_proj"))?,
+            v_proj: src.linear(&format!("{prefix}.v_proj"))?,
+            o_proj: src.linear(&format!("{prefix}.o_proj"))?,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        })
+    }
+
+    /// `x`: `[total_tokens, hidden]` for all rows; `spans[i]` = (offset, len) of row i.
+    fn forward(
+        &self,
+        x: &Tensor,
+        rows: &mut [BatchRow],
+        spans: &[(usize, usize)],
+        layer: usize,
+        rope: &Rope,
+    ) -> Result<Tensor> {
+        let q = self.q_proj.forward(x)?;
+        let k = self.k_proj.forward(x)?;
+        let v = self.v_proj.forward(x)?;
+        let mut outputs = Vec::with_capacity(rows.len());
+        for (row, &(offset, len)) in rows.iter_mut().zip(spans) {
+            let start = row.cache.len();
+            // [len, heads·d] → [1, heads, len, d]
+            let heads = |t: &Tensor, n_heads: usize| -> Result<Tensor> {
+                Ok(t.narrow(0, offset, len)?
+                    .reshape((len, n_heads, self.head_dim))?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .unsqueeze(0)?)
+            };
+            let q = rope.apply(&heads(&q, self.num_heads)?, start)?.squeeze(0)?;
+            let k = rope
+                .apply(&heads(&k, self.num_kv_heads)?, start)?
+                .squeeze(0)?;
+            let v = heads(&v, self.num_kv_heads)?.squeeze(0)?;
+            let (k, v) = row.cache.append(layer, &k, &v)?;
+            outputs.push(self.attend(&q, &k, &v, start)?);
+        }
+        let out = Tensor::cat(&outputs, 0)?;
+        self.o_proj.forward(&out)
+    }
+
+    /// Causal attention of `q` (`[heads, n, d]`, positions `start..start+n`) over
+    /// `k`, `v` (`[kv_heads, start+n, d]`); returns `[n, heads·d]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, start: usize) -> Result<Tensor> {
+        let (n_heads, n, d) = q.dims3()?;
+        let total = k.dim(1)?;
+        let group = n_heads / self.num_kv_heads;
+        // Query heads that share a kv head are stacked on the row axis, so the
+        // cache is read in place instead of being repeated per head:
+        // [kv_heads, group·n, d] · [kv_heads, d, total] → [kv_heads, group·n, total]
+        let q = q.reshape((self.num_kv_heads, group * n, d))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut att = (q.matmul(&k.t()?)? * scale)?;
+        if n > 1 {
+            let mask = causal_mask(n, start, total)?;
+            att = att
+                .reshape((self.num_kv_heads, group, n, total))?
+                .broadcast_add(&mask)?
+                .reshape((self.num_kv_heads, group * n, total))?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        // [kv_heads, group·n, d] → [heads, n, d] → [n, heads·d]
+        Ok(att
+            .matmul(v)?
+            .reshape((n_heads, n, d))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((n, n_heads * d))?)
+    }
+}
+
+/// `[n, total]`: query i (at position start+i) sees keys 0..=start+i.
+fn causal_mask(n: usize, start: usize, total: usize) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j > start + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (n, total), &Device::Cpu)?)
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(src: &mut dyn WeightSource, prefix: &str) -> Result<Self> {
+        Ok(Self {
+            gate_proj: src.linear(&format!("{prefix}.gate_proj"))?,
+            up_proj: src.linear(&format!("{prefix}.up_proj"))?,
+            down_proj: src.linear(&format!("{prefix}.down_proj"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+    span: tracing::Span,
+}
+
+impl DecoderLayer {
+    fn load(src: &mut dyn WeightSource, prefix: &str, index: usize) -> Result<Self> {
+        Ok(Self {
+            input_layernorm: RmsNorm::load(src, &format!("{prefix}.input_layernorm"))?,
+            self_attn: Attention::load(src, &format!("{prefix}.self_attn"))?,
+            post_attention_layernorm: RmsNorm::load(
+                src,
+                &format!("{prefix}.post_attention_layernorm"),
+            )?,
+            mlp: Mlp::load(src, &format!("{prefix}.mlp"))?,
+            span: tracing::trace_span!("layer", index),
+        })
+    }
+}
+
+pub struct Llama {
+    embed_tokens: QMatMul,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    config: ModelConfig,
+}
+
+impl Llama {
+    pub fn load(src: &mut dyn WeightSource) -> Result<Self> {
+        let config = src.config().clone();
+        let embed_tokens = src.embedding("model.embed_tokens")?;
+        let layers = (0..config.num_layers)
+            .map(|i| DecoderLayer::load(src, &format!("model.layers.{i}"), i))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(src, "model.norm")?;
+        let lm_head = if config.tie_word_embeddings || !src.contains("lm_head.weight") {
+            tied_head(&embed_tokens, &config)?
+        } else {
+            src.linear("lm_head")?
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(&config)?,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_layers)
+    }
+
+    /// One step over every row. Returns, per row, logits `[positions, vocab]`
+    /// (one position for `Logits::Last`).
+    pub fn forward(&self, rows: &mut [BatchRow]) -> Result<Vec<Tensor>> {
+        let mut ids = Vec::new();
+        let mut spans = Vec::with_capacity(rows.len());
+        for row in rows.iter() {
+            if row.tokens.is_empty() {
+                return Err(ModelError::Invalid("a batch row has no tokens".into()));
+            }
+            let end = row.cache.len() + row.tokens.len();
+            if end > self.config.max_position_embeddings {
+                return Err(ModelError::Invalid(format!(
+                    "sequence of {end} tokens exceeds the context length {}",
+                    self.config.max_position_embeddings
+                )));
+            }
+            if let Some(&bad) = row
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.config.vocab_size)
+            {
+                return Err(ModelError::Invalid(format!(
+                    "token id {bad} is outside the vocabulary"
+                )));
+            }
+            spans.push((ids.len(), row.tokens.len()));
+            ids.extend_from_slice(row.tokens);
+        }
+        let ids = Tensor::new(ids.as_slice(), &Device::Cpu)?;
+        // [total_tokens, hidden]
+        let mut x = self.embed_tokens.embedding(&ids)?.to_dtype(DType::F32)?;
+        for (index, layer) in self.layers.iter().enumerate() {
+            let _enter = layer.span.enter();
+            let residual = x.clone();
+            let h = layer.input_layernorm.forward(&x)?;
+            let h = layer
+                .self_attn
+                .forward(&h, rows, &spans, index, &self.rope)?;
+            x = (h + residual)?;
+            let residual = x.clone();
+            let h = layer.post_attention_layernorm.forward(&x)?;
+            x = (layer.mlp.forward(&h)? + residual)?;
+        }
+        for (row, &(_, len)) in rows.iter_mut().zip(&spans) {
+            row.cache.advance(len);
+        }
+        // Only the positions that need logits go through the (large) head.
+        let mut wanted = Vec::new();
+        let mut counts = Vec::with_capacity(rows.len());
+        for (row, &(offset, len)) in rows.iter().zip(&spans) {
+            let first = match row.logits {
+                Logits::Last => offset + len - 1,
+                Logits::All => offset,
+            };
+            wanted.extend((first..offset + len).map(|i| i as u32));
+            counts.push(offset + len - first);
+        }
+        let wanted = Tensor::new(wanted.as_slice(), &Device::Cpu)?;
+        let h = self.norm.forward(&x.index_select(&wanted, 0)?)?;
+        let logits = self.lm_head.forward(&h)?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut at = 0;
+        for n in counts {
+            out.push(logits.narrow(0, at, n)?);
+            at += n;
+        }
+        Ok(out)
+    }
+}
+
+/// The output head shares the embedding table (SmolLM2, Llama 3.2 small).
+fn tied_head(embed: &QMatMul, cfg: &ModelConfig) -> Result<Linear> {
+    use super::linear::Weight;
+    let weight = match embed {
+        QMatMul::QTensor(q) => Weight::Quantized(QMatMul::QTensor(q.clone())),
+        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Weight::Dense(t.to_dtype(DType::F32)?),
+    };
+    Ok(Linear::new(weight, None, cfg.vocab_size, cfg.hidden_size))
+}
+
+/// Helper for tests and tools: the last dimension's argmax of a `[n, vocab]` tensor.
+pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+}

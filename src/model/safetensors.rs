@@ -1,0 +1,99 @@
+//! Hugging Face folders: `config.json` + `*.safetensors`, dense weights.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::QMatMul;
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+use super::config::HfConfig;
+use super::linear::Weight;
+use super::source::WeightSource;
+use super::{Linear, ModelConfig, ModelError, Result};
+
+pub struct SafetensorsSource {
+    tensors: MmapedSafetensors,
+    config: ModelConfig,
+}
+
+impl SafetensorsSource {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|source| ModelError::Io {
+            path: config_path.display().to_string(),
+            source,
+        })?;
+        let hf: HfConfig = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Invalid(format!("{}: {e}", config_path.display())))?;
+        let config = hf.to_model_config()?;
+        let files = safetensors_files(dir)?;
+        // SAFETY: the files are mapped read-only; like every mmap user we rely
+        // on nobody truncating them while the server runs.
+        let tensors = unsafe { MmapedSafetensors::multi(&files)? };
+        Ok(Self { tensors, config })
+    }
+
+    fn load(&self, name: &str) -> Result<Tensor> {
+        if !self.contains(name) {
+            return Err(ModelError::MissingTensor(name.to_string()));
+        }
+        Ok(self
+            .tensors
+            .load(name, &Device::Cpu)?
+            .to_dtype(DType::F32)?)
+    }
+}
+
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir).map_err(|source| ModelError::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(ModelError::Invalid(format!(
+            "no *.safetensors file in {}",
+            dir.display()
+        )));
+    }
+    Ok(files)
+}
+
+impl WeightSource for SafetensorsSource {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn linear(&mut self, name: &str) -> Result<Linear> {
+        let w = self.load(&format!("{name}.weight"))?;
+        let (out_features, in_features) = w.dims2()?;
+        let bias_name = format!("{name}.bias");
+        let bias = if self.contains(&bias_name) {
+            Some(self.load(&bias_name)?)
+        } else {
+            None
+        };
+        Ok(Linear::new(
+            Weight::Dense(w),
+            bias,
+            out_features,
+            in_features,
+        ))
+    }
+
+    fn dense(&mut self, name: &str) -> Result<Tensor> {
+        self.load(name)
+    }
+
+    fn embedding(&mut self, name: &str) -> Result<QMatMul> {
+        Ok(QMatMul::Tensor(self.load(&format!("{name}.weight"))?))
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.tensors.get(name).is_ok()
+    }
+}

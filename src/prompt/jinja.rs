@@ -1,0 +1,293 @@
+//! A minijinja environment configured the way transformers configures Jinja2
+//! for chat templates: trim/lstrip blocks, loop controls, Python string
+//! methods, `raise_exception`, `strftime_now`, Python-style printing and a
+//! `tojson` that is `json.dumps(ensure_ascii=False)`.
+
+use std::fmt;
+
+use chrono::NaiveDateTime;
+use minijinja::syntax::SyntaxConfig;
+use minijinja::value::{Kwargs, Value, ValueKind};
+use minijinja::{Environment, Error, ErrorKind, State};
+
+use super::pyjson::{self, DumpOptions};
+
+/// Bounds a single render: templates are user data, and an infinite loop or
+/// a runaway output must end in an error, not a hang.
+pub const DEFAULT_FUEL: u64 = 50_000_000;
+
+/// Where `strftime_now` reads the time.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Clock {
+    #[default]
+    Local,
+    Frozen(NaiveDateTime),
+}
+
+/// The payload of `raise_exception(message)`, carried as the error's source
+/// so the message reaches the client unchanged.
+#[derive(Debug)]
+struct Raised(String);
+
+impl fmt::Display for Raised {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Raised {}
+
+/// The message a template passed to `raise_exception`, if that is what failed.
+pub fn raised_message(e: &Error) -> Option<String> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(r) = s.downcast_ref::<Raised>() {
+            return Some(r.0.clone());
+        }
+        source = s.source();
+    }
+    None
+}
+
+/// One line naming the failure and where it happened.
+pub fn describe(e: &Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}
+
+pub fn environment(clock: Clock) -> Environment<'static> {
+    let mut env = Environment::new();
+    if let Ok(syntax) = SyntaxConfig::builder()
+        .trim_blocks(true)
+        .lstrip_blocks(true)
+        .keep_trailing_newline(false)
+        .build()
+    {
+        env.set_syntax(syntax);
+    }
+    env.set_fuel(Some(DEFAULT_FUEL));
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.set_formatter(python_formatter);
+    env.add_filter("tojson", tojson);
+    env.add_function("raise_exception", raise_exception);
+    env.add_function(
+        "strftime_now",
+        move |format: String| -> Result<String, Error> {
+            let now = match clock {
+                Clock::Local => chrono::Local::now().naive_local(),
+                Clock::Frozen(t) => t,
+            };
+            strftime(&now, &format)
+        },
+    );
+    env
+}
+
+fn raise_exception(message: String) -> Result<Value, Error> {
+    Err(
+        Error::new(ErrorKind::InvalidOperation, "raise_exception called")
+            .with_source(Raised(message)),
+    )
+}
+
+fn strftime(now: &NaiveDateTime, format: &str) -> Result<String, Error> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    write!(out, "{}", now.format(format)).map_err(|_| {
+        Error::new(
+            ErrorKind::InvalidOperation,
+            format!("invalid strftime format {format:?}"),
+        )
+    })?;
+    Ok(out)
+}
+
+/// `x | tojson(indent=None, separators=None, sort_keys=False, ensure_ascii=False)`.
+fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
+    let mut opts = DumpOptions::default();
+    let invalid = |msg: String| Error::new(ErrorKind::InvalidOperation, msg);
+    if let Some(indent) = kwargs.get::<Option<Value>>("indent")? {
+        opts.indent = match indent.kind() {
+            ValueKind::None => None,
+            ValueKind::String => Some(indent.as_str().unwrap_or_default().to_string()),
+            ValueKind::Number => {
+                Some(" ".repeat(i64::try_from(indent).unwrap_or(0).max(0) as usize))
+            }
+            _ => {
+                return Err(invalid(
+                    "tojson: indent must be an integer or a string".into(),
+                ))
+            }
+        };
+        if opts.indent.is_some() {
+            opts.item_separator = ",".into();
+        }
+    }
+    if let Some(separators) = kwargs.get::<Option<Value>>("separators")? {
+        if !separators.is_none() {
+            let parts: Vec<String> = separators
+                .try_iter()?
+                .map(|v| v.as_str().map(String::from))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| invalid("tojson: separators must be two strings".into()))?;
+            let [item, key] = <[String; 2]>::try_from(parts)
+                .map_err(|_| invalid("tojson: separators must be two strings".into()))?;
+            opts.item_separator = item;
+            opts.key_separator = key;
+        }
+    }
+    if let Some(sort) = kwargs.get::<Option<bool>>("sort_keys")? {
+        opts.sort_keys = sort;
+    }
+    if let Some(ascii) = kwargs.get::<Option<bool>>("ensure_ascii")? {
+        opts.ensure_ascii = ascii;
+    }
+    kwargs.assert_all_used()?;
+    pyjson::dumps(&value, &opts)
+        .map(Value::from)
+        .map_err(|msg| Error::new(ErrorKind::InvalidOperation, msg))
+}
+
+/// Prints values as Python's `str()` would: `None`, `True`, `['a', 1]`.
+fn python_formatter(
+    out: &mut minijinja::Output,
+    _state: &mut State,
+    value: &Value,
+) -> Result<(), Error> {
+    let text = match value.kind() {
+        ValueKind::Undefined => return Ok(()),
+        ValueKind::String => {
+            return out
+                .write_str(value.as_str().unwrap_or_default())
+                .map_err(Error::from)
+        }
+        ValueKind::None | ValueKind::Bool | ValueKind::Seq | ValueKind::Map => pyjson::repr(value),
+        ValueKind::Number => pyjson::number_repr(value),
+        _ => value.to_string(),
+    };
+    out.write_str(&text).map_err(Error::from)
+}
+
+/// transformers' `{% generation %}` tag only marks assistant spans; it renders
+/// its body unchanged. minijinja has no custom tags, so it becomes an `if`.
+pub fn rewrite_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{%") {
+        out.push_str(&rest[..start]);
+        let tag = &rest[start..];
+        let Some(end) = tag.find("%}") else {
+            out.push_str(tag);
+            return out;
+        };
+        let inner = &tag[2..end];
+        let (lead, body) = match inner.strip_prefix(['-', '+']) {
+            Some(b) => (&inner[..1], b),
+            None => ("", inner),
+        };
+        let (body, trail) = match body.strip_suffix(['-', '+']) {
+            Some(b) => (b, &body[body.len() - 1..]),
+            None => (body, ""),
+        };
+        match body.trim() {
+            "generation" => out.push_str(&format!("{{%{lead} if true {trail}%}}")),
+            "endgeneration" => out.push_str(&format!("{{%{lead} endif {trail}%}}")),
+            _ => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prompt::FromSerde;
+
+    fn render(src: &str, ctx: Value) -> Result<String, Error> {
+        let env = environment(Clock::Frozen(
+            NaiveDateTime::parse_from_str("2024-02-29T23:59:58", "%Y-%m-%dT%H:%M:%S")
+                .expect("date"),
+        ));
+        env.render_str(&rewrite_generation_tags(src), ctx)
+    }
+
+    #[test]
+    fn whitespace_rules_match_transformers() -> Result<(), Error> {
+        let src =
+            "{% for m in messages %}\n  {% if true %}\n[{{ m }}]\n  {% endif %}\n{% endfor %}\n";
+        assert_eq!(
+            render(src, minijinja::context! { messages => vec!["a", "b"] })?,
+            "[a]\n[b]\n"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn python_printing_and_methods() -> Result<(), Error> {
+        let ctx = minijinja::context! { x => Value::from_serde(serde_json::json!({"a": [true, null, 1.5]})) };
+        assert_eq!(render("{{ x }}", ctx.clone())?, "{'a': [True, None, 1.5]}");
+        assert_eq!(
+            render("{{ '  hi  '.strip() }}|{{ 'a b'.split() }}", ctx.clone())?,
+            "hi|['a', 'b']"
+        );
+        assert_eq!(
+            render("{{ x | tojson }}", ctx.clone())?,
+            r#"{"a": [true, null, 1.5]}"#
+        );
+        assert_eq!(
+            render("{{ x | tojson(separators=(',', ':')) }}", ctx)?,
+            r#"{"a":[true,null,1.5]}"#
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn raise_exception_carries_the_message() {
+        let err = render(
+            "{{ raise_exception('Only user and assistant roles!') }}",
+            Value::UNDEFINED,
+        );
+        let err = err.expect_err("must fail");
+        assert_eq!(
+            raised_message(&err).as_deref(),
+            Some("Only user and assistant roles!")
+        );
+    }
+
+    #[test]
+    fn strftime_now_uses_the_clock_and_loop_controls_work() -> Result<(), Error> {
+        assert_eq!(
+            render("{{ strftime_now('%d %b %Y') }}", Value::UNDEFINED)?,
+            "29 Feb 2024"
+        );
+        let src = "{% for i in [1,2,3,4] %}{% if i == 2 %}{% continue %}{% endif %}{% if i == 4 %}{% break %}{% endif %}{{ i }}{% endfor %}";
+        assert_eq!(render(src, Value::UNDEFINED)?, "13");
+        Ok(())
+    }
+
+    #[test]
+    fn generation_tag_renders_its_body() -> Result<(), Error> {
+        assert_eq!(
+            render(
+                "a{%- generation -%} b {%- endgeneration %}c",
+                Value::UNDEFINED
+            )?,
+            "abc"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn infinite_loops_run_out_of_fuel() {
+        let src =
+            "{% for i in range(1000000) %}{% for j in range(1000000) %}x{% endfor %}{% endfor %}";
+        assert!(render(src, Value::UNDEFINED).is_err());
+    }
+}

@@ -1,0 +1,210 @@
+//! Text ↔ token ids. Built from a `tokenizer.json`, or from a GGUF file's own
+//! `tokenizer.ggml.*` metadata so that a GGUF alone is a complete model.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::Value;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("tokenizer: {0}")]
+    Build(String),
+    #[error("GGUF tokenizer metadata: {0}")]
+    Metadata(String),
+}
+
+type Result<T> = std::result::Result<T, TokenizerError>;
+
+fn build_err(e: impl std::fmt::Display) -> TokenizerError {
+    TokenizerError::Build(e.to_string())
+}
+
+/// GPT-2's pre-tokenizer regex (what ByteLevel applies with `use_regex`).
+const GPT2_SPLIT: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Prepend the BOS token when encoding a raw prompt.
+    add_bos: bool,
+    bos_id: Option<u32>,
+}
+
+impl Tokenizer {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| TokenizerError::Build(format!("{}: {e}", path.display())))?;
+        Ok(Self {
+            inner,
+            add_bos: false,
+            bos_id: None,
+        })
+    }
+
+    /// Builds a byte-level BPE tokenizer (`tokenizer.ggml.model = gpt2`) from
+    /// GGUF metadata, with the pre-tokenizer that `tokenizer.ggml.pre` names in
+    /// llama.cpp.
+    pub fn from_gguf(md: &HashMap<String, Value>) -> Result<Self> {
+        let meta = |key: &str| -> Result<&Value> {
+            md.get(key)
+                .ok_or_else(|| TokenizerError::Metadata(format!("missing `{key}`")))
+        };
+        let string_array = |key: &str| -> Result<Vec<String>> {
+            meta(key)?
+                .to_vec()
+                .map_err(|e| TokenizerError::Metadata(format!("`{key}`: {e}")))?
+                .iter()
+                .map(|v| {
+                    v.to_string()
+                        .cloned()
+                        .map_err(|e| TokenizerError::Metadata(format!("`{key}`: {e}")))
+                })
+                .collect()
+        };
+        let model = meta("tokenizer.ggml.model")?
+            .to_string()
+            .map_err(|e| TokenizerError::Metadata(e.to_string()))?;
+        if model != "gpt2" {
+            return Err(TokenizerError::Metadata(format!(
+                "tokenizer model `{model}` cannot be built from GGUF metadata yet; put its tokenizer.json beside the GGUF file"
+            )));
+        }
+        let tokens = string_array("tokenizer.ggml.tokens")?;
+        let merges = string_array("tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| TokenizerError::Metadata(format!("malformed merge `{m}`")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let token_types: Vec<i64> = match md.get("tokenizer.ggml.token_type") {
+            Some(v) => v
+                .to_vec()
+                .map_err(|e| TokenizerError::Metadata(e.to_string()))?
+                .iter()
+                .map(|t| t.to_i32().map(i64::from).unwrap_or(1))
+                .collect(),
+            None => vec![1; tokens.len()],
+        };
+        let vocab: ahash::AHashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(build_err)?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let pre = md
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok().cloned())
+            .unwrap_or_else(|| "default".into());
+        inner.with_pre_tokenizer(Some(pre_tokenizer(&pre)?));
+        inner.with_decoder(Some(ByteLevel::default()));
+        // Control (3) and user-defined (4) tokens are matched whole in text, as
+        // transformers does with its added tokens.
+        let special: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&token_types)
+            .filter(|(_, &t)| t == 3 || t == 4)
+            .map(|(content, &t)| AddedToken::from(content.clone(), t == 3).normalized(false))
+            .collect();
+        inner.add_special_tokens(special).map_err(build_err)?;
+        let id = |key: &str| md.get(key).and_then(|v| v.to_u32().ok());
+        Ok(Self {
+            inner,
+            add_bos: md
+                .get("tokenizer.ggml.add_bos_token")
+                .and_then(|v| v.to_bool().ok())
+                .unwrap_or(false),
+            bos_id: id("tokenizer.ggml.bos_token_id"),
+        })
+    }
+
+    pub fn set_add_bos(&mut self, add_bos: bool, bos_id: Option<u32>) {
+        self.add_bos = add_bos;
+        self.bos_id = bos_id;
+    }
+
+    /// Ids of `text` as the model sees it, special-token text included.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .inner
+            .encode_fast(text, false)
+            .map_err(build_err)?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// Ids of a raw prompt: `encode` plus BOS where the model asks for it.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        if let (true, Some(bos)) = (self.add_bos, self.bos_id) {
+            ids.push(bos);
+        }
+        ids.extend(self.encode(text)?);
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(build_err)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}
+
+/// llama.cpp's pre-tokenizer types (llama-vocab.cpp) as Hugging Face pre-tokenizers.
+fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
+    let split = |pattern: &str| -> Result<PreTokenizerWrapper> {
+        Ok(Split::new(
+            SplitPattern::Regex(pattern.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(build_err)?
+        .into())
+    };
+    let byte_level_no_regex: PreTokenizerWrapper = ByteLevel::new(false, true, false).into();
+    let byte_level: PreTokenizerWrapper = ByteLevel::new(false, true, true).into();
+    Ok(match pre {
+        // Every digit on its own, then GPT-2's regex.
+        "smollm" | "starcoder" | "refact" | "codeshell" | "exaone" | "minerva-7b" | "command-r" => {
+            Sequence::new(vec![Digits::new(true).into(), byte_level]).into()
+        }
+        "llama3" | "llama-bpe" | "llama-v3" | "falcon3" | "pixtral" => {
+            Sequence::new(vec![split(LLAMA3_SPLIT)?, byte_level_no_regex]).into()
+        }
+        "qwen2" | "deepseek-r1-qwen" => Sequence::new(vec![split(QWEN2_SPLIT)?, byte_level_no_regex]).into(),
+        "gpt2" | "default" | "gpt-2" => Sequence::new(vec![split(GPT2_SPLIT)?, byte_level_no_regex]).into(),
+        other => {
+            return Err(TokenizerError::Metadata(format!(
+                "pre-tokenizer `{other}` is not known; put the model's tokenizer.json beside the GGUF file"
+            )))
+        }
+    })
+}

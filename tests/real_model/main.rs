@@ -1,0 +1,7 @@
+//! Tests against the real SmolLM2-135M-Instruct model and the transformers
+//! reference data. One binary, so the model is loaded as few times as possible.
+
+mod api;
+mod common;
+mod openai_sdk;
+mod reference;
