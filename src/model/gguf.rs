@@ -71,6 +71,48 @@ impl GgufSource {
         &self.path
     }
 
+    /// Every tensor under its Hugging Face name, float32, in Hugging Face
+    /// layout (q/k rows un-permuted): what a safetensors export holds.
+    pub fn export_hf(&mut self) -> Result<Vec<(String, Tensor)>> {
+        let config = self.config.clone();
+        let mut names = vec![
+            "model.embed_tokens.weight".to_string(),
+            "model.norm.weight".to_string(),
+        ];
+        if !config.tie_word_embeddings {
+            names.push("lm_head.weight".into());
+        }
+        for i in 0..config.num_layers {
+            for module in ["input_layernorm", "post_attention_layernorm"] {
+                names.push(format!("model.layers.{i}.{module}.weight"));
+            }
+            for module in [
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+            ] {
+                names.push(format!("model.layers.{i}.{module}.weight"));
+            }
+            for module in ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"] {
+                names.push(format!("model.layers.{i}.{module}.weight"));
+            }
+        }
+        names
+            .into_iter()
+            .map(|name| {
+                let tensor = match name
+                    .strip_suffix(".weight")
+                    .filter(|n| n.ends_with("_proj"))
+                {
+                    Some(linear) => self.load_linear_weight(linear)?.dequantize(&Device::Cpu)?,
+                    None => self.dense(&name)?,
+                };
+                Ok((name, tensor))
+            })
+            .collect()
+    }
+
     fn qtensor(&mut self, gguf_name: &str) -> Result<QTensor> {
         if !self.content.tensor_infos.contains_key(gguf_name) {
             return Err(ModelError::MissingTensor(gguf_name.to_string()));

@@ -327,3 +327,62 @@ fn batched_rows_equal_single_rows() -> TestResult {
     }
     Ok(())
 }
+
+#[test]
+fn hugging_face_folder_runs_through_the_same_model_code() -> TestResult {
+    // Export the GGUF as a Hugging Face folder (float32 safetensors in HF's
+    // half-split rotary layout + config.json + tokenizer files) and check it
+    // against the same float32 reference: one model code, both layouts.
+    use tailor::model::gguf::GgufSource;
+    let dir = tempfile::tempdir()?;
+    let mut source = GgufSource::open(&model_path(), WeightMode::F32)?;
+    let tensors: std::collections::HashMap<String, candle_core::Tensor> =
+        source.export_hf()?.into_iter().collect();
+    candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors"))?;
+    drop(tensors);
+    for file in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(crate::common::fixture(file), dir.path().join(file))?;
+    }
+    let hf = loader::load(
+        dir.path(),
+        &LoadOptions {
+            mode: WeightMode::F32,
+            ..Default::default()
+        },
+    )?;
+    assert_eq!(hf.info.format, tailor::model::ModelFormat::HuggingFace);
+    assert_eq!(hf.info.eos_token_ids, vec![2]);
+    assert!(
+        hf.info.chat_template.is_some(),
+        "chat template from tokenizer_config.json"
+    );
+    check_f32_parity(&hf, "reference/base.json")
+}
+
+#[test]
+fn tokenizer_json_beside_the_gguf_wins() -> TestResult {
+    // The transformers-converted tokenizer.json has no digit split, so the one
+    // documented case tokenizes as transformers does once it sits beside the file.
+    let dir = tempfile::tempdir()?;
+    std::os::unix::fs::symlink(model_path(), dir.path().join("model.gguf"))?;
+    std::fs::copy(
+        crate::common::fixture("tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )?;
+    let loaded = loader::load(&dir.path().join("model.gguf"), &LoadOptions::default())?;
+    let text = "x  1  22   333 digits after space runs";
+    let reference = read_json("reference/tokenizer.json");
+    let case = reference["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .find(|c| c["text"] == text)
+        .expect("the digit case");
+    assert_eq!(loaded.info.tokenizer.encode(text)?, ids(&case["ids"]));
+    Ok(())
+}
