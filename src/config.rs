@@ -56,6 +56,26 @@ pub struct ServeArgs {
     /// Requests allowed to wait for a slot; more get 429 at once.
     #[arg(long, env = "TAILOR_MAX_WAITING", default_value_t = 64)]
     pub max_waiting: usize,
+    /// Every sub-folder of this folder holding an adapter_config.json is a LoRA
+    /// adapter named after the folder.
+    #[arg(long, env = "TAILOR_ADAPTERS_DIR", default_value = "adapters")]
+    pub adapters_dir: PathBuf,
+    /// An extra adapter, NAME=PATH (repeatable).
+    #[arg(long = "lora", value_name = "NAME=PATH")]
+    pub lora: Vec<String>,
+    /// Allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter.
+    #[arg(long, env = "TAILOR_ENABLE_LORA_LOADING")]
+    pub enable_lora_loading: bool,
+    /// Folders runtime loads may read adapters from (repeatable; default: the adapters dir).
+    #[arg(long = "lora-root", value_name = "DIR")]
+    pub lora_roots: Vec<PathBuf>,
+    /// Largest LoRA rank accepted.
+    #[arg(long, env = "TAILOR_MAX_LORA_RANK", default_value_t = 64)]
+    pub max_lora_rank: usize,
+    /// Adapters kept in memory at once (least recently used ones not in use are
+    /// evicted and reloaded on demand); 0 keeps all.
+    #[arg(long, env = "TAILOR_MAX_LOADED_ADAPTERS", default_value_t = 0)]
+    pub max_loaded_adapters: usize,
 }
 
 /// A checked configuration that knows how to build the server's parts.
@@ -67,6 +87,7 @@ pub struct ServeConfig {
     pub engine: EngineConfig,
     pub threads: Option<usize>,
     pub chat_template_kwargs: serde_json::Map<String, serde_json::Value>,
+    pub enable_lora_loading: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +106,10 @@ pub enum ConfigError {
     Kwargs(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("--lora {0}: expected NAME=PATH")]
+    Lora(String),
+    #[error("cannot read the adapters folder {path}: {message}")]
+    AdaptersDir { path: String, message: String },
 }
 
 /// Where fetched models live: `$TAILOR_CACHE`, else `$XDG_CACHE_HOME/tailor`, else `~/.cache/tailor`.
@@ -148,6 +173,17 @@ impl ServeArgs {
             },
             None => serde_json::Map::new(),
         };
+        let adapters = startup_adapters(&self.adapters_dir, &self.lora)?;
+        let mut roots = if self.lora_roots.is_empty() {
+            vec![self.adapters_dir.clone()]
+        } else {
+            self.lora_roots.clone()
+        };
+        // Canonical roots, so a symlink cannot lead a runtime load elsewhere.
+        roots = roots
+            .iter()
+            .filter_map(|r| std::fs::canonicalize(r).ok())
+            .collect();
         if self.max_num_seqs == 0 {
             return Err(ConfigError::Invalid(
                 "--max-num-seqs must be at least 1".into(),
@@ -166,6 +202,12 @@ impl ServeArgs {
                 },
                 chat_template_override,
                 served_model_name: self.served_model_name,
+                adapters,
+                registry: crate::lora::RegistryOptions {
+                    max_rank: self.max_lora_rank,
+                    max_loaded: self.max_loaded_adapters,
+                    roots,
+                },
             },
             engine: EngineConfig {
                 max_num_seqs: self.max_num_seqs,
@@ -173,6 +215,39 @@ impl ServeArgs {
             },
             threads: self.threads,
             chat_template_kwargs,
+            enable_lora_loading: self.enable_lora_loading,
         })
     }
+}
+
+/// Sub-folders of `dir` that hold an adapter_config.json, then `--lora NAME=PATH`.
+fn startup_adapters(
+    dir: &std::path::Path,
+    extra: &[String],
+) -> Result<Vec<(String, PathBuf)>, ConfigError> {
+    let mut adapters = Vec::new();
+    if dir.is_dir() {
+        let entries = std::fs::read_dir(dir).map_err(|e| ConfigError::AdaptersDir {
+            path: dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let mut folders: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join("adapter_config.json").is_file())
+            .collect();
+        folders.sort();
+        for folder in folders {
+            if let Some(name) = folder.file_name().and_then(|n| n.to_str()) {
+                adapters.push((name.to_string(), folder.clone()));
+            }
+        }
+    }
+    for spec in extra {
+        let (name, path) = spec
+            .split_once('=')
+            .ok_or_else(|| ConfigError::Lora(spec.clone()))?;
+        adapters.retain(|(n, _)| n != name);
+        adapters.push((name.to_string(), PathBuf::from(path)));
+    }
+    Ok(adapters)
 }

@@ -13,6 +13,7 @@ pub mod api;
 pub mod config;
 pub mod engine;
 pub mod loader;
+pub mod lora;
 pub mod model;
 pub mod prompt;
 pub mod server;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value as Json;
 
+use crate::lora::{AdapterRegistry, BaseShapes, LoraError, RegistryOptions};
 use crate::model::gguf::{self, GgufSource};
 use crate::model::safetensors::SafetensorsSource;
 use crate::model::{Llama, ModelError, ModelFormat, WeightMode};
@@ -22,6 +23,12 @@ pub enum LoadError {
     ChatTemplate(#[from] PromptError),
     #[error("{path}: {message}")]
     Path { path: String, message: String },
+    #[error("adapter `{name}` ({path}): {source}")]
+    Adapter {
+        name: String,
+        path: String,
+        source: LoraError,
+    },
 }
 
 /// Everything about the base model except its weights: shared with the HTTP side.
@@ -35,6 +42,8 @@ pub struct ModelInfo {
     pub max_model_len: usize,
     pub format: ModelFormat,
     pub mode: WeightMode,
+    /// LoRA adapters clients can select by name.
+    pub adapters: AdapterRegistry,
 }
 
 pub struct Loaded {
@@ -42,12 +51,31 @@ pub struct Loaded {
     pub info: ModelInfo,
 }
 
-/// `--chat-template FILE` or the model's own.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub mode: WeightMode,
+    /// `--chat-template FILE`, replacing the model's own.
     pub chat_template_override: Option<String>,
     pub served_model_name: Option<String>,
+    /// Adapters registered at start: (name, folder).
+    pub adapters: Vec<(String, PathBuf)>,
+    pub registry: RegistryOptions,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            mode: WeightMode::default(),
+            chat_template_override: None,
+            served_model_name: None,
+            adapters: Vec::new(),
+            registry: RegistryOptions {
+                max_rank: 64,
+                max_loaded: 0,
+                roots: Vec::new(),
+            },
+        }
+    }
 }
 
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, LoadError> {
@@ -69,6 +97,19 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, LoadError> {
     }
     if let Some(name) = &opts.served_model_name {
         info.id = name.clone();
+    }
+    for (name, path) in &opts.adapters {
+        let adapter_err = |source| LoadError::Adapter {
+            name: name.clone(),
+            path: path.display().to_string(),
+            source,
+        };
+        if *name == info.id {
+            return Err(adapter_err(LoraError::NameTaken(name.clone())));
+        }
+        info.adapters
+            .register(name, path, true)
+            .map_err(adapter_err)?;
     }
     Ok(Loaded { model, info })
 }
@@ -207,6 +248,7 @@ fn build_info(
         max_model_len: model.config().max_position_embeddings,
         format,
         mode: opts.mode,
+        adapters: AdapterRegistry::new(BaseShapes::of(model.config()), opts.registry.clone()),
     })
 }
 

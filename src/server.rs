@@ -8,7 +8,7 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
 use crate::config::ServeConfig;
-use crate::engine::EngineHandle;
+use crate::engine::{EngineHandle, EngineStatus};
 
 /// Serves until `shutdown` completes. The model loads on the engine thread
 /// while the listener already answers (`/health` is 503 until it is ready).
@@ -22,16 +22,29 @@ pub async fn run(
         config.load.clone(),
         config.engine.clone(),
     );
+    // A model (or start-up adapter) that fails to load ends the server with its error.
+    let load_failure = {
+        let engine = engine.clone();
+        async move {
+            match engine.wait_ready().await {
+                EngineStatus::Failed(e) => e,
+                _ => std::future::pending().await,
+            }
+        }
+    };
     let state = AppState {
         engine,
         created: api::unix_now(),
         default_chat_template_kwargs: Arc::new(config.chat_template_kwargs.clone()),
+        enable_lora_loading: config.enable_lora_loading,
     };
     let app = api::router(state);
     tracing::info!(addr = %listener.local_addr()?, model = %config.model.display(), "listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+    tokio::select! {
+        result = server => result,
+        error = load_failure => Err(std::io::Error::other(error)),
+    }
 }
 
 /// Sets the compute thread count for candle's kernels (rayon and gemm both

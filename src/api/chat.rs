@@ -25,7 +25,8 @@ async fn chat_completions(
     State(state): State<AppState>,
     WithSampling(req): WithSampling<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let info = state.model_named(&req.model)?;
+    let target = state.resolve(&req.model).await?;
+    let info = target.info.clone();
     let params = validate_sampling(&req.sampling)?;
     refuse_unsupported(&req)?;
     let chat = ChatRequest {
@@ -44,7 +45,7 @@ async fn chat_completions(
         None => ("max_tokens", req.max_tokens),
     };
     let max_tokens = params::resolve_max_tokens(param, requested, ids.len(), info.max_model_len)?;
-    let submitted = generate::submit_all(&state, vec![(ids, max_tokens)], &params)?;
+    let submitted = generate::submit_all(&state, &target, vec![(ids, max_tokens)], &params)?;
     let id = response_id("chatcmpl");
     let created = unix_now();
     if params.stream {

@@ -23,7 +23,8 @@ async fn completions(
     State(state): State<AppState>,
     WithSampling(req): WithSampling<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let info = state.model_named(&req.model)?;
+    let target = state.resolve(&req.model).await?;
+    let info = target.info.clone();
     let params = validate_sampling(&req.sampling)?;
     params::refuse_if_set("logprobs", req.logprobs.as_ref())?;
     if req.echo == Some(true) {
@@ -46,7 +47,7 @@ async fn completions(
             Ok((ids, n))
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    let submitted = generate::submit_all(&state, prompts, &params)?;
+    let submitted = generate::submit_all(&state, &target, prompts, &params)?;
     let id = response_id("cmpl");
     let created = unix_now();
     let model = req.model.clone();

@@ -152,6 +152,22 @@ impl From<SubmitError> for ApiError {
     }
 }
 
+impl From<crate::lora::LoraError> for ApiError {
+    fn from(e: crate::lora::LoraError) -> Self {
+        use crate::lora::LoraError;
+        match e {
+            LoraError::NotFound(name) => ApiError {
+                code: Some("adapter_not_found"),
+                ..ApiError::not_found(format!("no adapter named `{name}` is loaded"))
+            },
+            LoraError::BadName(_) | LoraError::NameTaken(_) => {
+                ApiError::invalid("lora_name", e.to_string())
+            }
+            other => ApiError::invalid("lora_path", other.to_string()),
+        }
+    }
+}
+
 impl From<PromptError> for ApiError {
     fn from(e: PromptError) -> Self {
         match e {

@@ -11,7 +11,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use super::error::ApiError;
 use super::params::Validated;
 use super::types::UsageBody;
-use super::AppState;
+use super::{AppState, Target};
 use crate::engine::{Event, FinishReason, GenerationRequest};
 
 /// One submitted prompt: its choice index and its event receiver. Dropping
@@ -25,6 +25,7 @@ pub struct Submitted {
 /// dropped with it and so cancelled.
 pub fn submit_all(
     state: &AppState,
+    target: &Target,
     prompts: Vec<(Vec<u32>, usize)>,
     params: &Validated,
 ) -> Result<Vec<Submitted>, ApiError> {
@@ -33,6 +34,7 @@ pub fn submit_all(
         let (tx, rx) = mpsc::unbounded_channel();
         state.engine.submit(GenerationRequest {
             prompt,
+            adapter: target.adapter.clone(),
             sampling: params.sampling.clone(),
             max_tokens,
             stop: params.stop.clone(),

@@ -3,6 +3,7 @@
 //! Each submodule owns its routes; `router` merges them. Handlers take
 //! `State<AppState>` and return `Result<_, ApiError>`.
 
+pub mod adapters;
 pub mod chat;
 pub mod completions;
 pub mod error;
@@ -21,6 +22,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::engine::{EngineHandle, EngineStatus};
 use crate::loader::ModelInfo;
+use crate::model::lora::AdapterWeights;
 pub use error::ApiError;
 
 /// Shared by every handler.
@@ -31,6 +33,14 @@ pub struct AppState {
     pub created: u64,
     /// `chat_template_kwargs` applied to every chat request; the request's win.
     pub default_chat_template_kwargs: Arc<serde_json::Map<String, serde_json::Value>>,
+    /// Whether clients may load and unload adapters at run time.
+    pub enable_lora_loading: bool,
+}
+
+/// What a request's `model` names: the base, or the base with an adapter.
+pub struct Target {
+    pub info: Arc<ModelInfo>,
+    pub adapter: Option<Arc<AdapterWeights>>,
 }
 
 impl AppState {
@@ -49,10 +59,36 @@ impl AppState {
     /// The loaded model, checked against the id the request named.
     pub fn model_named(&self, requested: &str) -> Result<Arc<ModelInfo>, ApiError> {
         let info = self.model()?;
-        if requested != info.id {
+        if requested != info.id && !info.adapters.contains(requested) {
             return Err(ApiError::model_not_found(requested));
         }
         Ok(info)
+    }
+
+    /// Resolves `model`: the base id, or an adapter name (its weights are read
+    /// from disk again if they were evicted). Unknown names are 404.
+    pub async fn resolve(&self, requested: &str) -> Result<Target, ApiError> {
+        let info = self.model()?;
+        if requested == info.id {
+            return Ok(Target {
+                info,
+                adapter: None,
+            });
+        }
+        let lookup = info.clone();
+        let name = requested.to_string();
+        let adapter = tokio::task::spawn_blocking(move || lookup.adapters.get(&name))
+            .await
+            .map_err(|e| ApiError::internal(format!("adapter lookup failed: {e}")))?
+            .map_err(|e| {
+                tracing::error!(adapter = requested, error = %e, "cannot reload adapter");
+                ApiError::internal(format!("adapter `{requested}` cannot be read: {e}"))
+            })?
+            .ok_or_else(|| ApiError::model_not_found(requested))?;
+        Ok(Target {
+            info,
+            adapter: Some(adapter),
+        })
     }
 }
 
@@ -62,6 +98,7 @@ pub fn router(state: AppState) -> Router {
         .merge(chat::router())
         .merge(models::router())
         .merge(tokenize::router())
+        .merge(adapters::router())
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError {

@@ -20,7 +20,7 @@ pub fn router() -> Router<AppState> {
 
 fn cards(state: &AppState) -> Result<Vec<ModelCard>, ApiError> {
     let info = state.model()?;
-    Ok(vec![ModelCard {
+    let mut cards = vec![ModelCard {
         id: info.id.clone(),
         object: "model",
         created: state.created,
@@ -28,7 +28,17 @@ fn cards(state: &AppState) -> Result<Vec<ModelCard>, ApiError> {
         root: info.id.clone(),
         parent: None,
         max_model_len: info.max_model_len,
-    }])
+    }];
+    cards.extend(info.adapters.list().into_iter().map(|a| ModelCard {
+        id: a.name,
+        object: "model",
+        created: a.created,
+        owned_by: "tailor",
+        root: a.path.display().to_string(),
+        parent: Some(info.id.clone()),
+        max_model_len: info.max_model_len,
+    }));
+    Ok(cards)
 }
 
 async fn list_models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {

@@ -1,12 +1,19 @@
 //! What crosses into the engine (validated only) and what comes back.
 
+use std::sync::Arc;
+
 use tokio::sync::mpsc;
+
+use crate::model::lora::AdapterWeights;
 
 use super::SamplingParams;
 
 /// A validated generation request: token ids in, events out.
 pub struct GenerationRequest {
     pub prompt: Vec<u32>,
+    /// The LoRA adapter to apply; held for the whole generation, so an unload
+    /// meanwhile does not disturb it.
+    pub adapter: Option<Arc<AdapterWeights>>,
     pub sampling: SamplingParams,
     /// Generated tokens at most (already checked against the context length).
     pub max_tokens: usize,

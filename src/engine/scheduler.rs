@@ -108,6 +108,7 @@ fn step(model: &Llama, info: &ModelInfo, running: &mut [Sequence]) {
             tokens,
             cache: &mut s.cache,
             logits: Logits::Last,
+            adapter: s.adapter.as_ref(),
         })
         .collect();
     let logits = match model.forward(&mut rows) {

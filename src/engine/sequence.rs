@@ -10,6 +10,7 @@ use crate::tokenizer::Tokenizer;
 
 pub struct Sequence {
     pub prompt: Vec<u32>,
+    pub adapter: Option<std::sync::Arc<crate::model::lora::AdapterWeights>>,
     pub generated: Vec<u32>,
     pub cache: KvCache,
     sampler: Sampler,
@@ -26,6 +27,7 @@ impl Sequence {
     pub fn new(request: GenerationRequest, cache: KvCache) -> Self {
         Self {
             prompt: request.prompt,
+            adapter: request.adapter,
             generated: Vec::new(),
             cache,
             sampler: Sampler::new(request.sampling),

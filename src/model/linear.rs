@@ -4,6 +4,7 @@
 use candle_core::quantized::QMatMul;
 use candle_core::{Module, Tensor};
 
+use super::lora::{self, LoraGroup, Slot};
 use super::Result;
 
 /// The base weight, `[out_features, in_features]`.
@@ -21,6 +22,8 @@ pub struct Linear {
     bias: Option<Tensor>,
     in_features: usize,
     out_features: usize,
+    /// Where adapters find their weights for this projection (none for the head).
+    slot: Option<Slot>,
     span: tracing::Span,
 }
 
@@ -36,8 +39,16 @@ impl Linear {
             bias,
             in_features,
             out_features,
+            slot: None,
             span: tracing::trace_span!("linear", out_features, in_features),
         }
+    }
+
+    /// Marks this projection as `module` of decoder layer `layer`, so LoRA
+    /// adapters can target it.
+    pub fn with_slot(mut self, layer: usize, module: usize) -> Self {
+        self.slot = Some(Slot { layer, module });
+        self
     }
 
     pub fn in_features(&self) -> usize {
@@ -48,16 +59,21 @@ impl Linear {
         self.out_features
     }
 
-    /// `x`: `[rows, in_features]` → `[rows, out_features]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x`: `[rows, in_features]` → `[rows, out_features]`, plus the delta of
+    /// each adapter group on its rows.
+    pub fn forward(&self, x: &Tensor, adapters: &[LoraGroup]) -> Result<Tensor> {
         let _enter = self.span.enter();
         let y = match &self.weight {
             Weight::Quantized(w) => w.forward(x)?,
             Weight::Dense(w) => x.matmul(&w.t()?)?,
         };
-        Ok(match &self.bias {
+        let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
-        })
+        };
+        match self.slot {
+            Some(slot) if !adapters.is_empty() => lora::apply(x, y, adapters, slot),
+            _ => Ok(y),
+        }
     }
 }

@@ -2,9 +2,12 @@
 //! batch of sequences: every row has its own tokens, position and KV cache,
 //! and the projections see all rows of the step at once.
 
+use std::sync::Arc;
+
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor, D};
 
+use super::lora::{AdapterWeights, LoraGroup};
 use super::source::WeightSource;
 use super::{KvCache, Linear, ModelConfig, ModelError, Result};
 
@@ -23,6 +26,8 @@ pub struct BatchRow<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut KvCache,
     pub logits: Logits,
+    /// The LoRA adapter of this row, if any.
+    pub adapter: Option<&'a Arc<AdapterWeights>>,
 }
 
 struct RmsNorm {
@@ -92,13 +97,13 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(src: &mut dyn WeightSource, prefix: &str) -> Result<Self> {
+    fn load(src: &mut dyn WeightSource, prefix: &str, layer: usize) -> Result<Self> {
         let cfg = src.config().clone();
         Ok(Self {
-            q_proj: src.linear(&format!("{prefix}.q_proj"))?,
-            k_proj: src.linear(&format!("{prefix}.k_proj"))?,
-            v_proj: src.linear(&format!("{prefix}.v_proj"))?,
-            o_proj: src.linear(&format!("{prefix}.o_proj"))?,
+            q_proj: src.linear(&format!("{prefix}.q_proj"))?.with_slot(layer, 0),
+            k_proj: src.linear(&format!("{prefix}.k_proj"))?.with_slot(layer, 1),
+            v_proj: src.linear(&format!("{prefix}.v_proj"))?.with_slot(layer, 2),
+            o_proj: src.linear(&format!("{prefix}.o_proj"))?.with_slot(layer, 3),
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
@@ -113,10 +118,11 @@ impl Attention {
         spans: &[(usize, usize)],
         layer: usize,
         rope: &Rope,
+        adapters: &[LoraGroup],
     ) -> Result<Tensor> {
-        let q = self.q_proj.forward(x)?;
-        let k = self.k_proj.forward(x)?;
-        let v = self.v_proj.forward(x)?;
+        let q = self.q_proj.forward(x, adapters)?;
+        let k = self.k_proj.forward(x, adapters)?;
+        let v = self.v_proj.forward(x, adapters)?;
         let mut outputs = Vec::with_capacity(rows.len());
         for (row, &(offset, len)) in rows.iter_mut().zip(spans) {
             let start = row.cache.len();
@@ -137,7 +143,7 @@ impl Attention {
             outputs.push(self.attend(&q, &k, &v, start)?);
         }
         let out = Tensor::cat(&outputs, 0)?;
-        self.o_proj.forward(&out)
+        self.o_proj.forward(&out, adapters)
     }
 
     /// Causal attention of `q` (`[heads, n, d]`, positions `start..start+n`) over
@@ -193,17 +199,24 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(src: &mut dyn WeightSource, prefix: &str) -> Result<Self> {
+    fn load(src: &mut dyn WeightSource, prefix: &str, layer: usize) -> Result<Self> {
         Ok(Self {
-            gate_proj: src.linear(&format!("{prefix}.gate_proj"))?,
-            up_proj: src.linear(&format!("{prefix}.up_proj"))?,
-            down_proj: src.linear(&format!("{prefix}.down_proj"))?,
+            gate_proj: src
+                .linear(&format!("{prefix}.gate_proj"))?
+                .with_slot(layer, 4),
+            up_proj: src
+                .linear(&format!("{prefix}.up_proj"))?
+                .with_slot(layer, 5),
+            down_proj: src
+                .linear(&format!("{prefix}.down_proj"))?
+                .with_slot(layer, 6),
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    fn forward(&self, x: &Tensor, adapters: &[LoraGroup]) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x, adapters)?)?;
+        self.down_proj
+            .forward(&(gate * self.up_proj.forward(x, adapters)?)?, adapters)
     }
 }
 
@@ -219,12 +232,12 @@ impl DecoderLayer {
     fn load(src: &mut dyn WeightSource, prefix: &str, index: usize) -> Result<Self> {
         Ok(Self {
             input_layernorm: RmsNorm::load(src, &format!("{prefix}.input_layernorm"))?,
-            self_attn: Attention::load(src, &format!("{prefix}.self_attn"))?,
+            self_attn: Attention::load(src, &format!("{prefix}.self_attn"), index)?,
             post_attention_layernorm: RmsNorm::load(
                 src,
                 &format!("{prefix}.post_attention_layernorm"),
             )?,
-            mlp: Mlp::load(src, &format!("{prefix}.mlp"))?,
+            mlp: Mlp::load(src, &format!("{prefix}.mlp"), index)?,
             span: tracing::trace_span!("layer", index),
         })
     }
@@ -298,6 +311,7 @@ impl Llama {
             spans.push((ids.len(), row.tokens.len()));
             ids.extend_from_slice(row.tokens);
         }
+        let adapters = adapter_groups(rows, &spans);
         let ids = Tensor::new(ids.as_slice(), &Device::Cpu)?;
         // [total_tokens, hidden]
         let mut x = self.embed_tokens.embedding(&ids)?.to_dtype(DType::F32)?;
@@ -307,11 +321,11 @@ impl Llama {
             let h = layer.input_layernorm.forward(&x)?;
             let h = layer
                 .self_attn
-                .forward(&h, rows, &spans, index, &self.rope)?;
+                .forward(&h, rows, &spans, index, &self.rope, &adapters)?;
             x = (h + residual)?;
             let residual = x.clone();
             let h = layer.post_attention_layernorm.forward(&x)?;
-            x = (layer.mlp.forward(&h)? + residual)?;
+            x = (layer.mlp.forward(&h, &adapters)? + residual)?;
         }
         for (row, &(_, len)) in rows.iter_mut().zip(&spans) {
             row.cache.advance(len);
@@ -329,7 +343,7 @@ impl Llama {
         }
         let wanted = Tensor::new(wanted.as_slice(), &Device::Cpu)?;
         let h = self.norm.forward(&x.index_select(&wanted, 0)?)?;
-        let logits = self.lm_head.forward(&h)?;
+        let logits = self.lm_head.forward(&h, &[])?;
         let mut out = Vec::with_capacity(rows.len());
         let mut at = 0;
         for n in counts {
@@ -338,6 +352,23 @@ impl Llama {
         }
         Ok(out)
     }
+}
+
+/// Token rows grouped by adapter (rows without one are left out).
+fn adapter_groups(rows: &[BatchRow], spans: &[(usize, usize)]) -> Vec<LoraGroup> {
+    let mut groups: Vec<LoraGroup> = Vec::new();
+    for (row, &(offset, len)) in rows.iter().zip(spans) {
+        let Some(adapter) = row.adapter else { continue };
+        let tokens = offset..offset + len;
+        match groups.iter_mut().find(|g| Arc::ptr_eq(&g.adapter, adapter)) {
+            Some(group) => group.rows.extend(tokens),
+            None => groups.push(LoraGroup {
+                adapter: adapter.clone(),
+                rows: tokens.collect(),
+            }),
+        }
+    }
+    groups
 }
 
 /// The output head shares the embedding table (SmolLM2, Llama 3.2 small).

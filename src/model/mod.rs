@@ -14,6 +14,7 @@ pub mod gguf;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
+pub mod lora;
 pub mod safetensors;
 pub mod source;
 

@@ -3,5 +3,6 @@
 
 mod api;
 mod common;
+mod lora;
 mod openai_sdk;
 mod reference;

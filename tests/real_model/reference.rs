@@ -20,7 +20,10 @@ const QUANTIZED_MARGIN: f64 = 0.5;
 /// quantized runtime (raw_code's last position: 0.038).
 const NEAR_TIE: f64 = 0.1;
 
-fn loaded(mode: WeightMode) -> &'static Loaded {
+/// The adapter a check runs with (None: the base model).
+pub type Adapter<'a> = Option<&'a std::sync::Arc<tailor::model::lora::AdapterWeights>>;
+
+pub fn loaded(mode: WeightMode) -> &'static Loaded {
     static F32: OnceLock<Loaded> = OnceLock::new();
     static QUANTIZED: OnceLock<Loaded> = OnceLock::new();
     let cell = match mode {
@@ -40,7 +43,7 @@ fn loaded(mode: WeightMode) -> &'static Loaded {
 }
 
 /// Logits `[positions, vocab]` of `tokens` run in one pass from an empty cache.
-fn all_logits(model: &Loaded, tokens: &[u32]) -> Vec<Vec<f32>> {
+pub fn all_logits(model: &Loaded, tokens: &[u32], adapter: Adapter) -> Vec<Vec<f32>> {
     let mut cache = model.model.new_cache();
     let out = model
         .model
@@ -48,6 +51,7 @@ fn all_logits(model: &Loaded, tokens: &[u32]) -> Vec<Vec<f32>> {
             tokens,
             cache: &mut cache,
             logits: Logits::All,
+            adapter,
         }])
         .expect("forward");
     out[0].to_vec2::<f32>().expect("logits")
@@ -58,7 +62,13 @@ fn argmax(v: &[f32]) -> u32 {
 }
 
 /// Greedy decoding with the KV cache, as the reference did (stop after id 2).
-fn greedy(model: &Loaded, prompt: &[u32], steps: usize, stop: &[u32]) -> Vec<u32> {
+fn greedy(
+    model: &Loaded,
+    prompt: &[u32],
+    steps: usize,
+    stop: &[u32],
+    adapter: Adapter,
+) -> Vec<u32> {
     let mut cache = model.model.new_cache();
     let mut out = Vec::new();
     let mut input = prompt.to_vec();
@@ -69,6 +79,7 @@ fn greedy(model: &Loaded, prompt: &[u32], steps: usize, stop: &[u32]) -> Vec<u32
                 tokens: &input,
                 cache: &mut cache,
                 logits: Logits::Last,
+                adapter,
             }])
             .expect("forward");
         let next = argmax(&logits[0].to_vec2::<f32>().expect("logits")[0]);
@@ -162,13 +173,13 @@ fn prompts(file: &str) -> Vec<Value> {
 
 /// Float32 parity: top-20 logits within 1e-3, argmax at every prompt
 /// position, and the full greedy continuation.
-pub fn check_f32_parity(model: &Loaded, file: &str) -> TestResult {
+pub fn check_f32_parity(model: &Loaded, file: &str, adapter: Adapter) -> TestResult {
     let reference = read_json(file);
     let stop = ids(&reference["stop_ids"]);
     for prompt in prompts(file) {
         let name = prompt["name"].as_str().unwrap_or("?");
         let tokens = ids(&prompt["prompt_ids"]);
-        let logits = all_logits(model, &tokens);
+        let logits = all_logits(model, &tokens, adapter);
         let last = logits.last().expect("a position");
         let mut max_diff = 0f32;
         for top in prompt["last"]["top"].as_array().expect("top") {
@@ -193,7 +204,7 @@ pub fn check_f32_parity(model: &Loaded, file: &str) -> TestResult {
             "{name}: argmax at every prompt position"
         );
         let want_greedy = ids(&prompt["greedy"]["ids"]);
-        let got_greedy = greedy(model, &tokens, want_greedy.len(), &stop);
+        let got_greedy = greedy(model, &tokens, want_greedy.len(), &stop, adapter);
         assert_eq!(got_greedy, want_greedy, "{name}: greedy continuation");
     }
     Ok(())
@@ -205,6 +216,7 @@ pub fn check_f32_parity(model: &Loaded, file: &str) -> TestResult {
 pub fn check_quantized(
     model: &Loaded,
     file: &str,
+    adapter: Adapter,
 ) -> Result<(usize, usize, usize), Box<dyn std::error::Error>> {
     let (mut top1, mut compared, mut agreed) = (0, 0, 0);
     let mut near_ties = Vec::new();
@@ -214,7 +226,7 @@ pub fn check_quantized(
         let prompt_len = tokens.len();
         let steps = prompt["greedy"]["steps"].as_array().expect("steps").clone();
         tokens.extend(ids(&prompt["greedy"]["ids"]));
-        let logits = all_logits(model, &tokens);
+        let logits = all_logits(model, &tokens, adapter);
         let want_top1 = prompt["last"]["top"][0]["id"].as_u64().expect("top id") as u32;
         let last = &logits[prompt_len - 1];
         let drift = prompt["last"]["top"]
@@ -272,13 +284,13 @@ pub fn check_quantized(
 
 #[test]
 fn f32_mode_matches_reference_logits_and_greedy() -> TestResult {
-    check_f32_parity(loaded(WeightMode::F32), "reference/base.json")
+    check_f32_parity(loaded(WeightMode::F32), "reference/base.json", None)
 }
 
 #[test]
 fn quantized_mode_agrees_with_reference() -> TestResult {
     let (top1, compared, agreed) =
-        check_quantized(loaded(WeightMode::Quantized), "reference/base.json")?;
+        check_quantized(loaded(WeightMode::Quantized), "reference/base.json", None)?;
     assert!(
         top1 >= 6,
         "top-1 must match on every prompt that is not a near-tie"
@@ -303,15 +315,17 @@ fn batched_rows_equal_single_rows() -> TestResult {
             tokens: &a,
             cache: &mut ca,
             logits: Logits::Last,
+            adapter: None,
         },
         BatchRow {
             tokens: &b,
             cache: &mut cb,
             logits: Logits::Last,
+            adapter: None,
         },
     ])?;
     for (tokens, batched) in [(&a, &both[0]), (&b, &both[1])] {
-        let alone = all_logits(model, tokens);
+        let alone = all_logits(model, tokens, None);
         let batched = batched.to_vec2::<f32>()?;
         let diff = alone
             .last()
@@ -361,7 +375,7 @@ fn hugging_face_folder_runs_through_the_same_model_code() -> TestResult {
         hf.info.chat_template.is_some(),
         "chat template from tokenizer_config.json"
     );
-    check_f32_parity(&hf, "reference/base.json")
+    check_f32_parity(&hf, "reference/base.json", None)
 }
 
 #[test]

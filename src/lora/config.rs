@@ -1,0 +1,375 @@
+//! `adapter_config.json` as PEFT writes it: the subset that changes inference,
+//! with every unsupported feature refused by name. Unknown keys are ignored
+//! (new PEFT versions add many).
+
+use std::collections::BTreeMap;
+
+use regex::Regex;
+use serde::Deserialize;
+use serde_json::Value as Json;
+
+use super::LoraError;
+
+/// The projections an adapter can target, in the order the model runs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Module {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Module {
+    pub const ALL: [Module; 7] = [
+        Module::Q,
+        Module::K,
+        Module::V,
+        Module::O,
+        Module::Gate,
+        Module::Up,
+        Module::Down,
+    ];
+
+    /// The Hugging Face module path under `model.layers.N`.
+    pub fn path(self) -> &'static str {
+        match self {
+            Module::Q => "self_attn.q_proj",
+            Module::K => "self_attn.k_proj",
+            Module::V => "self_attn.v_proj",
+            Module::O => "self_attn.o_proj",
+            Module::Gate => "mlp.gate_proj",
+            Module::Up => "mlp.up_proj",
+            Module::Down => "mlp.down_proj",
+        }
+    }
+
+    pub fn from_path(path: &str) -> Option<Module> {
+        Module::ALL.into_iter().find(|m| m.path() == path)
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    List(Vec<String>),
+    /// A regex that must match the whole module name (`re.fullmatch`).
+    Regex(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Layers {
+    One(usize),
+    Many(Vec<usize>),
+}
+
+/// The raw file.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AdapterConfigFile {
+    pub peft_type: Option<String>,
+    pub r: usize,
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub use_rslora: bool,
+    pub target_modules: Option<TargetModules>,
+    pub exclude_modules: Option<TargetModules>,
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f64>,
+    pub layers_to_transform: Option<Layers>,
+    pub layers_pattern: Option<Json>,
+    pub bias: Option<String>,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default)]
+    pub use_dora: bool,
+    pub modules_to_save: Option<Json>,
+    #[serde(default)]
+    pub lora_bias: bool,
+    pub layer_replication: Option<Json>,
+    pub target_parameters: Option<Json>,
+    pub trainable_token_indices: Option<Json>,
+    pub alora_invocation_tokens: Option<Json>,
+    #[serde(default)]
+    pub use_qalora: bool,
+    pub use_bdlora: Option<Json>,
+}
+
+/// A checked adapter config: answers "does module X get a delta, with which
+/// rank and scale?".
+#[derive(Debug, Clone)]
+pub struct AdapterConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub use_rslora: bool,
+    targets: Targets,
+    exclude: Option<Targets>,
+    rank_pattern: Vec<(Regex, String, usize)>,
+    alpha_pattern: Vec<(Regex, String, f64)>,
+    layers: Option<Vec<usize>>,
+}
+
+#[derive(Debug, Clone)]
+enum Targets {
+    Names(Vec<String>),
+    Regex(Regex),
+}
+
+impl Targets {
+    fn parse(t: &TargetModules, field: &str) -> Result<Self, LoraError> {
+        Ok(match t {
+            TargetModules::List(names) => Targets::Names(names.clone()),
+            TargetModules::Regex(pattern) => {
+                Targets::Regex(Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
+                    LoraError::Config(format!("`{field}` is not a valid regex: {e}"))
+                })?)
+            }
+        })
+    }
+
+    /// PEFT: a list entry matches the full name or its last components; a
+    /// regex must match the whole name.
+    fn matches(&self, name: &str) -> bool {
+        match self {
+            Targets::Names(names) => names
+                .iter()
+                .any(|t| name == t || name.ends_with(&format!(".{t}"))),
+            Targets::Regex(re) => re.is_match(name),
+        }
+    }
+}
+
+/// A `rank_pattern` / `alpha_pattern` key matches a module name when it
+/// matches a dot-separated suffix of it (PEFT's `get_pattern_key`).
+fn pattern_regex(key: &str) -> Result<Regex, LoraError> {
+    Regex::new(&format!("^(?:.*\\.)?(?:{key})$"))
+        .map_err(|e| LoraError::Config(format!("pattern `{key}` is not a valid regex: {e}")))
+}
+
+impl AdapterConfig {
+    pub fn parse(text: &str) -> Result<Self, LoraError> {
+        let raw: AdapterConfigFile = serde_json::from_str(text)
+            .map_err(|e| LoraError::Config(format!("adapter_config.json: {e}")))?;
+        Self::from_file(raw)
+    }
+
+    pub fn from_file(raw: AdapterConfigFile) -> Result<Self, LoraError> {
+        let unsupported = |feature: &str| Err(LoraError::Unsupported(feature.to_string()));
+        if let Some(kind) = raw.peft_type.as_deref().filter(|t| *t != "LORA") {
+            return unsupported(&format!("peft_type {kind} (only LORA)"));
+        }
+        if raw.use_dora {
+            return unsupported("DoRA (use_dora)");
+        }
+        if raw.modules_to_save.as_ref().is_some_and(is_set) {
+            return unsupported("modules_to_save");
+        }
+        if raw.bias.as_deref().is_some_and(|b| b != "none") || raw.lora_bias {
+            return unsupported("LoRA bias (bias other than \"none\")");
+        }
+        if raw.fan_in_fan_out {
+            return unsupported("fan_in_fan_out");
+        }
+        for (name, value) in [
+            ("layer_replication", &raw.layer_replication),
+            ("target_parameters", &raw.target_parameters),
+            ("trainable_token_indices", &raw.trainable_token_indices),
+            (
+                "alora_invocation_tokens (aLoRA)",
+                &raw.alora_invocation_tokens,
+            ),
+            ("use_bdlora", &raw.use_bdlora),
+        ] {
+            if value.as_ref().is_some_and(is_set) {
+                return unsupported(name);
+            }
+        }
+        if raw.use_qalora {
+            return unsupported("QA-LoRA (use_qalora)");
+        }
+        if raw.r == 0 {
+            return Err(LoraError::Config("`r` must be at least 1".into()));
+        }
+        let targets = match &raw.target_modules {
+            Some(t) => Targets::parse(t, "target_modules")?,
+            None => return Err(LoraError::Config("`target_modules` is missing".into())),
+        };
+        let exclude = raw
+            .exclude_modules
+            .as_ref()
+            .map(|t| Targets::parse(t, "exclude_modules"))
+            .transpose()?;
+        let rank_pattern = raw
+            .rank_pattern
+            .iter()
+            .map(|(k, &v)| Ok((pattern_regex(k)?, k.clone(), v)))
+            .collect::<Result<Vec<_>, LoraError>>()?;
+        let alpha_pattern = raw
+            .alpha_pattern
+            .iter()
+            .map(|(k, &v)| Ok((pattern_regex(k)?, k.clone(), v)))
+            .collect::<Result<Vec<_>, LoraError>>()?;
+        let layers = raw.layers_to_transform.map(|l| match l {
+            Layers::One(i) => vec![i],
+            Layers::Many(v) => v,
+        });
+        Ok(Self {
+            r: raw.r,
+            alpha: raw.lora_alpha,
+            use_rslora: raw.use_rslora,
+            targets,
+            exclude,
+            rank_pattern,
+            alpha_pattern,
+            layers,
+        })
+    }
+
+    /// Whether `model.layers.{layer}.{module}` carries a delta.
+    pub fn targets(&self, layer: usize, module: Module) -> bool {
+        let name = module_name(layer, module);
+        if self.layers.as_ref().is_some_and(|l| !l.contains(&layer)) {
+            return false;
+        }
+        if self.exclude.as_ref().is_some_and(|e| e.matches(&name)) {
+            return false;
+        }
+        self.targets.matches(&name)
+    }
+
+    /// Rank of a module: the first matching `rank_pattern` key, else `r`.
+    pub fn rank(&self, layer: usize, module: Module) -> usize {
+        let name = module_name(layer, module);
+        self.rank_pattern
+            .iter()
+            .find(|(re, _, _)| re.is_match(&name))
+            .map(|(_, _, r)| *r)
+            .unwrap_or(self.r)
+    }
+
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA, with per-module overrides.
+    pub fn scale(&self, layer: usize, module: Module) -> f64 {
+        let name = module_name(layer, module);
+        let alpha = self
+            .alpha_pattern
+            .iter()
+            .find(|(re, _, _)| re.is_match(&name))
+            .map(|(_, _, a)| *a)
+            .unwrap_or(self.alpha);
+        let r = self.rank(layer, module) as f64;
+        if self.use_rslora {
+            alpha / r.sqrt()
+        } else {
+            alpha / r
+        }
+    }
+}
+
+/// The module name PEFT matches against (`model.layers.3.self_attn.q_proj`).
+pub fn module_name(layer: usize, module: Module) -> String {
+    format!("model.layers.{layer}.{}", module.path())
+}
+
+fn is_set(v: &Json) -> bool {
+    match v {
+        Json::Null => false,
+        Json::Array(a) => !a.is_empty(),
+        Json::Object(o) => !o.is_empty(),
+        Json::Bool(b) => *b,
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Result<AdapterConfig, LoraError> {
+        AdapterConfig::parse(&format!(
+            r#"{{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "some_new_peft_key": {{"x": 1}}{extra}}}"#
+        ))
+    }
+
+    #[test]
+    fn scale_is_alpha_over_r_or_sqrt_r() -> Result<(), LoraError> {
+        let plain = config("")?;
+        assert_eq!(plain.scale(0, Module::Q), 2.0);
+        let rs = AdapterConfig::parse(
+            r#"{"r": 4, "lora_alpha": 8, "use_rslora": true, "target_modules": ["q_proj"]}"#,
+        )?;
+        assert_eq!(rs.scale(0, Module::Q), 4.0);
+        let rs16 = AdapterConfig::parse(
+            r#"{"r": 16, "lora_alpha": 8, "use_rslora": true, "target_modules": ["q_proj"]}"#,
+        )?;
+        assert_eq!(rs16.scale(3, Module::Q), 2.0);
+        Ok(())
+    }
+
+    #[test]
+    fn list_targets_match_name_suffixes() -> Result<(), LoraError> {
+        let c = config("")?;
+        assert!(c.targets(0, Module::Q) && c.targets(29, Module::V));
+        assert!(!c.targets(0, Module::K) && !c.targets(0, Module::Down));
+        Ok(())
+    }
+
+    #[test]
+    fn regex_targets_must_match_the_whole_name() -> Result<(), LoraError> {
+        let c = AdapterConfig::parse(
+            r#"{"r": 8, "lora_alpha": 8, "target_modules": ".*\\.(1|2)\\.self_attn\\.(q|k)_proj"}"#,
+        )?;
+        assert!(c.targets(1, Module::Q) && c.targets(2, Module::K));
+        assert!(!c.targets(0, Module::Q) && !c.targets(12, Module::Q) && !c.targets(1, Module::V));
+        // Not a full match: "q_proj" alone does not match "model.layers.0.self_attn.q_proj".
+        let partial =
+            AdapterConfig::parse(r#"{"r": 8, "lora_alpha": 8, "target_modules": "q_proj"}"#)?;
+        assert!(!partial.targets(0, Module::Q));
+        Ok(())
+    }
+
+    #[test]
+    fn rank_and_alpha_patterns_override_per_module() -> Result<(), LoraError> {
+        let c = config(
+            r#", "rank_pattern": {"v_proj": 4, "layers\\.3\\.self_attn\\.q_proj": 2}, "alpha_pattern": {"v_proj": 32}"#,
+        )?;
+        assert_eq!((c.rank(0, Module::Q), c.scale(0, Module::Q)), (8, 2.0));
+        assert_eq!((c.rank(0, Module::V), c.scale(0, Module::V)), (4, 8.0)); // 32 / 4
+        assert_eq!((c.rank(3, Module::Q), c.scale(3, Module::Q)), (2, 8.0)); // 16 / 2
+        assert_eq!(
+            c.rank(13, Module::Q),
+            8,
+            "layers.13 must not match the layers.3 pattern"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn layers_to_transform_limits_layers() -> Result<(), LoraError> {
+        let c = config(r#", "layers_to_transform": [0, 2]"#)?;
+        assert!(c.targets(0, Module::Q) && c.targets(2, Module::Q) && !c.targets(1, Module::Q));
+        let one = config(r#", "layers_to_transform": 5"#)?;
+        assert!(one.targets(5, Module::V) && !one.targets(4, Module::V));
+        Ok(())
+    }
+
+    #[test]
+    fn unsupported_features_are_named() {
+        for (extra, feature) in [
+            (r#", "use_dora": true"#, "DoRA"),
+            (r#", "modules_to_save": ["lm_head"]"#, "modules_to_save"),
+            (r#", "bias": "all""#, "bias"),
+            (r#", "fan_in_fan_out": true"#, "fan_in_fan_out"),
+        ] {
+            let err = config(extra).expect_err(feature).to_string();
+            assert!(err.contains(feature), "{err}");
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! LoRA adapters in PEFT format: parse and validate them against the base
+//! model, and keep the registry of adapters clients can select by name.
+//!
+//! Layout:
+//! - `config`: `adapter_config.json` (targets, rank, scale, unsupported features);
+//! - `adapter`: a PEFT folder → `model::lora::AdapterWeights`, checked against the base;
+//! - `registry`: names → folders, runtime load/unload, LRU of resident weights.
+
+pub mod adapter;
+pub mod config;
+pub mod registry;
+
+pub use adapter::BaseShapes;
+pub use config::{AdapterConfig, Module};
+pub use registry::{AdapterRegistry, RegistryOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoraError {
+    #[error("{0}")]
+    Config(String),
+    #[error("unsupported adapter feature: {0}")]
+    Unsupported(String),
+    #[error("adapter weights: {0}")]
+    Weights(String),
+    #[error("adapter does not fit the base model: {0}")]
+    Mismatch(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("invalid adapter name `{0}`: use 1-64 letters, digits, '.', '_' or '-', not starting with '.' or '-'")]
+    BadName(String),
+    #[error("adapter path {0} is not under an allowed adapter root")]
+    OutsideRoots(String),
+    #[error("an adapter named `{0}` is already loaded from another path")]
+    NameTaken(String),
+    #[error("no adapter named `{0}`")]
+    NotFound(String),
+}
