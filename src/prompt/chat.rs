@@ -137,7 +137,7 @@ impl ChatTemplate {
 fn json_or_none(value: Option<&Json>) -> Value {
     match value {
         Some(v) if !v.is_null() => Value::from_serde(v),
-        _ => Value::from(()),
+        _ => jinja::py_none(),
     }
 }
 

@@ -4,10 +4,11 @@
 //! `tojson` that is `json.dumps(ensure_ascii=False)`.
 
 use std::fmt;
+use std::sync::Arc;
 
 use chrono::NaiveDateTime;
 use minijinja::syntax::SyntaxConfig;
-use minijinja::value::{Kwargs, Value, ValueKind};
+use minijinja::value::{Kwargs, Object, ObjectRepr, Rest, Value, ValueKind, ValueOrKwargs};
 use minijinja::{Environment, Error, ErrorKind, State};
 
 use super::pyjson::{self, DumpOptions};
@@ -74,6 +75,14 @@ pub fn environment(clock: Clock) -> Environment<'static> {
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.set_formatter(python_formatter);
     env.add_filter("tojson", tojson);
+    env.add_filter("map", map_generator);
+    env.add_filter("select", select_generator);
+    env.add_filter("reject", reject_generator);
+    env.add_filter("selectattr", selectattr_generator);
+    env.add_filter("rejectattr", rejectattr_generator);
+    env.add_filter("escape", markupsafe_escape);
+    env.add_filter("e", markupsafe_escape);
+    env.add_test("none", |v: &Value| v.is_none() || is_py_none(v));
     env.add_function("raise_exception", raise_exception);
     env.add_function(
         "strftime_now",
@@ -86,6 +95,132 @@ pub fn environment(clock: Clock) -> Environment<'static> {
         },
     );
     env
+}
+
+/// Python's `None` where transformers passes it as a variable (`tools`,
+/// `documents` when absent): defined, falsy, prints `None`, is `none`, and —
+/// unlike minijinja's none — is not iterable (`for t in tools` fails).
+#[derive(Debug)]
+struct PyNone;
+
+impl Object for PyNone {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Plain
+    }
+
+    fn is_true(self: &Arc<Self>) -> bool {
+        false
+    }
+
+    fn render(self: &Arc<Self>, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("None")
+    }
+}
+
+pub fn py_none() -> Value {
+    Value::from_object(PyNone)
+}
+
+pub fn is_py_none(v: &Value) -> bool {
+    v.downcast_object_ref::<PyNone>().is_some()
+}
+
+/// Jinja2's `map`, `select`, `reject`, `selectattr` and `rejectattr` are
+/// generators: iterable once, not JSON-serializable, and empty for a falsy
+/// input such as `None` (`if value: for item in value: ...`).
+fn generator(
+    state: &mut State,
+    value: Value,
+    run: impl FnOnce(&mut State, Value) -> Result<Vec<Value>, Error>,
+) -> Result<Value, Error> {
+    let items = if value.is_true() {
+        run(state, value)?
+    } else {
+        Vec::new()
+    };
+    Ok(Value::make_one_shot_iterator(items.into_iter()))
+}
+
+fn map_generator(
+    state: &mut State,
+    value: Value,
+    args: Rest<ValueOrKwargs>,
+) -> Result<Value, Error> {
+    generator(state, value, |state, value| {
+        minijinja::filters::map(state, value, args)
+    })
+}
+
+fn select_generator(
+    state: &mut State,
+    value: Value,
+    test: Option<String>,
+    args: Rest<ValueOrKwargs>,
+) -> Result<Value, Error> {
+    generator(state, value, |state, value| {
+        minijinja::filters::select(state, value, test.map(Into::into), args)
+    })
+}
+
+fn reject_generator(
+    state: &mut State,
+    value: Value,
+    test: Option<String>,
+    args: Rest<ValueOrKwargs>,
+) -> Result<Value, Error> {
+    generator(state, value, |state, value| {
+        minijinja::filters::reject(state, value, test.map(Into::into), args)
+    })
+}
+
+fn selectattr_generator(
+    state: &mut State,
+    value: Value,
+    attr: String,
+    test: Option<String>,
+    args: Rest<ValueOrKwargs>,
+) -> Result<Value, Error> {
+    generator(state, value, |state, value| {
+        minijinja::filters::selectattr(state, value, attr.into(), test.map(Into::into), args)
+    })
+}
+
+fn rejectattr_generator(
+    state: &mut State,
+    value: Value,
+    attr: String,
+    test: Option<String>,
+    args: Rest<ValueOrKwargs>,
+) -> Result<Value, Error> {
+    generator(state, value, |state, value| {
+        minijinja::filters::rejectattr(state, value, attr.into(), test.map(Into::into), args)
+    })
+}
+
+/// markupsafe's `escape`: `str(value)` with `& < > " '` as `&amp; &lt; &gt; &#34; &#39;`.
+fn markupsafe_escape(value: &Value) -> Value {
+    if value.is_safe() {
+        return value.clone();
+    }
+    let text = match value.kind() {
+        ValueKind::String => value.as_str().unwrap_or_default().to_string(),
+        ValueKind::Undefined => String::new(),
+        ValueKind::None | ValueKind::Bool | ValueKind::Seq | ValueKind::Map => pyjson::repr(value),
+        ValueKind::Number => pyjson::number_repr(value),
+        _ => value.to_string(),
+    };
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&#34;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    Value::from_safe_string(out)
 }
 
 fn raise_exception(message: String) -> Result<Value, Error> {

@@ -1,6 +1,7 @@
 //! Prompt building: the Jinja environment configured as transformers
 //! configures it, and chat templates rendered through it.
 
+pub mod case;
 pub mod chat;
 pub mod jinja;
 pub mod pyjson;

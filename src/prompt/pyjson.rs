@@ -48,7 +48,11 @@ fn write_json(
         ValueKind::String => {
             write_json_string(value.as_str().unwrap_or_default(), opts.ensure_ascii, out)
         }
-        ValueKind::Seq | ValueKind::Iterable => {
+        ValueKind::Iterable => {
+            return Err("Object of type generator is not JSON serializable".into())
+        }
+        ValueKind::Plain if super::jinja::is_py_none(value) => out.push_str("null"),
+        ValueKind::Seq => {
             let items: Vec<Value> = value.try_iter().map_err(|e| e.to_string())?.collect();
             write_container(out, opts, depth, '[', ']', items.len(), |i, out| {
                 write_json(&items[i], opts, depth + 1, out)
@@ -224,6 +228,10 @@ pub fn repr(value: &Value) -> String {
 }
 
 fn write_repr(value: &Value, out: &mut String) {
+    if super::jinja::is_py_none(value) {
+        out.push_str("None");
+        return;
+    }
     match value.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("None"),
         ValueKind::Bool => out.push_str(if value.is_true() { "True" } else { "False" }),
