@@ -1,5 +1,7 @@
 //! The `tailor` command line: parse, then call the library.
 
+use std::path::PathBuf;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -21,6 +23,34 @@ struct Cli {
 enum Command {
     /// Serve the model over the OpenAI-compatible HTTP API.
     Serve(ServeArgs),
+    /// Work with chat templates offline.
+    #[command(subcommand)]
+    ChatTemplate(ChatTemplateCommand),
+}
+
+#[derive(Subcommand)]
+enum ChatTemplateCommand {
+    /// Render a case (cases.json format) exactly as transformers'
+    /// apply_chat_template(tokenize=False) would: the text on stdout (exit 0),
+    /// or the error on stderr (exit 1).
+    Render(RenderArgs),
+}
+
+#[derive(clap::Args)]
+struct RenderArgs {
+    /// The Jinja template file (with --case).
+    #[arg(long, requires = "case")]
+    template: Option<PathBuf>,
+    /// One case object: messages, tools, documents, add_generation_prompt,
+    /// continue_final_message, kwargs, bos_token, eos_token, frozen_date.
+    #[arg(long, conflicts_with = "cases")]
+    case: Option<PathBuf>,
+    /// A JSON list of cases; each is rendered with TEMPLATE_DIR/<template>.jinja
+    /// and the results are printed as a JSON array.
+    #[arg(long, requires = "template_dir")]
+    cases: Option<PathBuf>,
+    #[arg(long)]
+    template_dir: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,6 +62,41 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
+        Command::ChatTemplate(ChatTemplateCommand::Render(args)) => render(args),
+    }
+}
+
+fn render(args: RenderArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    use tailor::prompt::case::{render_all, RenderCase};
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    if let (Some(cases), Some(dir)) = (&args.cases, &args.template_dir) {
+        let cases: Vec<RenderCase> =
+            serde_json::from_str(&read(cases)?).context("--cases must be a JSON list of cases")?;
+        let results = render_all(&cases, dir);
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "{}", serde_json::to_string_pretty(&results)?)?;
+        return Ok(());
+    }
+    let (Some(template), Some(case)) = (&args.template, &args.case) else {
+        anyhow::bail!("give --template FILE --case CASE.json, or --cases FILE --template-dir DIR");
+    };
+    let source = read(template)?;
+    let case: RenderCase =
+        serde_json::from_str(&read(case)?).context("--case must be one case object")?;
+    match case.render(&source) {
+        Ok(text) => {
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(text.as_bytes())?;
+            stdout.flush()?;
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
     }
 }
 

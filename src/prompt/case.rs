@@ -65,3 +65,45 @@ impl RenderCase {
         })
     }
 }
+
+/// One entry of `--cases` output: the rendering or the error, by case id.
+#[derive(Debug, serde::Serialize)]
+pub struct CaseResult {
+    pub case_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Renders every case with `template_dir/<case.template>.jinja`, in order.
+pub fn render_all(cases: &[RenderCase], template_dir: &std::path::Path) -> Vec<CaseResult> {
+    cases
+        .iter()
+        .map(|case| {
+            let result = match &case.template {
+                None => Err(PromptError::Invalid("the case names no `template`".into())),
+                Some(name) if !is_plain_name(name) => Err(PromptError::Invalid(format!(
+                    "template name {name:?} is not a plain file name"
+                ))),
+                Some(name) => std::fs::read_to_string(template_dir.join(format!("{name}.jinja")))
+                    .map_err(|e| PromptError::Invalid(format!("cannot read template {name}: {e}")))
+                    .and_then(|source| case.render(&source)),
+            };
+            let (output, error) = match result {
+                Ok(text) => (Some(text), None),
+                Err(e) => (None, Some(e.to_string())),
+            };
+            CaseResult {
+                case_id: case.case_id.clone(),
+                output,
+                error,
+            }
+        })
+        .collect()
+}
+
+/// No separators or parent references: a case cannot name a file outside the folder.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['/', '\\']) && name != "." && name != ".."
+}
