@@ -72,6 +72,12 @@ pub struct ServeArgs {
     /// Largest LoRA rank accepted.
     #[arg(long, env = "TAILOR_MAX_LORA_RANK", default_value_t = 64)]
     pub max_lora_rank: usize,
+    /// Folder of named prompt templates (*.jinja with TOML metadata).
+    #[arg(long, env = "TAILOR_TEMPLATES_DIR", default_value = "templates")]
+    pub templates_dir: PathBuf,
+    /// Presets: a TOML file, or a folder of them.
+    #[arg(long, env = "TAILOR_PRESETS", default_value = "presets")]
+    pub presets: PathBuf,
     /// Adapters kept in memory at once (least recently used ones not in use are
     /// evicted and reloaded on demand); 0 keeps all.
     #[arg(long, env = "TAILOR_MAX_LOADED_ADAPTERS", default_value_t = 0)]
@@ -88,6 +94,8 @@ pub struct ServeConfig {
     pub threads: Option<usize>,
     pub chat_template_kwargs: serde_json::Map<String, serde_json::Value>,
     pub enable_lora_loading: bool,
+    pub templates_dir: PathBuf,
+    pub presets: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -216,6 +224,8 @@ impl ServeArgs {
             threads: self.threads,
             chat_template_kwargs,
             enable_lora_loading: self.enable_lora_loading,
+            templates_dir: self.templates_dir,
+            presets: self.presets,
         })
     }
 }

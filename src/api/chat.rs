@@ -13,7 +13,7 @@ use super::types::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChatMessage, Delta,
 };
-use super::{response_id, unix_now, AppState};
+use super::{prompting, response_id, unix_now, AppState, Target};
 use crate::loader::ModelInfo;
 use crate::prompt::ChatRequest;
 
@@ -25,19 +25,21 @@ async fn chat_completions(
     State(state): State<AppState>,
     WithSampling(req): WithSampling<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let target = state.resolve(&req.model).await?;
+    let mut req = req;
+    let target = state.resolve(&req.model, req.template.as_deref()).await?;
     let info = target.info.clone();
+    prompting::apply_defaults(&mut req.sampling, &mut req.max_tokens, &target);
     let params = validate_sampling(&req.sampling)?;
     refuse_unsupported(&req)?;
     let chat = ChatRequest {
-        messages: normalize_messages(&req.messages)?,
+        messages: prompting::chat_messages(&target, &req.messages, req.template_vars.as_ref())?,
         tools: None,
         documents: req.documents.clone(),
         add_generation_prompt: req
             .add_generation_prompt
             .unwrap_or(!req.continue_final_message),
         continue_final_message: req.continue_final_message,
-        kwargs: merged_kwargs(&state, req.chat_template_kwargs.as_ref()),
+        kwargs: merged_kwargs(&state, &target, req.chat_template_kwargs.as_ref()),
     };
     let ids = render_chat(&info, &chat)?;
     let (param, requested) = match req.max_completion_tokens {
@@ -145,12 +147,20 @@ pub fn render_chat(info: &ModelInfo, chat: &ChatRequest) -> Result<Vec<u32>, Api
     Ok(ids)
 }
 
-/// Server defaults, overridden key by key by the request.
+/// Server defaults, then the preset/adapter layers, then the request, key by key.
 pub fn merged_kwargs(
     state: &AppState,
+    target: &Target,
     request: Option<&serde_json::Map<String, Json_>>,
 ) -> serde_json::Map<String, Json_> {
     let mut kwargs = (*state.default_chat_template_kwargs).clone();
+    kwargs.extend(
+        target
+            .defaults
+            .chat_template_kwargs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
     if let Some(request) = request {
         kwargs.extend(request.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
@@ -182,57 +192,4 @@ fn refuse_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
         }
     }
     Ok(())
-}
-
-/// Checks each message's shape and turns text-only content parts into one
-/// string, which is what most chat templates expect.
-pub fn normalize_messages(messages: &[Json_]) -> Result<Vec<Json_>, ApiError> {
-    if messages.is_empty() {
-        return Err(ApiError::invalid(
-            "messages",
-            "`messages` must not be empty",
-        ));
-    }
-    messages
-        .iter()
-        .enumerate()
-        .map(|(i, message)| {
-            let param = format!("messages[{i}]");
-            let Json_::Object(fields) = message else {
-                return Err(ApiError::invalid(param, "each message must be an object"));
-            };
-            if !fields.get("role").is_some_and(Json_::is_string) {
-                return Err(ApiError::invalid(
-                    format!("{param}.role"),
-                    "each message needs a string `role`",
-                ));
-            }
-            let mut fields = fields.clone();
-            if let Some(Json_::Array(parts)) = fields.get("content") {
-                let mut texts = Vec::with_capacity(parts.len());
-                for part in parts {
-                    match (
-                        part.get("type").and_then(Json_::as_str),
-                        part.get("text").and_then(Json_::as_str),
-                    ) {
-                        (Some("text"), Some(text)) => texts.push(text.to_string()),
-                        (kind, _) => {
-                            return Err(ApiError::unsupported(
-                                &format!("{param}.content"),
-                                &format!("with a part of type {}", kind.unwrap_or("unknown")),
-                            ))
-                        }
-                    }
-                }
-                fields.insert("content".into(), Json_::String(texts.join("\n")));
-            }
-            match fields.get("content") {
-                None | Some(Json_::Null) | Some(Json_::String(_)) => Ok(Json_::Object(fields)),
-                Some(_) => Err(ApiError::invalid(
-                    format!("{param}.content"),
-                    "`content` must be a string, a list of text parts or null",
-                )),
-            }
-        })
-        .collect()
 }

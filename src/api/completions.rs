@@ -8,9 +8,8 @@ use super::error::ApiError;
 use super::generate::{self, Piece};
 use super::json::WithSampling;
 use super::params::{self, validate_sampling};
-use super::types::{CompletionChoice, CompletionRequest, CompletionResponse, Prompt};
-use super::{response_id, unix_now, AppState};
-use crate::loader::ModelInfo;
+use super::types::{CompletionChoice, CompletionRequest, CompletionResponse};
+use super::{prompting, response_id, unix_now, AppState};
 
 /// OpenAI's default for `/v1/completions`.
 const DEFAULT_MAX_TOKENS: i64 = 16;
@@ -23,8 +22,10 @@ async fn completions(
     State(state): State<AppState>,
     WithSampling(req): WithSampling<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let target = state.resolve(&req.model).await?;
+    let mut req = req;
+    let target = state.resolve(&req.model, req.template.as_deref()).await?;
     let info = target.info.clone();
+    prompting::apply_defaults(&mut req.sampling, &mut req.max_tokens, &target);
     let params = validate_sampling(&req.sampling)?;
     params::refuse_if_set("logprobs", req.logprobs.as_ref())?;
     if req.echo == Some(true) {
@@ -33,7 +34,8 @@ async fn completions(
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::unsupported("suffix", ""));
     }
-    let prompts = prompt_ids(&info, &req.prompt)?;
+    let prompts =
+        prompting::completion_prompts(&target, req.prompt.as_ref(), req.template_vars.as_ref())?;
     let max_tokens = req.max_tokens.or(Some(DEFAULT_MAX_TOKENS));
     let prompts = prompts
         .into_iter()
@@ -99,41 +101,4 @@ fn choice(index: usize, text: String, finish_reason: Option<&'static str>) -> Co
         logprobs: None,
         finish_reason,
     }
-}
-
-/// Every prompt as token ids, checked non-empty and inside the vocabulary.
-fn prompt_ids(info: &ModelInfo, prompt: &Prompt) -> Result<Vec<Vec<u32>>, ApiError> {
-    let encode = |text: &str| {
-        info.tokenizer
-            .encode_prompt(text)
-            .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e}")))
-    };
-    let prompts = match prompt {
-        Prompt::Text(text) => vec![encode(text)?],
-        Prompt::Texts(texts) => texts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
-        Prompt::Tokens(ids) => vec![ids.clone()],
-        Prompt::TokenLists(lists) => lists.clone(),
-    };
-    if prompts.is_empty() {
-        return Err(ApiError::invalid(
-            "prompt",
-            "`prompt` must not be an empty list",
-        ));
-    }
-    let vocab = info.tokenizer.vocab_size().max(1) as u32;
-    for ids in &prompts {
-        if ids.is_empty() {
-            return Err(ApiError::invalid(
-                "prompt",
-                "`prompt` must contain at least one token",
-            ));
-        }
-        if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
-            return Err(ApiError::invalid(
-                "prompt",
-                format!("token id {bad} is outside the vocabulary (size {vocab})"),
-            ));
-        }
-    }
-    Ok(prompts)
 }

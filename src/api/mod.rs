@@ -11,6 +11,8 @@ pub mod generate;
 pub mod json;
 pub mod models;
 pub mod params;
+pub mod prompting;
+pub mod templates;
 pub mod tokenize;
 pub mod types;
 
@@ -23,6 +25,9 @@ use tower_http::trace::TraceLayer;
 use crate::engine::{EngineHandle, EngineStatus};
 use crate::loader::ModelInfo;
 use crate::model::lora::AdapterWeights;
+use crate::prompt::defaults::Defaults;
+use crate::prompt::presets::PresetStore;
+use crate::prompt::templates::{NamedTemplate, TemplateStore};
 pub use error::ApiError;
 
 /// Shared by every handler.
@@ -35,12 +40,18 @@ pub struct AppState {
     pub default_chat_template_kwargs: Arc<serde_json::Map<String, serde_json::Value>>,
     /// Whether clients may load and unload adapters at run time.
     pub enable_lora_loading: bool,
+    pub templates: Arc<TemplateStore>,
+    pub presets: Arc<PresetStore>,
 }
 
-/// What a request's `model` names: the base, or the base with an adapter.
+/// What a request's `model` (and `template`) resolve to: the base, maybe an
+/// adapter, maybe a named template, and the request defaults of all layers.
 pub struct Target {
     pub info: Arc<ModelInfo>,
     pub adapter: Option<Arc<AdapterWeights>>,
+    pub template: Option<Arc<NamedTemplate>>,
+    /// Preset over adapter over template; the request still wins over these.
+    pub defaults: Defaults,
 }
 
 impl AppState {
@@ -59,35 +70,82 @@ impl AppState {
     /// The loaded model, checked against the id the request named.
     pub fn model_named(&self, requested: &str) -> Result<Arc<ModelInfo>, ApiError> {
         let info = self.model()?;
-        if requested != info.id && !info.adapters.contains(requested) {
+        if requested != info.id
+            && !info.adapters.contains(requested)
+            && self.presets.get(requested).is_none()
+        {
             return Err(ApiError::model_not_found(requested));
         }
         Ok(info)
     }
 
-    /// Resolves `model`: the base id, or an adapter name (its weights are read
-    /// from disk again if they were evicted). Unknown names are 404.
-    pub async fn resolve(&self, requested: &str) -> Result<Target, ApiError> {
+    /// Resolves `model` (the base id, a preset, or an adapter name, in that
+    /// order) and the template (`requested_template`, else the preset's or
+    /// adapter's). Unknown names are 404; a preset whose adapter or template
+    /// is missing is a 400 that says which.
+    pub async fn resolve(
+        &self,
+        requested: &str,
+        requested_template: Option<&str>,
+    ) -> Result<Target, ApiError> {
         let info = self.model()?;
-        if requested == info.id {
-            return Ok(Target {
-                info,
-                adapter: None,
-            });
-        }
-        let lookup = info.clone();
-        let name = requested.to_string();
-        let adapter = tokio::task::spawn_blocking(move || lookup.adapters.get(&name))
-            .await
-            .map_err(|e| ApiError::internal(format!("adapter lookup failed: {e}")))?
-            .map_err(|e| {
-                tracing::error!(adapter = requested, error = %e, "cannot reload adapter");
-                ApiError::internal(format!("adapter `{requested}` cannot be read: {e}"))
-            })?
-            .ok_or_else(|| ApiError::model_not_found(requested))?;
+        let preset = self.presets.get(requested);
+        let (adapter_name, preset_defaults) = if requested == info.id {
+            (None, Defaults::default())
+        } else if let Some(preset) = &preset {
+            (preset.adapter.clone(), preset.defaults.clone())
+        } else if info.adapters.contains(requested) {
+            (Some(requested.to_string()), Defaults::default())
+        } else {
+            return Err(ApiError::model_not_found(requested));
+        };
+        let preset_error = |what: String| ApiError {
+            code: Some("preset_unavailable"),
+            ..ApiError::invalid("model", format!("preset `{requested}` {what}"))
+        };
+        let (adapter, adapter_defaults) = match &adapter_name {
+            None => (None, Defaults::default()),
+            Some(name) => {
+                let lookup = info.clone();
+                let owned = name.clone();
+                let weights = tokio::task::spawn_blocking(move || lookup.adapters.get(&owned))
+                    .await
+                    .map_err(|e| ApiError::internal(format!("adapter lookup failed: {e}")))?
+                    .map_err(|e| {
+                        tracing::error!(adapter = %name, error = %e, "cannot reload adapter");
+                        ApiError::internal(format!("adapter `{name}` cannot be read: {e}"))
+                    })?;
+                match weights {
+                    Some(w) => (Some(w), info.adapters.defaults(name).unwrap_or_default()),
+                    None if preset.is_some() => {
+                        return Err(preset_error(format!(
+                            "names adapter `{name}`, which is not loaded"
+                        )))
+                    }
+                    None => return Err(ApiError::model_not_found(requested)),
+                }
+            }
+        };
+        let layered = preset_defaults.over(&adapter_defaults);
+        let template = match (requested_template, layered.template.as_deref()) {
+            (Some(name), _) => Some(self.templates.get(name).ok_or_else(|| ApiError {
+                code: Some("template_not_found"),
+                ..ApiError::not_found(format!("no template named `{name}`"))
+            })?),
+            (None, Some(name)) => Some(self.templates.get(name).ok_or_else(|| {
+                preset_error(format!("names template `{name}`, which does not exist"))
+            })?),
+            (None, None) => None,
+        };
+        let defaults = match &template {
+            Some(t) => layered.over(&t.defaults),
+            None => layered,
+        };
         Ok(Target {
             info,
-            adapter: Some(adapter),
+            adapter,
+            template,
+            defaults,
         })
     }
 }
@@ -99,6 +157,7 @@ pub fn router(state: AppState) -> Router {
         .merge(models::router())
         .merge(tokenize::router())
         .merge(adapters::router())
+        .merge(templates::router())
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError {

@@ -38,6 +38,15 @@ fn cards(state: &AppState) -> Result<Vec<ModelCard>, ApiError> {
         parent: Some(info.id.clone()),
         max_model_len: info.max_model_len,
     }));
+    cards.extend(state.presets.list().into_iter().map(|p| ModelCard {
+        root: p.adapter.clone().unwrap_or_else(|| info.id.clone()),
+        id: p.name,
+        object: "model",
+        created: state.created,
+        owned_by: "tailor",
+        parent: Some(info.id.clone()),
+        max_model_len: info.max_model_len,
+    }));
     Ok(cards)
 }
 

@@ -4,9 +4,10 @@ use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
 
-use super::chat::{merged_kwargs, normalize_messages, render_chat};
+use super::chat::render_chat;
 use super::error::ApiError;
 use super::json::AppJson;
+use super::prompting::normalize_messages;
 use super::types::{DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse};
 use super::AppState;
 use crate::prompt::ChatRequest;
@@ -41,7 +42,11 @@ async fn tokenize(
                     .add_generation_prompt
                     .unwrap_or(!req.continue_final_message),
                 continue_final_message: req.continue_final_message,
-                kwargs: merged_kwargs(&state, req.chat_template_kwargs.as_ref()),
+                kwargs: {
+                    let mut kwargs = (*state.default_chat_template_kwargs).clone();
+                    kwargs.extend(req.chat_template_kwargs.clone().unwrap_or_default());
+                    kwargs
+                },
                 ..Default::default()
             };
             render_chat(&info, &chat)?

@@ -53,7 +53,10 @@ pub struct SamplingFields {
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
     pub model: String,
-    pub prompt: Prompt,
+    /// Optional when a named template (from the request or a preset) builds the prompt.
+    pub prompt: Option<Prompt>,
+    pub template: Option<String>,
+    pub template_vars: Option<serde_json::Map<String, Json>>,
     pub max_tokens: Option<i64>,
     /// Parsed in a second pass (`json::WithSampling`), so errors keep their field path.
     #[serde(skip)]
@@ -66,7 +69,10 @@ pub struct CompletionRequest {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatCompletionRequest {
     pub model: String,
+    #[serde(default)]
     pub messages: Vec<Json>,
+    pub template: Option<String>,
+    pub template_vars: Option<serde_json::Map<String, Json>>,
     pub max_tokens: Option<i64>,
     pub max_completion_tokens: Option<i64>,
     /// Parsed in a second pass (`json::WithSampling`), so errors keep their field path.

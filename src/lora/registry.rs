@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::adapter::{self, BaseShapes};
 use super::LoraError;
 use crate::model::lora::AdapterWeights;
+use crate::prompt::defaults::Defaults;
 
 #[derive(Debug, Clone)]
 pub struct RegistryOptions {
@@ -31,6 +32,8 @@ pub struct AdapterInfo {
 
 struct Entry {
     path: PathBuf,
+    /// The adapter's own request defaults (`tailor.toml` beside its config).
+    defaults: Defaults,
     created: u64,
     resident: Option<Arc<AdapterWeights>>,
     last_used: u64,
@@ -78,6 +81,8 @@ impl AdapterRegistry {
             return Err(LoraError::NameTaken(name.to_string()));
         }
         let weights = Arc::new(adapter::load(&path, &self.base, self.options.max_rank)?);
+        let defaults = crate::prompt::presets::adapter_defaults(&path)
+            .map_err(|e| LoraError::Config(e.to_string()))?;
         let mut inner = self.lock();
         if inner.entries.contains_key(name) {
             return Err(LoraError::NameTaken(name.to_string()));
@@ -88,6 +93,7 @@ impl AdapterRegistry {
             name.to_string(),
             Entry {
                 path,
+                defaults,
                 created: crate::api::unix_now(),
                 resident: Some(weights),
                 last_used: clock,
@@ -103,6 +109,11 @@ impl AdapterRegistry {
             .remove(name)
             .map(|_| ())
             .ok_or_else(|| LoraError::NotFound(name.to_string()))
+    }
+
+    /// The adapter's `tailor.toml` defaults (empty when it has none).
+    pub fn defaults(&self, name: &str) -> Option<Defaults> {
+        self.lock().entries.get(name).map(|e| e.defaults.clone())
     }
 
     pub fn contains(&self, name: &str) -> bool {

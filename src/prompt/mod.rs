@@ -3,8 +3,12 @@
 
 pub mod case;
 pub mod chat;
+pub mod defaults;
 pub mod jinja;
+pub mod presets;
 pub mod pyjson;
+pub mod stamps;
+pub mod templates;
 
 pub use chat::{ChatRequest, ChatTemplate};
 

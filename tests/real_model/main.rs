@@ -6,3 +6,4 @@ mod common;
 mod lora;
 mod openai_sdk;
 mod reference;
+mod templates;

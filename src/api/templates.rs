@@ -1,0 +1,133 @@
+//! Named templates over HTTP: list them, dry-run one (the exact prompt and
+//! token ids generation would use), reload templates and presets.
+
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json_};
+
+use super::chat::{merged_kwargs, render_chat};
+use super::error::ApiError;
+use super::json::AppJson;
+use super::prompting;
+use super::types::Prompt;
+use super::AppState;
+use crate::prompt::templates::TemplateCard;
+use crate::prompt::ChatRequest;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/templates", get(list))
+        .route("/v1/templates/reload", post(reload))
+        .route("/v1/templates/{name}/render", post(render))
+}
+
+#[derive(Serialize)]
+struct TemplateList {
+    object: &'static str,
+    data: Vec<TemplateCard>,
+}
+
+async fn list(State(state): State<AppState>) -> Json<TemplateList> {
+    Json(TemplateList {
+        object: "list",
+        data: state.templates.list(),
+    })
+}
+
+#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum Mode {
+    /// As `/v1/completions` uses it: the rendered text is the prompt.
+    #[default]
+    Completion,
+    /// As `/v1/chat/completions` uses it: the rendered text is the final user
+    /// message, then the model's chat template applies.
+    Chat,
+}
+
+#[derive(Deserialize)]
+struct RenderRequest {
+    /// Base id, adapter or preset (its defaults and system prompt apply); default: the base.
+    model: Option<String>,
+    #[serde(default)]
+    template_vars: Map<String, Json_>,
+    #[serde(default)]
+    mode: Mode,
+    /// Chat mode: the conversation before the templated message.
+    #[serde(default)]
+    messages: Vec<Json_>,
+    /// Completion mode: text for the template's input variable.
+    prompt: Option<String>,
+    chat_template_kwargs: Option<Map<String, Json_>>,
+}
+
+#[derive(Serialize)]
+struct RenderResponse {
+    prompt: String,
+    tokens: Vec<u32>,
+    count: usize,
+    max_model_len: usize,
+}
+
+async fn render(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    AppJson(req): AppJson<RenderRequest>,
+) -> Result<Json<RenderResponse>, ApiError> {
+    let model = match &req.model {
+        Some(m) => m.clone(),
+        None => state.model()?.id.clone(),
+    };
+    let target = state.resolve(&model, Some(&name)).await?;
+    let info = target.info.clone();
+    let tokens = match req.mode {
+        Mode::Completion => {
+            let prompt = req.prompt.map(Prompt::Text);
+            prompting::completion_prompts(&target, prompt.as_ref(), Some(&req.template_vars))?
+                .pop()
+                .unwrap_or_default()
+        }
+        Mode::Chat => {
+            let chat = ChatRequest {
+                messages: prompting::chat_messages(
+                    &target,
+                    &req.messages,
+                    Some(&req.template_vars),
+                )?,
+                add_generation_prompt: true,
+                kwargs: merged_kwargs(&state, &target, req.chat_template_kwargs.as_ref()),
+                ..Default::default()
+            };
+            render_chat(&info, &chat)?
+        }
+    };
+    let prompt = info
+        .tokenizer
+        .decode(&tokens, false)
+        .map_err(|e| ApiError::internal(format!("cannot decode the prompt: {e}")))?;
+    Ok(Json(RenderResponse {
+        prompt,
+        count: tokens.len(),
+        tokens,
+        max_model_len: info.max_model_len,
+    }))
+}
+
+#[derive(Serialize)]
+struct ReloadResponse {
+    templates: usize,
+    presets: usize,
+    errors: Vec<String>,
+}
+
+async fn reload(State(state): State<AppState>) -> Json<ReloadResponse> {
+    let mut errors = state.templates.reload();
+    errors.extend(state.presets.reload());
+    Json(ReloadResponse {
+        templates: state.templates.list().len(),
+        presets: state.presets.list().len(),
+        errors,
+    })
+}

@@ -1,0 +1,204 @@
+//! Presets: fine-tuning and prompting under one model id. A TOML file (or
+//! every `*.toml` of a folder) declares one table per preset:
+//!
+//! ```toml
+//! [support-bot]
+//! adapter = "support"        # optional LoRA adapter
+//! template = "ticket"        # optional named template
+//! system = "You are ..."     # plus any request default:
+//! temperature = 0.2          # top_p, top_k, max_tokens, stop, seed, penalties,
+//! chat_template_kwargs = {}  # template_vars
+//! ```
+//!
+//! A preset naming an adapter or template that does not exist is reported at
+//! load and answered with a clear error when selected, never a crash.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use super::defaults::Defaults;
+use super::stamps::FileStamps;
+use super::PromptError;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preset {
+    pub name: String,
+    pub adapter: Option<String>,
+    pub defaults: Defaults,
+}
+
+/// Parses one presets file.
+pub fn parse(text: &str, origin: &str) -> Result<Vec<Preset>, PromptError> {
+    let table: toml::Table =
+        toml::from_str(text).map_err(|e| PromptError::Invalid(format!("{origin}: {e}")))?;
+    table
+        .into_iter()
+        .map(|(name, value)| {
+            let toml::Value::Table(mut fields) = value else {
+                return Err(PromptError::Invalid(format!(
+                    "{origin}: `{name}` must be a table ([{name}])"
+                )));
+            };
+            crate::lora::registry::validate_name(&name).map_err(|_| {
+                PromptError::Invalid(format!("{origin}: `{name}` is not a valid model id"))
+            })?;
+            let adapter = match fields.remove("adapter") {
+                None => None,
+                Some(toml::Value::String(s)) => Some(s),
+                Some(_) => {
+                    return Err(PromptError::Invalid(format!(
+                        "{origin}: [{name}] adapter must be a string"
+                    )))
+                }
+            };
+            let defaults: Defaults = toml::Value::Table(fields)
+                .try_into()
+                .map_err(|e| PromptError::Invalid(format!("{origin}: [{name}]: {e}")))?;
+            Ok(Preset {
+                name,
+                adapter,
+                defaults,
+            })
+        })
+        .collect()
+}
+
+/// Adapter defaults: an optional `tailor.toml` beside `adapter_config.json`,
+/// with the same fields as a preset (no `adapter`).
+pub fn adapter_defaults(adapter_dir: &Path) -> Result<Defaults, PromptError> {
+    let path = adapter_dir.join("tailor.toml");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text)
+            .map_err(|e| PromptError::Invalid(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Defaults::default()),
+        Err(e) => Err(PromptError::Invalid(format!("{}: {e}", path.display()))),
+    }
+}
+
+/// Every preset of a file or folder, reloaded when files change.
+pub struct PresetStore {
+    location: PathBuf,
+    state: RwLock<(BTreeMap<String, Preset>, FileStamps)>,
+}
+
+impl PresetStore {
+    pub fn open(location: &Path) -> Self {
+        let store = Self {
+            location: location.to_path_buf(),
+            state: RwLock::new(Default::default()),
+        };
+        store.reload();
+        store
+    }
+
+    pub fn get(&self, name: &str) -> Option<Preset> {
+        self.state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .get(name)
+            .cloned()
+    }
+
+    pub fn list(&self) -> Vec<Preset> {
+        self.state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn reload_if_changed(&self) -> Vec<String> {
+        if self.scan() == self.state.read().unwrap_or_else(|p| p.into_inner()).1 {
+            return Vec::new();
+        }
+        self.reload()
+    }
+
+    /// Re-reads every file; a file that fails keeps its presets' last good
+    /// versions, and its error is logged and returned.
+    pub fn reload(&self) -> Vec<String> {
+        let seen = self.scan();
+        let previous = self.list();
+        let mut presets = BTreeMap::new();
+        let mut errors = Vec::new();
+        for path in seen.keys() {
+            let origin = path.display().to_string();
+            let parsed = std::fs::read_to_string(path)
+                .map_err(|e| PromptError::Invalid(format!("{origin}: {e}")))
+                .and_then(|text| parse(&text, &origin));
+            match parsed {
+                Ok(list) => {
+                    for preset in list {
+                        if presets.contains_key(&preset.name) {
+                            errors.push(format!(
+                                "{origin}: preset `{}` is defined twice",
+                                preset.name
+                            ));
+                            continue;
+                        }
+                        presets.insert(preset.name.clone(), preset);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(file = %origin, error = %e, "presets not (re)loaded; keeping the last good versions");
+                    errors.push(e.to_string());
+                    for old in &previous {
+                        presets
+                            .entry(old.name.clone())
+                            .or_insert_with(|| old.clone());
+                    }
+                }
+            }
+        }
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = (presets, seen);
+        errors
+    }
+
+    fn scan(&self) -> FileStamps {
+        super::stamps::scan(&self.location, "toml")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_parse_with_defaults() -> Result<(), PromptError> {
+        let presets = parse(
+            r#"
+[support-bot]
+adapter = "pirate"
+template = "summarize"
+temperature = 0.2
+stop = ["END"]
+chat_template_kwargs = { enable_thinking = false }
+
+[plain]
+system = "Be terse."
+"#,
+            "test",
+        )?;
+        assert_eq!(presets.len(), 2);
+        let bot = presets
+            .iter()
+            .find(|p| p.name == "support-bot")
+            .expect("bot");
+        assert_eq!(bot.adapter.as_deref(), Some("pirate"));
+        assert_eq!(bot.defaults.template.as_deref(), Some("summarize"));
+        assert_eq!(bot.defaults.temperature, Some(0.2));
+        assert_eq!(bot.defaults.stop, Some(vec!["END".to_string()]));
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_names_are_refused() {
+        assert!(parse("[x]\ntemprature = 0.2\n", "t").is_err());
+        assert!(parse("[\"../x\"]\ntemperature = 0.2\n", "t").is_err());
+        assert!(parse("x = 1\n", "t").is_err());
+    }
+}
