@@ -220,6 +220,11 @@ impl ServeArgs {
             engine: EngineConfig {
                 max_num_seqs: self.max_num_seqs,
                 max_waiting: self.max_waiting,
+                threads: self.threads.unwrap_or_else(|| {
+                    std::thread::available_parallelism()
+                        .map(|n| n.get())
+                        .unwrap_or(1)
+                }),
             },
             threads: self.threads,
             chat_template_kwargs,

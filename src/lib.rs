@@ -10,6 +10,7 @@
 //! - `tokenizer`: text ↔ ids, from tokenizer.json or GGUF metadata.
 
 pub mod api;
+pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod loader;

@@ -23,6 +23,8 @@ struct Cli {
 enum Command {
     /// Serve the model over the OpenAI-compatible HTTP API.
     Serve(ServeArgs),
+    /// Load-test any OpenAI-compatible server (tailor, vLLM, llama.cpp, ...).
+    Bench(tailor::bench::BenchArgs),
     /// Work with chat templates offline.
     #[command(subcommand)]
     ChatTemplate(ChatTemplateCommand),
@@ -63,7 +65,22 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::ChatTemplate(ChatTemplateCommand::Render(args)) => render(args),
+        Command::Bench(args) => bench(args),
     }
+}
+
+fn bench(args: tailor::bench::BenchArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let summary = runtime.block_on(tailor::bench::run(args))?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{}", serde_json::to_string_pretty(&summary)?)?;
+    writeln!(stdout, "{}", summary.one_line())?;
+    Ok(())
 }
 
 fn render(args: RenderArgs) -> anyhow::Result<()> {

@@ -32,6 +32,8 @@ pub struct EngineConfig {
     pub max_num_seqs: usize,
     /// Requests waiting for a batch slot; beyond this, submissions are refused.
     pub max_waiting: usize,
+    /// Compute threads of the engine's pool (the engine thread is one of them).
+    pub threads: usize,
 }
 
 impl Default for EngineConfig {
@@ -39,6 +41,9 @@ impl Default for EngineConfig {
         Self {
             max_num_seqs: 8,
             max_waiting: 64,
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
         }
     }
 }

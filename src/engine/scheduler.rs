@@ -53,7 +53,18 @@ pub(super) fn run(
     let admission = Admission {
         max_num_seqs: config.max_num_seqs,
     };
-    serve(&loaded.model, &info, &admission, queue);
+    // The engine loop runs as a worker of the compute pool, so it takes part
+    // in every parallel kernel instead of sleeping while others run it.
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(config.threads)
+        .build()
+    {
+        Ok(pool) => pool.install(|| serve(&loaded.model, &info, &admission, queue)),
+        Err(e) => {
+            tracing::warn!(error = %e, "no dedicated compute pool; running on the global one");
+            serve(&loaded.model, &info, &admission, queue)
+        }
+    }
     let _ = status.send(EngineStatus::Stopped);
 }
 

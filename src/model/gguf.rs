@@ -11,6 +11,8 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 
+use super::kernels::q4_1::Q4_1Matrix;
+use super::kernels::q8_0::Q8_0Matrix;
 use super::linear::Weight;
 use super::source::WeightSource;
 use super::{Linear, ModelConfig, ModelError, Result, WeightMode};
@@ -147,6 +149,16 @@ impl WeightSource for GgufSource {
         let weight = match (self.mode, q.dtype()) {
             (WeightMode::F32, _) | (_, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
                 Weight::Dense(q.dequantize(&Device::Cpu)?)
+            }
+            (WeightMode::Quantized, GgmlDType::Q4_1) => {
+                let matrix = Q4_1Matrix::from_gguf_bytes(&q.data()?, out_features, in_features)
+                    .ok_or_else(|| ModelError::Invalid(format!("{name}: malformed Q4_1 data")))?;
+                Weight::Q4_1(std::sync::Arc::new(matrix))
+            }
+            (WeightMode::Quantized, GgmlDType::Q8_0) => {
+                let matrix = Q8_0Matrix::from_gguf_bytes(&q.data()?, out_features, in_features)
+                    .ok_or_else(|| ModelError::Invalid(format!("{name}: malformed Q8_0 data")))?;
+                Weight::Q8_0(std::sync::Arc::new(matrix))
             }
             (WeightMode::Quantized, _) => Weight::Quantized(QMatMul::from_qtensor(q)?),
         };

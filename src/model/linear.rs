@@ -2,8 +2,9 @@
 //! output head is a `Linear`, whatever the weight format.
 
 use candle_core::quantized::QMatMul;
-use candle_core::{Module, Tensor};
+use candle_core::{Device, Module, Tensor};
 
+use super::kernels::{self, q4_1::Q4_1Matrix, q8::Q8Row, q8_0::Q8_0Matrix};
 use super::lora::{self, LoraGroup, Slot};
 use super::Result;
 
@@ -14,6 +15,10 @@ pub enum Weight {
     Quantized(QMatMul),
     /// Dense float32.
     Dense(Tensor),
+    /// Q4_1 blocks run by our own kernel (`kernels::q4_1`).
+    Q4_1(std::sync::Arc<Q4_1Matrix>),
+    /// Q8_0 blocks run by our own kernel (`kernels::q8_0`).
+    Q8_0(std::sync::Arc<Q8_0Matrix>),
 }
 
 #[derive(Debug, Clone)]
@@ -66,6 +71,22 @@ impl Linear {
         let y = match &self.weight {
             Weight::Quantized(w) => w.forward(x)?,
             Weight::Dense(w) => x.matmul(&w.t()?)?,
+            Weight::Q4_1(w) => {
+                let (tokens, rows) = quantize_rows(x)?;
+                Tensor::from_vec(
+                    w.matmul(&rows, kernels::isa()),
+                    (tokens, w.rows()),
+                    &Device::Cpu,
+                )?
+            }
+            Weight::Q8_0(w) => {
+                let (tokens, rows) = quantize_rows(x)?;
+                Tensor::from_vec(
+                    w.matmul(&rows, kernels::isa()),
+                    (tokens, w.rows()),
+                    &Device::Cpu,
+                )?
+            }
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -76,4 +97,15 @@ impl Linear {
             _ => Ok(y),
         }
     }
+}
+
+/// `[tokens, in]` activations as Q8 rows, what the integer kernels consume.
+fn quantize_rows(x: &Tensor) -> Result<(usize, Vec<Q8Row>)> {
+    let (tokens, _) = x.dims2()?;
+    let rows = x
+        .to_vec2::<f32>()?
+        .iter()
+        .map(|r| Q8Row::quantize(r))
+        .collect();
+    Ok((tokens, rows))
 }

@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod gguf;
+pub mod kernels;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;

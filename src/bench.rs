@@ -1,0 +1,368 @@
+//! `tailor bench`: a load generator for any OpenAI-compatible server, so the
+//! same workload can be run against tailor and other servers. Prompts for
+//! `/v1/completions` are token-id lists, so their length is exact on any
+//! server that shares the model's vocabulary.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Base URL of the server (its /v1 routes are used).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Model ids, comma-separated: requests rotate over them (e.g. several adapters).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub model: Vec<String>,
+    /// `completions` (token-id prompts, exact length) or `chat`.
+    #[arg(long, default_value = "completions")]
+    pub endpoint: String,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// Requests in total.
+    #[arg(long, default_value_t = 8)]
+    pub requests: usize,
+    /// Prompt length in tokens (completions) or words (chat).
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Stream responses (needed for time to first token and inter-token latency).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub stream: bool,
+    /// Generate exactly max_tokens (`ignore_eos`, accepted by tailor, vLLM and llama.cpp).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub ignore_eos: bool,
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Hard limit on the whole run, in seconds.
+    #[arg(long, default_value_t = 600)]
+    pub time_limit: u64,
+    /// Allow a non-loopback server address.
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// First token id of the synthetic prompts (ids start..start+prompt_tokens).
+    #[arg(long, default_value_t = 1000)]
+    pub prompt_token_start: u32,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct RequestResult {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub model: String,
+    pub generated_tokens: usize,
+    pub ttft_ms: Option<f64>,
+    pub itl_ms: Vec<f64>,
+    pub e2e_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub requests_ok: usize,
+    pub requests_failed: usize,
+    pub concurrency: usize,
+    pub prompt_tokens: usize,
+    pub max_tokens: usize,
+    pub wall_s: f64,
+    pub generated_tokens: usize,
+    pub generated_tokens_per_s: f64,
+    pub ttft_ms_p50: Option<f64>,
+    pub ttft_ms_p95: Option<f64>,
+    pub itl_ms_p50: Option<f64>,
+    pub itl_ms_p95: Option<f64>,
+    pub e2e_ms_p50: Option<f64>,
+    pub errors: Vec<String>,
+}
+
+impl Summary {
+    pub fn one_line(&self) -> String {
+        let ms = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
+        format!(
+            "ok {} failed {} | {:.1} tok/s | ttft p50 {} p95 {} ms | itl p50 {} p95 {} ms | e2e p50 {} ms",
+            self.requests_ok,
+            self.requests_failed,
+            self.generated_tokens_per_s,
+            ms(self.ttft_ms_p50),
+            ms(self.ttft_ms_p95),
+            ms(self.itl_ms_p50),
+            ms(self.itl_ms_p95),
+            ms(self.e2e_ms_p50),
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{0} is not a loopback address; pass --allow-remote to benchmark it")]
+    Remote(String),
+    #[error("invalid --url {0}")]
+    Url(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn check_url(args: &BenchArgs) -> Result<(), BenchError> {
+    let rest = args
+        .url
+        .strip_prefix("http://")
+        .ok_or_else(|| BenchError::Url(format!("{} (only http:// is supported)", args.url)))?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(authority),
+    };
+    let loopback = host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if !loopback && !args.allow_remote {
+        return Err(BenchError::Remote(host.to_string()));
+    }
+    Ok(())
+}
+
+pub async fn run(args: BenchArgs) -> Result<Summary, BenchError> {
+    check_url(&args)?;
+    if args.concurrency == 0 || args.requests == 0 {
+        return Err(BenchError::Invalid(
+            "--concurrency and --requests must be at least 1".into(),
+        ));
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(args.time_limit))
+        .build()
+        .map_err(|e| BenchError::Invalid(e.to_string()))?;
+    let gate = Arc::new(Semaphore::new(args.concurrency));
+    let args = Arc::new(args);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.time_limit);
+    let mut tasks = Vec::with_capacity(args.requests);
+    for i in 0..args.requests {
+        let (client, gate, args) = (client.clone(), gate.clone(), args.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await;
+            let model = args.model[i % args.model.len()].clone();
+            match tokio::time::timeout_at(deadline.into(), one_request(&client, &args, &model, i))
+                .await
+            {
+                Ok(result) => result,
+                Err(_) => RequestResult {
+                    model,
+                    error: Some("time limit reached".into()),
+                    ..Default::default()
+                },
+            }
+        }));
+    }
+    let mut results = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        results.push(task.await.unwrap_or_else(|e| RequestResult {
+            error: Some(e.to_string()),
+            ..Default::default()
+        }));
+    }
+    Ok(summarize(&args, &results, started.elapsed()))
+}
+
+fn body(args: &BenchArgs, model: &str, index: usize) -> (String, Value) {
+    let common = json!({
+        "model": model,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "stream": args.stream,
+        "ignore_eos": args.ignore_eos,
+    });
+    let mut body = common.as_object().cloned().unwrap_or_default();
+    if args.stream {
+        body.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    if args.endpoint == "chat" {
+        let words: Vec<String> = (0..args.prompt_tokens)
+            .map(|k| format!("w{}", (k + index) % 97))
+            .collect();
+        body.insert(
+            "messages".into(),
+            json!([{"role": "user", "content": words.join(" ")}]),
+        );
+        (
+            format!("{}/v1/chat/completions", args.url),
+            Value::Object(body),
+        )
+    } else {
+        // Distinct per request, so no server can answer from a prefix cache alone.
+        let ids: Vec<u32> = (0..args.prompt_tokens as u32)
+            .map(|k| args.prompt_token_start + (k * 7 + index as u32 * 13) % 5000)
+            .collect();
+        body.insert("prompt".into(), json!(ids));
+        (format!("{}/v1/completions", args.url), Value::Object(body))
+    }
+}
+
+async fn one_request(
+    client: &reqwest::Client,
+    args: &BenchArgs,
+    model: &str,
+    index: usize,
+) -> RequestResult {
+    let (url, body) = body(args, model, index);
+    let started = Instant::now();
+    let mut result = RequestResult {
+        model: model.to_string(),
+        ..Default::default()
+    };
+    let response = match client.post(&url).json(&body).send().await {
+        Ok(r) => r,
+        Err(e) => {
+            result.error = Some(e.to_string());
+            return result;
+        }
+    };
+    let status = response.status();
+    if !status.is_success() {
+        result.error = Some(format!(
+            "HTTP {status}: {}",
+            response.text().await.unwrap_or_default()
+        ));
+        return result;
+    }
+    if !args.stream {
+        let value: Value = response.json().await.unwrap_or_default();
+        result.generated_tokens =
+            value["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
+        result.e2e_ms = started.elapsed().as_secs_f64() * 1e3;
+        result.ok = result.generated_tokens > 0;
+        return result;
+    }
+    let mut stream = response.bytes_stream();
+    let mut buffer = String::new();
+    let mut last_token: Option<Instant> = None;
+    let mut chunks = 0;
+    let mut usage_tokens = None;
+    while let Some(bytes) = stream.next().await {
+        let Ok(bytes) = bytes else {
+            result.error = Some("stream broken".into());
+            return result;
+        };
+        buffer.push_str(&String::from_utf8_lossy(&bytes));
+        while let Some(end) = buffer.find("\n\n") {
+            let event: String = buffer.drain(..end + 2).collect();
+            for line in event.lines() {
+                let Some(data) = line.strip_prefix("data:").map(str::trim) else {
+                    continue;
+                };
+                if data == "[DONE]" {
+                    continue;
+                }
+                let Ok(chunk) = serde_json::from_str::<Value>(data) else {
+                    continue;
+                };
+                if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
+                    usage_tokens = Some(n as usize);
+                }
+                let choice = &chunk["choices"][0];
+                let text = choice["text"]
+                    .as_str()
+                    .or_else(|| choice["delta"]["content"].as_str())
+                    .unwrap_or_default();
+                if text.is_empty() {
+                    continue;
+                }
+                let now = Instant::now();
+                match last_token {
+                    None => result.ttft_ms = Some((now - started).as_secs_f64() * 1e3),
+                    Some(prev) => result.itl_ms.push((now - prev).as_secs_f64() * 1e3),
+                }
+                last_token = Some(now);
+                chunks += 1;
+            }
+        }
+    }
+    result.generated_tokens = usage_tokens.unwrap_or(chunks);
+    result.e2e_ms = started.elapsed().as_secs_f64() * 1e3;
+    result.ok = result.generated_tokens > 0;
+    if !result.ok {
+        result.error = Some("no tokens generated".into());
+    }
+    result
+}
+
+fn percentile(values: &mut [f64], p: f64) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * (values.len() - 1) as f64).round() as usize;
+    Some(values[rank.min(values.len() - 1)])
+}
+
+fn summarize(args: &BenchArgs, results: &[RequestResult], wall: Duration) -> Summary {
+    let ok: Vec<&RequestResult> = results.iter().filter(|r| r.ok).collect();
+    let generated: usize = ok.iter().map(|r| r.generated_tokens).sum();
+    let mut ttft: Vec<f64> = ok.iter().filter_map(|r| r.ttft_ms).collect();
+    let mut itl: Vec<f64> = ok.iter().flat_map(|r| r.itl_ms.iter().copied()).collect();
+    let mut e2e: Vec<f64> = ok.iter().map(|r| r.e2e_ms).collect();
+    let mut errors: Vec<String> = results.iter().filter_map(|r| r.error.clone()).collect();
+    errors.dedup();
+    Summary {
+        requests_ok: ok.len(),
+        requests_failed: results.len() - ok.len(),
+        concurrency: args.concurrency,
+        prompt_tokens: args.prompt_tokens,
+        max_tokens: args.max_tokens,
+        wall_s: wall.as_secs_f64(),
+        generated_tokens: generated,
+        generated_tokens_per_s: generated as f64 / wall.as_secs_f64().max(1e-9),
+        ttft_ms_p50: percentile(&mut ttft, 50.0),
+        ttft_ms_p95: percentile(&mut ttft, 95.0),
+        itl_ms_p50: percentile(&mut itl, 50.0),
+        itl_ms_p95: percentile(&mut itl, 95.0),
+        e2e_ms_p50: percentile(&mut e2e, 50.0),
+        errors,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: BenchArgs,
+    }
+
+    fn args(url: &str, remote: bool) -> BenchArgs {
+        let mut argv = vec!["bench", "--url", url, "--model", "m"];
+        if remote {
+            argv.push("--allow-remote");
+        }
+        Wrapper::parse_from(argv).args
+    }
+
+    #[test]
+    fn only_loopback_unless_told() {
+        assert!(check_url(&args("http://127.0.0.1:8080", false)).is_ok());
+        assert!(check_url(&args("http://localhost:9000/", false)).is_ok());
+        assert!(check_url(&args("http://[::1]:8080", false)).is_ok());
+        assert!(check_url(&args("http://10.0.0.5:8080", false)).is_err());
+        assert!(check_url(&args("http://example.com", false)).is_err());
+        assert!(check_url(&args("http://10.0.0.5:8080", true)).is_ok());
+    }
+
+    #[test]
+    fn percentiles_pick_ranks() {
+        let mut v = vec![5.0, 1.0, 3.0, 2.0, 4.0];
+        assert_eq!(percentile(&mut v, 50.0), Some(3.0));
+        assert_eq!(percentile(&mut v, 95.0), Some(5.0));
+        assert_eq!(percentile(&mut [], 50.0), None);
+    }
+}

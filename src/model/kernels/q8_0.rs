@@ -1,0 +1,190 @@
+//! Q8_0 weights × Q8 activations (the tied output head of SmolLM2, and every
+//! projection of a Q8_0 model): per block of 32, `d·dx·Σ q·qx`.
+
+use half::f16;
+use rayon::prelude::*;
+
+use super::q8::{Q8Row, BLOCK};
+use super::Isa;
+
+/// Bytes of one GGUF Q8_0 block: d (f16), 32 signed bytes.
+pub const BLOCK_BYTES: usize = 34;
+const TOKEN_CHUNK: usize = 8;
+
+#[derive(Debug, Clone)]
+pub struct Q8_0Matrix {
+    rows: usize,
+    cols: usize,
+    d: Vec<f32>,
+    qs: Vec<i8>,
+}
+
+impl Q8_0Matrix {
+    pub fn from_gguf_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        if !cols.is_multiple_of(BLOCK) || bytes.len() != rows * cols / BLOCK * BLOCK_BYTES {
+            return None;
+        }
+        let blocks = rows * cols / BLOCK;
+        let mut d = Vec::with_capacity(blocks);
+        let mut qs = Vec::with_capacity(blocks * BLOCK);
+        for block in bytes.chunks_exact(BLOCK_BYTES) {
+            d.push(f16::from_le_bytes([block[0], block[1]]).to_f32());
+            qs.extend(block[2..].iter().map(|&b| b as i8));
+        }
+        Some(Self { rows, cols, d, qs })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.qs
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| self.d[i / BLOCK] * q as f32)
+            .collect()
+    }
+
+    /// `y[t][o] = Σ_k w[o][k] · x[t][k]`, weight rows split over the rayon pool.
+    pub fn matmul(&self, x: &[Q8Row], isa: Isa) -> Vec<f32> {
+        let tokens = x.len();
+        let blocks = self.cols / BLOCK;
+        let mut y_t = vec![0f32; self.rows * tokens];
+        const CHUNK: usize = 64;
+        y_t.par_chunks_mut(CHUNK * tokens)
+            .enumerate()
+            .for_each(|(chunk, out)| {
+                for (i, out_row) in out.chunks_mut(tokens).enumerate() {
+                    let o = chunk * CHUNK + i;
+                    let d = &self.d[o * blocks..(o + 1) * blocks];
+                    let qs = &self.qs[o * self.cols..(o + 1) * self.cols];
+                    for (xs, out) in x.chunks(TOKEN_CHUNK).zip(out_row.chunks_mut(TOKEN_CHUNK)) {
+                        match isa {
+                            // SAFETY: each ISA is only chosen when the CPU reports its features.
+                            #[cfg(target_arch = "x86_64")]
+                            Isa::Avx2 => unsafe { dot_avx2(d, qs, xs, out) },
+                            #[cfg(target_arch = "x86_64")]
+                            Isa::Avx512Vnni => unsafe { dot_vnni(d, qs, xs, out) },
+                            Isa::Scalar => {
+                                for (xr, o) in xs.iter().zip(out.iter_mut()) {
+                                    *o = dot_scalar(d, qs, xr);
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        let mut y = vec![0f32; tokens * self.rows];
+        for o in 0..self.rows {
+            for t in 0..tokens {
+                y[t * self.rows + o] = y_t[o * tokens + t];
+            }
+        }
+        y
+    }
+}
+
+pub fn dot_scalar(d: &[f32], qs: &[i8], x: &Q8Row) -> f32 {
+    let mut sum = 0f32;
+    for b in 0..d.len() {
+        let isum: i32 = qs[b * BLOCK..(b + 1) * BLOCK]
+            .iter()
+            .zip(&x.qs[b * BLOCK..(b + 1) * BLOCK])
+            .map(|(&w, &v)| w as i32 * v as i32)
+            .sum();
+        sum += d[b] * x.d[b] * isum as f32;
+    }
+    sum
+}
+
+/// Signed × signed through the unsigned × signed instructions: |w| times x
+/// carrying w's sign (activations stay within ±127, so negation is exact).
+macro_rules! dot_rows {
+    ($name:ident, $features:literal, $idot:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(d: &[f32], qs: &[i8], xs: &[Q8Row], out: &mut [f32]) {
+            use std::arch::x86_64::*;
+            let mut acc = [_mm256_setzero_ps(); TOKEN_CHUNK];
+            for b in 0..d.len() {
+                let w = _mm256_loadu_si256(qs.as_ptr().add(b * BLOCK) as *const __m256i);
+                let w_abs = _mm256_sign_epi8(w, w);
+                for (i, x) in xs.iter().enumerate() {
+                    let v = _mm256_loadu_si256(x.qs.as_ptr().add(b * BLOCK) as *const __m256i);
+                    let dot: __m256i = $idot(w_abs, _mm256_sign_epi8(v, w));
+                    acc[i] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(dot),
+                        _mm256_set1_ps(d[b] * x.d[b]),
+                        acc[i],
+                    );
+                }
+            }
+            for i in 0..xs.len() {
+                out[i] = super::q4_1::hsum(acc[i]);
+            }
+        }
+    };
+}
+
+dot_rows!(dot_avx2, "avx2,fma", |a, b| {
+    use std::arch::x86_64::*;
+    _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+});
+dot_rows!(dot_vnni, "avx2,fma,avx512vnni,avx512vl", |a, b| {
+    use std::arch::x86_64::*;
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+});
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matrix(rows: usize, cols: usize) -> Q8_0Matrix {
+        let mut bytes = Vec::new();
+        for b in 0..rows * cols / BLOCK {
+            bytes.extend_from_slice(&f16::from_f32(0.002 + (b % 5) as f32 * 0.001).to_le_bytes());
+            bytes.extend((0..BLOCK).map(|j| ((b * 37 + j * 11) % 256) as u8));
+        }
+        Q8_0Matrix::from_gguf_bytes(&bytes, rows, cols).expect("valid")
+    }
+
+    #[test]
+    fn every_isa_matches_dequantized_math() {
+        let (rows, cols) = (70, 192);
+        let w = matrix(rows, cols);
+        let dense = w.dequantize();
+        let x: Vec<Vec<f32>> = (0..10)
+            .map(|t| {
+                (0..cols)
+                    .map(|k| ((t * cols + k) as f32 * 0.21).cos())
+                    .collect()
+            })
+            .collect();
+        let q: Vec<Q8Row> = x.iter().map(|r| Q8Row::quantize(r)).collect();
+        let scalar = w.matmul(&q, Isa::Scalar);
+        for t in 0..10 {
+            for o in 0..rows {
+                let exact: f32 = (0..cols).map(|k| dense[o * cols + k] * x[t][k]).sum();
+                // Rounding each activation moves it by at most half a step (d/2, d ≤ 1/127).
+                let bound: f32 = (0..cols)
+                    .map(|k| dense[o * cols + k].abs() * 0.5 / 127.0)
+                    .sum();
+                assert!(
+                    (scalar[t * rows + o] - exact).abs() <= bound,
+                    "{} vs {exact}",
+                    scalar[t * rows + o]
+                );
+            }
+        }
+        for isa in super::super::available() {
+            let fast = w.matmul(&q, isa);
+            for (a, b) in scalar.iter().zip(&fast) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+                    "{a} vs {b} ({isa:?})"
+                );
+            }
+        }
+    }
+}
