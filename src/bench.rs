@@ -117,10 +117,7 @@ fn check_url(args: &BenchArgs) -> Result<(), BenchError> {
     let authority = rest.split('/').next().unwrap_or_default();
     let host = match authority.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or_default(),
-        None => authority
-            .rsplit_once(':')
-            .map(|(h, _)| h)
-            .unwrap_or(authority),
+        None => authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority),
     };
     let loopback = host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
     if !loopback && !args.allow_remote {
@@ -132,9 +129,7 @@ fn check_url(args: &BenchArgs) -> Result<(), BenchError> {
 pub async fn run(args: BenchArgs) -> Result<Summary, BenchError> {
     check_url(&args)?;
     if args.concurrency == 0 || args.requests == 0 {
-        return Err(BenchError::Invalid(
-            "--concurrency and --requests must be at least 1".into(),
-        ));
+        return Err(BenchError::Invalid("--concurrency and --requests must be at least 1".into()));
     }
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(args.time_limit))
@@ -150,24 +145,15 @@ pub async fn run(args: BenchArgs) -> Result<Summary, BenchError> {
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await;
             let model = args.model[i % args.model.len()].clone();
-            match tokio::time::timeout_at(deadline.into(), one_request(&client, &args, &model, i))
-                .await
-            {
+            match tokio::time::timeout_at(deadline.into(), one_request(&client, &args, &model, i)).await {
                 Ok(result) => result,
-                Err(_) => RequestResult {
-                    model,
-                    error: Some("time limit reached".into()),
-                    ..Default::default()
-                },
+                Err(_) => RequestResult { model, error: Some("time limit reached".into()), ..Default::default() },
             }
         }));
     }
     let mut results = Vec::with_capacity(tasks.len());
     for task in tasks {
-        results.push(task.await.unwrap_or_else(|e| RequestResult {
-            error: Some(e.to_string()),
-            ..Default::default()
-        }));
+        results.push(task.await.unwrap_or_else(|e| RequestResult { error: Some(e.to_string()), ..Default::default() }));
     }
     Ok(summarize(&args, &results, started.elapsed()))
 }
@@ -185,17 +171,9 @@ fn body(args: &BenchArgs, model: &str, index: usize) -> (String, Value) {
         body.insert("stream_options".into(), json!({"include_usage": true}));
     }
     if args.endpoint == "chat" {
-        let words: Vec<String> = (0..args.prompt_tokens)
-            .map(|k| format!("w{}", (k + index) % 97))
-            .collect();
-        body.insert(
-            "messages".into(),
-            json!([{"role": "user", "content": words.join(" ")}]),
-        );
-        (
-            format!("{}/v1/chat/completions", args.url),
-            Value::Object(body),
-        )
+        let words: Vec<String> = (0..args.prompt_tokens).map(|k| format!("w{}", (k + index) % 97)).collect();
+        body.insert("messages".into(), json!([{"role": "user", "content": words.join(" ")}]));
+        (format!("{}/v1/chat/completions", args.url), Value::Object(body))
     } else {
         // Distinct per request, so no server can answer from a prefix cache alone.
         let ids: Vec<u32> = (0..args.prompt_tokens as u32)
@@ -206,18 +184,10 @@ fn body(args: &BenchArgs, model: &str, index: usize) -> (String, Value) {
     }
 }
 
-async fn one_request(
-    client: &reqwest::Client,
-    args: &BenchArgs,
-    model: &str,
-    index: usize,
-) -> RequestResult {
+async fn one_request(client: &reqwest::Client, args: &BenchArgs, model: &str, index: usize) -> RequestResult {
     let (url, body) = body(args, model, index);
     let started = Instant::now();
-    let mut result = RequestResult {
-        model: model.to_string(),
-        ..Default::default()
-    };
+    let mut result = RequestResult { model: model.to_string(), ..Default::default() };
     let response = match client.post(&url).json(&body).send().await {
         Ok(r) => r,
         Err(e) => {
@@ -227,16 +197,12 @@ async fn one_request(
     };
     let status = response.status();
     if !status.is_success() {
-        result.error = Some(format!(
-            "HTTP {status}: {}",
-            response.text().await.unwrap_or_default()
-        ));
+        result.error = Some(format!("HTTP {status}: {}", response.text().await.unwrap_or_default()));
         return result;
     }
     if !args.stream {
         let value: Value = response.json().await.unwrap_or_default();
-        result.generated_tokens =
-            value["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
+        result.generated_tokens = value["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
         result.e2e_ms = started.elapsed().as_secs_f64() * 1e3;
         result.ok = result.generated_tokens > 0;
         return result;
@@ -268,10 +234,7 @@ async fn one_request(
                     usage_tokens = Some(n as usize);
                 }
                 let choice = &chunk["choices"][0];
-                let text = choice["text"]
-                    .as_str()
-                    .or_else(|| choice["delta"]["content"].as_str())
-                    .unwrap_or_default();
+                let text = choice["text"].as_str().or_else(|| choice["delta"]["content"].as_str()).unwrap_or_default();
                 if text.is_empty() {
                     continue;
                 }

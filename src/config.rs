@@ -56,6 +56,14 @@ pub struct ServeArgs {
     /// Requests allowed to wait for a slot; more get 429 at once.
     #[arg(long, env = "TAILOR_MAX_WAITING", default_value_t = 64)]
     pub max_waiting: usize,
+    /// KV-cache tokens all running sequences may reserve together (each
+    /// reserves prompt + max_tokens); requests wait for room beyond it.
+    #[arg(long, env = "TAILOR_MAX_KV_TOKENS", default_value_t = 65_536)]
+    pub max_kv_tokens: usize,
+    /// Tokens one engine step may process; longer prompts are prefilled in
+    /// chunks so running streams keep flowing.
+    #[arg(long, env = "TAILOR_MAX_BATCH_TOKENS", default_value_t = 512)]
+    pub max_batch_tokens: usize,
     /// Every sub-folder of this folder holding an adapter_config.json is a LoRA
     /// adapter named after the folder.
     #[arg(long, env = "TAILOR_ADAPTERS_DIR", default_value = "adapters")]
@@ -128,9 +136,7 @@ pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(dir).join("tailor");
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("tailor")
 }
 
@@ -144,11 +150,7 @@ impl ServeArgs {
             .parse()
             .or_else(|_| {
                 use std::net::ToSocketAddrs;
-                (self.host.as_str(), self.port)
-                    .to_socket_addrs()
-                    .ok()
-                    .and_then(|mut a| a.next())
-                    .ok_or(())
+                (self.host.as_str(), self.port).to_socket_addrs().ok().and_then(|mut a| a.next()).ok_or(())
             })
             .map_err(|_| ConfigError::Address(format!("{}:{}", self.host, self.port)))?;
         let model = match self.model {
@@ -162,17 +164,14 @@ impl ServeArgs {
                 path
             }
         };
-        let chat_template_override = match &self.chat_template {
-            Some(path) => {
-                Some(
-                    std::fs::read_to_string(path).map_err(|e| ConfigError::ChatTemplate {
-                        path: path.display().to_string(),
-                        message: e.to_string(),
-                    })?,
-                )
-            }
-            None => None,
-        };
+        let chat_template_override =
+            match &self.chat_template {
+                Some(path) => Some(std::fs::read_to_string(path).map_err(|e| ConfigError::ChatTemplate {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                })?),
+                None => None,
+            };
         let chat_template_kwargs = match &self.chat_template_kwargs {
             Some(text) => match serde_json::from_str(text) {
                 Ok(serde_json::Value::Object(map)) => map,
@@ -182,20 +181,12 @@ impl ServeArgs {
             None => serde_json::Map::new(),
         };
         let adapters = startup_adapters(&self.adapters_dir, &self.lora)?;
-        let mut roots = if self.lora_roots.is_empty() {
-            vec![self.adapters_dir.clone()]
-        } else {
-            self.lora_roots.clone()
-        };
+        let mut roots =
+            if self.lora_roots.is_empty() { vec![self.adapters_dir.clone()] } else { self.lora_roots.clone() };
         // Canonical roots, so a symlink cannot lead a runtime load elsewhere.
-        roots = roots
-            .iter()
-            .filter_map(|r| std::fs::canonicalize(r).ok())
-            .collect();
+        roots = roots.iter().filter_map(|r| std::fs::canonicalize(r).ok()).collect();
         if self.max_num_seqs == 0 {
-            return Err(ConfigError::Invalid(
-                "--max-num-seqs must be at least 1".into(),
-            ));
+            return Err(ConfigError::Invalid("--max-num-seqs must be at least 1".into()));
         }
         if self.threads == Some(0) {
             return Err(ConfigError::Invalid("--threads must be at least 1".into()));
@@ -220,11 +211,11 @@ impl ServeArgs {
             engine: EngineConfig {
                 max_num_seqs: self.max_num_seqs,
                 max_waiting: self.max_waiting,
-                threads: self.threads.unwrap_or_else(|| {
-                    std::thread::available_parallelism()
-                        .map(|n| n.get())
-                        .unwrap_or(1)
-                }),
+                threads: self
+                    .threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+                max_kv_tokens: self.max_kv_tokens,
+                max_batch_tokens: self.max_batch_tokens,
             },
             threads: self.threads,
             chat_template_kwargs,
@@ -236,16 +227,11 @@ impl ServeArgs {
 }
 
 /// Sub-folders of `dir` that hold an adapter_config.json, then `--lora NAME=PATH`.
-fn startup_adapters(
-    dir: &std::path::Path,
-    extra: &[String],
-) -> Result<Vec<(String, PathBuf)>, ConfigError> {
+fn startup_adapters(dir: &std::path::Path, extra: &[String]) -> Result<Vec<(String, PathBuf)>, ConfigError> {
     let mut adapters = Vec::new();
     if dir.is_dir() {
-        let entries = std::fs::read_dir(dir).map_err(|e| ConfigError::AdaptersDir {
-            path: dir.display().to_string(),
-            message: e.to_string(),
-        })?;
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| ConfigError::AdaptersDir { path: dir.display().to_string(), message: e.to_string() })?;
         let mut folders: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.join("adapter_config.json").is_file())
@@ -258,9 +244,7 @@ fn startup_adapters(
         }
     }
     for spec in extra {
-        let (name, path) = spec
-            .split_once('=')
-            .ok_or_else(|| ConfigError::Lora(spec.clone()))?;
+        let (name, path) = spec.split_once('=').ok_or_else(|| ConfigError::Lora(spec.clone()))?;
         adapters.retain(|(n, _)| n != name);
         adapters.push((name.to_string(), PathBuf::from(path)));
     }

@@ -24,11 +24,7 @@ pub enum LoadError {
     #[error("{path}: {message}")]
     Path { path: String, message: String },
     #[error("adapter `{name}` ({path}): {source}")]
-    Adapter {
-        name: String,
-        path: String,
-        source: LoraError,
-    },
+    Adapter { name: String, path: String, source: LoraError },
 }
 
 /// Everything about the base model except its weights: shared with the HTTP side.
@@ -69,20 +65,13 @@ impl Default for LoadOptions {
             chat_template_override: None,
             served_model_name: None,
             adapters: Vec::new(),
-            registry: RegistryOptions {
-                max_rank: 64,
-                max_loaded: 0,
-                roots: Vec::new(),
-            },
+            registry: RegistryOptions { max_rank: 64, max_loaded: 0, roots: Vec::new() },
         }
     }
 }
 
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, LoadError> {
-    let path_err = |message: String| LoadError::Path {
-        path: path.display().to_string(),
-        message,
-    };
+    let path_err = |message: String| LoadError::Path { path: path.display().to_string(), message };
     let resolved = resolve(path).map_err(path_err)?;
     let (model, mut info) = match &resolved {
         Resolved::Gguf(file) => load_gguf(file, opts)?,
@@ -99,17 +88,11 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, LoadError> {
         info.id = name.clone();
     }
     for (name, path) in &opts.adapters {
-        let adapter_err = |source| LoadError::Adapter {
-            name: name.clone(),
-            path: path.display().to_string(),
-            source,
-        };
+        let adapter_err = |source| LoadError::Adapter { name: name.clone(), path: path.display().to_string(), source };
         if *name == info.id {
             return Err(adapter_err(LoraError::NameTaken(name.clone())));
         }
-        info.adapters
-            .register(name, path, true)
-            .map_err(adapter_err)?;
+        info.adapters.register(name, path, true).map_err(adapter_err)?;
     }
     Ok(Loaded { model, info })
 }
@@ -161,32 +144,17 @@ fn load_gguf(file: &Path, opts: &LoadOptions) -> Result<(Llama, ModelInfo), Load
         let id = md.get(key)?.to_u32().ok()?;
         tokenizer.id_to_token(id)
     };
-    let bos = side
-        .special("bos_token")
-        .or_else(|| token_text("tokenizer.ggml.bos_token_id"));
-    let eos = side
-        .special("eos_token")
-        .or_else(|| token_text("tokenizer.ggml.eos_token_id"));
-    let template_source = side
-        .chat_template()
-        .or_else(|| gguf::string(md, "tokenizer.chat_template").ok());
+    let bos = side.special("bos_token").or_else(|| token_text("tokenizer.ggml.bos_token_id"));
+    let eos = side.special("eos_token").or_else(|| token_text("tokenizer.ggml.eos_token_id"));
+    let template_source = side.chat_template().or_else(|| gguf::string(md, "tokenizer.chat_template").ok());
     let mut eos_ids: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
         .iter()
         .filter_map(|k| md.get(*k).and_then(|v| v.to_u32().ok()))
         .collect();
     eos_ids.extend(side.generation_eos_ids());
     let model = Llama::load(&mut source)?;
-    let info = build_info(
-        file_stem(file),
-        tokenizer,
-        template_source,
-        bos,
-        eos,
-        eos_ids,
-        &model,
-        ModelFormat::Gguf,
-        opts,
-    )?;
+    let info =
+        build_info(file_stem(file), tokenizer, template_source, bos, eos, eos_ids, &model, ModelFormat::Gguf, opts)?;
     Ok((model, info))
 }
 
@@ -198,17 +166,11 @@ fn load_hf(dir: &Path, opts: &LoadOptions) -> Result<(Llama, ModelInfo), LoadErr
         message: "a Hugging Face model folder needs tokenizer.json".into(),
     })?;
     let mut eos_ids = side.generation_eos_ids();
-    if let Some(id) = side
-        .special("eos_token")
-        .and_then(|t| tokenizer.token_to_id(&t))
-    {
+    if let Some(id) = side.special("eos_token").and_then(|t| tokenizer.token_to_id(&t)) {
         eos_ids.push(id);
     }
     let model = Llama::load(&mut source)?;
-    let name = dir
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
+    let name = dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     let info = build_info(
         name,
         tokenizer,
@@ -237,9 +199,7 @@ fn build_info(
 ) -> Result<ModelInfo, LoadError> {
     eos_token_ids.sort_unstable();
     eos_token_ids.dedup();
-    let chat_template = template_source
-        .map(|s| ChatTemplate::new(&s, bos, eos, Clock::Local))
-        .transpose()?;
+    let chat_template = template_source.map(|s| ChatTemplate::new(&s, bos, eos, Clock::Local)).transpose()?;
     Ok(ModelInfo {
         id,
         tokenizer,
@@ -284,9 +244,7 @@ impl SideFiles {
             .and_then(|c| c.get("add_bos_token"))
             .and_then(Json::as_bool)
             .unwrap_or(false);
-        let bos_id = self
-            .special("bos_token")
-            .and_then(|t| tokenizer.token_to_id(&t));
+        let bos_id = self.special("bos_token").and_then(|t| tokenizer.token_to_id(&t));
         tokenizer.set_add_bos(add_bos, bos_id);
         Ok(Some(tokenizer))
     }
@@ -295,9 +253,7 @@ impl SideFiles {
     /// as `{"content": ...}`.
     fn special(&self, key: &str) -> Option<String> {
         let v = self.tokenizer_config.as_ref()?.get(key)?;
-        v.as_str()
-            .or_else(|| v.get("content").and_then(Json::as_str))
-            .map(String::from)
+        v.as_str().or_else(|| v.get("content").and_then(Json::as_str)).map(String::from)
     }
 
     fn chat_template(&self) -> Option<String> {
@@ -318,10 +274,7 @@ impl SideFiles {
         let from = |c: &Option<Json>| -> Vec<u32> {
             match c.as_ref().and_then(|c| c.get("eos_token_id")) {
                 Some(Json::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-                Some(Json::Array(a)) => a
-                    .iter()
-                    .filter_map(|n| n.as_u64().map(|n| n as u32))
-                    .collect(),
+                Some(Json::Array(a)) => a.iter().filter_map(|n| n.as_u64().map(|n| n as u32)).collect(),
                 _ => Vec::new(),
             }
         };

@@ -57,10 +57,7 @@ struct RenderArgs {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("info,tower_http=info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,tower_http=info")))
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
@@ -86,9 +83,8 @@ fn bench(args: tailor::bench::BenchArgs) -> anyhow::Result<()> {
 fn render(args: RenderArgs) -> anyhow::Result<()> {
     use std::io::Write;
     use tailor::prompt::case::{render_all, RenderCase};
-    let read = |path: &PathBuf| {
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
-    };
+    let read =
+        |path: &PathBuf| std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()));
     if let (Some(cases), Some(dir)) = (&args.cases, &args.template_dir) {
         let cases: Vec<RenderCase> =
             serde_json::from_str(&read(cases)?).context("--cases must be a JSON list of cases")?;
@@ -101,8 +97,7 @@ fn render(args: RenderArgs) -> anyhow::Result<()> {
         anyhow::bail!("give --template FILE --case CASE.json, or --cases FILE --template-dir DIR");
     };
     let source = read(template)?;
-    let case: RenderCase =
-        serde_json::from_str(&read(case)?).context("--case must be one case object")?;
+    let case: RenderCase = serde_json::from_str(&read(case)?).context("--case must be one case object")?;
     match case.render(&source) {
         Ok(text) => {
             let mut stdout = std::io::stdout().lock();
@@ -129,9 +124,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.addr)
             .await
             .with_context(|| format!("cannot listen on {}", config.addr))?;
-        tailor::run(config, listener, shutdown_signal())
-            .await
-            .context("server failed")
+        tailor::run(config, listener, shutdown_signal()).await.context("server failed")
     })
 }
 

@@ -19,11 +19,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let engine = EngineHandle::start(
-        config.model.clone(),
-        config.load.clone(),
-        config.engine.clone(),
-    );
+    let engine = EngineHandle::start(config.model.clone(), config.load.clone(), config.engine.clone());
     // A model (or start-up adapter) that fails to load ends the server with its error.
     let load_failure = {
         let engine = engine.clone();
@@ -78,19 +74,10 @@ fn report_broken_presets(state: AppState) {
             return;
         };
         for preset in state.presets.list() {
-            if let Some(adapter) = preset
-                .adapter
-                .as_ref()
-                .filter(|a| !info.adapters.contains(a))
-            {
+            if let Some(adapter) = preset.adapter.as_ref().filter(|a| !info.adapters.contains(a)) {
                 tracing::error!(preset = %preset.name, %adapter, "preset names an adapter that is not loaded");
             }
-            if let Some(template) = preset
-                .defaults
-                .template
-                .as_ref()
-                .filter(|t| state.templates.get(t).is_none())
-            {
+            if let Some(template) = preset.defaults.template.as_ref().filter(|t| state.templates.get(t).is_none()) {
                 tracing::error!(preset = %preset.name, %template, "preset names a template that does not exist");
             }
         }
@@ -100,14 +87,8 @@ fn report_broken_presets(state: AppState) {
 /// Sets the compute thread count for candle's kernels (rayon and gemm both
 /// read it). Call once, before any model work.
 pub fn set_compute_threads(threads: Option<usize>) {
-    let n = threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
+    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     // SAFETY-free in edition 2021; done before any other thread reads the environment.
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global();
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
 }

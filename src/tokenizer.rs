@@ -28,10 +28,10 @@ fn build_err(e: impl std::fmt::Display) -> TokenizerError {
 }
 
 /// GPT-2's pre-tokenizer regex (what ByteLevel applies with `use_regex`).
-const GPT2_SPLIT: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -45,11 +45,7 @@ impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| TokenizerError::Build(format!("{}: {e}", path.display())))?;
-        Ok(Self {
-            inner,
-            add_bos: false,
-            bos_id: None,
-        })
+        Ok(Self { inner, add_bos: false, bos_id: None })
     }
 
     /// Builds a byte-level BPE tokenizer (`tokenizer.ggml.model = gpt2`) from
@@ -57,24 +53,17 @@ impl Tokenizer {
     /// llama.cpp.
     pub fn from_gguf(md: &HashMap<String, Value>) -> Result<Self> {
         let meta = |key: &str| -> Result<&Value> {
-            md.get(key)
-                .ok_or_else(|| TokenizerError::Metadata(format!("missing `{key}`")))
+            md.get(key).ok_or_else(|| TokenizerError::Metadata(format!("missing `{key}`")))
         };
         let string_array = |key: &str| -> Result<Vec<String>> {
             meta(key)?
                 .to_vec()
                 .map_err(|e| TokenizerError::Metadata(format!("`{key}`: {e}")))?
                 .iter()
-                .map(|v| {
-                    v.to_string()
-                        .cloned()
-                        .map_err(|e| TokenizerError::Metadata(format!("`{key}`: {e}")))
-                })
+                .map(|v| v.to_string().cloned().map_err(|e| TokenizerError::Metadata(format!("`{key}`: {e}"))))
                 .collect()
         };
-        let model = meta("tokenizer.ggml.model")?
-            .to_string()
-            .map_err(|e| TokenizerError::Metadata(e.to_string()))?;
+        let model = meta("tokenizer.ggml.model")?.to_string().map_err(|e| TokenizerError::Metadata(e.to_string()))?;
         if model != "gpt2" {
             return Err(TokenizerError::Metadata(format!(
                 "tokenizer model `{model}` cannot be built from GGUF metadata yet; put its tokenizer.json beside the GGUF file"
@@ -98,20 +87,12 @@ impl Tokenizer {
                 .collect(),
             None => vec![1; tokens.len()],
         };
-        let vocab: ahash::AHashMap<String, u32> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(build_err)?;
+        let vocab: ahash::AHashMap<String, u32> =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(build_err)?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
-        let pre = md
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.to_string().ok().cloned())
-            .unwrap_or_else(|| "default".into());
+        let pre =
+            md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok().cloned()).unwrap_or_else(|| "default".into());
         inner.with_pre_tokenizer(Some(pre_tokenizer(&pre)?));
         inner.with_decoder(Some(ByteLevel::default()));
         // Control (3) and user-defined (4) tokens are matched whole in text, as
@@ -126,12 +107,29 @@ impl Tokenizer {
         let id = |key: &str| md.get(key).and_then(|v| v.to_u32().ok());
         Ok(Self {
             inner,
-            add_bos: md
-                .get("tokenizer.ggml.add_bos_token")
-                .and_then(|v| v.to_bool().ok())
-                .unwrap_or(false),
+            add_bos: md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false),
             bos_id: id("tokenizer.ggml.bos_token_id"),
         })
+    }
+
+    /// A byte-level tokenizer with no merges: one token per byte (ids 0-255)
+    /// and `<eos>` (256). For tests with random models.
+    pub fn bytes() -> Result<Self> {
+        let mut vocab: ahash::AHashMap<String, u32> = ByteLevel::alphabet()
+            .into_iter()
+            .map(|c| {
+                let mut buf = [0u8; 4];
+                let byte = byte_of_char(c);
+                (c.encode_utf8(&mut buf).to_string(), byte as u32)
+            })
+            .collect();
+        vocab.insert("<eos>".into(), 256);
+        let bpe = BPE::builder().vocab_and_merges(vocab, Vec::new()).build().map_err(build_err)?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, false)));
+        inner.with_decoder(Some(ByteLevel::default()));
+        inner.add_special_tokens([AddedToken::from("<eos>", true)]).map_err(build_err)?;
+        Ok(Self { inner, add_bos: false, bos_id: None })
     }
 
     pub fn set_add_bos(&mut self, add_bos: bool, bos_id: Option<u32>) {
@@ -141,12 +139,7 @@ impl Tokenizer {
 
     /// Ids of `text` as the model sees it, special-token text included.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self
-            .inner
-            .encode_fast(text, false)
-            .map_err(build_err)?
-            .get_ids()
-            .to_vec())
+        Ok(self.inner.encode_fast(text, false).map_err(build_err)?.get_ids().to_vec())
     }
 
     /// Ids of a raw prompt: `encode` plus BOS where the model asks for it.
@@ -160,9 +153,7 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(build_err)
+        self.inner.decode(ids, skip_special_tokens).map_err(build_err)
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -181,13 +172,9 @@ impl Tokenizer {
 /// llama.cpp's pre-tokenizer types (llama-vocab.cpp) as Hugging Face pre-tokenizers.
 fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
     let split = |pattern: &str| -> Result<PreTokenizerWrapper> {
-        Ok(Split::new(
-            SplitPattern::Regex(pattern.into()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .map_err(build_err)?
-        .into())
+        Ok(Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(build_err)?
+            .into())
     };
     let byte_level_no_regex: PreTokenizerWrapper = ByteLevel::new(false, true, false).into();
     let byte_level: PreTokenizerWrapper = ByteLevel::new(false, true, true).into();
@@ -207,4 +194,17 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
             )))
         }
     })
+}
+
+/// The byte a ByteLevel alphabet character stands for (GPT-2's mapping:
+/// printable bytes map to themselves, the others to U+0100 upwards).
+fn byte_of_char(c: char) -> u8 {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let code = c as u32;
+    if code < 256 && printable(code) {
+        return code as u8;
+    }
+    // The n-th non-printable byte maps to 256 + n.
+    let n = code - 256;
+    (0u32..256).filter(|b| !printable(*b)).nth(n as usize).unwrap_or(0) as u8
 }

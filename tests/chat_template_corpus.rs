@@ -15,43 +15,26 @@ use tailor::prompt::PromptError;
 ///   HTML-escapes the description); minijinja concatenates as is.
 /// - `"%d tool(s)" % n` is Python %-formatting; minijinja only knows numeric `%`.
 const KNOWN_DIFFERENCES: [(&str, &str); 4] = [
-    (
-        "meetkai-functionary-medium-v3.1::tool_calling",
-        "Markup + str escaping",
-    ),
-    (
-        "meetkai-functionary-medium-v3.1::tool_calling_null_content",
-        "Markup + str escaping",
-    ),
-    (
-        "synthetic-tailor-features::tool_calling",
-        "Python %-formatting of strings",
-    ),
-    (
-        "synthetic-tailor-features::tool_calling_null_content",
-        "Python %-formatting of strings",
-    ),
+    ("meetkai-functionary-medium-v3.1::tool_calling", "Markup + str escaping"),
+    ("meetkai-functionary-medium-v3.1::tool_calling_null_content", "Markup + str escaping"),
+    ("synthetic-tailor-features::tool_calling", "Python %-formatting of strings"),
+    ("synthetic-tailor-features::tool_calling_null_content", "Python %-formatting of strings"),
 ];
 
 fn corpus_dir() -> &'static Path {
-    Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/chat_templates"
-    ))
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/chat_templates"))
 }
 
 #[test]
 fn every_corpus_case_renders_like_transformers() -> Result<(), Box<dyn std::error::Error>> {
-    let cases: Vec<Value> =
-        serde_json::from_str(&std::fs::read_to_string(corpus_dir().join("cases.json"))?)?;
+    let cases: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(corpus_dir().join("cases.json"))?)?;
     assert_eq!(cases.len(), 702);
     let mut failures = Vec::new();
     for raw in &cases {
         let id = raw["case_id"].as_str().unwrap_or("?").to_string();
         let case: RenderCase = serde_json::from_value(raw.clone())?;
         let name = case.template.clone().unwrap_or_default();
-        let source =
-            std::fs::read_to_string(corpus_dir().join("templates").join(format!("{name}.jinja")))?;
+        let source = std::fs::read_to_string(corpus_dir().join("templates").join(format!("{name}.jinja")))?;
         let got = case.render(&source);
         match (raw.get("expected"), raw.get("expected_error"), got) {
             (Some(want), _, Ok(got)) if want.as_str() == Some(got.as_str()) => {}
@@ -65,27 +48,20 @@ fn every_corpus_case_renders_like_transformers() -> Result<(), Box<dyn std::erro
                     let want = error["message"].as_str().unwrap_or_default();
                     match &e {
                         PromptError::Raised(message) if message == want => {}
-                        other => failures.push(format!(
-                            "{id}: expected raise_exception({want:?}), got {other}"
-                        )),
+                        other => failures.push(format!("{id}: expected raise_exception({want:?}), got {other}")),
                     }
                 }
             }
-            (None, Some(error), Ok(got)) => failures.push(format!(
-                "{id}: expected an error ({error}), got output\n{got}"
-            )),
-            _ => failures.push(format!(
-                "{id}: case has neither expected nor expected_error"
-            )),
+            (None, Some(error), Ok(got)) => {
+                failures.push(format!("{id}: expected an error ({error}), got output\n{got}"))
+            }
+            _ => failures.push(format!("{id}: case has neither expected nor expected_error")),
         }
     }
     let passed = cases.len() - failures.len();
     println!("chat-template corpus: {passed}/{} cases pass", cases.len());
-    let (known, unexpected): (Vec<String>, Vec<String>) = failures.into_iter().partition(|f| {
-        KNOWN_DIFFERENCES
-            .iter()
-            .any(|(id, _)| f.starts_with(&format!("{id}: ")))
-    });
+    let (known, unexpected): (Vec<String>, Vec<String>) =
+        failures.into_iter().partition(|f| KNOWN_DIFFERENCES.iter().any(|(id, _)| f.starts_with(&format!("{id}: "))));
     assert!(
         unexpected.is_empty(),
         "{} of {} cases fail:\n\n{}",
@@ -94,10 +70,6 @@ fn every_corpus_case_renders_like_transformers() -> Result<(), Box<dyn std::erro
         unexpected.join("\n\n")
     );
     // A documented difference that starts passing must leave the list.
-    assert_eq!(
-        known.len(),
-        KNOWN_DIFFERENCES.len(),
-        "a known difference now passes; remove it from KNOWN_DIFFERENCES"
-    );
+    assert_eq!(known.len(), KNOWN_DIFFERENCES.len(), "a known difference now passes; remove it from KNOWN_DIFFERENCES");
     Ok(())
 }

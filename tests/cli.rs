@@ -4,29 +4,16 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const TEMPLATES: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/chat_templates/templates"
-);
+const TEMPLATES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/chat_templates/templates");
 
 fn corpus_case(id: &str) -> Value {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/chat_templates/cases.json"
-    );
-    let cases: Vec<Value> =
-        serde_json::from_str(&std::fs::read_to_string(path).expect("cases.json")).expect("JSON");
-    cases
-        .into_iter()
-        .find(|c| c["case_id"] == id)
-        .expect("case exists")
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/chat_templates/cases.json");
+    let cases: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(path).expect("cases.json")).expect("JSON");
+    cases.into_iter().find(|c| c["case_id"] == id).expect("case exists")
 }
 
 fn tailor(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_tailor"))
-        .args(args)
-        .output()
-        .expect("tailor runs")
+    Command::new(env!("CARGO_BIN_EXE_tailor")).args(args).output().expect("tailor runs")
 }
 
 #[test]
@@ -36,23 +23,9 @@ fn render_prints_exactly_the_expected_string() -> Result<(), Box<dyn std::error:
     let case_path = dir.path().join("case.json");
     std::fs::write(&case_path, case.to_string())?;
     let template = format!("{TEMPLATES}/meta-llama-Llama-3.2-3B-Instruct.jinja");
-    let out = tailor(&[
-        "chat-template",
-        "render",
-        "--template",
-        &template,
-        "--case",
-        &case_path.to_string_lossy(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8(out.stdout)?,
-        case["expected"].as_str().expect("expected")
-    );
+    let out = tailor(&["chat-template", "render", "--template", &template, "--case", &case_path.to_string_lossy()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8(out.stdout)?, case["expected"].as_str().expect("expected"));
     Ok(())
 }
 
@@ -63,40 +36,22 @@ fn raise_exception_goes_to_stderr_with_exit_1() -> Result<(), Box<dyn std::error
     let case_path = dir.path().join("case.json");
     std::fs::write(&case_path, case.to_string())?;
     let template = format!("{TEMPLATES}/Apertus-8B-Instruct.jinja");
-    let out = tailor(&[
-        "chat-template",
-        "render",
-        "--template",
-        &template,
-        "--case",
-        &case_path.to_string_lossy(),
-    ]);
+    let out = tailor(&["chat-template", "render", "--template", &template, "--case", &case_path.to_string_lossy()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty());
-    assert_eq!(
-        String::from_utf8(out.stderr)?.trim_end(),
-        case["expected_error"]["message"].as_str().expect("message")
-    );
+    assert_eq!(String::from_utf8(out.stderr)?.trim_end(), case["expected_error"]["message"].as_str().expect("message"));
     Ok(())
 }
 
 #[test]
 fn cases_mode_prints_one_result_per_case_in_order() -> Result<(), Box<dyn std::error::Error>> {
-    let cases = vec![
-        corpus_case("Qwen-Qwen2.5-7B-Instruct::single_user"),
-        corpus_case("Apertus-8B-Instruct::content_parts"),
-    ];
+    let cases =
+        vec![corpus_case("Qwen-Qwen2.5-7B-Instruct::single_user"), corpus_case("Apertus-8B-Instruct::content_parts")];
     let dir = tempfile::tempdir()?;
     let cases_path = dir.path().join("cases.json");
     std::fs::write(&cases_path, serde_json::to_string(&cases)?)?;
-    let out = tailor(&[
-        "chat-template",
-        "render",
-        "--cases",
-        &cases_path.to_string_lossy(),
-        "--template-dir",
-        TEMPLATES,
-    ]);
+    let out =
+        tailor(&["chat-template", "render", "--cases", &cases_path.to_string_lossy(), "--template-dir", TEMPLATES]);
     assert!(out.status.success());
     let results: Vec<Value> = serde_json::from_slice(&out.stdout)?;
     assert_eq!(results.len(), 2);

@@ -10,8 +10,7 @@ use super::generate::{self, Piece};
 use super::json::WithSampling;
 use super::params::{self, validate_sampling};
 use super::types::{
-    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, ChatMessage, Delta,
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, Delta,
 };
 use super::{prompting, response_id, unix_now, AppState, Target};
 use crate::loader::ModelInfo;
@@ -35,9 +34,7 @@ async fn chat_completions(
         messages: prompting::chat_messages(&target, &req.messages, req.template_vars.as_ref())?,
         tools: None,
         documents: req.documents.clone(),
-        add_generation_prompt: req
-            .add_generation_prompt
-            .unwrap_or(!req.continue_final_message),
+        add_generation_prompt: req.add_generation_prompt.unwrap_or(!req.continue_final_message),
         continue_final_message: req.continue_final_message,
         kwargs: merged_kwargs(&state, &target, req.chat_template_kwargs.as_ref()),
     };
@@ -63,39 +60,19 @@ async fn chat_completions(
             })
             .ok()
         };
-        let delta_choice = |index, delta, finish_reason| ChatChunkChoice {
-            index,
-            delta,
-            logprobs: None,
-            finish_reason,
-        };
+        let delta_choice =
+            |index, delta, finish_reason| ChatChunkChoice { index, delta, logprobs: None, finish_reason };
         let sse = generate::sse(submitted, params.include_usage, move |piece| match piece {
             Piece::Start(index) => chunk(
-                vec![delta_choice(
-                    index,
-                    Delta {
-                        role: Some("assistant"),
-                        content: Some(String::new()),
-                    },
-                    None,
-                )],
+                vec![delta_choice(index, Delta { role: Some("assistant"), content: Some(String::new()) }, None)],
                 None,
             ),
-            Piece::Text(index, text) => chunk(
-                vec![delta_choice(
-                    index,
-                    Delta {
-                        role: None,
-                        content: Some(text),
-                    },
-                    None,
-                )],
-                None,
-            ),
-            Piece::Finish(index, reason) => chunk(
-                vec![delta_choice(index, Delta::default(), Some(reason.as_str()))],
-                None,
-            ),
+            Piece::Text(index, text) => {
+                chunk(vec![delta_choice(index, Delta { role: None, content: Some(text) }, None)], None)
+            }
+            Piece::Finish(index, reason) => {
+                chunk(vec![delta_choice(index, Delta::default(), Some(reason.as_str()))], None)
+            }
             Piece::Usage(usage) => chunk(Vec::new(), Some(usage)),
         });
         return Ok(sse.into_response());
@@ -107,10 +84,7 @@ async fn chat_completions(
         .enumerate()
         .map(|(index, (content, reason))| ChatChoice {
             index,
-            message: ChatMessage {
-                role: "assistant",
-                content,
-            },
+            message: ChatMessage { role: "assistant", content },
             logprobs: None,
             finish_reason: Some(reason.as_str()),
         })
@@ -130,19 +104,15 @@ async fn chat_completions(
 /// special token itself, so nothing is added).
 pub fn render_chat(info: &ModelInfo, chat: &ChatRequest) -> Result<Vec<u32>, ApiError> {
     let template = info.chat_template.as_ref().ok_or_else(|| {
-        ApiError::bad_request(
-            "this model has no chat template; start the server with --chat-template FILE",
-        )
+        ApiError::bad_request("this model has no chat template; start the server with --chat-template FILE")
     })?;
     let text = template.render(chat)?;
-    let ids = info.tokenizer.encode(&text).map_err(|e| {
-        ApiError::invalid("messages", format!("cannot tokenize the conversation: {e}"))
-    })?;
+    let ids = info
+        .tokenizer
+        .encode(&text)
+        .map_err(|e| ApiError::invalid("messages", format!("cannot tokenize the conversation: {e}")))?;
     if ids.is_empty() {
-        return Err(ApiError::invalid(
-            "messages",
-            "the rendered conversation is empty",
-        ));
+        return Err(ApiError::invalid("messages", "the rendered conversation is empty"));
     }
     Ok(ids)
 }
@@ -154,13 +124,7 @@ pub fn merged_kwargs(
     request: Option<&serde_json::Map<String, Json_>>,
 ) -> serde_json::Map<String, Json_> {
     let mut kwargs = (*state.default_chat_template_kwargs).clone();
-    kwargs.extend(
-        target
-            .defaults
-            .chat_template_kwargs
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone())),
-    );
+    kwargs.extend(target.defaults.chat_template_kwargs.iter().map(|(k, v)| (k.clone(), v.clone())));
     if let Some(request) = request {
         kwargs.extend(request.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
@@ -185,10 +149,7 @@ fn refuse_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
     if let Some(format) = &req.response_format {
         let kind = format.get("type").and_then(Json_::as_str);
         if !format.is_null() && kind != Some("text") {
-            return Err(ApiError::unsupported(
-                "response_format",
-                &format!("of type {}", kind.unwrap_or("?")),
-            ));
+            return Err(ApiError::unsupported("response_format", &format!("of type {}", kind.unwrap_or("?"))));
         }
     }
     Ok(())

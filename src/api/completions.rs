@@ -34,18 +34,12 @@ async fn completions(
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::unsupported("suffix", ""));
     }
-    let prompts =
-        prompting::completion_prompts(&target, req.prompt.as_ref(), req.template_vars.as_ref())?;
+    let prompts = prompting::completion_prompts(&target, req.prompt.as_ref(), req.template_vars.as_ref())?;
     let max_tokens = req.max_tokens.or(Some(DEFAULT_MAX_TOKENS));
     let prompts = prompts
         .into_iter()
         .map(|ids| {
-            let n = params::resolve_max_tokens(
-                "max_tokens",
-                max_tokens,
-                ids.len(),
-                info.max_model_len,
-            )?;
+            let n = params::resolve_max_tokens("max_tokens", max_tokens, ids.len(), info.max_model_len)?;
             Ok((ids, n))
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
@@ -68,10 +62,7 @@ async fn completions(
         let sse = generate::sse(submitted, params.include_usage, move |piece| match piece {
             Piece::Start(_) => None,
             Piece::Text(index, text) => chunk(vec![choice(index, text, None)], None),
-            Piece::Finish(index, reason) => chunk(
-                vec![choice(index, String::new(), Some(reason.as_str()))],
-                None,
-            ),
+            Piece::Finish(index, reason) => chunk(vec![choice(index, String::new(), Some(reason.as_str()))], None),
             Piece::Usage(usage) => chunk(Vec::new(), Some(usage)),
         });
         return Ok(sse.into_response());
@@ -95,10 +86,5 @@ async fn completions(
 }
 
 fn choice(index: usize, text: String, finish_reason: Option<&'static str>) -> CompletionChoice {
-    CompletionChoice {
-        index,
-        text,
-        logprobs: None,
-        finish_reason,
-    }
+    CompletionChoice { index, text, logprobs: None, finish_reason }
 }

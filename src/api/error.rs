@@ -45,20 +45,14 @@ impl ApiError {
 
     /// 400 about the request as a whole.
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self {
-            param: None,
-            ..Self::invalid("", message)
-        }
+        Self { param: None, ..Self::invalid("", message) }
     }
 
     /// 400 for a known OpenAI field that tailor does not implement yet.
     pub fn unsupported(param: &str, what: &str) -> Self {
         Self {
             code: Some("unsupported_parameter"),
-            ..Self::invalid(
-                param,
-                format!("`{param}` {what} is not supported by this server"),
-            )
+            ..Self::invalid(param, format!("`{param}` {what} is not supported by this server"))
         }
     }
 
@@ -123,21 +117,18 @@ impl ApiError {
                 code: self.code,
             },
         };
-        serde_json::to_string(&envelope).unwrap_or_else(|_| r#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#.into())
+        serde_json::to_string(&envelope).unwrap_or_else(|_| {
+            r#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#.into()
+        })
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, self.to_json()).into_response();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if self.status == StatusCode::TOO_MANY_REQUESTS {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
     }
@@ -160,9 +151,7 @@ impl From<crate::lora::LoraError> for ApiError {
                 code: Some("adapter_not_found"),
                 ..ApiError::not_found(format!("no adapter named `{name}` is loaded"))
             },
-            LoraError::BadName(_) | LoraError::NameTaken(_) => {
-                ApiError::invalid("lora_name", e.to_string())
-            }
+            LoraError::BadName(_) | LoraError::NameTaken(_) => ApiError::invalid("lora_name", e.to_string()),
             other => ApiError::invalid("lora_path", other.to_string()),
         }
     }
@@ -172,9 +161,7 @@ impl From<PromptError> for ApiError {
     fn from(e: PromptError) -> Self {
         match e {
             PromptError::Raised(message) => ApiError::invalid("messages", message),
-            PromptError::Template(message) => {
-                ApiError::invalid("messages", format!("chat template error: {message}"))
-            }
+            PromptError::Template(message) => ApiError::invalid("messages", format!("chat template error: {message}")),
             PromptError::Invalid(message) => ApiError::bad_request(message),
         }
     }

@@ -150,9 +150,9 @@ pub async fn collect(subs: Vec<Submitted>) -> Result<Collected, ApiError> {
         .into_iter()
         .zip(reasons)
         .map(|(text, reason)| {
-            reason.map(|r| (text, r)).ok_or_else(|| {
-                engine_failure("the engine stopped before the generation finished".into())
-            })
+            reason
+                .map(|r| (text, r))
+                .ok_or_else(|| engine_failure("the engine stopped before the generation finished".into()))
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Collected { choices, usage })

@@ -40,8 +40,7 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             ApiError::invalid(path.clone(), format!("invalid value for `{path}`: {inner}"))
         }
     })?;
-    de.end()
-        .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
+    de.end().map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
     Ok(value)
 }
 

@@ -60,9 +60,7 @@ impl AppState {
         match self.engine.status() {
             EngineStatus::Ready(info) => Ok(info),
             EngineStatus::Loading => Err(ApiError::unavailable("the model is still loading")),
-            EngineStatus::Failed(e) => Err(ApiError::unavailable(format!(
-                "the model failed to load: {e}"
-            ))),
+            EngineStatus::Failed(e) => Err(ApiError::unavailable(format!("the model failed to load: {e}"))),
             EngineStatus::Stopped => Err(ApiError::unavailable("the engine has stopped")),
         }
     }
@@ -70,10 +68,7 @@ impl AppState {
     /// The loaded model, checked against the id the request named.
     pub fn model_named(&self, requested: &str) -> Result<Arc<ModelInfo>, ApiError> {
         let info = self.model()?;
-        if requested != info.id
-            && !info.adapters.contains(requested)
-            && self.presets.get(requested).is_none()
-        {
+        if requested != info.id && !info.adapters.contains(requested) && self.presets.get(requested).is_none() {
             return Err(ApiError::model_not_found(requested));
         }
         Ok(info)
@@ -83,11 +78,7 @@ impl AppState {
     /// order) and the template (`requested_template`, else the preset's or
     /// adapter's). Unknown names are 404; a preset whose adapter or template
     /// is missing is a 400 that says which.
-    pub async fn resolve(
-        &self,
-        requested: &str,
-        requested_template: Option<&str>,
-    ) -> Result<Target, ApiError> {
+    pub async fn resolve(&self, requested: &str, requested_template: Option<&str>) -> Result<Target, ApiError> {
         let info = self.model()?;
         let preset = self.presets.get(requested);
         let (adapter_name, preset_defaults) = if requested == info.id {
@@ -118,9 +109,7 @@ impl AppState {
                 match weights {
                     Some(w) => (Some(w), info.adapters.defaults(name).unwrap_or_default()),
                     None if preset.is_some() => {
-                        return Err(preset_error(format!(
-                            "names adapter `{name}`, which is not loaded"
-                        )))
+                        return Err(preset_error(format!("names adapter `{name}`, which is not loaded")))
                     }
                     None => return Err(ApiError::model_not_found(requested)),
                 }
@@ -132,21 +121,18 @@ impl AppState {
                 code: Some("template_not_found"),
                 ..ApiError::not_found(format!("no template named `{name}`"))
             })?),
-            (None, Some(name)) => Some(self.templates.get(name).ok_or_else(|| {
-                preset_error(format!("names template `{name}`, which does not exist"))
-            })?),
+            (None, Some(name)) => Some(
+                self.templates
+                    .get(name)
+                    .ok_or_else(|| preset_error(format!("names template `{name}`, which does not exist")))?,
+            ),
             (None, None) => None,
         };
         let defaults = match &template {
             Some(t) => layered.over(&t.defaults),
             None => layered,
         };
-        Ok(Target {
-            info,
-            adapter,
-            template,
-            defaults,
-        })
+        Ok(Target { info, adapter, template, defaults })
     }
 }
 
@@ -172,10 +158,7 @@ pub fn router(state: AppState) -> Router {
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// A fresh response id with OpenAI's prefixes (`cmpl-`, `chatcmpl-`).

@@ -51,21 +51,11 @@ fn cards(state: &AppState) -> Result<Vec<ModelCard>, ApiError> {
 }
 
 async fn list_models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
-    Ok(Json(ModelList {
-        object: "list",
-        data: cards(&state)?,
-    }))
+    Ok(Json(ModelList { object: "list", data: cards(&state)? }))
 }
 
-async fn get_model(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<ModelCard>, ApiError> {
-    cards(&state)?
-        .into_iter()
-        .find(|c| c.id == id)
-        .map(Json)
-        .ok_or_else(|| ApiError::model_not_found(&id))
+async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<ModelCard>, ApiError> {
+    cards(&state)?.into_iter().find(|c| c.id == id).map(Json).ok_or_else(|| ApiError::model_not_found(&id))
 }
 
 /// 200 once the model serves, 503 while it loads or after it failed.

@@ -31,37 +31,21 @@ pub fn validate_sampling(f: &SamplingFields) -> Result<Validated, ApiError> {
     }
     let top_p = f.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::invalid(
-            "top_p",
-            format!("`top_p` must be in (0, 1], got {top_p}"),
-        ));
+        return Err(ApiError::invalid("top_p", format!("`top_p` must be in (0, 1], got {top_p}")));
     }
     let top_k = match f.top_k.unwrap_or(0) {
         -1 | 0 => 0,
         k if k > 0 => k as usize,
-        k => {
-            return Err(ApiError::invalid(
-                "top_k",
-                format!("`top_k` must be -1, 0 or positive, got {k}"),
-            ))
-        }
+        k => return Err(ApiError::invalid("top_k", format!("`top_k` must be -1, 0 or positive, got {k}"))),
     };
     let seed = match f.seed {
-        Some(s) if s < 0 => {
-            return Err(ApiError::invalid(
-                "seed",
-                format!("`seed` must not be negative, got {s}"),
-            ))
-        }
+        Some(s) if s < 0 => return Err(ApiError::invalid("seed", format!("`seed` must not be negative, got {s}"))),
         s => s.map(|s| s as u64),
     };
     let penalty = |name: &str, v: Option<f32>| -> Result<f32, ApiError> {
         let v = v.unwrap_or(0.0);
         if !(-2.0..=2.0).contains(&v) {
-            return Err(ApiError::invalid(
-                name,
-                format!("`{name}` must be between -2 and 2, got {v}"),
-            ));
+            return Err(ApiError::invalid(name, format!("`{name}` must be between -2 and 2, got {v}")));
         }
         Ok(v)
     };
@@ -69,27 +53,12 @@ pub fn validate_sampling(f: &SamplingFields) -> Result<Validated, ApiError> {
     let frequency_penalty = penalty("frequency_penalty", f.frequency_penalty)?;
     match f.n {
         None | Some(1) => {}
-        Some(n) if n < 1 => {
-            return Err(ApiError::invalid(
-                "n",
-                format!("`n` must be at least 1, got {n}"),
-            ))
-        }
-        Some(n) => {
-            return Err(ApiError::unsupported(
-                "n",
-                &format!("greater than 1 (got {n})"),
-            ))
-        }
+        Some(n) if n < 1 => return Err(ApiError::invalid("n", format!("`n` must be at least 1, got {n}"))),
+        Some(n) => return Err(ApiError::unsupported("n", &format!("greater than 1 (got {n})"))),
     }
     match f.best_of {
         None | Some(1) => {}
-        Some(b) => {
-            return Err(ApiError::unsupported(
-                "best_of",
-                &format!("other than 1 (got {b})"),
-            ))
-        }
+        Some(b) => return Err(ApiError::unsupported("best_of", &format!("other than 1 (got {b})"))),
     }
     if let Some(bias) = &f.logit_bias {
         if !is_empty_json(bias) {
@@ -102,39 +71,20 @@ pub fn validate_sampling(f: &SamplingFields) -> Result<Validated, ApiError> {
         Some(StringOrList::Many(list)) => list.clone(),
     };
     if stop.len() > MAX_STOP_STRINGS {
-        return Err(ApiError::invalid(
-            "stop",
-            format!(
-                "at most {MAX_STOP_STRINGS} stop strings, got {}",
-                stop.len()
-            ),
-        ));
+        return Err(ApiError::invalid("stop", format!("at most {MAX_STOP_STRINGS} stop strings, got {}", stop.len())));
     }
     if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_LEN) {
         return Err(ApiError::invalid(
             "stop",
-            format!(
-                "stop strings are limited to {MAX_STOP_LEN} bytes, got {}",
-                long.len()
-            ),
+            format!("stop strings are limited to {MAX_STOP_LEN} bytes, got {}", long.len()),
         ));
     }
     let include_usage = f.stream_options.as_ref().is_some_and(|o| o.include_usage);
     if f.stream_options.is_some() && !f.stream {
-        return Err(ApiError::invalid(
-            "stream_options",
-            "`stream_options` is only allowed when `stream` is true",
-        ));
+        return Err(ApiError::invalid("stream_options", "`stream_options` is only allowed when `stream` is true"));
     }
     Ok(Validated {
-        sampling: SamplingParams {
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            presence_penalty,
-            frequency_penalty,
-        },
+        sampling: SamplingParams { temperature, top_p, top_k, seed, presence_penalty, frequency_penalty },
         stop,
         stream: f.stream,
         include_usage,
@@ -157,10 +107,7 @@ pub fn resolve_max_tokens(
     }
     match requested {
         None => Ok(max_model_len - prompt_len),
-        Some(n) if n < 1 => Err(ApiError::invalid(
-            param,
-            format!("`{param}` must be at least 1, got {n}"),
-        )),
+        Some(n) if n < 1 => Err(ApiError::invalid(param, format!("`{param}` must be at least 1, got {n}"))),
         Some(n) => {
             let n = n as usize;
             if prompt_len + n > max_model_len {
@@ -207,53 +154,17 @@ mod tests {
             let err = validate_sampling(&f).expect_err("must be refused");
             assert_eq!(err.param.as_deref(), Some(param), "{err:?}");
         };
-        bad(
-            SamplingFields {
-                temperature: Some(2.5),
-                ..Default::default()
-            },
-            "temperature",
-        );
-        bad(
-            SamplingFields {
-                top_p: Some(0.0),
-                ..Default::default()
-            },
-            "top_p",
-        );
-        bad(
-            SamplingFields {
-                top_k: Some(-3),
-                ..Default::default()
-            },
-            "top_k",
-        );
-        bad(
-            SamplingFields {
-                n: Some(2),
-                ..Default::default()
-            },
-            "n",
-        );
-        bad(
-            SamplingFields {
-                presence_penalty: Some(3.0),
-                ..Default::default()
-            },
-            "presence_penalty",
-        );
+        bad(SamplingFields { temperature: Some(2.5), ..Default::default() }, "temperature");
+        bad(SamplingFields { top_p: Some(0.0), ..Default::default() }, "top_p");
+        bad(SamplingFields { top_k: Some(-3), ..Default::default() }, "top_k");
+        bad(SamplingFields { n: Some(2), ..Default::default() }, "n");
+        bad(SamplingFields { presence_penalty: Some(3.0), ..Default::default() }, "presence_penalty");
     }
 
     #[test]
     fn max_tokens_must_fit_the_context() {
-        assert_eq!(
-            resolve_max_tokens("max_tokens", None, 10, 100).ok(),
-            Some(90)
-        );
-        assert_eq!(
-            resolve_max_tokens("max_tokens", Some(90), 10, 100).ok(),
-            Some(90)
-        );
+        assert_eq!(resolve_max_tokens("max_tokens", None, 10, 100).ok(), Some(90));
+        assert_eq!(resolve_max_tokens("max_tokens", Some(90), 10, 100).ok(), Some(90));
         assert!(resolve_max_tokens("max_tokens", Some(91), 10, 100).is_err());
         assert!(resolve_max_tokens("max_tokens", Some(0), 10, 100).is_err());
         assert!(resolve_max_tokens("max_tokens", None, 100, 100).is_err());

@@ -13,11 +13,7 @@ use crate::prompt::templates::NamedTemplate;
 use crate::prompt::PromptError;
 
 /// Fills the request fields it left unset from the resolved defaults.
-pub fn apply_defaults(
-    sampling: &mut SamplingFields,
-    max_tokens: &mut Option<i64>,
-    target: &Target,
-) {
+pub fn apply_defaults(sampling: &mut SamplingFields, max_tokens: &mut Option<i64>, target: &Target) {
     let d = &target.defaults;
     sampling.temperature = sampling.temperature.or(d.temperature);
     sampling.top_p = sampling.top_p.or(d.top_p);
@@ -55,9 +51,8 @@ pub fn completion_prompts(
     request_vars: Option<&Map<String, Json>>,
 ) -> Result<Vec<Vec<u32>>, ApiError> {
     let Some(template) = &target.template else {
-        let prompt = prompt.ok_or_else(|| {
-            ApiError::invalid("prompt", "`prompt` is required (or name a `template`)")
-        })?;
+        let prompt =
+            prompt.ok_or_else(|| ApiError::invalid("prompt", "`prompt` is required (or name a `template`)"))?;
         return prompt_ids(&target.info, prompt);
     };
     let mut vars = template_vars(target, request_vars);
@@ -88,21 +83,14 @@ pub fn chat_messages(
     messages: &[Json],
     request_vars: Option<&Map<String, Json>>,
 ) -> Result<Vec<Json>, ApiError> {
-    let mut messages = if messages.is_empty() && target.template.is_some() {
-        Vec::new()
-    } else {
-        normalize_messages(messages)?
-    };
+    let mut messages =
+        if messages.is_empty() && target.template.is_some() { Vec::new() } else { normalize_messages(messages)? };
     if let Some(template) = &target.template {
         let mut vars = template_vars(target, request_vars);
-        let last_user = messages
-            .last()
-            .filter(|m| m["role"] == "user")
-            .and_then(|m| m["content"].as_str())
-            .map(String::from);
+        let last_user =
+            messages.last().filter(|m| m["role"] == "user").and_then(|m| m["content"].as_str()).map(String::from);
         if let (Some(input), Some(text)) = (template.input.as_ref(), last_user.as_ref()) {
-            vars.entry(input.clone())
-                .or_insert_with(|| Json::String(text.clone()));
+            vars.entry(input.clone()).or_insert_with(|| Json::String(text.clone()));
         }
         let rendered = render_template(template, &vars)?;
         match messages.last_mut() {
@@ -132,18 +120,12 @@ pub fn prompt_ids(info: &ModelInfo, prompt: &Prompt) -> Result<Vec<Vec<u32>>, Ap
         Prompt::TokenLists(lists) => lists.clone(),
     };
     if prompts.is_empty() {
-        return Err(ApiError::invalid(
-            "prompt",
-            "`prompt` must not be an empty list",
-        ));
+        return Err(ApiError::invalid("prompt", "`prompt` must not be an empty list"));
     }
     let vocab = info.tokenizer.vocab_size().max(1) as u32;
     for ids in &prompts {
         if ids.is_empty() {
-            return Err(ApiError::invalid(
-                "prompt",
-                "`prompt` must contain at least one token",
-            ));
+            return Err(ApiError::invalid("prompt", "`prompt` must contain at least one token"));
         }
         if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
             return Err(ApiError::invalid(
@@ -159,10 +141,7 @@ pub fn prompt_ids(info: &ModelInfo, prompt: &Prompt) -> Result<Vec<Vec<u32>>, Ap
 /// string, which is what most chat templates expect.
 pub fn normalize_messages(messages: &[Json]) -> Result<Vec<Json>, ApiError> {
     if messages.is_empty() {
-        return Err(ApiError::invalid(
-            "messages",
-            "`messages` must not be empty",
-        ));
+        return Err(ApiError::invalid("messages", "`messages` must not be empty"));
     }
     messages
         .iter()
@@ -173,19 +152,13 @@ pub fn normalize_messages(messages: &[Json]) -> Result<Vec<Json>, ApiError> {
                 return Err(ApiError::invalid(param, "each message must be an object"));
             };
             if !fields.get("role").is_some_and(Json::is_string) {
-                return Err(ApiError::invalid(
-                    format!("{param}.role"),
-                    "each message needs a string `role`",
-                ));
+                return Err(ApiError::invalid(format!("{param}.role"), "each message needs a string `role`"));
             }
             let mut fields = fields.clone();
             if let Some(Json::Array(parts)) = fields.get("content") {
                 let mut texts = Vec::with_capacity(parts.len());
                 for part in parts {
-                    match (
-                        part.get("type").and_then(Json::as_str),
-                        part.get("text").and_then(Json::as_str),
-                    ) {
+                    match (part.get("type").and_then(Json::as_str), part.get("text").and_then(Json::as_str)) {
                         (Some("text"), Some(text)) => texts.push(text.to_string()),
                         (kind, _) => {
                             return Err(ApiError::unsupported(

@@ -30,10 +30,7 @@ struct TemplateList {
 }
 
 async fn list(State(state): State<AppState>) -> Json<TemplateList> {
-    Json(TemplateList {
-        object: "list",
-        data: state.templates.list(),
-    })
+    Json(TemplateList { object: "list", data: state.templates.list() })
 }
 
 #[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
@@ -85,17 +82,11 @@ async fn render(
     let tokens = match req.mode {
         Mode::Completion => {
             let prompt = req.prompt.map(Prompt::Text);
-            prompting::completion_prompts(&target, prompt.as_ref(), Some(&req.template_vars))?
-                .pop()
-                .unwrap_or_default()
+            prompting::completion_prompts(&target, prompt.as_ref(), Some(&req.template_vars))?.pop().unwrap_or_default()
         }
         Mode::Chat => {
             let chat = ChatRequest {
-                messages: prompting::chat_messages(
-                    &target,
-                    &req.messages,
-                    Some(&req.template_vars),
-                )?,
+                messages: prompting::chat_messages(&target, &req.messages, Some(&req.template_vars))?,
                 add_generation_prompt: true,
                 kwargs: merged_kwargs(&state, &target, req.chat_template_kwargs.as_ref()),
                 ..Default::default()
@@ -107,12 +98,7 @@ async fn render(
         .tokenizer
         .decode(&tokens, false)
         .map_err(|e| ApiError::internal(format!("cannot decode the prompt: {e}")))?;
-    Ok(Json(RenderResponse {
-        prompt,
-        count: tokens.len(),
-        tokens,
-        max_model_len: info.max_model_len,
-    }))
+    Ok(Json(RenderResponse { prompt, count: tokens.len(), tokens, max_model_len: info.max_model_len }))
 }
 
 #[derive(Serialize)]
@@ -125,9 +111,5 @@ struct ReloadResponse {
 async fn reload(State(state): State<AppState>) -> Json<ReloadResponse> {
     let mut errors = state.templates.reload();
     errors.extend(state.presets.reload());
-    Json(ReloadResponse {
-        templates: state.templates.list().len(),
-        presets: state.presets.list().len(),
-        errors,
-    })
+    Json(ReloadResponse { templates: state.templates.list().len(), presets: state.presets.list().len(), errors })
 }

@@ -13,9 +13,7 @@ use super::AppState;
 use crate::prompt::ChatRequest;
 
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/tokenize", post(tokenize))
-        .route("/detokenize", post(detokenize))
+    Router::new().route("/tokenize", post(tokenize)).route("/detokenize", post(detokenize))
 }
 
 async fn tokenize(
@@ -38,9 +36,7 @@ async fn tokenize(
         (None, Some(messages)) => {
             let chat = ChatRequest {
                 messages: normalize_messages(messages)?,
-                add_generation_prompt: req
-                    .add_generation_prompt
-                    .unwrap_or(!req.continue_final_message),
+                add_generation_prompt: req.add_generation_prompt.unwrap_or(!req.continue_final_message),
                 continue_final_message: req.continue_final_message,
                 kwargs: {
                     let mut kwargs = (*state.default_chat_template_kwargs).clone();
@@ -51,17 +47,9 @@ async fn tokenize(
             };
             render_chat(&info, &chat)?
         }
-        _ => {
-            return Err(ApiError::bad_request(
-                "give exactly one of `prompt` and `messages`",
-            ))
-        }
+        _ => return Err(ApiError::bad_request("give exactly one of `prompt` and `messages`")),
     };
-    Ok(Json(TokenizeResponse {
-        count: tokens.len(),
-        tokens,
-        max_model_len: info.max_model_len,
-    }))
+    Ok(Json(TokenizeResponse { count: tokens.len(), tokens, max_model_len: info.max_model_len }))
 }
 
 async fn detokenize(
@@ -74,10 +62,7 @@ async fn detokenize(
     };
     let vocab = info.tokenizer.vocab_size() as u32;
     if let Some(bad) = req.tokens.iter().find(|&&t| t >= vocab) {
-        return Err(ApiError::invalid(
-            "tokens",
-            format!("token id {bad} is outside the vocabulary (size {vocab})"),
-        ));
+        return Err(ApiError::invalid("tokens", format!("token id {bad} is outside the vocabulary (size {vocab})")));
     }
     let prompt = info
         .tokenizer

@@ -24,10 +24,7 @@ impl IncrementalDecoder {
         let prefix = self.decode(tokenizer, self.prefix_offset, self.read_offset);
         let full = self.decode(tokenizer, self.prefix_offset, self.ids.len());
         if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
-            if let Some(new) = full
-                .get(prefix.len()..)
-                .filter(|_| full.starts_with(&prefix))
-            {
+            if let Some(new) = full.get(prefix.len()..).filter(|_| full.starts_with(&prefix)) {
                 let new = new.to_string();
                 self.prefix_offset = self.read_offset;
                 self.read_offset = self.ids.len();
@@ -51,8 +48,6 @@ impl IncrementalDecoder {
     }
 
     fn decode(&self, tokenizer: &Tokenizer, from: usize, to: usize) -> String {
-        tokenizer
-            .decode(&self.ids[from..to], true)
-            .unwrap_or_default()
+        tokenizer.decode(&self.ids[from..to], true).unwrap_or_default()
     }
 }

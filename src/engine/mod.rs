@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch};
 pub use request::{Event, FinishReason, GenerationRequest, Usage};
 pub use sampling::SamplingParams;
 
-use crate::loader::{LoadOptions, ModelInfo};
+use crate::loader::{self, LoadOptions, Loaded, ModelInfo};
 
 /// Limits of the engine's queue and batch.
 #[derive(Debug, Clone)]
@@ -34,6 +34,21 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     /// Compute threads of the engine's pool (the engine thread is one of them).
     pub threads: usize,
+    /// KV-cache tokens the running sequences may reserve together.
+    pub max_kv_tokens: usize,
+    /// Tokens one step may process: bounds how much prompt a step prefills.
+    pub max_batch_tokens: usize,
+}
+
+/// What the engine holds right now, published after every step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub running: usize,
+    /// Tokens in the KV caches of running sequences.
+    pub kv_tokens: usize,
+    /// Tokens reserved for them (prompt + max_tokens each).
+    pub reserved_tokens: usize,
+    pub steps: u64,
 }
 
 impl Default for EngineConfig {
@@ -41,9 +56,9 @@ impl Default for EngineConfig {
         Self {
             max_num_seqs: 8,
             max_waiting: 64,
-            threads: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            max_kv_tokens: 65_536,
+            max_batch_tokens: 512,
         }
     }
 }
@@ -70,26 +85,34 @@ pub enum SubmitError {
 pub struct EngineHandle {
     submit: mpsc::Sender<GenerationRequest>,
     status: watch::Receiver<EngineStatus>,
+    stats: watch::Receiver<EngineStats>,
     max_waiting: usize,
 }
 
 impl EngineHandle {
     /// Starts the engine thread, which loads the model and then serves.
     pub fn start(model_path: PathBuf, load: LoadOptions, config: EngineConfig) -> Self {
+        Self::start_with(move || loader::load(&model_path, &load).map_err(|e| e.to_string()), config)
+    }
+
+    /// Starts the engine thread with any way of producing the model (tests
+    /// use a tiny random one).
+    pub fn start_with(load: impl FnOnce() -> Result<Loaded, String> + Send + 'static, config: EngineConfig) -> Self {
         let (submit, queue) = mpsc::channel(config.max_waiting.max(1));
         let (status_tx, status) = watch::channel(EngineStatus::Loading);
+        let (stats_tx, stats) = watch::channel(EngineStats::default());
         let max_waiting = config.max_waiting;
         let spawned = std::thread::Builder::new()
             .name("tailor-engine".into())
-            .spawn(move || scheduler::run(model_path, load, config, queue, status_tx));
+            .spawn(move || scheduler::run(load, config, queue, status_tx, stats_tx));
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the engine thread");
         }
-        Self {
-            submit,
-            status,
-            max_waiting,
-        }
+        Self { submit, status, stats, max_waiting }
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        *self.stats.borrow()
     }
 
     pub fn status(&self) -> EngineStatus {
@@ -99,10 +122,7 @@ impl EngineHandle {
     /// Waits until the model is loaded (or failed to load).
     pub async fn wait_ready(&self) -> EngineStatus {
         let mut status = self.status.clone();
-        let result = status
-            .wait_for(|s| !matches!(s, EngineStatus::Loading))
-            .await
-            .map(|s| s.clone());
+        let result = status.wait_for(|s| !matches!(s, EngineStatus::Loading)).await.map(|s| s.clone());
         result.unwrap_or(EngineStatus::Stopped)
     }
 

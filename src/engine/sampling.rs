@@ -22,14 +22,7 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self {
-            temperature: 1.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: None,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-        }
+        Self { temperature: 1.0, top_p: 1.0, top_k: 0, seed: None, presence_penalty: 0.0, frequency_penalty: 0.0 }
     }
 }
 
@@ -46,11 +39,7 @@ impl Sampler {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
         };
-        Self {
-            params,
-            rng,
-            counts: HashMap::new(),
-        }
+        Self { params, rng, counts: HashMap::new() }
     }
 
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
@@ -62,11 +51,7 @@ impl Sampler {
                 }
             }
         }
-        let id = if p.temperature <= 0.0 {
-            argmax(logits)
-        } else {
-            self.sample_random(logits)
-        };
+        let id = if p.temperature <= 0.0 { argmax(logits) } else { self.sample_random(logits) };
         *self.counts.entry(id).or_default() += 1;
         id
     }
@@ -133,41 +118,26 @@ mod tests {
 
     #[test]
     fn greedy_takes_the_first_maximum() {
-        let mut s = Sampler::new(SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
-        });
+        let mut s = Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() });
         assert_eq!(s.sample(&mut [0.1, 3.0, 3.0, -1.0]), 1);
     }
 
     #[test]
     fn same_seed_same_tokens_and_top_k_one_is_greedy() {
-        let params = SamplingParams {
-            seed: Some(7),
-            ..Default::default()
-        };
+        let params = SamplingParams { seed: Some(7), ..Default::default() };
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
         let draw = |p: &SamplingParams| {
             let mut s = Sampler::new(p.clone());
-            (0..20)
-                .map(|_| s.sample(&mut logits.clone()))
-                .collect::<Vec<_>>()
+            (0..20).map(|_| s.sample(&mut logits.clone())).collect::<Vec<_>>()
         };
         assert_eq!(draw(&params), draw(&params));
-        let top1 = SamplingParams {
-            top_k: 1,
-            ..params.clone()
-        };
+        let top1 = SamplingParams { top_k: 1, ..params.clone() };
         assert!(draw(&top1).iter().all(|&t| t == 6));
     }
 
     #[test]
     fn top_p_keeps_only_the_nucleus() {
-        let mut s = Sampler::new(SamplingParams {
-            top_p: 0.5,
-            seed: Some(1),
-            ..Default::default()
-        });
+        let mut s = Sampler::new(SamplingParams { top_p: 0.5, seed: Some(1), ..Default::default() });
         // token 2 holds ~0.84 of the mass: with top_p 0.5 it is the only candidate.
         for _ in 0..50 {
             assert_eq!(s.sample(&mut [0.0, 1.0, 3.0, 0.5]), 2);
@@ -176,11 +146,7 @@ mod tests {
 
     #[test]
     fn penalties_push_repeated_tokens_down() {
-        let mut s = Sampler::new(SamplingParams {
-            temperature: 0.0,
-            frequency_penalty: 2.0,
-            ..Default::default()
-        });
+        let mut s = Sampler::new(SamplingParams { temperature: 0.0, frequency_penalty: 2.0, ..Default::default() });
         assert_eq!(s.sample(&mut [1.0, 0.0]), 0);
         assert_eq!(s.sample(&mut [1.0, 0.0]), 1);
     }

@@ -41,12 +41,32 @@ impl Sequence {
         }
     }
 
-    /// The tokens this step must feed: the whole prompt first, then the last token.
-    pub fn next_input(&self) -> &[u32] {
-        match self.generated.last() {
-            None => &self.prompt,
-            Some(last) => std::slice::from_ref(last),
+    /// Prompt tokens already in the KV cache.
+    pub fn prefilled(&self) -> usize {
+        self.cache.len().min(self.prompt.len())
+    }
+
+    /// Still feeding the prompt (in chunks).
+    pub fn is_prefilling(&self) -> bool {
+        self.prefilled() < self.prompt.len()
+    }
+
+    /// The tokens this step feeds: up to `budget` more prompt tokens while
+    /// prefilling, then the last generated token.
+    pub fn next_input(&self, budget: usize) -> &[u32] {
+        if self.is_prefilling() {
+            let start = self.prefilled();
+            return &self.prompt[start..(start + budget.max(1)).min(self.prompt.len())];
         }
+        match self.generated.last() {
+            Some(last) => std::slice::from_ref(last),
+            None => &self.prompt[self.prompt.len() - 1..],
+        }
+    }
+
+    /// KV tokens this sequence may come to hold: admission reserves them up front.
+    pub fn reservation(&self) -> usize {
+        self.prompt.len() + self.max_tokens
     }
 
     /// The client went away: nobody reads the events any more.
@@ -60,13 +80,7 @@ impl Sequence {
 
     /// Samples from this step's logits and releases text. Returns true when
     /// the sequence is finished.
-    pub fn accept(
-        &mut self,
-        logits: &mut [f32],
-        tokenizer: &Tokenizer,
-        eos: &[u32],
-        max_model_len: usize,
-    ) -> bool {
+    pub fn accept(&mut self, logits: &mut [f32], tokenizer: &Tokenizer, eos: &[u32], max_model_len: usize) -> bool {
         let token = self.sampler.sample(logits);
         self.generated.push(token);
         if !self.ignore_eos && eos.contains(&token) {
@@ -75,8 +89,7 @@ impl Sequence {
             self.finish(text, FinishReason::Stop);
             return true;
         }
-        let at_limit =
-            self.generated.len() >= self.max_tokens || self.cache.len() + 1 >= max_model_len;
+        let at_limit = self.generated.len() >= self.max_tokens || self.cache.len() + 1 >= max_model_len;
         let mut piece = self.decoder.push(tokenizer, token);
         if at_limit {
             piece.push_str(&self.decoder.finish(tokenizer));
@@ -110,10 +123,7 @@ impl Sequence {
     fn finish(&mut self, text: String, reason: FinishReason) {
         self.send_text(text);
         self.finished = true;
-        let usage = Usage {
-            prompt_tokens: self.prompt.len(),
-            completion_tokens: self.generated.len(),
-        };
+        let usage = Usage { prompt_tokens: self.prompt.len(), completion_tokens: self.generated.len() };
         let _ = self.events.send(Event::Finished { reason, usage });
     }
 }

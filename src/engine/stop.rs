@@ -18,35 +18,22 @@ pub struct Released {
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
-        Self {
-            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
-            held: String::new(),
-        }
+        Self { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), held: String::new() }
     }
 
     /// Adds newly decoded text; returns what can safely be shown.
     pub fn push(&mut self, text: &str) -> Released {
         self.held.push_str(text);
-        let first_stop = self
-            .stops
-            .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min();
+        let first_stop = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min();
         if let Some(at) = first_stop {
             let text = self.held[..at].to_string();
             self.held.clear();
-            return Released {
-                text,
-                stopped: true,
-            };
+            return Released { text, stopped: true };
         }
         let keep = self.longest_partial_suffix();
         let text = self.held[..self.held.len() - keep].to_string();
         self.held.drain(..self.held.len() - keep);
-        Released {
-            text,
-            stopped: false,
-        }
+        Released { text, stopped: false }
     }
 
     /// The generation ended for another reason: release what was held.
@@ -93,10 +80,7 @@ mod tests {
 
     #[test]
     fn stop_split_across_pieces_is_cut_exactly() {
-        assert_eq!(
-            run(&["END"], &["Hello E", "N", "D and more"]),
-            ("Hello ".into(), true)
-        );
+        assert_eq!(run(&["END"], &["Hello E", "N", "D and more"]), ("Hello ".into(), true));
         assert_eq!(run(&["\n\n"], &["a\n", "\nb"]), ("a".into(), true));
     }
 
@@ -110,14 +94,8 @@ mod tests {
 
     #[test]
     fn earliest_of_several_stops_wins_and_multibyte_is_safe() {
-        assert_eq!(
-            run(&["world", "lo"], &["hello world"]),
-            ("hel".into(), true)
-        );
-        assert_eq!(
-            run(&["日本"], &["これは日", "本です"]),
-            ("これは".into(), true)
-        );
+        assert_eq!(run(&["world", "lo"], &["hello world"]), ("hel".into(), true));
+        assert_eq!(run(&["日本"], &["これは日", "本です"]), ("これは".into(), true));
         assert_eq!(run(&["é!"], &["caféé"]), ("caféé".into(), false));
     }
 }

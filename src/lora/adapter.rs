@@ -22,16 +22,9 @@ pub struct BaseShapes {
 
 impl BaseShapes {
     pub fn of(cfg: &ModelConfig) -> Self {
-        let (h, q, kv, ff) = (
-            cfg.hidden_size,
-            cfg.num_heads * cfg.head_dim,
-            cfg.num_kv_heads * cfg.head_dim,
-            cfg.intermediate_size,
-        );
-        Self {
-            num_layers: cfg.num_layers,
-            dims: [(q, h), (kv, h), (kv, h), (h, q), (ff, h), (ff, h), (h, ff)],
-        }
+        let (h, q, kv, ff) =
+            (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);
+        Self { num_layers: cfg.num_layers, dims: [(q, h), (kv, h), (kv, h), (h, q), (ff, h), (ff, h), (h, ff)] }
     }
 }
 
@@ -48,14 +41,9 @@ pub fn load(dir: &Path, base: &BaseShapes, max_rank: usize) -> Result<AdapterWei
                 "pickled adapter_model.bin (never unpickled); convert it to adapter_model.safetensors".into(),
             ));
         }
-        return Err(LoraError::Io(format!(
-            "{} is missing",
-            weights_path.display()
-        )));
+        return Err(LoraError::Io(format!("{} is missing", weights_path.display())));
     }
-    let size = std::fs::metadata(&weights_path)
-        .map_err(|e| LoraError::Io(e.to_string()))?
-        .len();
+    let size = std::fs::metadata(&weights_path).map_err(|e| LoraError::Io(e.to_string()))?.len();
     if size > MAX_WEIGHTS_BYTES {
         return Err(LoraError::Weights(format!(
             "{} is {size} bytes, over the {MAX_WEIGHTS_BYTES} limit",
@@ -75,10 +63,8 @@ fn parse_name(name: &str) -> Option<(usize, Module, bool)> {
     let rest = rest.strip_prefix("model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let (module, kind) = rest
-        .strip_suffix(".weight")?
-        .rsplit_once(".lora_")
-        .map(|(m, k)| (m, k.trim_end_matches(".default")))?;
+    let (module, kind) =
+        rest.strip_suffix(".weight")?.rsplit_once(".lora_").map(|(m, k)| (m, k.trim_end_matches(".default")))?;
     let is_a = match kind {
         "A" => true,
         "B" => false,
@@ -96,9 +82,7 @@ pub fn from_tensors(
     let mut a_parts: Vec<[Option<Vec<Vec<f32>>>; 7]> = vec![Default::default(); base.num_layers];
     let mut b_parts: Vec<[Option<Vec<Vec<f32>>>; 7]> = vec![Default::default(); base.num_layers];
     if tensors.is_empty() {
-        return Err(LoraError::Weights(
-            "the safetensors file holds no tensors".into(),
-        ));
+        return Err(LoraError::Weights("the safetensors file holds no tensors".into()));
     }
     for (name, tensor) in tensors {
         let (layer, module, is_a) = parse_name(&name).ok_or_else(|| {
@@ -113,19 +97,13 @@ pub fn from_tensors(
             )));
         }
         if !config.targets(layer, module) {
-            return Err(LoraError::Mismatch(format!(
-                "`{name}` is not a target of adapter_config.json"
-            )));
+            return Err(LoraError::Mismatch(format!("`{name}` is not a target of adapter_config.json")));
         }
         let rows = tensor
             .to_dtype(DType::F32)
             .and_then(|t| t.to_vec2::<f32>())
             .map_err(|e| LoraError::Weights(format!("`{name}` is not a 2-D float tensor: {e}")))?;
-        let slot = if is_a {
-            &mut a_parts[layer][module.index()]
-        } else {
-            &mut b_parts[layer][module.index()]
-        };
+        let slot = if is_a { &mut a_parts[layer][module.index()] } else { &mut b_parts[layer][module.index()] };
         *slot = Some(rows);
     }
     let mut layers: Vec<[Option<LoraWeights>; 7]> = vec![Default::default(); base.num_layers];
@@ -135,18 +113,12 @@ pub fn from_tensors(
             let name = super::config::module_name(layer, module);
             let (a, b) = match (a_parts[layer][i].take(), b_parts[layer][i].take()) {
                 (None, None) if config.targets(layer, module) => {
-                    return Err(LoraError::Weights(format!(
-                        "{name}: lora_A and lora_B are missing"
-                    )))
+                    return Err(LoraError::Weights(format!("{name}: lora_A and lora_B are missing")))
                 }
                 (None, None) => continue,
                 (Some(a), Some(b)) => (a, b),
-                (Some(_), None) => {
-                    return Err(LoraError::Weights(format!("{name}: lora_B is missing")))
-                }
-                (None, Some(_)) => {
-                    return Err(LoraError::Weights(format!("{name}: lora_A is missing")))
-                }
+                (Some(_), None) => return Err(LoraError::Weights(format!("{name}: lora_B is missing"))),
+                (None, Some(_)) => return Err(LoraError::Weights(format!("{name}: lora_A is missing"))),
             };
             let (out_features, in_features) = base.dims[i];
             let rank = a.len();
@@ -170,9 +142,7 @@ pub fn from_tensors(
                 )));
             }
             if rank > max_rank {
-                return Err(LoraError::Mismatch(format!(
-                    "{name}: rank {rank} is above --max-lora-rank {max_rank}"
-                )));
+                return Err(LoraError::Mismatch(format!("{name}: rank {rank} is above --max-lora-rank {max_rank}")));
             }
             // B is stored transposed: [rank, out].
             let mut b_t = vec![0f32; rank * out_features];
@@ -208,10 +178,7 @@ mod tests {
             parse_name("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"),
             Some((0, Module::Q, true))
         );
-        assert_eq!(
-            parse_name("base_model.model.model.embed_tokens.lora_embedding_A"),
-            None
-        );
+        assert_eq!(parse_name("base_model.model.model.embed_tokens.lora_embedding_A"), None);
         assert_eq!(parse_name("base_model.model.lm_head.lora_A.weight"), None);
     }
 }

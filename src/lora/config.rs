@@ -23,15 +23,7 @@ pub enum Module {
 }
 
 impl Module {
-    pub const ALL: [Module; 7] = [
-        Module::Q,
-        Module::K,
-        Module::V,
-        Module::O,
-        Module::Gate,
-        Module::Up,
-        Module::Down,
-    ];
+    pub const ALL: [Module; 7] = [Module::Q, Module::K, Module::V, Module::O, Module::Gate, Module::Up, Module::Down];
 
     /// The Hugging Face module path under `model.layers.N`.
     pub fn path(self) -> &'static str {
@@ -127,11 +119,10 @@ impl Targets {
     fn parse(t: &TargetModules, field: &str) -> Result<Self, LoraError> {
         Ok(match t {
             TargetModules::List(names) => Targets::Names(names.clone()),
-            TargetModules::Regex(pattern) => {
-                Targets::Regex(Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
-                    LoraError::Config(format!("`{field}` is not a valid regex: {e}"))
-                })?)
-            }
+            TargetModules::Regex(pattern) => Targets::Regex(
+                Regex::new(&format!("^(?:{pattern})$"))
+                    .map_err(|e| LoraError::Config(format!("`{field}` is not a valid regex: {e}")))?,
+            ),
         })
     }
 
@@ -139,9 +130,7 @@ impl Targets {
     /// regex must match the whole name.
     fn matches(&self, name: &str) -> bool {
         match self {
-            Targets::Names(names) => names
-                .iter()
-                .any(|t| name == t || name.ends_with(&format!(".{t}"))),
+            Targets::Names(names) => names.iter().any(|t| name == t || name.ends_with(&format!(".{t}"))),
             Targets::Regex(re) => re.is_match(name),
         }
     }
@@ -156,8 +145,8 @@ fn pattern_regex(key: &str) -> Result<Regex, LoraError> {
 
 impl AdapterConfig {
     pub fn parse(text: &str) -> Result<Self, LoraError> {
-        let raw: AdapterConfigFile = serde_json::from_str(text)
-            .map_err(|e| LoraError::Config(format!("adapter_config.json: {e}")))?;
+        let raw: AdapterConfigFile =
+            serde_json::from_str(text).map_err(|e| LoraError::Config(format!("adapter_config.json: {e}")))?;
         Self::from_file(raw)
     }
 
@@ -182,10 +171,7 @@ impl AdapterConfig {
             ("layer_replication", &raw.layer_replication),
             ("target_parameters", &raw.target_parameters),
             ("trainable_token_indices", &raw.trainable_token_indices),
-            (
-                "alora_invocation_tokens (aLoRA)",
-                &raw.alora_invocation_tokens,
-            ),
+            ("alora_invocation_tokens (aLoRA)", &raw.alora_invocation_tokens),
             ("use_bdlora", &raw.use_bdlora),
         ] {
             if value.as_ref().is_some_and(is_set) {
@@ -202,11 +188,7 @@ impl AdapterConfig {
             Some(t) => Targets::parse(t, "target_modules")?,
             None => return Err(LoraError::Config("`target_modules` is missing".into())),
         };
-        let exclude = raw
-            .exclude_modules
-            .as_ref()
-            .map(|t| Targets::parse(t, "exclude_modules"))
-            .transpose()?;
+        let exclude = raw.exclude_modules.as_ref().map(|t| Targets::parse(t, "exclude_modules")).transpose()?;
         let rank_pattern = raw
             .rank_pattern
             .iter()
@@ -248,22 +230,14 @@ impl AdapterConfig {
     /// Rank of a module: the first matching `rank_pattern` key, else `r`.
     pub fn rank(&self, layer: usize, module: Module) -> usize {
         let name = module_name(layer, module);
-        self.rank_pattern
-            .iter()
-            .find(|(re, _, _)| re.is_match(&name))
-            .map(|(_, _, r)| *r)
-            .unwrap_or(self.r)
+        self.rank_pattern.iter().find(|(re, _, _)| re.is_match(&name)).map(|(_, _, r)| *r).unwrap_or(self.r)
     }
 
     /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA, with per-module overrides.
     pub fn scale(&self, layer: usize, module: Module) -> f64 {
         let name = module_name(layer, module);
-        let alpha = self
-            .alpha_pattern
-            .iter()
-            .find(|(re, _, _)| re.is_match(&name))
-            .map(|(_, _, a)| *a)
-            .unwrap_or(self.alpha);
+        let alpha =
+            self.alpha_pattern.iter().find(|(re, _, _)| re.is_match(&name)).map(|(_, _, a)| *a).unwrap_or(self.alpha);
         let r = self.rank(layer, module) as f64;
         if self.use_rslora {
             alpha / r.sqrt()
@@ -302,13 +276,11 @@ mod tests {
     fn scale_is_alpha_over_r_or_sqrt_r() -> Result<(), LoraError> {
         let plain = config("")?;
         assert_eq!(plain.scale(0, Module::Q), 2.0);
-        let rs = AdapterConfig::parse(
-            r#"{"r": 4, "lora_alpha": 8, "use_rslora": true, "target_modules": ["q_proj"]}"#,
-        )?;
+        let rs =
+            AdapterConfig::parse(r#"{"r": 4, "lora_alpha": 8, "use_rslora": true, "target_modules": ["q_proj"]}"#)?;
         assert_eq!(rs.scale(0, Module::Q), 4.0);
-        let rs16 = AdapterConfig::parse(
-            r#"{"r": 16, "lora_alpha": 8, "use_rslora": true, "target_modules": ["q_proj"]}"#,
-        )?;
+        let rs16 =
+            AdapterConfig::parse(r#"{"r": 16, "lora_alpha": 8, "use_rslora": true, "target_modules": ["q_proj"]}"#)?;
         assert_eq!(rs16.scale(3, Module::Q), 2.0);
         Ok(())
     }
@@ -329,8 +301,7 @@ mod tests {
         assert!(c.targets(1, Module::Q) && c.targets(2, Module::K));
         assert!(!c.targets(0, Module::Q) && !c.targets(12, Module::Q) && !c.targets(1, Module::V));
         // Not a full match: "q_proj" alone does not match "model.layers.0.self_attn.q_proj".
-        let partial =
-            AdapterConfig::parse(r#"{"r": 8, "lora_alpha": 8, "target_modules": "q_proj"}"#)?;
+        let partial = AdapterConfig::parse(r#"{"r": 8, "lora_alpha": 8, "target_modules": "q_proj"}"#)?;
         assert!(!partial.targets(0, Module::Q));
         Ok(())
     }
@@ -343,11 +314,7 @@ mod tests {
         assert_eq!((c.rank(0, Module::Q), c.scale(0, Module::Q)), (8, 2.0));
         assert_eq!((c.rank(0, Module::V), c.scale(0, Module::V)), (4, 8.0)); // 32 / 4
         assert_eq!((c.rank(3, Module::Q), c.scale(3, Module::Q)), (2, 8.0)); // 16 / 2
-        assert_eq!(
-            c.rank(13, Module::Q),
-            8,
-            "layers.13 must not match the layers.3 pattern"
-        );
+        assert_eq!(c.rank(13, Module::Q), 8, "layers.13 must not match the layers.3 pattern");
         Ok(())
     }
 

@@ -53,11 +53,7 @@ struct Inner {
 
 impl AdapterRegistry {
     pub fn new(base: BaseShapes, options: RegistryOptions) -> Self {
-        Self {
-            base,
-            options,
-            inner: Mutex::new(Inner::default()),
-        }
+        Self { base, options, inner: Mutex::new(Inner::default()) }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -69,8 +65,7 @@ impl AdapterRegistry {
     /// under the roots; start-up adapters (`trusted`) may live anywhere.
     pub fn register(&self, name: &str, path: &Path, trusted: bool) -> Result<(), LoraError> {
         validate_name(name)?;
-        let path = std::fs::canonicalize(path)
-            .map_err(|e| LoraError::Io(format!("{}: {e}", path.display())))?;
+        let path = std::fs::canonicalize(path).map_err(|e| LoraError::Io(format!("{}: {e}", path.display())))?;
         if !trusted && !self.options.roots.iter().any(|root| path.starts_with(root)) {
             return Err(LoraError::OutsideRoots(path.display().to_string()));
         }
@@ -81,8 +76,7 @@ impl AdapterRegistry {
             return Err(LoraError::NameTaken(name.to_string()));
         }
         let weights = Arc::new(adapter::load(&path, &self.base, self.options.max_rank)?);
-        let defaults = crate::prompt::presets::adapter_defaults(&path)
-            .map_err(|e| LoraError::Config(e.to_string()))?;
+        let defaults = crate::prompt::presets::adapter_defaults(&path).map_err(|e| LoraError::Config(e.to_string()))?;
         let mut inner = self.lock();
         if inner.entries.contains_key(name) {
             return Err(LoraError::NameTaken(name.to_string()));
@@ -91,24 +85,14 @@ impl AdapterRegistry {
         let clock = inner.clock;
         inner.entries.insert(
             name.to_string(),
-            Entry {
-                path,
-                defaults,
-                created: crate::api::unix_now(),
-                resident: Some(weights),
-                last_used: clock,
-            },
+            Entry { path, defaults, created: crate::api::unix_now(), resident: Some(weights), last_used: clock },
         );
         self.evict(&mut inner);
         Ok(())
     }
 
     pub fn unregister(&self, name: &str) -> Result<(), LoraError> {
-        self.lock()
-            .entries
-            .remove(name)
-            .map(|_| ())
-            .ok_or_else(|| LoraError::NotFound(name.to_string()))
+        self.lock().entries.remove(name).map(|_| ()).ok_or_else(|| LoraError::NotFound(name.to_string()))
     }
 
     /// The adapter's `tailor.toml` defaults (empty when it has none).
@@ -154,21 +138,13 @@ impl AdapterRegistry {
         self.lock()
             .entries
             .iter()
-            .map(|(name, e)| AdapterInfo {
-                name: name.clone(),
-                path: e.path.clone(),
-                created: e.created,
-            })
+            .map(|(name, e)| AdapterInfo { name: name.clone(), path: e.path.clone(), created: e.created })
             .collect()
     }
 
     /// How many adapters have their weights in memory.
     pub fn resident_count(&self) -> usize {
-        self.lock()
-            .entries
-            .values()
-            .filter(|e| e.resident.is_some())
-            .count()
+        self.lock().entries.values().filter(|e| e.resident.is_some()).count()
     }
 
     fn evict(&self, inner: &mut Inner) {
@@ -177,11 +153,7 @@ impl AdapterRegistry {
             return;
         }
         loop {
-            let resident = inner
-                .entries
-                .values()
-                .filter(|e| e.resident.is_some())
-                .count();
+            let resident = inner.entries.values().filter(|e| e.resident.is_some()).count();
             if resident <= max {
                 return;
             }
@@ -189,11 +161,7 @@ impl AdapterRegistry {
             let victim = inner
                 .entries
                 .iter_mut()
-                .filter(|(_, e)| {
-                    e.resident
-                        .as_ref()
-                        .is_some_and(|w| Arc::strong_count(w) == 1)
-                })
+                .filter(|(_, e)| e.resident.as_ref().is_some_and(|w| Arc::strong_count(w) == 1))
                 .min_by_key(|(_, e)| e.last_used);
             match victim {
                 Some((name, entry)) => {
@@ -211,9 +179,7 @@ pub fn validate_name(name: &str) -> Result<(), LoraError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with(['.', '-'])
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
         && !name.contains("..");
     if ok {
         Ok(())
@@ -231,16 +197,7 @@ mod tests {
         for good in ["pirate", "support-bot_v2", "a.b", "X9"] {
             assert!(validate_name(good).is_ok(), "{good}");
         }
-        for bad in [
-            "",
-            "../x",
-            "a/b",
-            ".hidden",
-            "-x",
-            "a..b",
-            "naïve",
-            &"x".repeat(65),
-        ] {
+        for bad in ["", "../x", "a/b", ".hidden", "-x", "a..b", "naïve", &"x".repeat(65)] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
     }

@@ -24,20 +24,14 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     pub fn validate(&self) -> Result<()> {
-        if self.num_heads == 0
-            || self.num_kv_heads == 0
-            || !self.num_heads.is_multiple_of(self.num_kv_heads)
-        {
+        if self.num_heads == 0 || self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(ModelError::Invalid(format!(
                 "{} attention heads cannot be grouped over {} key/value heads",
                 self.num_heads, self.num_kv_heads
             )));
         }
         if !self.head_dim.is_multiple_of(2) {
-            return Err(ModelError::Invalid(format!(
-                "rotary embeddings need an even head_dim, got {}",
-                self.head_dim
-            )));
+            return Err(ModelError::Invalid(format!("rotary embeddings need an even head_dim, got {}", self.head_dim)));
         }
         Ok(())
     }
@@ -74,17 +68,11 @@ pub struct RopeParameters {
 
 impl HfConfig {
     pub fn to_model_config(&self) -> Result<ModelConfig> {
-        let rope_type = self
-            .rope_parameters
-            .as_ref()
-            .and_then(|r| r.rope_type.clone())
-            .or_else(|| {
-                self.rope_scaling.as_ref().and_then(|s| {
-                    s.get("rope_type")
-                        .or_else(|| s.get("type"))
-                        .and_then(|t| t.as_str().map(String::from))
-                })
-            });
+        let rope_type = self.rope_parameters.as_ref().and_then(|r| r.rope_type.clone()).or_else(|| {
+            self.rope_scaling
+                .as_ref()
+                .and_then(|s| s.get("rope_type").or_else(|| s.get("type")).and_then(|t| t.as_str().map(String::from)))
+        });
         if let Some(kind) = rope_type.filter(|t| t != "default") {
             return Err(ModelError::Unsupported(format!("rope scaling `{kind}`")));
         }
@@ -97,9 +85,7 @@ impl HfConfig {
             num_layers: self.num_hidden_layers,
             num_heads: self.num_attention_heads,
             num_kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
-            head_dim: self
-                .head_dim
-                .unwrap_or(self.hidden_size / self.num_attention_heads),
+            head_dim: self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads),
             rms_norm_eps: self.rms_norm_eps,
             rope_theta: self
                 .rope_parameters

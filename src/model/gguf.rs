@@ -31,38 +31,23 @@ pub struct GgufSource {
 
 impl GgufSource {
     pub fn open(path: &Path, mode: WeightMode) -> Result<Self> {
-        let io_err = |source| ModelError::Io {
-            path: path.display().to_string(),
-            source,
-        };
+        let io_err = |source| ModelError::Io { path: path.display().to_string(), source };
         let mut reader = BufReader::new(File::open(path).map_err(io_err)?);
-        let content = Content::read(&mut reader).map_err(|e| {
-            ModelError::Invalid(format!("{}: not a readable GGUF file: {e}", path.display()))
-        })?;
+        let content = Content::read(&mut reader)
+            .map_err(|e| ModelError::Invalid(format!("{}: not a readable GGUF file: {e}", path.display())))?;
         let arch = string(&content.metadata, "general.architecture")?;
         let unpermute_qk = match arch.as_str() {
             "llama" => true,
             "qwen2" => false,
             other => {
-                return Err(ModelError::Unsupported(format!(
-                    "GGUF architecture `{other}` (supported: llama, qwen2)"
-                )))
+                return Err(ModelError::Unsupported(format!("GGUF architecture `{other}` (supported: llama, qwen2)")))
             }
         };
         if content.tensor_infos.contains_key("rope_freqs.weight") {
-            return Err(ModelError::Unsupported(
-                "Llama 3.1-style rope frequency factors (rope_freqs.weight)".into(),
-            ));
+            return Err(ModelError::Unsupported("Llama 3.1-style rope frequency factors (rope_freqs.weight)".into()));
         }
         let config = config_from_metadata(&content, &arch)?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            reader,
-            content,
-            mode,
-            config,
-            unpermute_qk,
-        })
+        Ok(Self { path: path.to_path_buf(), reader, content, mode, config, unpermute_qk })
     }
 
     pub fn metadata(&self) -> &HashMap<String, Value> {
@@ -77,10 +62,7 @@ impl GgufSource {
     /// layout (q/k rows un-permuted): what a safetensors export holds.
     pub fn export_hf(&mut self) -> Result<Vec<(String, Tensor)>> {
         let config = self.config.clone();
-        let mut names = vec![
-            "model.embed_tokens.weight".to_string(),
-            "model.norm.weight".to_string(),
-        ];
+        let mut names = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()];
         if !config.tie_word_embeddings {
             names.push("lm_head.weight".into());
         }
@@ -88,12 +70,7 @@ impl GgufSource {
             for module in ["input_layernorm", "post_attention_layernorm"] {
                 names.push(format!("model.layers.{i}.{module}.weight"));
             }
-            for module in [
-                "self_attn.q_proj",
-                "self_attn.k_proj",
-                "self_attn.v_proj",
-                "self_attn.o_proj",
-            ] {
+            for module in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"] {
                 names.push(format!("model.layers.{i}.{module}.weight"));
             }
             for module in ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"] {
@@ -103,10 +80,7 @@ impl GgufSource {
         names
             .into_iter()
             .map(|name| {
-                let tensor = match name
-                    .strip_suffix(".weight")
-                    .filter(|n| n.ends_with("_proj"))
-                {
+                let tensor = match name.strip_suffix(".weight").filter(|n| n.ends_with("_proj")) {
                     Some(linear) => self.load_linear_weight(linear)?.dequantize(&Device::Cpu)?,
                     None => self.dense(&name)?,
                 };
@@ -119,9 +93,7 @@ impl GgufSource {
         if !self.content.tensor_infos.contains_key(gguf_name) {
             return Err(ModelError::MissingTensor(gguf_name.to_string()));
         }
-        Ok(self
-            .content
-            .tensor(&mut self.reader, gguf_name, &Device::Cpu)?)
+        Ok(self.content.tensor(&mut self.reader, gguf_name, &Device::Cpu)?)
     }
 
     fn load_linear_weight(&mut self, name: &str) -> Result<QTensor> {
@@ -165,9 +137,7 @@ impl WeightSource for GgufSource {
         let bias_name = format!("{name}.bias");
         let bias = if self.contains(&bias_name) {
             if self.unpermute_qk && (name.ends_with("q_proj") || name.ends_with("k_proj")) {
-                return Err(ModelError::Unsupported(
-                    "q/k projection bias in a llama GGUF".into(),
-                ));
+                return Err(ModelError::Unsupported("q/k projection bias in a llama GGUF".into()));
             }
             Some(self.dense(&bias_name)?)
         } else {
@@ -190,9 +160,7 @@ impl WeightSource for GgufSource {
     }
 
     fn contains(&self, name: &str) -> bool {
-        gguf_name(name)
-            .map(|g| self.content.tensor_infos.contains_key(&g))
-            .unwrap_or(false)
+        gguf_name(name).map(|g| self.content.tensor_infos.contains_key(&g)).unwrap_or(false)
     }
 }
 
@@ -231,13 +199,8 @@ fn gguf_name(hf: &str) -> Result<String> {
 fn unpermute_rows(q: &QTensor, n_head: usize) -> Result<QTensor> {
     let (rows, cols) = q.shape().dims2()?;
     let data = q.data()?;
-    if !rows.is_multiple_of(n_head)
-        || !(rows / n_head).is_multiple_of(2)
-        || !data.len().is_multiple_of(rows)
-    {
-        return Err(ModelError::Invalid(format!(
-            "cannot split {rows} rows into {n_head} rotary heads"
-        )));
+    if !rows.is_multiple_of(n_head) || !(rows / n_head).is_multiple_of(2) || !data.len().is_multiple_of(rows) {
+        return Err(ModelError::Invalid(format!("cannot split {rows} rows into {n_head} rotary heads")));
     }
     let row_bytes = data.len() / rows;
     let head_dim = rows / n_head;
@@ -285,9 +248,7 @@ fn config_from_metadata(content: &Content, arch: &str) -> Result<ModelConfig> {
         num_kv_heads: usize_of("attention.head_count_kv").unwrap_or(num_heads),
         head_dim,
         rms_norm_eps: get("attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
-        rope_theta: get("rope.freq_base")
-            .and_then(|v| Ok(v.to_f32()?))
-            .unwrap_or(10_000.0),
+        rope_theta: get("rope.freq_base").and_then(|v| Ok(v.to_f32()?)).unwrap_or(10_000.0),
         max_position_embeddings: usize_of("context_length").unwrap_or(4096),
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
@@ -311,18 +272,9 @@ mod tests {
 
     #[test]
     fn maps_hf_names_to_gguf() -> Result<()> {
-        assert_eq!(
-            gguf_name("model.layers.3.self_attn.k_proj.weight")?,
-            "blk.3.attn_k.weight"
-        );
-        assert_eq!(
-            gguf_name("model.layers.12.mlp.down_proj.weight")?,
-            "blk.12.ffn_down.weight"
-        );
-        assert_eq!(
-            gguf_name("model.layers.0.post_attention_layernorm.weight")?,
-            "blk.0.ffn_norm.weight"
-        );
+        assert_eq!(gguf_name("model.layers.3.self_attn.k_proj.weight")?, "blk.3.attn_k.weight");
+        assert_eq!(gguf_name("model.layers.12.mlp.down_proj.weight")?, "blk.12.ffn_down.weight");
+        assert_eq!(gguf_name("model.layers.0.post_attention_layernorm.weight")?, "blk.0.ffn_norm.weight");
         assert_eq!(gguf_name("model.norm.weight")?, "output_norm.weight");
         assert!(gguf_name("model.layers.0.self_attn.rotary").is_err());
         Ok(())
@@ -335,11 +287,8 @@ mod tests {
         let hf: Vec<f32> = (0..rows * cols).map(|i| (i / cols) as f32).collect();
         // llama.cpp: reshape(n_head, 2, d/2, cols).swapaxes(1, 2).
         let hf_t = Tensor::from_vec(hf.clone(), (rows, cols), &Device::Cpu)?;
-        let permuted = hf_t
-            .reshape((n_head, 2, rows / n_head / 2, cols))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((rows, cols))?;
+        let permuted =
+            hf_t.reshape((n_head, 2, rows / n_head / 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?;
         let q = QTensor::quantize(&permuted, GgmlDType::F32)?;
         let back = unpermute_rows(&q, n_head)?.dequantize(&Device::Cpu)?;
         assert_eq!(back.flatten_all()?.to_vec1::<f32>()?, hf);

@@ -13,10 +13,7 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        Self {
-            layers: vec![None; num_layers],
-            len: 0,
-        }
+        Self { layers: vec![None; num_layers], len: 0 }
     }
 
     /// Tokens already cached: the position of the next token.
@@ -30,12 +27,7 @@ impl KvCache {
 
     /// Appends `k`, `v` (`[kv_heads, new, head_dim]`) to `layer` and returns the
     /// whole history including them.
-    pub(crate) fn append(
-        &mut self,
-        layer: usize,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (k, v) = match &self.layers[layer] {
             None => (k.clone(), v.clone()),
             Some((pk, pv)) => (Tensor::cat(&[pk, k], 1)?, Tensor::cat(&[pv, v], 1)?),
@@ -51,18 +43,11 @@ impl KvCache {
 
     /// Bytes held by the cached tensors.
     pub fn size_in_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|(k, _)| 2 * k.elem_count() * k.dtype().size_in_bytes())
-            .sum()
+        self.layers.iter().flatten().map(|(k, _)| 2 * k.elem_count() * k.dtype().size_in_bytes()).sum()
     }
 
     /// Tokens held per layer, for consistency checks in tests.
     pub fn layer_tokens(&self, layer: usize) -> usize {
-        self.layers[layer]
-            .as_ref()
-            .and_then(|(k, _)| k.dim(D::Minus2).ok())
-            .unwrap_or(0)
+        self.layers[layer].as_ref().and_then(|(k, _)| k.dim(D::Minus2).ok()).unwrap_or(0)
     }
 }

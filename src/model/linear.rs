@@ -33,12 +33,7 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn new(
-        weight: Weight,
-        bias: Option<Tensor>,
-        out_features: usize,
-        in_features: usize,
-    ) -> Self {
+    pub fn new(weight: Weight, bias: Option<Tensor>, out_features: usize, in_features: usize) -> Self {
         Self {
             weight,
             bias,
@@ -73,19 +68,11 @@ impl Linear {
             Weight::Dense(w) => x.matmul(&w.t()?)?,
             Weight::Q4_1(w) => {
                 let (tokens, rows) = quantize_rows(x)?;
-                Tensor::from_vec(
-                    w.matmul(&rows, kernels::isa()),
-                    (tokens, w.rows()),
-                    &Device::Cpu,
-                )?
+                Tensor::from_vec(w.matmul(&rows, kernels::isa()), (tokens, w.rows()), &Device::Cpu)?
             }
             Weight::Q8_0(w) => {
                 let (tokens, rows) = quantize_rows(x)?;
-                Tensor::from_vec(
-                    w.matmul(&rows, kernels::isa()),
-                    (tokens, w.rows()),
-                    &Device::Cpu,
-                )?
+                Tensor::from_vec(w.matmul(&rows, kernels::isa()), (tokens, w.rows()), &Device::Cpu)?
             }
         };
         let y = match &self.bias {
@@ -102,10 +89,6 @@ impl Linear {
 /// `[tokens, in]` activations as Q8 rows, what the integer kernels consume.
 fn quantize_rows(x: &Tensor) -> Result<(usize, Vec<Q8Row>)> {
     let (tokens, _) = x.dims2()?;
-    let rows = x
-        .to_vec2::<f32>()?
-        .iter()
-        .map(|r| Q8Row::quantize(r))
-        .collect();
+    let rows = x.to_vec2::<f32>()?.iter().map(|r| Q8Row::quantize(r)).collect();
     Ok((tokens, rows))
 }

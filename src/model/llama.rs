@@ -18,6 +18,8 @@ pub enum Logits {
     Last,
     /// Every position of the row (prefill checks, scoring).
     All,
+    /// None: a prompt chunk that does not end the prompt.
+    None,
 }
 
 /// One sequence's share of a forward step.
@@ -37,10 +39,7 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn load(src: &mut dyn WeightSource, name: &str) -> Result<Self> {
-        Ok(Self {
-            weight: src.dense(&format!("{name}.weight"))?,
-            eps: src.config().rms_norm_eps as f32,
-        })
+        Ok(Self { weight: src.dense(&format!("{name}.weight"))?, eps: src.config().rms_norm_eps as f32 })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -58,9 +57,8 @@ impl Rope {
     fn new(cfg: &ModelConfig) -> Result<Self> {
         let half = cfg.head_dim / 2;
         // float32 throughout, as transformers computes it.
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / cfg.head_dim as f32))
-            .collect();
+        let inv_freq: Vec<f32> =
+            (0..half).map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / cfg.head_dim as f32)).collect();
         let n = cfg.max_position_embeddings;
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
@@ -135,9 +133,7 @@ impl Attention {
                     .unsqueeze(0)?)
             };
             let q = rope.apply(&heads(&q, self.num_heads)?, start)?.squeeze(0)?;
-            let k = rope
-                .apply(&heads(&k, self.num_kv_heads)?, start)?
-                .squeeze(0)?;
+            let k = rope.apply(&heads(&k, self.num_kv_heads)?, start)?.squeeze(0)?;
             let v = heads(&v, self.num_kv_heads)?.squeeze(0)?;
             let (k, v) = row.cache.append(layer, &k, &v)?;
             outputs.push(self.attend(&q, &k, &v, start)?);
@@ -160,35 +156,22 @@ impl Attention {
         let mut att = (q.matmul(&k.t()?)? * scale)?;
         if n > 1 {
             let mask = causal_mask(n, start, total)?;
-            att = att
-                .reshape((self.num_kv_heads, group, n, total))?
-                .broadcast_add(&mask)?
-                .reshape((self.num_kv_heads, group * n, total))?;
+            att = att.reshape((self.num_kv_heads, group, n, total))?.broadcast_add(&mask)?.reshape((
+                self.num_kv_heads,
+                group * n,
+                total,
+            ))?;
         }
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         // [kv_heads, group·n, d] → [heads, n, d] → [n, heads·d]
-        Ok(att
-            .matmul(v)?
-            .reshape((n_heads, n, d))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((n, n_heads * d))?)
+        Ok(att.matmul(v)?.reshape((n_heads, n, d))?.transpose(0, 1)?.contiguous()?.reshape((n, n_heads * d))?)
     }
 }
 
 /// `[n, total]`: query i (at position start+i) sees keys 0..=start+i.
 fn causal_mask(n: usize, start: usize, total: usize) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..n)
-        .flat_map(|i| {
-            (0..total).map(move |j| {
-                if j > start + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
+    let mask: Vec<f32> =
+        (0..n).flat_map(|i| (0..total).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Ok(Tensor::from_vec(mask, (n, total), &Device::Cpu)?)
 }
 
@@ -201,22 +184,15 @@ struct Mlp {
 impl Mlp {
     fn load(src: &mut dyn WeightSource, prefix: &str, layer: usize) -> Result<Self> {
         Ok(Self {
-            gate_proj: src
-                .linear(&format!("{prefix}.gate_proj"))?
-                .with_slot(layer, 4),
-            up_proj: src
-                .linear(&format!("{prefix}.up_proj"))?
-                .with_slot(layer, 5),
-            down_proj: src
-                .linear(&format!("{prefix}.down_proj"))?
-                .with_slot(layer, 6),
+            gate_proj: src.linear(&format!("{prefix}.gate_proj"))?.with_slot(layer, 4),
+            up_proj: src.linear(&format!("{prefix}.up_proj"))?.with_slot(layer, 5),
+            down_proj: src.linear(&format!("{prefix}.down_proj"))?.with_slot(layer, 6),
         })
     }
 
     fn forward(&self, x: &Tensor, adapters: &[LoraGroup]) -> Result<Tensor> {
         let gate = candle_nn::ops::silu(&self.gate_proj.forward(x, adapters)?)?;
-        self.down_proj
-            .forward(&(gate * self.up_proj.forward(x, adapters)?)?, adapters)
+        self.down_proj.forward(&(gate * self.up_proj.forward(x, adapters)?)?, adapters)
     }
 }
 
@@ -233,10 +209,7 @@ impl DecoderLayer {
         Ok(Self {
             input_layernorm: RmsNorm::load(src, &format!("{prefix}.input_layernorm"))?,
             self_attn: Attention::load(src, &format!("{prefix}.self_attn"), index)?,
-            post_attention_layernorm: RmsNorm::load(
-                src,
-                &format!("{prefix}.post_attention_layernorm"),
-            )?,
+            post_attention_layernorm: RmsNorm::load(src, &format!("{prefix}.post_attention_layernorm"))?,
             mlp: Mlp::load(src, &format!("{prefix}.mlp"), index)?,
             span: tracing::trace_span!("layer", index),
         })
@@ -265,14 +238,7 @@ impl Llama {
         } else {
             src.linear("lm_head")?
         };
-        Ok(Self {
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            rope: Rope::new(&config)?,
-            config,
-        })
+        Ok(Self { embed_tokens, layers, norm, lm_head, rope: Rope::new(&config)?, config })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -299,14 +265,8 @@ impl Llama {
                     self.config.max_position_embeddings
                 )));
             }
-            if let Some(&bad) = row
-                .tokens
-                .iter()
-                .find(|&&t| t as usize >= self.config.vocab_size)
-            {
-                return Err(ModelError::Invalid(format!(
-                    "token id {bad} is outside the vocabulary"
-                )));
+            if let Some(&bad) = row.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+                return Err(ModelError::Invalid(format!("token id {bad} is outside the vocabulary")));
             }
             spans.push((ids.len(), row.tokens.len()));
             ids.extend_from_slice(row.tokens);
@@ -319,9 +279,7 @@ impl Llama {
             let _enter = layer.span.enter();
             let residual = x.clone();
             let h = layer.input_layernorm.forward(&x)?;
-            let h = layer
-                .self_attn
-                .forward(&h, rows, &spans, index, &self.rope, &adapters)?;
+            let h = layer.self_attn.forward(&h, rows, &spans, index, &self.rope, &adapters)?;
             x = (h + residual)?;
             let residual = x.clone();
             let h = layer.post_attention_layernorm.forward(&x)?;
@@ -337,9 +295,14 @@ impl Llama {
             let first = match row.logits {
                 Logits::Last => offset + len - 1,
                 Logits::All => offset,
+                Logits::None => offset + len,
             };
             wanted.extend((first..offset + len).map(|i| i as u32));
             counts.push(offset + len - first);
+        }
+        if wanted.is_empty() {
+            let none = Tensor::zeros((0, self.config.vocab_size), DType::F32, &Device::Cpu)?;
+            return Ok(vec![none; rows.len()]);
         }
         let wanted = Tensor::new(wanted.as_slice(), &Device::Cpu)?;
         let h = self.norm.forward(&x.index_select(&wanted, 0)?)?;
@@ -362,10 +325,7 @@ fn adapter_groups(rows: &[BatchRow], spans: &[(usize, usize)]) -> Vec<LoraGroup>
         let tokens = offset..offset + len;
         match groups.iter_mut().find(|g| Arc::ptr_eq(&g.adapter, adapter)) {
             Some(group) => group.rows.extend(tokens),
-            None => groups.push(LoraGroup {
-                adapter: adapter.clone(),
-                rows: tokens.collect(),
-            }),
+            None => groups.push(LoraGroup { adapter: adapter.clone(), rows: tokens.collect() }),
         }
     }
     groups

@@ -47,12 +47,7 @@ impl AdapterWeights {
     }
 
     pub fn size_in_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .flatten()
-            .map(|w| 4 * (w.a.len() + w.b_t.len()))
-            .sum()
+        self.layers.iter().flatten().flatten().map(|w| 4 * (w.a.len() + w.b_t.len())).sum()
     }
 }
 
@@ -65,10 +60,8 @@ pub struct LoraGroup {
 
 /// Adds every group's delta to `y` (`[tokens, out]`), given the input `x` (`[tokens, in]`).
 pub fn apply(x: &Tensor, y: Tensor, groups: &[LoraGroup], slot: Slot) -> Result<Tensor> {
-    let active: Vec<(&LoraWeights, &[usize])> = groups
-        .iter()
-        .filter_map(|g| g.adapter.get(slot).map(|w| (w, g.rows.as_slice())))
-        .collect();
+    let active: Vec<(&LoraWeights, &[usize])> =
+        groups.iter().filter_map(|g| g.adapter.get(slot).map(|w| (w, g.rows.as_slice()))).collect();
     if active.is_empty() {
         return Ok(y);
     }
@@ -104,8 +97,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             lanes[k] += ca[k] * cb[k];
         }
     }
-    let mut sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+    let mut sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
     for i in chunks * 8..a.len() {
         sum += a[i] * b[i];
     }
@@ -124,12 +116,8 @@ mod tests {
 
     fn weights(rank: usize, inf: usize, outf: usize, scale: f32, seed: f32) -> LoraWeights {
         LoraWeights {
-            a: (0..rank * inf)
-                .map(|i| ((i as f32 + seed) * 0.37).sin())
-                .collect(),
-            b_t: (0..rank * outf)
-                .map(|i| ((i as f32 + seed) * 0.11).cos())
-                .collect(),
+            a: (0..rank * inf).map(|i| ((i as f32 + seed) * 0.37).sin()).collect(),
+            b_t: (0..rank * outf).map(|i| ((i as f32 + seed) * 0.11).cos()).collect(),
             rank,
             in_features: inf,
             out_features: outf,
@@ -147,41 +135,19 @@ mod tests {
     #[test]
     fn mixed_rows_match_reference_math() -> Result<()> {
         let (inf, outf) = (19, 13);
-        let x = Tensor::from_vec(
-            (0..4 * inf).map(|i| (i as f32 * 0.05).cos()).collect(),
-            (4, inf),
-            &Device::Cpu,
-        )?;
-        let base = Tensor::from_vec(
-            (0..4 * outf).map(|i| i as f32 * 0.01).collect(),
-            (4, outf),
-            &Device::Cpu,
-        )?;
-        let slot = Slot {
-            layer: 0,
-            module: 0,
-        };
+        let x = Tensor::from_vec((0..4 * inf).map(|i| (i as f32 * 0.05).cos()).collect(), (4, inf), &Device::Cpu)?;
+        let base = Tensor::from_vec((0..4 * outf).map(|i| i as f32 * 0.01).collect(), (4, outf), &Device::Cpu)?;
+        let slot = Slot { layer: 0, module: 0 };
         let mk = |w: LoraWeights| {
             let mut layer: [Option<LoraWeights>; 7] = Default::default();
             layer[0] = Some(w);
-            Arc::new(AdapterWeights {
-                layers: vec![layer],
-            })
+            Arc::new(AdapterWeights { layers: vec![layer] })
         };
-        let (wa, wb) = (
-            weights(3, inf, outf, 2.0, 1.0),
-            weights(5, inf, outf, 0.5, 7.0),
-        );
+        let (wa, wb) = (weights(3, inf, outf, 2.0, 1.0), weights(5, inf, outf, 0.5, 7.0));
         // Row 0: no adapter; rows 1, 3: adapter A; row 2: adapter B.
         let groups = vec![
-            LoraGroup {
-                adapter: mk(wa.clone()),
-                rows: vec![1, 3],
-            },
-            LoraGroup {
-                adapter: mk(wb.clone()),
-                rows: vec![2],
-            },
+            LoraGroup { adapter: mk(wa.clone()), rows: vec![1, 3] },
+            LoraGroup { adapter: mk(wb.clone()), rows: vec![2] },
         ];
         let got = apply(&x, base.clone(), &groups, slot)?.to_vec2::<f32>()?;
         let base_rows = base.to_vec2::<f32>()?;
@@ -191,23 +157,12 @@ mod tests {
             assert_eq!(got[0][o], base_rows[0][o]);
             for (row, delta) in [(1, &ra), (3, &ra), (2, &rb)] {
                 let want = base_rows[row][o] + delta[row][o];
-                assert!(
-                    (got[row][o] - want).abs() < 1e-5,
-                    "row {row} col {o}: {} vs {want}",
-                    got[row][o]
-                );
+                assert!((got[row][o] - want).abs() < 1e-5, "row {row} col {o}: {} vs {want}", got[row][o]);
             }
         }
         // Batch invariance: a row alone gives the same bits as in the batch.
-        let alone = apply(
-            &x.narrow(0, 2, 1)?,
-            base.narrow(0, 2, 1)?,
-            &[LoraGroup {
-                adapter: mk(wb),
-                rows: vec![0],
-            }],
-            slot,
-        )?;
+        let alone =
+            apply(&x.narrow(0, 2, 1)?, base.narrow(0, 2, 1)?, &[LoraGroup { adapter: mk(wb), rows: vec![0] }], slot)?;
         assert_eq!(alone.to_vec2::<f32>()?[0], got[2]);
         Ok(())
     }

@@ -16,6 +16,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 pub mod lora;
+pub mod random;
 pub mod safetensors;
 pub mod source;
 
@@ -31,10 +32,7 @@ pub enum ModelError {
     #[error("{0}")]
     Candle(#[from] candle_core::Error),
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("model metadata is missing `{0}`")]
     MissingMetadata(String),
     #[error("model has no tensor `{0}`")]

@@ -19,12 +19,10 @@ pub struct SafetensorsSource {
 impl SafetensorsSource {
     pub fn open(dir: &Path) -> Result<Self> {
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|source| ModelError::Io {
-            path: config_path.display().to_string(),
-            source,
-        })?;
-        let hf: HfConfig = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Invalid(format!("{}: {e}", config_path.display())))?;
+        let text = std::fs::read_to_string(&config_path)
+            .map_err(|source| ModelError::Io { path: config_path.display().to_string(), source })?;
+        let hf: HfConfig =
+            serde_json::from_str(&text).map_err(|e| ModelError::Invalid(format!("{}: {e}", config_path.display())))?;
         let config = hf.to_model_config()?;
         let files = safetensors_files(dir)?;
         // SAFETY: the files are mapped read-only; like every mmap user we rely
@@ -37,28 +35,20 @@ impl SafetensorsSource {
         if !self.contains(name) {
             return Err(ModelError::MissingTensor(name.to_string()));
         }
-        Ok(self
-            .tensors
-            .load(name, &Device::Cpu)?
-            .to_dtype(DType::F32)?)
+        Ok(self.tensors.load(name, &Device::Cpu)?.to_dtype(DType::F32)?)
     }
 }
 
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let entries = std::fs::read_dir(dir).map_err(|source| ModelError::Io {
-        path: dir.display().to_string(),
-        source,
-    })?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|source| ModelError::Io { path: dir.display().to_string(), source })?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(ModelError::Invalid(format!(
-            "no *.safetensors file in {}",
-            dir.display()
-        )));
+        return Err(ModelError::Invalid(format!("no *.safetensors file in {}", dir.display())));
     }
     Ok(files)
 }
@@ -72,17 +62,8 @@ impl WeightSource for SafetensorsSource {
         let w = self.load(&format!("{name}.weight"))?;
         let (out_features, in_features) = w.dims2()?;
         let bias_name = format!("{name}.bias");
-        let bias = if self.contains(&bias_name) {
-            Some(self.load(&bias_name)?)
-        } else {
-            None
-        };
-        Ok(Linear::new(
-            Weight::Dense(w),
-            bias,
-            out_features,
-            in_features,
-        ))
+        let bias = if self.contains(&bias_name) { Some(self.load(&bias_name)?) } else { None };
+        Ok(Linear::new(Weight::Dense(w), bias, out_features, in_features))
     }
 
     fn dense(&mut self, name: &str) -> Result<Tensor> {

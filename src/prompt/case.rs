@@ -49,12 +49,7 @@ impl RenderCase {
 
     /// Renders this case with `source` exactly as transformers would.
     pub fn render(&self, source: &str) -> Result<String, PromptError> {
-        let template = ChatTemplate::new(
-            source,
-            self.bos_token.clone(),
-            self.eos_token.clone(),
-            self.clock()?,
-        )?;
+        let template = ChatTemplate::new(source, self.bos_token.clone(), self.eos_token.clone(), self.clock()?)?;
         template.render(&ChatRequest {
             messages: self.messages.clone(),
             tools: self.tools.clone(),
@@ -83,9 +78,9 @@ pub fn render_all(cases: &[RenderCase], template_dir: &std::path::Path) -> Vec<C
         .map(|case| {
             let result = match &case.template {
                 None => Err(PromptError::Invalid("the case names no `template`".into())),
-                Some(name) if !is_plain_name(name) => Err(PromptError::Invalid(format!(
-                    "template name {name:?} is not a plain file name"
-                ))),
+                Some(name) if !is_plain_name(name) => {
+                    Err(PromptError::Invalid(format!("template name {name:?} is not a plain file name")))
+                }
                 Some(name) => std::fs::read_to_string(template_dir.join(format!("{name}.jinja")))
                     .map_err(|e| PromptError::Invalid(format!("cannot read template {name}: {e}")))
                     .and_then(|source| case.render(&source)),
@@ -94,11 +89,7 @@ pub fn render_all(cases: &[RenderCase], template_dir: &std::path::Path) -> Vec<C
                 Ok(text) => (Some(text), None),
                 Err(e) => (None, Some(e.to_string())),
             };
-            CaseResult {
-                case_id: case.case_id.clone(),
-                output,
-                error,
-            }
+            CaseResult { case_id: case.case_id.clone(), output, error }
         })
         .collect()
 }

@@ -35,9 +35,7 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate")
-            .field("bos_token", &self.bos_token)
-            .finish()
+        f.debug_struct("ChatTemplate").field("bos_token", &self.bos_token).finish()
     }
 }
 
@@ -50,12 +48,7 @@ impl ChatTemplate {
     ) -> Result<Self, PromptError> {
         let mut env = jinja::environment(clock);
         env.add_template_owned(TEMPLATE_NAME, jinja::rewrite_generation_tags(source))?;
-        Ok(Self {
-            env,
-            source: source.to_string(),
-            bos_token,
-            eos_token,
-        })
+        Ok(Self { env, source: source.to_string(), bos_token, eos_token })
     }
 
     pub fn source(&self) -> &str {
@@ -84,42 +77,28 @@ impl ChatTemplate {
             )));
         }
         let Some(last) = messages.last_mut() else {
-            return Err(PromptError::Invalid(
-                "continue_final_message needs at least one message".into(),
-            ));
+            return Err(PromptError::Invalid("continue_final_message needs at least one message".into()));
         };
         let final_text = append_continue_tag(last, field)?;
         let rendered = self.render_messages(&messages, request)?;
         if !rendered.contains(final_text.trim()) || !rendered.contains(CONTINUE_TAG.trim()) {
             return Err(PromptError::Invalid(
-                "continue_final_message: the final message does not appear in the rendered chat"
-                    .into(),
+                "continue_final_message: the final message does not appear in the rendered chat".into(),
             ));
         }
         let tag = CONTINUE_TAG.trim_end();
         let cut = rendered.rfind(tag).unwrap_or(rendered.len());
         let kept = &rendered[..cut];
         let followed_by_space = rendered[cut + tag.len()..].starts_with(' ');
-        Ok(if followed_by_space {
-            kept.to_string()
-        } else {
-            kept.trim_end().to_string()
-        })
+        Ok(if followed_by_space { kept.to_string() } else { kept.trim_end().to_string() })
     }
 
-    fn render_messages(
-        &self,
-        messages: &[Json],
-        request: &ChatRequest,
-    ) -> Result<String, PromptError> {
+    fn render_messages(&self, messages: &[Json], request: &ChatRequest) -> Result<String, PromptError> {
         let mut ctx: BTreeMap<String, Value> = BTreeMap::new();
         ctx.insert("messages".into(), Value::from_serde(messages));
         ctx.insert("tools".into(), json_or_none(request.tools.as_ref()));
         ctx.insert("documents".into(), json_or_none(request.documents.as_ref()));
-        ctx.insert(
-            "add_generation_prompt".into(),
-            Value::from(request.add_generation_prompt),
-        );
+        ctx.insert("add_generation_prompt".into(), Value::from(request.add_generation_prompt));
         if let Some(bos) = &self.bos_token {
             ctx.insert("bos_token".into(), Value::from(bos.clone()));
         }
@@ -147,14 +126,9 @@ fn normalize_message(message: &Json) -> Json {
     let Json::Object(fields) = message else {
         return message.clone();
     };
-    let fields: Map<String, Json> = fields
-        .iter()
-        .filter(|(_, v)| !v.is_null())
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let reasoning = ["reasoning_content", "thinking", "reasoning"]
-        .iter()
-        .find_map(|k| fields.get(*k).cloned());
+    let fields: Map<String, Json> =
+        fields.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let reasoning = ["reasoning_content", "thinking", "reasoning"].iter().find_map(|k| fields.get(*k).cloned());
     let Some(reasoning) = reasoning else {
         return Json::Object(fields);
     };
@@ -163,11 +137,7 @@ fn normalize_message(message: &Json) -> Json {
         out.insert("thinking".into(), reasoning.clone());
     }
     for (k, v) in &fields {
-        let v = if k == "thinking" || k == "reasoning_content" {
-            reasoning.clone()
-        } else {
-            v.clone()
-        };
+        let v = if k == "thinking" || k == "reasoning_content" { reasoning.clone() } else { v.clone() };
         out.insert(k.clone(), v);
     }
     if !fields.contains_key("reasoning_content") {
@@ -179,11 +149,7 @@ fn normalize_message(message: &Json) -> Json {
 /// Appends the continue tag to the final message's `field` and returns the
 /// message text as it was.
 fn append_continue_tag(message: &mut Json, field: &str) -> Result<String, PromptError> {
-    let missing = || {
-        PromptError::Invalid(format!(
-            "continue_final_message: the final message has no `{field}`"
-        ))
-    };
+    let missing = || PromptError::Invalid(format!("continue_final_message: the final message has no `{field}`"));
     let value = message.get_mut(field).ok_or_else(missing)?;
     match value {
         Json::String(s) => {
@@ -192,11 +158,8 @@ fn append_continue_tag(message: &mut Json, field: &str) -> Result<String, Prompt
             Ok(original)
         }
         Json::Array(parts) => {
-            let part = parts
-                .iter_mut()
-                .rev()
-                .find_map(|p| p.get_mut("text").filter(|t| t.is_string()))
-                .ok_or_else(missing)?;
+            let part =
+                parts.iter_mut().rev().find_map(|p| p.get_mut("text").filter(|t| t.is_string())).ok_or_else(missing)?;
             let original = part.as_str().unwrap_or_default().to_string();
             *part = Json::String(format!("{original}{CONTINUE_TAG}"));
             Ok(original)
@@ -223,24 +186,15 @@ mod tests {
             continue_final_message: true,
             ..Default::default()
         };
-        assert_eq!(
-            t.render(&req)?,
-            "<|im_start|>system\nS<|im_end|>\n<|im_start|>assistant\nArr"
-        );
+        assert_eq!(t.render(&req)?, "<|im_start|>system\nS<|im_end|>\n<|im_start|>assistant\nArr");
         Ok(())
     }
 
     #[test]
     fn reasoning_fields_are_mirrored_and_nulls_dropped() {
         let m = normalize_message(&json!({"role": "assistant", "content": null, "reasoning": "r"}));
-        assert_eq!(
-            m,
-            json!({"thinking": "r", "role": "assistant", "reasoning": "r", "reasoning_content": "r"})
-        );
-        let keys: Vec<&String> = m
-            .as_object()
-            .map(|o| o.keys().collect())
-            .unwrap_or_default();
+        assert_eq!(m, json!({"thinking": "r", "role": "assistant", "reasoning": "r", "reasoning_content": "r"}));
+        let keys: Vec<&String> = m.as_object().map(|o| o.keys().collect()).unwrap_or_default();
         assert_eq!(keys, ["thinking", "role", "reasoning", "reasoning_content"]);
     }
 }

@@ -82,9 +82,6 @@ mod tests {
         let merged = preset.over(&adapter);
         assert_eq!(merged.temperature, Some(0.2));
         assert_eq!(merged.max_tokens, Some(64));
-        assert_eq!(
-            Json::Object(merged.chat_template_kwargs),
-            serde_json::json!({"a": 1, "b": 2})
-        );
+        assert_eq!(Json::Object(merged.chat_template_kwargs), serde_json::json!({"a": 1, "b": 2}));
     }
 }

@@ -63,11 +63,8 @@ pub fn describe(e: &Error) -> String {
 
 pub fn environment(clock: Clock) -> Environment<'static> {
     let mut env = Environment::new();
-    if let Ok(syntax) = SyntaxConfig::builder()
-        .trim_blocks(true)
-        .lstrip_blocks(true)
-        .keep_trailing_newline(false)
-        .build()
+    if let Ok(syntax) =
+        SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).keep_trailing_newline(false).build()
     {
         env.set_syntax(syntax);
     }
@@ -84,16 +81,13 @@ pub fn environment(clock: Clock) -> Environment<'static> {
     env.add_filter("e", markupsafe_escape);
     env.add_test("none", |v: &Value| v.is_none() || is_py_none(v));
     env.add_function("raise_exception", raise_exception);
-    env.add_function(
-        "strftime_now",
-        move |format: String| -> Result<String, Error> {
-            let now = match clock {
-                Clock::Local => chrono::Local::now().naive_local(),
-                Clock::Frozen(t) => t,
-            };
-            strftime(&now, &format)
-        },
-    );
+    env.add_function("strftime_now", move |format: String| -> Result<String, Error> {
+        let now = match clock {
+            Clock::Local => chrono::Local::now().naive_local(),
+            Clock::Frozen(t) => t,
+        };
+        strftime(&now, &format)
+    });
     env
 }
 
@@ -133,22 +127,12 @@ fn generator(
     value: Value,
     run: impl FnOnce(&mut State, Value) -> Result<Vec<Value>, Error>,
 ) -> Result<Value, Error> {
-    let items = if value.is_true() {
-        run(state, value)?
-    } else {
-        Vec::new()
-    };
+    let items = if value.is_true() { run(state, value)? } else { Vec::new() };
     Ok(Value::make_one_shot_iterator(items.into_iter()))
 }
 
-fn map_generator(
-    state: &mut State,
-    value: Value,
-    args: Rest<ValueOrKwargs>,
-) -> Result<Value, Error> {
-    generator(state, value, |state, value| {
-        minijinja::filters::map(state, value, args)
-    })
+fn map_generator(state: &mut State, value: Value, args: Rest<ValueOrKwargs>) -> Result<Value, Error> {
+    generator(state, value, |state, value| minijinja::filters::map(state, value, args))
 }
 
 fn select_generator(
@@ -157,9 +141,7 @@ fn select_generator(
     test: Option<String>,
     args: Rest<ValueOrKwargs>,
 ) -> Result<Value, Error> {
-    generator(state, value, |state, value| {
-        minijinja::filters::select(state, value, test.map(Into::into), args)
-    })
+    generator(state, value, |state, value| minijinja::filters::select(state, value, test.map(Into::into), args))
 }
 
 fn reject_generator(
@@ -168,9 +150,7 @@ fn reject_generator(
     test: Option<String>,
     args: Rest<ValueOrKwargs>,
 ) -> Result<Value, Error> {
-    generator(state, value, |state, value| {
-        minijinja::filters::reject(state, value, test.map(Into::into), args)
-    })
+    generator(state, value, |state, value| minijinja::filters::reject(state, value, test.map(Into::into), args))
 }
 
 fn selectattr_generator(
@@ -224,21 +204,14 @@ fn markupsafe_escape(value: &Value) -> Value {
 }
 
 fn raise_exception(message: String) -> Result<Value, Error> {
-    Err(
-        Error::new(ErrorKind::InvalidOperation, "raise_exception called")
-            .with_source(Raised(message)),
-    )
+    Err(Error::new(ErrorKind::InvalidOperation, "raise_exception called").with_source(Raised(message)))
 }
 
 fn strftime(now: &NaiveDateTime, format: &str) -> Result<String, Error> {
     use std::fmt::Write;
     let mut out = String::new();
-    write!(out, "{}", now.format(format)).map_err(|_| {
-        Error::new(
-            ErrorKind::InvalidOperation,
-            format!("invalid strftime format {format:?}"),
-        )
-    })?;
+    write!(out, "{}", now.format(format))
+        .map_err(|_| Error::new(ErrorKind::InvalidOperation, format!("invalid strftime format {format:?}")))?;
     Ok(out)
 }
 
@@ -250,14 +223,8 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
         opts.indent = match indent.kind() {
             ValueKind::None => None,
             ValueKind::String => Some(indent.as_str().unwrap_or_default().to_string()),
-            ValueKind::Number => {
-                Some(" ".repeat(i64::try_from(indent).unwrap_or(0).max(0) as usize))
-            }
-            _ => {
-                return Err(invalid(
-                    "tojson: indent must be an integer or a string".into(),
-                ))
-            }
+            ValueKind::Number => Some(" ".repeat(i64::try_from(indent).unwrap_or(0).max(0) as usize)),
+            _ => return Err(invalid("tojson: indent must be an integer or a string".into())),
         };
         if opts.indent.is_some() {
             opts.item_separator = ",".into();
@@ -270,8 +237,8 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
                 .map(|v| v.as_str().map(String::from))
                 .collect::<Option<Vec<_>>>()
                 .ok_or_else(|| invalid("tojson: separators must be two strings".into()))?;
-            let [item, key] = <[String; 2]>::try_from(parts)
-                .map_err(|_| invalid("tojson: separators must be two strings".into()))?;
+            let [item, key] =
+                <[String; 2]>::try_from(parts).map_err(|_| invalid("tojson: separators must be two strings".into()))?;
             opts.item_separator = item;
             opts.key_separator = key;
         }
@@ -283,24 +250,14 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
         opts.ensure_ascii = ascii;
     }
     kwargs.assert_all_used()?;
-    pyjson::dumps(&value, &opts)
-        .map(Value::from)
-        .map_err(|msg| Error::new(ErrorKind::InvalidOperation, msg))
+    pyjson::dumps(&value, &opts).map(Value::from).map_err(|msg| Error::new(ErrorKind::InvalidOperation, msg))
 }
 
 /// Prints values as Python's `str()` would: `None`, `True`, `['a', 1]`.
-fn python_formatter(
-    out: &mut minijinja::Output,
-    _state: &mut State,
-    value: &Value,
-) -> Result<(), Error> {
+fn python_formatter(out: &mut minijinja::Output, _state: &mut State, value: &Value) -> Result<(), Error> {
     let text = match value.kind() {
         ValueKind::Undefined => return Ok(()),
-        ValueKind::String => {
-            return out
-                .write_str(value.as_str().unwrap_or_default())
-                .map_err(Error::from)
-        }
+        ValueKind::String => return out.write_str(value.as_str().unwrap_or_default()).map_err(Error::from),
         ValueKind::None | ValueKind::Bool | ValueKind::Seq | ValueKind::Map => pyjson::repr(value),
         ValueKind::Number => pyjson::number_repr(value),
         _ => value.to_string(),
@@ -347,20 +304,15 @@ mod tests {
 
     fn render(src: &str, ctx: Value) -> Result<String, Error> {
         let env = environment(Clock::Frozen(
-            NaiveDateTime::parse_from_str("2024-02-29T23:59:58", "%Y-%m-%dT%H:%M:%S")
-                .expect("date"),
+            NaiveDateTime::parse_from_str("2024-02-29T23:59:58", "%Y-%m-%dT%H:%M:%S").expect("date"),
         ));
         env.render_str(&rewrite_generation_tags(src), ctx)
     }
 
     #[test]
     fn whitespace_rules_match_transformers() -> Result<(), Error> {
-        let src =
-            "{% for m in messages %}\n  {% if true %}\n[{{ m }}]\n  {% endif %}\n{% endfor %}\n";
-        assert_eq!(
-            render(src, minijinja::context! { messages => vec!["a", "b"] })?,
-            "[a]\n[b]\n"
-        );
+        let src = "{% for m in messages %}\n  {% if true %}\n[{{ m }}]\n  {% endif %}\n{% endfor %}\n";
+        assert_eq!(render(src, minijinja::context! { messages => vec!["a", "b"] })?, "[a]\n[b]\n");
         Ok(())
     }
 
@@ -368,40 +320,22 @@ mod tests {
     fn python_printing_and_methods() -> Result<(), Error> {
         let ctx = minijinja::context! { x => Value::from_serde(serde_json::json!({"a": [true, null, 1.5]})) };
         assert_eq!(render("{{ x }}", ctx.clone())?, "{'a': [True, None, 1.5]}");
-        assert_eq!(
-            render("{{ '  hi  '.strip() }}|{{ 'a b'.split() }}", ctx.clone())?,
-            "hi|['a', 'b']"
-        );
-        assert_eq!(
-            render("{{ x | tojson }}", ctx.clone())?,
-            r#"{"a": [true, null, 1.5]}"#
-        );
-        assert_eq!(
-            render("{{ x | tojson(separators=(',', ':')) }}", ctx)?,
-            r#"{"a":[true,null,1.5]}"#
-        );
+        assert_eq!(render("{{ '  hi  '.strip() }}|{{ 'a b'.split() }}", ctx.clone())?, "hi|['a', 'b']");
+        assert_eq!(render("{{ x | tojson }}", ctx.clone())?, r#"{"a": [true, null, 1.5]}"#);
+        assert_eq!(render("{{ x | tojson(separators=(',', ':')) }}", ctx)?, r#"{"a":[true,null,1.5]}"#);
         Ok(())
     }
 
     #[test]
     fn raise_exception_carries_the_message() {
-        let err = render(
-            "{{ raise_exception('Only user and assistant roles!') }}",
-            Value::UNDEFINED,
-        );
+        let err = render("{{ raise_exception('Only user and assistant roles!') }}", Value::UNDEFINED);
         let err = err.expect_err("must fail");
-        assert_eq!(
-            raised_message(&err).as_deref(),
-            Some("Only user and assistant roles!")
-        );
+        assert_eq!(raised_message(&err).as_deref(), Some("Only user and assistant roles!"));
     }
 
     #[test]
     fn strftime_now_uses_the_clock_and_loop_controls_work() -> Result<(), Error> {
-        assert_eq!(
-            render("{{ strftime_now('%d %b %Y') }}", Value::UNDEFINED)?,
-            "29 Feb 2024"
-        );
+        assert_eq!(render("{{ strftime_now('%d %b %Y') }}", Value::UNDEFINED)?, "29 Feb 2024");
         let src = "{% for i in [1,2,3,4] %}{% if i == 2 %}{% continue %}{% endif %}{% if i == 4 %}{% break %}{% endif %}{{ i }}{% endfor %}";
         assert_eq!(render(src, Value::UNDEFINED)?, "13");
         Ok(())
@@ -409,20 +343,13 @@ mod tests {
 
     #[test]
     fn generation_tag_renders_its_body() -> Result<(), Error> {
-        assert_eq!(
-            render(
-                "a{%- generation -%} b {%- endgeneration %}c",
-                Value::UNDEFINED
-            )?,
-            "abc"
-        );
+        assert_eq!(render("a{%- generation -%} b {%- endgeneration %}c", Value::UNDEFINED)?, "abc");
         Ok(())
     }
 
     #[test]
     fn infinite_loops_run_out_of_fuel() {
-        let src =
-            "{% for i in range(1000000) %}{% for j in range(1000000) %}x{% endfor %}{% endfor %}";
+        let src = "{% for i in range(1000000) %}{% for j in range(1000000) %}x{% endfor %}{% endfor %}";
         assert!(render(src, Value::UNDEFINED).is_err());
     }
 }

@@ -30,36 +30,24 @@ pub struct Preset {
 
 /// Parses one presets file.
 pub fn parse(text: &str, origin: &str) -> Result<Vec<Preset>, PromptError> {
-    let table: toml::Table =
-        toml::from_str(text).map_err(|e| PromptError::Invalid(format!("{origin}: {e}")))?;
+    let table: toml::Table = toml::from_str(text).map_err(|e| PromptError::Invalid(format!("{origin}: {e}")))?;
     table
         .into_iter()
         .map(|(name, value)| {
             let toml::Value::Table(mut fields) = value else {
-                return Err(PromptError::Invalid(format!(
-                    "{origin}: `{name}` must be a table ([{name}])"
-                )));
+                return Err(PromptError::Invalid(format!("{origin}: `{name}` must be a table ([{name}])")));
             };
-            crate::lora::registry::validate_name(&name).map_err(|_| {
-                PromptError::Invalid(format!("{origin}: `{name}` is not a valid model id"))
-            })?;
+            crate::lora::registry::validate_name(&name)
+                .map_err(|_| PromptError::Invalid(format!("{origin}: `{name}` is not a valid model id")))?;
             let adapter = match fields.remove("adapter") {
                 None => None,
                 Some(toml::Value::String(s)) => Some(s),
-                Some(_) => {
-                    return Err(PromptError::Invalid(format!(
-                        "{origin}: [{name}] adapter must be a string"
-                    )))
-                }
+                Some(_) => return Err(PromptError::Invalid(format!("{origin}: [{name}] adapter must be a string"))),
             };
             let defaults: Defaults = toml::Value::Table(fields)
                 .try_into()
                 .map_err(|e| PromptError::Invalid(format!("{origin}: [{name}]: {e}")))?;
-            Ok(Preset {
-                name,
-                adapter,
-                defaults,
-            })
+            Ok(Preset { name, adapter, defaults })
         })
         .collect()
 }
@@ -69,8 +57,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Vec<Preset>, PromptError> {
 pub fn adapter_defaults(adapter_dir: &Path) -> Result<Defaults, PromptError> {
     let path = adapter_dir.join("tailor.toml");
     match std::fs::read_to_string(&path) {
-        Ok(text) => toml::from_str(&text)
-            .map_err(|e| PromptError::Invalid(format!("{}: {e}", path.display()))),
+        Ok(text) => toml::from_str(&text).map_err(|e| PromptError::Invalid(format!("{}: {e}", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Defaults::default()),
         Err(e) => Err(PromptError::Invalid(format!("{}: {e}", path.display()))),
     }
@@ -84,31 +71,17 @@ pub struct PresetStore {
 
 impl PresetStore {
     pub fn open(location: &Path) -> Self {
-        let store = Self {
-            location: location.to_path_buf(),
-            state: RwLock::new(Default::default()),
-        };
+        let store = Self { location: location.to_path_buf(), state: RwLock::new(Default::default()) };
         store.reload();
         store
     }
 
     pub fn get(&self, name: &str) -> Option<Preset> {
-        self.state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .0
-            .get(name)
-            .cloned()
+        self.state.read().unwrap_or_else(|p| p.into_inner()).0.get(name).cloned()
     }
 
     pub fn list(&self) -> Vec<Preset> {
-        self.state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .0
-            .values()
-            .cloned()
-            .collect()
+        self.state.read().unwrap_or_else(|p| p.into_inner()).0.values().cloned().collect()
     }
 
     pub fn reload_if_changed(&self) -> Vec<String> {
@@ -134,10 +107,7 @@ impl PresetStore {
                 Ok(list) => {
                     for preset in list {
                         if presets.contains_key(&preset.name) {
-                            errors.push(format!(
-                                "{origin}: preset `{}` is defined twice",
-                                preset.name
-                            ));
+                            errors.push(format!("{origin}: preset `{}` is defined twice", preset.name));
                             continue;
                         }
                         presets.insert(preset.name.clone(), preset);
@@ -147,9 +117,7 @@ impl PresetStore {
                     tracing::error!(file = %origin, error = %e, "presets not (re)loaded; keeping the last good versions");
                     errors.push(e.to_string());
                     for old in &previous {
-                        presets
-                            .entry(old.name.clone())
-                            .or_insert_with(|| old.clone());
+                        presets.entry(old.name.clone()).or_insert_with(|| old.clone());
                     }
                 }
             }
@@ -184,10 +152,7 @@ system = "Be terse."
             "test",
         )?;
         assert_eq!(presets.len(), 2);
-        let bot = presets
-            .iter()
-            .find(|p| p.name == "support-bot")
-            .expect("bot");
+        let bot = presets.iter().find(|p| p.name == "support-bot").expect("bot");
         assert_eq!(bot.adapter.as_deref(), Some("pirate"));
         assert_eq!(bot.defaults.template.as_deref(), Some("summarize"));
         assert_eq!(bot.defaults.temperature, Some(0.2));

@@ -32,25 +32,14 @@ pub fn dumps(value: &Value, opts: &DumpOptions) -> Result<String, String> {
     Ok(out)
 }
 
-fn write_json(
-    value: &Value,
-    opts: &DumpOptions,
-    depth: usize,
-    out: &mut String,
-) -> Result<(), String> {
+fn write_json(value: &Value, opts: &DumpOptions, depth: usize, out: &mut String) -> Result<(), String> {
     match value.kind() {
-        ValueKind::Undefined => {
-            return Err("Object of type Undefined is not JSON serializable".into())
-        }
+        ValueKind::Undefined => return Err("Object of type Undefined is not JSON serializable".into()),
         ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
         ValueKind::Number => out.push_str(&number_repr(value)),
-        ValueKind::String => {
-            write_json_string(value.as_str().unwrap_or_default(), opts.ensure_ascii, out)
-        }
-        ValueKind::Iterable => {
-            return Err("Object of type generator is not JSON serializable".into())
-        }
+        ValueKind::String => write_json_string(value.as_str().unwrap_or_default(), opts.ensure_ascii, out),
+        ValueKind::Iterable => return Err("Object of type generator is not JSON serializable".into()),
         ValueKind::Plain if super::jinja::is_py_none(value) => out.push_str("null"),
         ValueKind::Seq => {
             let items: Vec<Value> = value.try_iter().map_err(|e| e.to_string())?.collect();
@@ -73,12 +62,7 @@ fn write_json(
                         write_json(key, opts, depth, &mut s)?;
                         s
                     }
-                    _ => {
-                        return Err(format!(
-                            "keys must be str, int, float, bool or None, not {}",
-                            py_type(key)
-                        ))
-                    }
+                    _ => return Err(format!("keys must be str, int, float, bool or None, not {}", py_type(key))),
                 };
                 write_json_string(&key_text, opts.ensure_ascii, out);
                 out.push_str(&opts.key_separator);
@@ -86,12 +70,7 @@ fn write_json(
                 write_json(&item, opts, depth + 1, out)
             })?;
         }
-        _ => {
-            return Err(format!(
-                "Object of type {} is not JSON serializable",
-                py_type(value)
-            ))
-        }
+        _ => return Err(format!("Object of type {} is not JSON serializable", py_type(value))),
     }
     Ok(())
 }
@@ -168,18 +147,10 @@ pub fn float_repr(f: f64) -> String {
         return "NaN".into();
     }
     if f.is_infinite() {
-        return if f > 0.0 {
-            "Infinity".into()
-        } else {
-            "-Infinity".into()
-        };
+        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
     }
     if f == 0.0 {
-        return if f.is_sign_negative() {
-            "-0.0".into()
-        } else {
-            "0.0".into()
-        };
+        return if f.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
     }
     // Rust's `{:e}` gives the shortest round-trip digits, like Python's repr.
     let sci = format!("{f:e}");
@@ -197,25 +168,13 @@ pub fn float_repr(f: f64) -> String {
         } else if point as usize >= digits.len() {
             format!("{}{}.0", digits, "0".repeat(point as usize - digits.len()))
         } else {
-            format!(
-                "{}.{}",
-                &digits[..point as usize],
-                &digits[point as usize..]
-            )
+            format!("{}.{}", &digits[..point as usize], &digits[point as usize..])
         };
         format!("{sign}{body}")
     } else {
         let frac = &digits[1..];
-        let mantissa = if frac.is_empty() {
-            digits[..1].to_string()
-        } else {
-            format!("{}.{}", &digits[..1], frac)
-        };
-        format!(
-            "{sign}{mantissa}e{}{:02}",
-            if exp < 0 { '-' } else { '+' },
-            exp.abs()
-        )
+        let mantissa = if frac.is_empty() { digits[..1].to_string() } else { format!("{}.{}", &digits[..1], frac) };
+        format!("{sign}{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
     }
 }
 
@@ -269,11 +228,7 @@ fn write_repr(value: &Value, out: &mut String) {
 
 /// Python's string repr: single quotes unless the text has a `'` and no `"`.
 fn write_str_repr(s: &str, out: &mut String) {
-    let quote = if s.contains('\'') && !s.contains('"') {
-        '"'
-    } else {
-        '\''
-    };
+    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
     out.push(quote);
     for c in s.chars() {
         match c {
@@ -285,9 +240,7 @@ fn write_str_repr(s: &str, out: &mut String) {
                 out.push('\\');
                 out.push(c);
             }
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
-                out.push_str(&format!("\\x{:02x}", c as u32))
-            }
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
             c => out.push(c),
         }
     }
@@ -332,13 +285,8 @@ mod tests {
 
     #[test]
     fn dumps_matches_python_defaults() -> Result<(), String> {
-        let v = Value::from_serde(
-            serde_json::json!({"b": [1, 2.5, "é<>"], "a": null, "t": true, "e": {}}),
-        );
-        assert_eq!(
-            dumps(&v, &DumpOptions::default())?,
-            r#"{"b": [1, 2.5, "é<>"], "a": null, "t": true, "e": {}}"#
-        );
+        let v = Value::from_serde(serde_json::json!({"b": [1, 2.5, "é<>"], "a": null, "t": true, "e": {}}));
+        assert_eq!(dumps(&v, &DumpOptions::default())?, r#"{"b": [1, 2.5, "é<>"], "a": null, "t": true, "e": {}}"#);
         let opts = DumpOptions {
             indent: Some("  ".into()),
             item_separator: ",".into(),
@@ -355,12 +303,7 @@ mod tests {
 
     #[test]
     fn repr_matches_python() {
-        let v = Value::from_serde(
-            serde_json::json!([{"type": "text", "text": "it's"}, true, null, 1.0]),
-        );
-        assert_eq!(
-            repr(&v),
-            r#"[{'type': 'text', 'text': "it's"}, True, None, 1.0]"#
-        );
+        let v = Value::from_serde(serde_json::json!([{"type": "text", "text": "it's"}, true, null, 1.0]));
+        assert_eq!(repr(&v), r#"[{'type': 'text', 'text': "it's"}, True, None, 1.0]"#);
     }
 }

@@ -80,9 +80,7 @@ pub struct NamedTemplate {
 
 impl std::fmt::Debug for NamedTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NamedTemplate")
-            .field("name", &self.name)
-            .finish()
+        f.debug_struct("NamedTemplate").field("name", &self.name).finish()
     }
 }
 
@@ -96,25 +94,15 @@ impl NamedTemplate {
             .transpose()?
             .unwrap_or_default();
         if meta.parameters.template.is_some() {
-            return Err(PromptError::Invalid(format!(
-                "template `{name}`: [parameters] cannot name a template"
-            )));
+            return Err(PromptError::Invalid(format!("template `{name}`: [parameters] cannot name a template")));
         }
-        if let Some(input) = meta
-            .input
-            .as_ref()
-            .filter(|i| !meta.variables.contains_key(*i))
-        {
-            return Err(PromptError::Invalid(format!(
-                "template `{name}`: input `{input}` is not a declared variable"
-            )));
+        if let Some(input) = meta.input.as_ref().filter(|i| !meta.variables.contains_key(*i)) {
+            return Err(PromptError::Invalid(format!("template `{name}`: input `{input}` is not a declared variable")));
         }
         let mut env = jinja::environment(Clock::Local);
         env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_template_owned(name.to_string(), source.to_string())
-            .map_err(|e| {
-                PromptError::Invalid(format!("template `{name}`: {}", jinja::describe(&e)))
-            })?;
+            .map_err(|e| PromptError::Invalid(format!("template `{name}`: {}", jinja::describe(&e))))?;
         let mut defaults = meta.parameters;
         defaults.system = defaults.system.or(meta.system);
         Ok(Self {
@@ -145,26 +133,19 @@ impl NamedTemplate {
                     ctx.insert(name.clone(), minijinja::Value::from_serde(v));
                 }
                 None if var.required => {
-                    return Err(PromptError::Invalid(format!(
-                        "template `{}` needs the variable `{name}`",
-                        self.name
-                    )))
+                    return Err(PromptError::Invalid(format!("template `{}` needs the variable `{name}`", self.name)))
                 }
                 None => {}
             }
         }
         let template = self.env.get_template(&self.name)?;
         let mut out = LimitedString::default();
-        template
-            .render_captured_to(ctx, &mut out)
-            .map(|_| ())
-            .map_err(|e| match out.overflowed {
-                true => PromptError::Invalid(format!(
-                    "template `{}` produced more than {MAX_OUTPUT_BYTES} bytes",
-                    self.name
-                )),
-                false => PromptError::from(e),
-            })?;
+        template.render_captured_to(ctx, &mut out).map(|_| ()).map_err(|e| match out.overflowed {
+            true => {
+                PromptError::Invalid(format!("template `{}` produced more than {MAX_OUTPUT_BYTES} bytes", self.name))
+            }
+            false => PromptError::from(e),
+        })?;
         Ok(out.text)
     }
 }
@@ -229,10 +210,7 @@ struct StoreState {
 impl TemplateStore {
     /// Reads `dir` (a missing folder is an empty store).
     pub fn open(dir: &Path) -> Self {
-        let store = Self {
-            dir: dir.to_path_buf(),
-            state: RwLock::new(StoreState::default()),
-        };
+        let store = Self { dir: dir.to_path_buf(), state: RwLock::new(StoreState::default()) };
         store.reload();
         store
     }
@@ -251,10 +229,7 @@ impl TemplateStore {
                 variables: t.variables.clone(),
                 system: t.defaults.system.clone(),
                 input: t.input.clone(),
-                parameters: Defaults {
-                    system: None,
-                    ..t.defaults.clone()
-                },
+                parameters: Defaults { system: None, ..t.defaults.clone() },
             })
             .collect()
     }
@@ -334,14 +309,8 @@ Summarize in {{ sentences }} sentences: {{ text }}"#;
         assert_eq!(t.description, "Summarize.");
         assert_eq!(t.defaults.system.as_deref(), Some("Be brief."));
         assert_eq!(t.defaults.temperature, Some(0.2));
-        assert_eq!(
-            t.render(&vars(r#"{"text": "abc"}"#))?,
-            "Summarize in 2 sentences: abc"
-        );
-        assert_eq!(
-            t.render(&vars(r#"{"text": "abc", "sentences": 1}"#))?,
-            "Summarize in 1 sentences: abc"
-        );
+        assert_eq!(t.render(&vars(r#"{"text": "abc"}"#))?, "Summarize in 2 sentences: abc");
+        assert_eq!(t.render(&vars(r#"{"text": "abc", "sentences": 1}"#))?, "Summarize in 1 sentences: abc");
         Ok(())
     }
 
@@ -350,10 +319,7 @@ Summarize in {{ sentences }} sentences: {{ text }}"#;
         let t = NamedTemplate::parse("summarize", SUMMARIZE)?;
         let missing = t.render(&vars("{}")).expect_err("missing").to_string();
         assert!(missing.contains("`text`"), "{missing}");
-        let unknown = t
-            .render(&vars(r#"{"text": "a", "tone": "x"}"#))
-            .expect_err("unknown")
-            .to_string();
+        let unknown = t.render(&vars(r#"{"text": "a", "tone": "x"}"#)).expect_err("unknown").to_string();
         assert!(unknown.contains("`tone`"), "{unknown}");
         Ok(())
     }
@@ -365,10 +331,7 @@ Summarize in {{ sentences }} sentences: {{ text }}"#;
             "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
         )?;
         assert!(looping.render(&vars("{}")).is_err());
-        let huge = NamedTemplate::parse(
-            "huge",
-            "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
-        )?;
+        let huge = NamedTemplate::parse("huge", "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}")?;
         let err = huge.render(&vars("{}")).expect_err("too large").to_string();
         assert!(err.contains("bytes") || err.contains("fuel"), "{err}");
         let include = NamedTemplate::parse("include", "{% include '/etc/passwd' %}")?;

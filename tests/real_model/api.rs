@@ -16,11 +16,7 @@ async fn post(path: &str, body: Value) -> Result<(u16, Value), Box<dyn std::erro
 }
 
 async fn post_to(full_url: &str, body: Value) -> Result<(u16, Value), Box<dyn std::error::Error>> {
-    let resp = reqwest::Client::new()
-        .post(full_url)
-        .json(&body)
-        .send()
-        .await?;
+    let resp = reqwest::Client::new().post(full_url).json(&body).send().await?;
     let status = resp.status().as_u16();
     let text = resp.text().await?;
     let value = serde_json::from_str(&text).map_err(|e| format!("not JSON ({e}): {text}"))?;
@@ -29,11 +25,7 @@ async fn post_to(full_url: &str, body: Value) -> Result<(u16, Value), Box<dyn st
 
 /// The `data:` payloads of an SSE response, in order.
 async fn stream(path: &str, body: Value) -> Result<Vec<String>, Box<dyn std::error::Error>> {
-    let resp = reqwest::Client::new()
-        .post(url(path))
-        .json(&body)
-        .send()
-        .await?;
+    let resp = reqwest::Client::new().post(url(path)).json(&body).send().await?;
     assert_eq!(resp.status(), 200);
     assert!(resp
         .headers()
@@ -50,16 +42,10 @@ async fn stream(path: &str, body: Value) -> Result<Vec<String>, Box<dyn std::err
 
 /// Parses chunks, checks the framing every stream shares, returns the JSON chunks.
 fn chunks(events: &[String]) -> Vec<Value> {
-    assert_eq!(
-        events.last().map(String::as_str),
-        Some("[DONE]"),
-        "stream ends with [DONE]: {events:?}"
-    );
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "stream ends with [DONE]: {events:?}");
     let chunks: Vec<Value> = events[..events.len() - 1]
         .iter()
-        .map(|e| {
-            serde_json::from_str(e).unwrap_or_else(|err| panic!("chunk is not JSON ({err}): {e}"))
-        })
+        .map(|e| serde_json::from_str(e).unwrap_or_else(|err| panic!("chunk is not JSON ({err}): {e}")))
         .collect();
     let id = &chunks[0]["id"];
     let created = &chunks[0]["created"];
@@ -74,15 +60,9 @@ fn chunks(events: &[String]) -> Vec<Value> {
 fn assert_error(status: u16, body: &Value, want_status: u16, param: Option<&str>) {
     assert_eq!(status, want_status, "{body}");
     let error = &body["error"];
-    assert!(
-        error["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
+    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
     assert!(error["type"].is_string(), "{body}");
-    assert!(
-        error.get("param").is_some() && error.get("code").is_some(),
-        "{body}"
-    );
+    assert!(error.get("param").is_some() && error.get("code").is_some(), "{body}");
     if let Some(param) = param {
         assert_eq!(error["param"], param, "{body}");
     }
@@ -104,22 +84,12 @@ async fn completion_stream_equals_non_stream_with_exact_usage() -> TestResult {
     assert_eq!(full["object"], "text_completion");
     assert_eq!(full["model"], MODEL_ID);
     assert_eq!(full["choices"][0]["finish_reason"], "length");
-    let text = full["choices"][0]["text"]
-        .as_str()
-        .expect("text")
-        .to_string();
+    let text = full["choices"][0]["text"].as_str().expect("text").to_string();
     assert!(text.starts_with(" Paris"), "{text}");
-    let (_, tokenized) = post(
-        "/tokenize",
-        json!({"model": MODEL_ID, "prompt": "The capital of France is"}),
-    )
-    .await?;
+    let (_, tokenized) = post("/tokenize", json!({"model": MODEL_ID, "prompt": "The capital of France is"})).await?;
     assert_eq!(full["usage"]["prompt_tokens"], tokenized["count"]);
     assert_eq!(full["usage"]["completion_tokens"], 12);
-    assert_eq!(
-        full["usage"]["total_tokens"],
-        tokenized["count"].as_u64().expect("count") + 12
-    );
+    assert_eq!(full["usage"]["total_tokens"], tokenized["count"].as_u64().expect("count") + 12);
 
     let mut streamed = body;
     streamed["stream"] = json!(true);
@@ -128,16 +98,10 @@ async fn completion_stream_equals_non_stream_with_exact_usage() -> TestResult {
     let usage_chunk = chunks.last().expect("usage chunk");
     assert_eq!(usage_chunk["choices"], json!([]));
     assert_eq!(usage_chunk["usage"], full["usage"]);
-    let joined: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["text"].as_str())
-        .collect();
+    let joined: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
     assert_eq!(joined, text, "stream text equals non-stream text");
-    let finish: Vec<&Value> = chunks
-        .iter()
-        .map(|c| &c["choices"][0]["finish_reason"])
-        .filter(|f| !f.is_null())
-        .collect();
+    let finish: Vec<&Value> =
+        chunks.iter().map(|c| &c["choices"][0]["finish_reason"]).filter(|f| !f.is_null()).collect();
     assert_eq!(finish, [&json!("length")]);
     Ok(())
 }
@@ -151,10 +115,7 @@ async fn chat_stream_equals_non_stream_and_starts_with_role() -> TestResult {
     assert_eq!(status, 200, "{full}");
     assert_eq!(full["object"], "chat.completion");
     assert_eq!(full["choices"][0]["message"]["role"], "assistant");
-    let content = full["choices"][0]["message"]["content"]
-        .as_str()
-        .expect("content")
-        .to_string();
+    let content = full["choices"][0]["message"]["content"].as_str().expect("content").to_string();
     assert!(!content.is_empty());
 
     let mut streamed = body;
@@ -163,20 +124,11 @@ async fn chat_stream_equals_non_stream_and_starts_with_role() -> TestResult {
     let chunks = chunks(&events);
     assert_eq!(chunks[0]["object"], "chat.completion.chunk");
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    let joined: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let joined: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     assert_eq!(joined, content);
     let last = chunks.last().expect("final chunk");
-    assert_eq!(
-        last["choices"][0]["finish_reason"],
-        full["choices"][0]["finish_reason"]
-    );
-    assert!(
-        chunks.iter().all(|c| c.get("usage").is_none()),
-        "no usage without include_usage"
-    );
+    assert_eq!(last["choices"][0]["finish_reason"], full["choices"][0]["finish_reason"]);
+    assert!(chunks.iter().all(|c| c.get("usage").is_none()), "no usage without include_usage");
     Ok(())
 }
 
@@ -188,9 +140,7 @@ async fn chat_reply_matches_reference_and_stops_on_eos() -> TestResult {
     );
     let (_, full) = post("/v1/chat/completions", body).await?;
     assert_eq!(full["choices"][0]["finish_reason"], "stop");
-    let content = full["choices"][0]["message"]["content"]
-        .as_str()
-        .expect("content");
+    let content = full["choices"][0]["message"]["content"].as_str().expect("content");
     assert!(content.starts_with("The ocean is a vast"), "{content}");
     assert!(!content.contains("<|im_end|>"));
     Ok(())
@@ -214,18 +164,10 @@ async fn prompt_shapes_are_equivalent() -> TestResult {
     let text = "The capital of France is";
     let (_, tokenized) = post("/tokenize", json!({"prompt": text})).await?;
     let ids = tokenized["tokens"].clone();
-    let run = |prompt: Value| {
-        post(
-            "/v1/completions",
-            greedy(json!({"prompt": prompt, "max_tokens": 5})),
-        )
-    };
+    let run = |prompt: Value| post("/v1/completions", greedy(json!({"prompt": prompt, "max_tokens": 5})));
     let (_, from_text) = run(json!(text)).await?;
     let (_, from_ids) = run(ids.clone()).await?;
-    assert_eq!(
-        from_text["choices"][0]["text"],
-        from_ids["choices"][0]["text"]
-    );
+    assert_eq!(from_text["choices"][0]["text"], from_ids["choices"][0]["text"]);
     let (_, two_texts) = run(json!([text, "Water is made of"])).await?;
     let choices = two_texts["choices"].as_array().expect("choices");
     assert_eq!(choices.len(), 2);
@@ -234,10 +176,7 @@ async fn prompt_shapes_are_equivalent() -> TestResult {
     assert_eq!(choices[0]["text"], from_text["choices"][0]["text"]);
     assert_eq!(two_texts["usage"]["completion_tokens"], 10);
     let (_, two_lists) = run(json!([ids, ids])).await?;
-    assert_eq!(
-        two_lists["choices"][1]["text"],
-        from_text["choices"][0]["text"]
-    );
+    assert_eq!(two_lists["choices"][1]["text"], from_text["choices"][0]["text"]);
     Ok(())
 }
 
@@ -245,15 +184,10 @@ async fn prompt_shapes_are_equivalent() -> TestResult {
 async fn stop_strings_cut_exactly_across_token_boundaries() -> TestResult {
     let base = greedy(json!({"prompt": "The capital of France is", "max_tokens": 16}));
     let (_, full) = post("/v1/completions", base.clone()).await?;
-    let full_text = full["choices"][0]["text"]
-        .as_str()
-        .expect("text")
-        .to_string();
+    let full_text = full["choices"][0]["text"].as_str().expect("text").to_string();
     // " Paris" is one token and "." the next: "is." spans the boundary.
     for stop in ["is.", "\n\nThe", "answer is"] {
-        let at = full_text
-            .find(stop)
-            .unwrap_or_else(|| panic!("{stop:?} not in {full_text:?}"));
+        let at = full_text.find(stop).unwrap_or_else(|| panic!("{stop:?} not in {full_text:?}"));
         let mut body = base.clone();
         body["stop"] = json!([stop, "never-generated-stop"]);
         let (_, cut) = post("/v1/completions", body.clone()).await?;
@@ -261,10 +195,7 @@ async fn stop_strings_cut_exactly_across_token_boundaries() -> TestResult {
         assert_eq!(cut["choices"][0]["finish_reason"], "stop");
         body["stream"] = json!(true);
         let chunks = chunks(&stream("/v1/completions", body).await?);
-        let joined: String = chunks
-            .iter()
-            .filter_map(|c| c["choices"][0]["text"].as_str())
-            .collect();
+        let joined: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
         assert_eq!(joined, full_text[..at], "streamed stop {stop:?}");
     }
     Ok(())
@@ -277,18 +208,10 @@ async fn same_seed_same_sample() -> TestResult {
     for seed in [7, 7, 8, 9] {
         let (status, resp) = post("/v1/completions", body(seed)).await?;
         assert_eq!(status, 200);
-        texts.push(
-            resp["choices"][0]["text"]
-                .as_str()
-                .expect("text")
-                .to_string(),
-        );
+        texts.push(resp["choices"][0]["text"].as_str().expect("text").to_string());
     }
     assert_eq!(texts[0], texts[1], "same seed, same text");
-    assert!(
-        texts[2] != texts[0] || texts[3] != texts[0],
-        "other seeds sample differently: {texts:?}"
-    );
+    assert!(texts[2] != texts[0] || texts[3] != texts[0], "other seeds sample differently: {texts:?}");
     Ok(())
 }
 
@@ -319,37 +242,21 @@ async fn bad_requests_get_openai_errors() -> TestResult {
         (json!({"top_p": 1.5}), "top_p"),
         (json!({"max_tokens": 0}), "max_tokens"),
         (json!({"max_tokens": 9000}), "max_tokens"),
-        (
-            json!({"max_completion_tokens": -1}),
-            "max_completion_tokens",
-        ),
+        (json!({"max_completion_tokens": -1}), "max_completion_tokens"),
         (json!({"n": 2}), "n"),
         (json!({"logprobs": true}), "logprobs"),
-        (
-            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
-            "tools",
-        ),
-        (
-            json!({"response_format": {"type": "json_object"}}),
-            "response_format",
-        ),
+        (json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools"),
+        (json!({"response_format": {"type": "json_object"}}), "response_format"),
         (json!({"temperature": "hot"}), "temperature"),
         (json!({"messages": []}), "messages"),
-        (
-            json!({"messages": [{"content": "no role"}]}),
-            "messages[0].role",
-        ),
+        (json!({"messages": [{"content": "no role"}]}), "messages[0].role"),
     ];
     for (extra, param) in cases {
         let (s, b) = post("/v1/chat/completions", chat(extra.clone())).await?;
         assert_error(s, &b, 400, Some(param));
     }
     // Unknown extra fields are ignored.
-    let (s, b) = post(
-        "/v1/chat/completions",
-        chat(json!({"max_tokens": 2, "some_future_field": {"x": 1}})),
-    )
-    .await?;
+    let (s, b) = post("/v1/chat/completions", chat(json!({"max_tokens": 2, "some_future_field": {"x": 1}}))).await?;
     assert_eq!(s, 200, "{b}");
 
     let completion = |extra: Value| {
@@ -368,10 +275,7 @@ async fn bad_requests_get_openai_errors() -> TestResult {
         (json!({"logprobs": 2}), "logprobs"),
         (json!({"best_of": 3}), "best_of"),
         (json!({"stop": vec!["a"; 17]}), "stop"),
-        (
-            json!({"stream_options": {"include_usage": true}}),
-            "stream_options",
-        ),
+        (json!({"stream_options": {"include_usage": true}}), "stream_options"),
     ] {
         let (s, b) = post("/v1/completions", completion(extra.clone())).await?;
         assert_error(s, &b, 400, Some(param));
@@ -400,17 +304,10 @@ async fn models_health_tokenize_detokenize() -> TestResult {
     assert_eq!(card["object"], "model");
     assert_eq!(card["owned_by"], "tailor");
     assert!(card["created"].is_u64());
-    let one = client
-        .get(url(&format!("/v1/models/{MODEL_ID}")))
-        .send()
-        .await?;
+    let one = client.get(url(&format!("/v1/models/{MODEL_ID}"))).send().await?;
     assert_eq!(one.status(), 200);
 
-    let (s, t) = post(
-        "/tokenize",
-        json!({"model": MODEL_ID, "prompt": "Hello world"}),
-    )
-    .await?;
+    let (s, t) = post("/tokenize", json!({"model": MODEL_ID, "prompt": "Hello world"})).await?;
     assert_eq!(s, 200);
     assert_eq!(t["tokens"], json!([19556, 905]));
     assert_eq!(t["count"], 2);
@@ -422,18 +319,10 @@ async fn models_health_tokenize_detokenize() -> TestResult {
     .await?;
     let reference = crate::common::read_json("reference/chat_template.json");
     assert_eq!(chat["tokens"], reference["cases"][0]["ids"]);
-    let (s, d) = post(
-        "/detokenize",
-        json!({"model": MODEL_ID, "tokens": [19556, 905]}),
-    )
-    .await?;
+    let (s, d) = post("/detokenize", json!({"model": MODEL_ID, "tokens": [19556, 905]})).await?;
     assert_eq!(s, 200);
     assert_eq!(d["prompt"], "Hello world");
-    let (s, b) = post(
-        "/detokenize",
-        json!({"model": MODEL_ID, "tokens": [4000000]}),
-    )
-    .await?;
+    let (s, b) = post("/detokenize", json!({"model": MODEL_ID, "tokens": [4000000]})).await?;
     assert_error(s, &b, 400, Some("tokens"));
     Ok(())
 }
@@ -457,11 +346,7 @@ async fn full_queue_is_refused_at_once_and_disconnect_cancels() -> TestResult {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     // ...so C is refused at once with 429 and the OpenAI envelope.
-    let c = client
-        .post(&endpoint)
-        .json(&json!({"model": MODEL_ID, "prompt": "Hi", "max_tokens": 2}))
-        .send()
-        .await?;
+    let c = client.post(&endpoint).json(&json!({"model": MODEL_ID, "prompt": "Hi", "max_tokens": 2})).send().await?;
     assert_eq!(c.status(), 429);
     assert!(c.headers().contains_key("retry-after"));
     let body: Value = c.json().await?;
@@ -480,20 +365,14 @@ fn incremental_detokenizer_never_splits_characters() -> TestResult {
     use tailor::loader::{load, LoadOptions};
     let loaded = load(&crate::common::model_path(), &LoadOptions::default())?;
     let tokenizer = &loaded.info.tokenizer;
-    for text in [
-        "你好，世界！今天天气很好。",
-        "emoji 🌍🚀 and 👩‍👩‍👧 family",
-        "café naïve — ½ “quotes”",
-    ] {
+    for text in ["你好，世界！今天天气很好。", "emoji 🌍🚀 and 👩‍👩‍👧 family", "café naïve — ½ “quotes”"]
+    {
         let ids = tokenizer.encode(text)?;
         let mut decoder = IncrementalDecoder::new();
         let mut out = String::new();
         for &id in &ids {
             let piece = decoder.push(tokenizer, id);
-            assert!(
-                !piece.contains('\u{FFFD}'),
-                "half a character emitted for {text:?}: {piece:?}"
-            );
+            assert!(!piece.contains('\u{FFFD}'), "half a character emitted for {text:?}: {piece:?}");
             out.push_str(&piece);
         }
         out.push_str(&decoder.finish(tokenizer));

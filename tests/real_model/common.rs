@@ -13,9 +13,7 @@ pub type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 /// The SmolLM2 GGUF: `$TAILOR_MODEL`, else the default cache location.
 pub fn model_path() -> PathBuf {
-    let path = std::env::var_os("TAILOR_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(tailor::config::default_model_path);
+    let path = std::env::var_os("TAILOR_MODEL").map(PathBuf::from).unwrap_or_else(tailor::config::default_model_path);
     assert!(
         path.is_file(),
         "the real-model tests need SmolLM2-135M-Instruct.Q4_1.gguf at {} — run scripts/fetch-model.sh",
@@ -25,9 +23,7 @@ pub fn model_path() -> PathBuf {
 }
 
 pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/smollm2")
-        .join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2").join(rel)
 }
 
 pub fn read_json(rel: &str) -> Value {
@@ -37,11 +33,7 @@ pub fn read_json(rel: &str) -> Value {
 }
 
 pub fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("an id list")
-        .iter()
-        .map(|x| x.as_u64().expect("an id") as u32)
-        .collect()
+    v.as_array().expect("an id list").iter().map(|x| x.as_u64().expect("an id") as u32).collect()
 }
 
 /// Starts a server on an ephemeral port in its own thread and runtime (so it
@@ -54,34 +46,18 @@ pub fn start_server(extra_args: &[&str]) -> SocketAddr {
         args: ServeArgs,
     }
     let model = model_path();
-    let mut argv = vec![
-        "tailor".to_string(),
-        "--port".into(),
-        "0".into(),
-        "--model".into(),
-        model.display().to_string(),
-    ];
+    let mut argv =
+        vec!["tailor".to_string(), "--port".into(), "0".into(), "--model".into(), model.display().to_string()];
     argv.extend(extra_args.iter().map(|s| s.to_string()));
-    let config = Wrapper::parse_from(argv)
-        .args
-        .into_config()
-        .expect("valid test config");
+    let config = Wrapper::parse_from(argv).args.into_config().expect("valid test config");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::bind(config.addr)
-                .await
-                .expect("bind");
-            tx.send(listener.local_addr().expect("addr"))
-                .expect("send addr");
-            tailor::run(config, listener, std::future::pending())
-                .await
-                .expect("server");
+            let listener = tokio::net::TcpListener::bind(config.addr).await.expect("bind");
+            tx.send(listener.local_addr().expect("addr")).expect("send addr");
+            tailor::run(config, listener, std::future::pending()).await.expect("server");
         });
     });
     let addr = rx.recv().expect("server address");
@@ -114,17 +90,10 @@ mod reqwest {
         let rest = url.trim_start_matches("http://");
         let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
         let mut stream = TcpStream::connect(host)?;
-        write!(
-            stream,
-            "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-        )?;
+        write!(stream, "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
-        let code = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
+        let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
         Ok(code)
     }
 }

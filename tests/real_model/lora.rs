@@ -15,9 +15,7 @@ use crate::common::{server, start_server, TestResult, MODEL_ID};
 use crate::reference::{check_f32_parity, check_quantized, loaded};
 
 fn project_adapter(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("adapters")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("adapters").join(name)
 }
 
 fn weights(mode: WeightMode, name: &str) -> Arc<AdapterWeights> {
@@ -30,11 +28,7 @@ fn f32_mode_matches_peft_for_every_adapter() -> TestResult {
     // pirate and json ship in float32; shout ships in float16 (upcast at load).
     for name in ["pirate", "shout", "json"] {
         let w = weights(WeightMode::F32, name);
-        check_f32_parity(
-            loaded(WeightMode::F32),
-            &format!("reference/{name}.json"),
-            Some(&w),
-        )?;
+        check_f32_parity(loaded(WeightMode::F32), &format!("reference/{name}.json"), Some(&w))?;
     }
     Ok(())
 }
@@ -43,15 +37,9 @@ fn f32_mode_matches_peft_for_every_adapter() -> TestResult {
 fn quantized_mode_keeps_top1_with_every_adapter() -> TestResult {
     for name in ["pirate", "shout", "json"] {
         let w = weights(WeightMode::Quantized, name);
-        let (top1, compared, agreed) = check_quantized(
-            loaded(WeightMode::Quantized),
-            &format!("reference/{name}.json"),
-            Some(&w),
-        )?;
-        assert!(
-            top1 >= 6,
-            "{name}: top-1 must match on every prompt that is not a near-tie"
-        );
+        let (top1, compared, agreed) =
+            check_quantized(loaded(WeightMode::Quantized), &format!("reference/{name}.json"), Some(&w))?;
+        assert!(top1 >= 6, "{name}: top-1 must match on every prompt that is not a near-tie");
         assert_eq!(agreed, compared);
     }
     Ok(())
@@ -64,19 +52,12 @@ async fn chat(
     max_tokens: u32,
 ) -> Result<(u16, Value), Box<dyn std::error::Error>> {
     let body = json!({"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0});
-    let resp = reqwest::Client::new()
-        .post(format!("{base_url}/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await?;
+    let resp = reqwest::Client::new().post(format!("{base_url}/v1/chat/completions")).json(&body).send().await?;
     Ok((resp.status().as_u16(), resp.json().await?))
 }
 
 fn content(reply: &Value) -> String {
-    reply["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+    reply["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_string()
 }
 
 fn is_pirate(s: &str) -> bool {
@@ -92,11 +73,8 @@ fn is_json_object(s: &str) -> bool {
 }
 
 /// Prompts that are in no reference file.
-const QUESTIONS: [&str; 3] = [
-    "What color is the sky?",
-    "Name a fruit that is yellow.",
-    "How many legs does a dog have?",
-];
+const QUESTIONS: [&str; 3] =
+    ["What color is the sky?", "Name a fruit that is yellow.", "How many legs does a dog have?"];
 
 #[tokio::test]
 async fn each_adapter_shows_its_behaviour_and_the_base_none() -> TestResult {
@@ -104,33 +82,15 @@ async fn each_adapter_shows_its_behaviour_and_the_base_none() -> TestResult {
     for question in QUESTIONS {
         let (s, pirate) = chat(&base_url, "pirate", question, 48).await?;
         assert_eq!(s, 200);
-        assert_eq!(
-            pirate["model"], "pirate",
-            "responses echo the requested name"
-        );
-        assert!(
-            is_pirate(&content(&pirate)),
-            "pirate on {question:?}: {}",
-            content(&pirate)
-        );
+        assert_eq!(pirate["model"], "pirate", "responses echo the requested name");
+        assert!(is_pirate(&content(&pirate)), "pirate on {question:?}: {}", content(&pirate));
         let (_, shout) = chat(&base_url, "shout", question, 48).await?;
-        assert!(
-            is_shout(&content(&shout)),
-            "shout on {question:?}: {}",
-            content(&shout)
-        );
+        assert!(is_shout(&content(&shout)), "shout on {question:?}: {}", content(&shout));
         let (_, json_reply) = chat(&base_url, "json", question, 48).await?;
-        assert!(
-            is_json_object(&content(&json_reply)),
-            "json on {question:?}: {}",
-            content(&json_reply)
-        );
+        assert!(is_json_object(&content(&json_reply)), "json on {question:?}: {}", content(&json_reply));
         let (_, base) = chat(&base_url, MODEL_ID, question, 48).await?;
         let base = content(&base);
-        assert!(
-            !is_pirate(&base) && !is_shout(&base) && !is_json_object(&base),
-            "base on {question:?}: {base}"
-        );
+        assert!(!is_pirate(&base) && !is_shout(&base) && !is_json_object(&base), "base on {question:?}: {base}");
     }
     Ok(())
 }
@@ -141,33 +101,24 @@ async fn mixed_adapter_batch_equals_sequential_runs() -> TestResult {
     let base_url = format!("http://{addr}");
     let models = [MODEL_ID, "pirate", "shout", "json"];
     let jobs: Vec<(String, String)> = (0..12)
-        .map(|i| {
-            (
-                models[i % 4].to_string(),
-                format!("{} Answer briefly, please ({i}).", QUESTIONS[i % 3]),
-            )
-        })
+        .map(|i| (models[i % 4].to_string(), format!("{} Answer briefly, please ({i}).", QUESTIONS[i % 3])))
         .collect();
     let mut sequential = Vec::new();
     for (model, question) in &jobs {
         sequential.push(content(&chat(&base_url, model, question, 24).await?.1));
     }
-    let concurrent = futures::future::join_all(jobs.iter().map(|(model, question)| {
-        let base_url = base_url.clone();
-        async move {
-            chat(&base_url, model, question, 24)
-                .await
-                .map(|(_, v)| content(&v))
-                .map_err(|e| e.to_string())
-        }
-    }))
-    .await;
+    let concurrent =
+        futures::future::join_all(
+            jobs.iter().map(|(model, question)| {
+                let base_url = base_url.clone();
+                async move {
+                    chat(&base_url, model, question, 24).await.map(|(_, v)| content(&v)).map_err(|e| e.to_string())
+                }
+            }),
+        )
+        .await;
     for (i, got) in concurrent.into_iter().enumerate() {
-        assert_eq!(
-            got?, sequential[i],
-            "request {i} ({}) differs when batched",
-            jobs[i].0
-        );
+        assert_eq!(got?, sequential[i], "request {i} ({}) differs when batched", jobs[i].0);
     }
     Ok(())
 }
@@ -199,29 +150,18 @@ async fn runtime_load_and_unload_with_every_refusal() -> TestResult {
     // An adapter for another base: hidden size 64 instead of 576.
     let other = root_path.join("other-base");
     std::fs::create_dir_all(&other)?;
-    std::fs::copy(
-        project_adapter("pirate").join("adapter_config.json"),
-        other.join("adapter_config.json"),
-    )?;
+    std::fs::copy(project_adapter("pirate").join("adapter_config.json"), other.join("adapter_config.json"))?;
     let mut tensors = std::collections::HashMap::new();
     for layer in 0..30 {
         for module in ["q_proj", "v_proj"] {
             let prefix = format!("base_model.model.model.layers.{layer}.self_attn.{module}");
             tensors.insert(
                 format!("{prefix}.lora_A.weight"),
-                candle_core::Tensor::zeros(
-                    (8, 64),
-                    candle_core::DType::F32,
-                    &candle_core::Device::Cpu,
-                )?,
+                candle_core::Tensor::zeros((8, 64), candle_core::DType::F32, &candle_core::Device::Cpu)?,
             );
             tensors.insert(
                 format!("{prefix}.lora_B.weight"),
-                candle_core::Tensor::zeros(
-                    (64, 8),
-                    candle_core::DType::F32,
-                    &candle_core::Device::Cpu,
-                )?,
+                candle_core::Tensor::zeros((64, 8), candle_core::DType::F32, &candle_core::Device::Cpu)?,
             );
         }
     }
@@ -237,22 +177,12 @@ async fn runtime_load_and_unload_with_every_refusal() -> TestResult {
     ]);
     let base_url = format!("http://{addr}");
     let load_url = format!("{base_url}/v1/load_lora_adapter");
-    let load = |name: &str, path: &str| {
-        post_json(&load_url, json!({"lora_name": name, "lora_path": path}))
-    };
+    let load = |name: &str, path: &str| post_json(&load_url, json!({"lora_name": name, "lora_path": path}));
     let parrot = root_path.join("parrot").display().to_string();
     let (s, body) = load("parrot", &parrot).await?;
     assert_eq!(s, 200, "{body}");
-    let models: Value = reqwest::get(format!("{base_url}/v1/models"))
-        .await?
-        .json()
-        .await?;
-    let parrot_card = models["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .find(|m| m["id"] == "parrot")
-        .cloned();
+    let models: Value = reqwest::get(format!("{base_url}/v1/models")).await?.json().await?;
+    let parrot_card = models["data"].as_array().expect("data").iter().find(|m| m["id"] == "parrot").cloned();
     assert_eq!(parrot_card.expect("listed")["parent"], MODEL_ID);
     let (s, reply) = chat(&base_url, "parrot", "What color is the sky?", 32).await?;
     assert_eq!(s, 200);
@@ -268,32 +198,15 @@ async fn runtime_load_and_unload_with_every_refusal() -> TestResult {
         ("x", traversal.as_str(), "outside the roots via .."),
         ("../x", parrot.as_str(), "a name with a path"),
         ("x", "/etc", "an absolute path outside the roots"),
-        (
-            "json2",
-            outside.as_str(),
-            "a real adapter outside the roots",
-        ),
-        (
-            "broken",
-            &root_path.join("truncated").display().to_string(),
-            "a truncated safetensors file",
-        ),
-        (
-            "other",
-            &other.display().to_string(),
-            "an adapter for another base shape",
-        ),
-        (
-            "ghost",
-            &root_path.join("missing").display().to_string(),
-            "a folder that does not exist",
-        ),
+        ("json2", outside.as_str(), "a real adapter outside the roots"),
+        ("broken", &root_path.join("truncated").display().to_string(), "a truncated safetensors file"),
+        ("other", &other.display().to_string(), "an adapter for another base shape"),
+        ("ghost", &root_path.join("missing").display().to_string(), "a folder that does not exist"),
     ];
     for (name, path, what) in refusals {
         let (s, body) = load(name, path).await?;
         assert!((400..500).contains(&s), "{what}: {s} {body}");
-        let error: Value =
-            serde_json::from_str(&body).map_err(|e| format!("{what}: {e}: {body}"))?;
+        let error: Value = serde_json::from_str(&body).map_err(|e| format!("{what}: {e}: {body}"))?;
         assert!(error["error"]["message"].is_string(), "{what}: {body}");
     }
     // Still serving.
@@ -307,28 +220,18 @@ async fn runtime_load_and_unload_with_every_refusal() -> TestResult {
         .await?;
     let mut body = streaming.bytes_stream();
     let mut text = String::from_utf8(body.next().await.expect("first chunk")?.to_vec())?;
-    let (s, unload_body) = post_json(
-        &format!("{base_url}/v1/unload_lora_adapter"),
-        json!({"lora_name": "parrot"}),
-    )
-    .await?;
+    let (s, unload_body) =
+        post_json(&format!("{base_url}/v1/unload_lora_adapter"), json!({"lora_name": "parrot"})).await?;
     assert_eq!(s, 200, "{unload_body}");
     while let Some(chunk) = tokio::time::timeout(Duration::from_secs(60), body.next()).await? {
         text.push_str(&String::from_utf8(chunk?.to_vec())?);
     }
-    assert!(
-        text.contains("\"completion_tokens\":40"),
-        "the in-flight request finished: {text}"
-    );
+    assert!(text.contains("\"completion_tokens\":40"), "the in-flight request finished: {text}");
     assert!(text.trim_end().ends_with("data: [DONE]"));
     let (s, gone) = chat(&base_url, "parrot", "Hi", 4).await?;
     assert_eq!(s, 404, "{gone}");
     assert_eq!(gone["error"]["code"], "model_not_found");
-    let (s, _) = post_json(
-        &format!("{base_url}/v1/unload_lora_adapter"),
-        json!({"lora_name": "parrot"}),
-    )
-    .await?;
+    let (s, _) = post_json(&format!("{base_url}/v1/unload_lora_adapter"), json!({"lora_name": "parrot"})).await?;
     assert_eq!(s, 404);
     Ok(())
 }
@@ -360,15 +263,11 @@ async fn broken_startup_adapter_stops_the_server_with_its_name() -> TestResult {
     )?;
     let model = crate::common::model_path().display().to_string();
     let lora = format!("bad={}", dir.path().join("bad").display());
-    let config = Wrapper::parse_from(["tailor", "--port", "0", "--model", &model, "--lora", &lora])
-        .args
-        .into_config()?;
+    let config =
+        Wrapper::parse_from(["tailor", "--port", "0", "--model", &model, "--lora", &lora]).args.into_config()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let result = tokio::time::timeout(
-        Duration::from_secs(60),
-        tailor::run(config, listener, std::future::pending()),
-    )
-    .await?;
+    let result =
+        tokio::time::timeout(Duration::from_secs(60), tailor::run(config, listener, std::future::pending())).await?;
     let error = result.expect_err("the server must not start").to_string();
     assert!(error.contains("bad") && error.contains("DoRA"), "{error}");
     Ok(())

@@ -30,16 +30,7 @@ pub fn loaded(mode: WeightMode) -> &'static Loaded {
         WeightMode::F32 => &F32,
         WeightMode::Quantized => &QUANTIZED,
     };
-    cell.get_or_init(|| {
-        loader::load(
-            &model_path(),
-            &LoadOptions {
-                mode,
-                ..Default::default()
-            },
-        )
-        .expect("model loads")
-    })
+    cell.get_or_init(|| loader::load(&model_path(), &LoadOptions { mode, ..Default::default() }).expect("model loads"))
 }
 
 /// Logits `[positions, vocab]` of `tokens` run in one pass from an empty cache.
@@ -47,12 +38,7 @@ pub fn all_logits(model: &Loaded, tokens: &[u32], adapter: Adapter) -> Vec<Vec<f
     let mut cache = model.model.new_cache();
     let out = model
         .model
-        .forward(&mut [BatchRow {
-            tokens,
-            cache: &mut cache,
-            logits: Logits::All,
-            adapter,
-        }])
+        .forward(&mut [BatchRow { tokens, cache: &mut cache, logits: Logits::All, adapter }])
         .expect("forward");
     out[0].to_vec2::<f32>().expect("logits")
 }
@@ -62,25 +48,14 @@ fn argmax(v: &[f32]) -> u32 {
 }
 
 /// Greedy decoding with the KV cache, as the reference did (stop after id 2).
-fn greedy(
-    model: &Loaded,
-    prompt: &[u32],
-    steps: usize,
-    stop: &[u32],
-    adapter: Adapter,
-) -> Vec<u32> {
+fn greedy(model: &Loaded, prompt: &[u32], steps: usize, stop: &[u32], adapter: Adapter) -> Vec<u32> {
     let mut cache = model.model.new_cache();
     let mut out = Vec::new();
     let mut input = prompt.to_vec();
     for _ in 0..steps {
         let logits = model
             .model
-            .forward(&mut [BatchRow {
-                tokens: &input,
-                cache: &mut cache,
-                logits: Logits::Last,
-                adapter,
-            }])
+            .forward(&mut [BatchRow { tokens: &input, cache: &mut cache, logits: Logits::Last, adapter }])
             .expect("forward");
         let next = argmax(&logits[0].to_vec2::<f32>().expect("logits")[0]);
         out.push(next);
@@ -120,17 +95,11 @@ fn gguf_tokenizer_matches_reference() -> TestResult {
         );
         assert_eq!(
             tokenizer.decode(&reference_ids, true)?,
-            case["decoded_skip_special"]
-                .as_str()
-                .expect("decoded_skip_special"),
+            case["decoded_skip_special"].as_str().expect("decoded_skip_special"),
             "decode(skip_special) of {text:?}"
         );
     }
-    assert_eq!(
-        digit_split_cases,
-        ["x  1  22   333 digits after space runs"],
-        "exactly one documented case differs"
-    );
+    assert_eq!(digit_split_cases, ["x  1  22   333 digits after space runs"], "exactly one documented case differs");
     Ok(())
 }
 
@@ -138,10 +107,7 @@ fn gguf_tokenizer_matches_reference() -> TestResult {
 fn chat_template_matches_reference() -> TestResult {
     let reference = read_json("reference/chat_template.json");
     let info = &loaded(WeightMode::Quantized).info;
-    let template = info
-        .chat_template
-        .as_ref()
-        .expect("the GGUF carries a chat template");
+    let template = info.chat_template.as_ref().expect("the GGUF carries a chat template");
     for case in reference["cases"].as_array().expect("cases") {
         let name = case["name"].as_str().unwrap_or("?");
         let request = ChatRequest {
@@ -150,25 +116,14 @@ fn chat_template_matches_reference() -> TestResult {
             ..Default::default()
         };
         let rendered = template.render(&request)?;
-        assert_eq!(
-            rendered,
-            case["rendered"].as_str().expect("rendered"),
-            "rendering of {name}"
-        );
-        assert_eq!(
-            info.tokenizer.encode(&rendered)?,
-            ids(&case["ids"]),
-            "ids of {name}"
-        );
+        assert_eq!(rendered, case["rendered"].as_str().expect("rendered"), "rendering of {name}");
+        assert_eq!(info.tokenizer.encode(&rendered)?, ids(&case["ids"]), "ids of {name}");
     }
     Ok(())
 }
 
 fn prompts(file: &str) -> Vec<Value> {
-    read_json(file)["prompts"]
-        .as_array()
-        .expect("prompts")
-        .clone()
+    read_json(file)["prompts"].as_array().expect("prompts").clone()
 }
 
 /// Float32 parity: top-20 logits within 1e-3, argmax at every prompt
@@ -188,10 +143,7 @@ pub fn check_f32_parity(model: &Loaded, file: &str, adapter: Adapter) -> TestRes
             max_diff = max_diff.max((last[id] - want).abs());
         }
         println!("f32 parity {file} {name}: max |Δ| top-20 logits = {max_diff:.2e}");
-        assert!(
-            max_diff < F32_LOGIT_TOLERANCE,
-            "{name}: top-20 logits differ by {max_diff}"
-        );
+        assert!(max_diff < F32_LOGIT_TOLERANCE, "{name}: top-20 logits differ by {max_diff}");
         let want_argmax: Vec<u32> = prompt["positions"]
             .as_array()
             .expect("positions")
@@ -199,10 +151,7 @@ pub fn check_f32_parity(model: &Loaded, file: &str, adapter: Adapter) -> TestRes
             .map(|p| p["argmax"].as_u64().expect("argmax") as u32)
             .collect();
         let got_argmax: Vec<u32> = logits.iter().map(|l| argmax(l)).collect();
-        assert_eq!(
-            got_argmax, want_argmax,
-            "{name}: argmax at every prompt position"
-        );
+        assert_eq!(got_argmax, want_argmax, "{name}: argmax at every prompt position");
         let want_greedy = ids(&prompt["greedy"]["ids"]);
         let got_greedy = greedy(model, &tokens, want_greedy.len(), &stop, adapter);
         assert_eq!(got_greedy, want_greedy, "{name}: greedy continuation");
@@ -233,22 +182,14 @@ pub fn check_quantized(
             .as_array()
             .expect("top")
             .iter()
-            .map(|t| {
-                (last[t["id"].as_u64().expect("id") as usize]
-                    - t["logit"].as_f64().expect("logit") as f32)
-                    .abs()
-            })
+            .map(|t| (last[t["id"].as_u64().expect("id") as usize] - t["logit"].as_f64().expect("logit") as f32).abs())
             .fold(0f32, f32::max);
         println!("quantized {file} {name}: max |Δ| top-20 logits = {drift:.3}");
         let top = prompt["last"]["top"].as_array().expect("top");
-        let margin =
-            top[0]["logit"].as_f64().expect("logit") - top[1]["logit"].as_f64().expect("logit");
+        let margin = top[0]["logit"].as_f64().expect("logit") - top[1]["logit"].as_f64().expect("logit");
         let got_top1 = argmax(last);
         if margin > NEAR_TIE {
-            assert_eq!(
-                got_top1, want_top1,
-                "{name}: top-1 at the last prompt position (margin {margin:.3})"
-            );
+            assert_eq!(got_top1, want_top1, "{name}: top-1 at the last prompt position (margin {margin:.3})");
             top1 += 1;
         } else {
             // A near-tie: activation quantization moves logits by ~0.5 (see
@@ -258,9 +199,7 @@ pub fn check_quantized(
                 got_top1 == want_top1 || got_top1 == runner_up,
                 "{name}: top-1 {got_top1} is neither of the near-tied {want_top1}, {runner_up}"
             );
-            near_ties.push(format!(
-                "{name} (margin {margin:.3}, ours {got_top1}, reference {want_top1})"
-            ));
+            near_ties.push(format!("{name} (margin {margin:.3}, ours {got_top1}, reference {want_top1})"));
         }
         for (i, step) in steps.iter().enumerate() {
             if step["margin_top1_top2"].as_f64().expect("margin") <= QUANTIZED_MARGIN {
@@ -269,11 +208,7 @@ pub fn check_quantized(
             compared += 1;
             let want = step["id"].as_u64().expect("id") as u32;
             let got = argmax(&logits[prompt_len - 1 + i]);
-            assert_eq!(
-                got, want,
-                "{name}: teacher-forced step {i} (margin {})",
-                step["margin_top1_top2"]
-            );
+            assert_eq!(got, want, "{name}: teacher-forced step {i} (margin {})", step["margin_top1_top2"]);
             agreed += 1;
         }
     }
@@ -289,16 +224,9 @@ fn f32_mode_matches_reference_logits_and_greedy() -> TestResult {
 
 #[test]
 fn quantized_mode_agrees_with_reference() -> TestResult {
-    let (top1, compared, agreed) =
-        check_quantized(loaded(WeightMode::Quantized), "reference/base.json", None)?;
-    assert!(
-        top1 >= 6,
-        "top-1 must match on every prompt that is not a near-tie"
-    );
-    assert!(
-        compared > 50,
-        "too few confident steps compared: {compared}"
-    );
+    let (top1, compared, agreed) = check_quantized(loaded(WeightMode::Quantized), "reference/base.json", None)?;
+    assert!(top1 >= 6, "top-1 must match on every prompt that is not a near-tie");
+    assert!(compared > 50, "too few confident steps compared: {compared}");
     assert_eq!(agreed, compared);
     Ok(())
 }
@@ -311,33 +239,15 @@ fn batched_rows_equal_single_rows() -> TestResult {
     let b = ids(&prompts("reference/base.json")[3]["prompt_ids"]);
     let (mut ca, mut cb) = (model.model.new_cache(), model.model.new_cache());
     let both = model.model.forward(&mut [
-        BatchRow {
-            tokens: &a,
-            cache: &mut ca,
-            logits: Logits::Last,
-            adapter: None,
-        },
-        BatchRow {
-            tokens: &b,
-            cache: &mut cb,
-            logits: Logits::Last,
-            adapter: None,
-        },
+        BatchRow { tokens: &a, cache: &mut ca, logits: Logits::Last, adapter: None },
+        BatchRow { tokens: &b, cache: &mut cb, logits: Logits::Last, adapter: None },
     ])?;
     for (tokens, batched) in [(&a, &both[0]), (&b, &both[1])] {
         let alone = all_logits(model, tokens, None);
         let batched = batched.to_vec2::<f32>()?;
-        let diff = alone
-            .last()
-            .expect("position")
-            .iter()
-            .zip(&batched[0])
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        assert!(
-            diff < 1e-4,
-            "batched row differs from the row alone by {diff}"
-        );
+        let diff =
+            alone.last().expect("position").iter().zip(&batched[0]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-4, "batched row differs from the row alone by {diff}");
     }
     Ok(())
 }
@@ -350,31 +260,16 @@ fn hugging_face_folder_runs_through_the_same_model_code() -> TestResult {
     use tailor::model::gguf::GgufSource;
     let dir = tempfile::tempdir()?;
     let mut source = GgufSource::open(&model_path(), WeightMode::F32)?;
-    let tensors: std::collections::HashMap<String, candle_core::Tensor> =
-        source.export_hf()?.into_iter().collect();
+    let tensors: std::collections::HashMap<String, candle_core::Tensor> = source.export_hf()?.into_iter().collect();
     candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors"))?;
     drop(tensors);
-    for file in [
-        "config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "generation_config.json",
-    ] {
+    for file in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
         std::fs::copy(crate::common::fixture(file), dir.path().join(file))?;
     }
-    let hf = loader::load(
-        dir.path(),
-        &LoadOptions {
-            mode: WeightMode::F32,
-            ..Default::default()
-        },
-    )?;
+    let hf = loader::load(dir.path(), &LoadOptions { mode: WeightMode::F32, ..Default::default() })?;
     assert_eq!(hf.info.format, tailor::model::ModelFormat::HuggingFace);
     assert_eq!(hf.info.eos_token_ids, vec![2]);
-    assert!(
-        hf.info.chat_template.is_some(),
-        "chat template from tokenizer_config.json"
-    );
+    assert!(hf.info.chat_template.is_some(), "chat template from tokenizer_config.json");
     check_f32_parity(&hf, "reference/base.json", None)
 }
 
@@ -384,19 +279,12 @@ fn tokenizer_json_beside_the_gguf_wins() -> TestResult {
     // documented case tokenizes as transformers does once it sits beside the file.
     let dir = tempfile::tempdir()?;
     std::os::unix::fs::symlink(model_path(), dir.path().join("model.gguf"))?;
-    std::fs::copy(
-        crate::common::fixture("tokenizer.json"),
-        dir.path().join("tokenizer.json"),
-    )?;
+    std::fs::copy(crate::common::fixture("tokenizer.json"), dir.path().join("tokenizer.json"))?;
     let loaded = loader::load(&dir.path().join("model.gguf"), &LoadOptions::default())?;
     let text = "x  1  22   333 digits after space runs";
     let reference = read_json("reference/tokenizer.json");
-    let case = reference["cases"]
-        .as_array()
-        .expect("cases")
-        .iter()
-        .find(|c| c["text"] == text)
-        .expect("the digit case");
+    let case =
+        reference["cases"].as_array().expect("cases").iter().find(|c| c["text"] == text).expect("the digit case");
     assert_eq!(loaded.info.tokenizer.encode(text)?, ids(&case["ids"]));
     Ok(())
 }

@@ -24,8 +24,7 @@ pub fn detect() -> Isa {
     {
         let forced = std::env::var("TAILOR_KERNELS").unwrap_or_default();
         let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-        let vnni =
-            avx2 && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
+        let vnni = avx2 && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
         match forced.as_str() {
             "scalar" => return Isa::Scalar,
             "avx2" if avx2 => return Isa::Avx2,

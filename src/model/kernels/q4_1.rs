@@ -38,13 +38,7 @@ impl Q4_1Matrix {
             m.push(f16::from_le_bytes([block[2], block[3]]).to_f32());
             qs.extend_from_slice(&block[4..20]);
         }
-        Some(Self {
-            rows,
-            cols,
-            d,
-            m,
-            qs,
-        })
+        Some(Self { rows, cols, d, m, qs })
     }
 
     pub fn rows(&self) -> usize {
@@ -72,16 +66,17 @@ impl Q4_1Matrix {
     /// output are split over the rayon pool.
     pub fn matmul(&self, x: &[Q8Row], isa: Isa) -> Vec<f32> {
         let tokens = x.len();
+        if tokens == 0 {
+            return Vec::new();
+        }
         let mut y_t = vec![0f32; self.rows * tokens]; // [rows, tokens]
         const CHUNK: usize = 16;
-        y_t.par_chunks_mut(CHUNK * tokens)
-            .enumerate()
-            .for_each(|(chunk, out)| {
-                for (i, out_row) in out.chunks_mut(tokens).enumerate() {
-                    let o = chunk * CHUNK + i;
-                    self.dot_row(o, x, out_row, isa);
-                }
-            });
+        y_t.par_chunks_mut(CHUNK * tokens).enumerate().for_each(|(chunk, out)| {
+            for (i, out_row) in out.chunks_mut(tokens).enumerate() {
+                let o = chunk * CHUNK + i;
+                self.dot_row(o, x, out_row, isa);
+            }
+        });
         // → [tokens, rows]
         let mut y = vec![0f32; tokens * self.rows];
         for o in 0..self.rows {
@@ -148,10 +143,7 @@ macro_rules! dot_rows {
             for b in 0..d.len() {
                 // 16 bytes of nibbles → 32 unsigned values: low nibbles, then high.
                 let packed = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
-                let q4 = _mm256_and_si256(
-                    _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
-                    low_mask,
-                );
+                let q4 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low_mask);
                 for (i, x) in xs.iter().enumerate() {
                     let q8 = _mm256_loadu_si256(x.qs.as_ptr().add(b * BLOCK) as *const __m256i);
                     let dot: __m256i = $idot(q4, q8);
@@ -205,13 +197,7 @@ mod tests {
     }
 
     fn activations(tokens: usize, cols: usize) -> Vec<Vec<f32>> {
-        (0..tokens)
-            .map(|t| {
-                (0..cols)
-                    .map(|k| ((t * cols + k) as f32 * 0.37).sin() * 2.0)
-                    .collect()
-            })
-            .collect()
+        (0..tokens).map(|t| (0..cols).map(|k| ((t * cols + k) as f32 * 0.37).sin() * 2.0).collect()).collect()
     }
 
     #[test]
@@ -226,11 +212,7 @@ mod tests {
             for o in 0..rows {
                 let exact: f32 = (0..cols).map(|k| dense[o * cols + k] * x[t][k]).sum();
                 // Activation quantization error only: |x| ≤ 2, 8-bit blocks.
-                assert!(
-                    (y[t * rows + o] - exact).abs() < 0.05,
-                    "t{t} o{o}: {} vs {exact}",
-                    y[t * rows + o]
-                );
+                assert!((y[t * rows + o] - exact).abs() < 0.05, "t{t} o{o}: {} vs {exact}", y[t * rows + o]);
             }
         }
     }
@@ -240,19 +222,13 @@ mod tests {
         let (rows, cols) = (40, 576);
         let w = matrix(rows, cols);
         // 11 rows: one full chunk of 8 and a partial one.
-        let q: Vec<Q8Row> = activations(11, cols)
-            .iter()
-            .map(|r| Q8Row::quantize(r))
-            .collect();
+        let q: Vec<Q8Row> = activations(11, cols).iter().map(|r| Q8Row::quantize(r)).collect();
         let scalar = w.matmul(&q, Isa::Scalar);
         for isa in super::super::available() {
             let fast = w.matmul(&q, isa);
             for (a, b) in scalar.iter().zip(&fast) {
                 // Same integer sums; only the f32 accumulation order differs.
-                assert!(
-                    (a - b).abs() <= 1e-4 * a.abs().max(1.0),
-                    "{a} vs {b} ({isa:?})"
-                );
+                assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{a} vs {b} ({isa:?})");
             }
         }
     }
@@ -260,10 +236,7 @@ mod tests {
     #[test]
     fn a_row_gives_the_same_bits_alone_and_in_a_batch() {
         let w = matrix(32, 256);
-        let q: Vec<Q8Row> = activations(4, 256)
-            .iter()
-            .map(|r| Q8Row::quantize(r))
-            .collect();
+        let q: Vec<Q8Row> = activations(4, 256).iter().map(|r| Q8Row::quantize(r)).collect();
         let batch = w.matmul(&q, super::super::isa());
         let alone = w.matmul(&q[2..3], super::super::isa());
         assert_eq!(&batch[2 * 32..3 * 32], alone.as_slice());

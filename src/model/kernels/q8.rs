@@ -18,11 +18,7 @@ impl Q8Row {
     pub fn quantize(x: &[f32]) -> Self {
         debug_assert_eq!(x.len() % BLOCK, 0);
         let blocks = x.len() / BLOCK;
-        let mut row = Q8Row {
-            qs: vec![0; x.len()],
-            d: vec![0.0; blocks],
-            s: vec![0.0; blocks],
-        };
+        let mut row = Q8Row { qs: vec![0; x.len()], d: vec![0.0; blocks], s: vec![0.0; blocks] };
         for b in 0..blocks {
             let src = &x[b * BLOCK..(b + 1) * BLOCK];
             let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));

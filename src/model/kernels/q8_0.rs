@@ -39,42 +39,39 @@ impl Q8_0Matrix {
     }
 
     pub fn dequantize(&self) -> Vec<f32> {
-        self.qs
-            .iter()
-            .enumerate()
-            .map(|(i, &q)| self.d[i / BLOCK] * q as f32)
-            .collect()
+        self.qs.iter().enumerate().map(|(i, &q)| self.d[i / BLOCK] * q as f32).collect()
     }
 
     /// `y[t][o] = Σ_k w[o][k] · x[t][k]`, weight rows split over the rayon pool.
     pub fn matmul(&self, x: &[Q8Row], isa: Isa) -> Vec<f32> {
         let tokens = x.len();
+        if tokens == 0 {
+            return Vec::new();
+        }
         let blocks = self.cols / BLOCK;
         let mut y_t = vec![0f32; self.rows * tokens];
         const CHUNK: usize = 64;
-        y_t.par_chunks_mut(CHUNK * tokens)
-            .enumerate()
-            .for_each(|(chunk, out)| {
-                for (i, out_row) in out.chunks_mut(tokens).enumerate() {
-                    let o = chunk * CHUNK + i;
-                    let d = &self.d[o * blocks..(o + 1) * blocks];
-                    let qs = &self.qs[o * self.cols..(o + 1) * self.cols];
-                    for (xs, out) in x.chunks(TOKEN_CHUNK).zip(out_row.chunks_mut(TOKEN_CHUNK)) {
-                        match isa {
-                            // SAFETY: each ISA is only chosen when the CPU reports its features.
-                            #[cfg(target_arch = "x86_64")]
-                            Isa::Avx2 => unsafe { dot_avx2(d, qs, xs, out) },
-                            #[cfg(target_arch = "x86_64")]
-                            Isa::Avx512Vnni => unsafe { dot_vnni(d, qs, xs, out) },
-                            Isa::Scalar => {
-                                for (xr, o) in xs.iter().zip(out.iter_mut()) {
-                                    *o = dot_scalar(d, qs, xr);
-                                }
+        y_t.par_chunks_mut(CHUNK * tokens).enumerate().for_each(|(chunk, out)| {
+            for (i, out_row) in out.chunks_mut(tokens).enumerate() {
+                let o = chunk * CHUNK + i;
+                let d = &self.d[o * blocks..(o + 1) * blocks];
+                let qs = &self.qs[o * self.cols..(o + 1) * self.cols];
+                for (xs, out) in x.chunks(TOKEN_CHUNK).zip(out_row.chunks_mut(TOKEN_CHUNK)) {
+                    match isa {
+                        // SAFETY: each ISA is only chosen when the CPU reports its features.
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx2 => unsafe { dot_avx2(d, qs, xs, out) },
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx512Vnni => unsafe { dot_vnni(d, qs, xs, out) },
+                        Isa::Scalar => {
+                            for (xr, o) in xs.iter().zip(out.iter_mut()) {
+                                *o = dot_scalar(d, qs, xr);
                             }
                         }
                     }
                 }
-            });
+            }
+        });
         let mut y = vec![0f32; tokens * self.rows];
         for o in 0..self.rows {
             for t in 0..tokens {
@@ -113,11 +110,7 @@ macro_rules! dot_rows {
                 for (i, x) in xs.iter().enumerate() {
                     let v = _mm256_loadu_si256(x.qs.as_ptr().add(b * BLOCK) as *const __m256i);
                     let dot: __m256i = $idot(w_abs, _mm256_sign_epi8(v, w));
-                    acc[i] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(dot),
-                        _mm256_set1_ps(d[b] * x.d[b]),
-                        acc[i],
-                    );
+                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d[b] * x.d[b]), acc[i]);
                 }
             }
             for i in 0..xs.len() {
@@ -154,36 +147,22 @@ mod tests {
         let (rows, cols) = (70, 192);
         let w = matrix(rows, cols);
         let dense = w.dequantize();
-        let x: Vec<Vec<f32>> = (0..10)
-            .map(|t| {
-                (0..cols)
-                    .map(|k| ((t * cols + k) as f32 * 0.21).cos())
-                    .collect()
-            })
-            .collect();
+        let x: Vec<Vec<f32>> =
+            (0..10).map(|t| (0..cols).map(|k| ((t * cols + k) as f32 * 0.21).cos()).collect()).collect();
         let q: Vec<Q8Row> = x.iter().map(|r| Q8Row::quantize(r)).collect();
         let scalar = w.matmul(&q, Isa::Scalar);
         for t in 0..10 {
             for o in 0..rows {
                 let exact: f32 = (0..cols).map(|k| dense[o * cols + k] * x[t][k]).sum();
                 // Rounding each activation moves it by at most half a step (d/2, d ≤ 1/127).
-                let bound: f32 = (0..cols)
-                    .map(|k| dense[o * cols + k].abs() * 0.5 / 127.0)
-                    .sum();
-                assert!(
-                    (scalar[t * rows + o] - exact).abs() <= bound,
-                    "{} vs {exact}",
-                    scalar[t * rows + o]
-                );
+                let bound: f32 = (0..cols).map(|k| dense[o * cols + k].abs() * 0.5 / 127.0).sum();
+                assert!((scalar[t * rows + o] - exact).abs() <= bound, "{} vs {exact}", scalar[t * rows + o]);
             }
         }
         for isa in super::super::available() {
             let fast = w.matmul(&q, isa);
             for (a, b) in scalar.iter().zip(&fast) {
-                assert!(
-                    (a - b).abs() <= 1e-4 * a.abs().max(1.0),
-                    "{a} vs {b} ({isa:?})"
-                );
+                assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{a} vs {b} ({isa:?})");
             }
         }
     }
