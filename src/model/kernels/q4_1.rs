@@ -97,6 +97,10 @@ impl Q4_1Matrix {
             match isa {
                 // SAFETY: each ISA is only chosen when the CPU reports its features.
                 #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 if xs.len() == TOKEN_CHUNK => unsafe { dot8_avx2(d, m, qs, xs, out) },
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512Vnni if xs.len() == TOKEN_CHUNK => unsafe { dot8_vnni(d, m, qs, xs, out) },
+                #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => unsafe { dot_avx2(d, m, qs, xs, out) },
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx512Vnni => unsafe { dot_vnni(d, m, qs, xs, out) },
@@ -124,13 +128,16 @@ pub fn dot_scalar(d: &[f32], m: &[f32], qs: &[u8], x: &Q8Row) -> f32 {
             isum += (q[j] & 0xF) as i32 * xq[j] as i32;
             isum += (q[j] >> 4) as i32 * xq[j + 16] as i32;
         }
-        sum += d[b] * x.d[b] * isum as f32 + m[b] * x.s[b];
+        sum = (isum as f32).mul_add(d[b] * x.d[b], sum);
+        sum = m[b].mul_add(x.s[b], sum);
     }
     sum
 }
 
-/// One weight row against up to `TOKEN_CHUNK` activation rows: each block is
-/// unpacked once, then multiplied into every row's accumulator.
+/// One weight row against fewer than eight activation rows (decode): the
+/// integer block sum is reduced to a scalar, then scaled with the very same
+/// fused multiply-adds, in the same order, as each lane of `dot8_rows` — so a
+/// row gives the same bits whatever batch it is in.
 macro_rules! dot_rows {
     ($name:ident, $features:literal, $idot:expr) => {
         #[cfg(target_arch = "x86_64")]
@@ -138,26 +145,102 @@ macro_rules! dot_rows {
         unsafe fn $name(d: &[f32], m: &[f32], qs: &[u8], xs: &[Q8Row], out: &mut [f32]) {
             use std::arch::x86_64::*;
             let low_mask = _mm256_set1_epi8(0x0F);
-            let mut acc = [_mm256_setzero_ps(); TOKEN_CHUNK];
-            let mut offsets = [0f32; TOKEN_CHUNK];
+            let mut acc = [0f32; TOKEN_CHUNK];
             for b in 0..d.len() {
                 // 16 bytes of nibbles → 32 unsigned values: low nibbles, then high.
                 let packed = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
                 let q4 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low_mask);
                 for (i, x) in xs.iter().enumerate() {
                     let q8 = _mm256_loadu_si256(x.qs.as_ptr().add(b * BLOCK) as *const __m256i);
-                    let dot: __m256i = $idot(q4, q8);
-                    let scale = _mm256_set1_ps(d[b] * x.d[b]);
-                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i]);
-                    offsets[i] += m[b] * x.s[b];
+                    let isum = hsum_i32($idot(q4, q8));
+                    acc[i] = (isum as f32).mul_add(d[b] * x.d[b], acc[i]);
+                    acc[i] = m[b].mul_add(x.s[b], acc[i]);
                 }
             }
-            for i in 0..xs.len() {
-                out[i] = hsum(acc[i]) + offsets[i];
-            }
+            out[..xs.len()].copy_from_slice(&acc[..xs.len()]);
         }
     };
 }
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn hsum_i32(v: std::arch::x86_64::__m256i) -> i32 {
+    use std::arch::x86_64::*;
+    let sum4 = _mm_add_epi32(_mm256_extracti128_si256(v, 1), _mm256_castsi256_si128(v));
+    let sum2 = _mm_add_epi32(sum4, _mm_unpackhi_epi64(sum4, sum4));
+    _mm_cvtsi128_si32(_mm_add_epi32(sum2, _mm_shuffle_epi32(sum2, 1)))
+}
+
+/// Eight activation rows at once (prefill): the eight integer block sums are
+/// reduced into one vector (lane t = row t), so scales and offsets are
+/// applied with two vector FMAs per block instead of per row.
+macro_rules! dot8_rows {
+    ($name:ident, $features:literal, $idot:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(d: &[f32], m: &[f32], qs: &[u8], xs: &[Q8Row], out: &mut [f32]) {
+            use std::arch::x86_64::*;
+            debug_assert_eq!(xs.len(), 8);
+            let low_mask = _mm256_set1_epi8(0x0F);
+            let q8: [*const i8; 8] = std::array::from_fn(|t| xs[t].qs.as_ptr());
+            let dx: [*const f32; 8] = std::array::from_fn(|t| xs[t].d.as_ptr());
+            let sx: [*const f32; 8] = std::array::from_fn(|t| xs[t].s.as_ptr());
+            let mut acc = _mm256_setzero_ps();
+            for b in 0..d.len() {
+                let packed = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
+                let q4 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low_mask);
+                let dot = |t: usize| -> __m256i {
+                    let v = _mm256_loadu_si256(q8[t].add(b * BLOCK) as *const __m256i);
+                    $idot(q4, v)
+                };
+                let (v0, v1, v2, v3) = (dot(0), dot(1), dot(2), dot(3));
+                let (v4, v5, v6, v7) = (dot(4), dot(5), dot(6), dot(7));
+                // Lane t of `sums` = Σ of row t's eight partial sums.
+                let s0123 = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
+                let s4567 = _mm256_hadd_epi32(_mm256_hadd_epi32(v4, v5), _mm256_hadd_epi32(v6, v7));
+                let sums = _mm256_add_epi32(
+                    _mm256_permute2x128_si256(s0123, s4567, 0x20),
+                    _mm256_permute2x128_si256(s0123, s4567, 0x31),
+                );
+                let scales = _mm256_mul_ps(
+                    _mm256_set1_ps(d[b]),
+                    _mm256_setr_ps(
+                        *dx[0].add(b),
+                        *dx[1].add(b),
+                        *dx[2].add(b),
+                        *dx[3].add(b),
+                        *dx[4].add(b),
+                        *dx[5].add(b),
+                        *dx[6].add(b),
+                        *dx[7].add(b),
+                    ),
+                );
+                let offsets = _mm256_setr_ps(
+                    *sx[0].add(b),
+                    *sx[1].add(b),
+                    *sx[2].add(b),
+                    *sx[3].add(b),
+                    *sx[4].add(b),
+                    *sx[5].add(b),
+                    *sx[6].add(b),
+                    *sx[7].add(b),
+                );
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scales, acc);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(m[b]), offsets, acc);
+            }
+            _mm256_storeu_ps(out.as_mut_ptr(), acc);
+        }
+    };
+}
+
+dot8_rows!(dot8_avx2, "avx2,fma", |q4, q8| {
+    use std::arch::x86_64::*;
+    _mm256_madd_epi16(_mm256_maddubs_epi16(q4, q8), _mm256_set1_epi16(1))
+});
+dot8_rows!(dot8_vnni, "avx2,fma,avx512vnni,avx512vl", |q4, q8| {
+    use std::arch::x86_64::*;
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), q4, q8)
+});
 
 // u8 × i8 in pairs to i16, then to i32 (no overflow: 15·127·2 < 2^15).
 dot_rows!(dot_avx2, "avx2,fma", |q4, q8| {
@@ -235,10 +318,15 @@ mod tests {
 
     #[test]
     fn a_row_gives_the_same_bits_alone_and_in_a_batch() {
+        // Decode (fewer than 8 rows) and prefill (chunks of 8) paths agree bit for bit.
         let w = matrix(32, 256);
-        let q: Vec<Q8Row> = activations(4, 256).iter().map(|r| Q8Row::quantize(r)).collect();
-        let batch = w.matmul(&q, super::super::isa());
-        let alone = w.matmul(&q[2..3], super::super::isa());
-        assert_eq!(&batch[2 * 32..3 * 32], alone.as_slice());
+        let q: Vec<Q8Row> = activations(13, 256).iter().map(|r| Q8Row::quantize(r)).collect();
+        for isa in super::super::available() {
+            let batch = w.matmul(&q, isa);
+            for t in [0, 2, 7, 9, 12] {
+                let alone = w.matmul(&q[t..t + 1], isa);
+                assert_eq!(&batch[t * 32..(t + 1) * 32], alone.as_slice(), "row {t} ({isa:?})");
+            }
+        }
     }
 }
