@@ -25,6 +25,15 @@ enum Command {
     Serve(ServeArgs),
     /// Load-test any OpenAI-compatible server (tailor, vLLM, llama.cpp, ...).
     Bench(tailor::bench::BenchArgs),
+    /// Time the quantized matmul kernels alone (every ISA vs the scalar path).
+    BenchKernels {
+        /// Repetitions per measurement (the median is reported).
+        #[arg(long, default_value_t = 50)]
+        reps: usize,
+        /// Compute threads.
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// Work with chat templates offline.
     #[command(subcommand)]
     ChatTemplate(ChatTemplateCommand),
@@ -63,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(args),
         Command::ChatTemplate(ChatTemplateCommand::Render(args)) => render(args),
         Command::Bench(args) => bench(args),
+        Command::BenchKernels { reps, threads } => bench_kernels(reps, threads),
     }
 }
 
@@ -77,6 +87,22 @@ fn bench(args: tailor::bench::BenchArgs) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", serde_json::to_string_pretty(&summary)?)?;
     writeln!(stdout, "{}", summary.one_line())?;
+    Ok(())
+}
+
+fn bench_kernels(reps: usize, threads: Option<usize>) -> anyhow::Result<()> {
+    use std::io::Write;
+    tailor::server::set_compute_threads(threads);
+    let results = tailor::model::kernels::bench::run(reps.max(1));
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{}", serde_json::to_string_pretty(&results)?)?;
+    for r in &results {
+        writeln!(
+            stdout,
+            "{:5} {:5}x{:<5} tokens {:3} {:10} {:8.3} ms {:7.1} GMAC/s {:6.1} GB/s x{:.1} vs scalar",
+            r.kernel, r.rows, r.cols, r.tokens, r.isa, r.ms, r.gmacs, r.weight_gbs, r.speedup_vs_scalar
+        )?;
+    }
     Ok(())
 }
 

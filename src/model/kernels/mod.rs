@@ -4,6 +4,7 @@
 //! the CPU has it, chosen at run time, with a scalar path that tests hold
 //! them to.
 
+pub mod bench;
 pub mod q4_1;
 pub mod q8;
 pub mod q8_0;
