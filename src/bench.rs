@@ -51,6 +51,11 @@ pub struct BenchArgs {
     /// First token id of the synthetic prompts (ids start..start+prompt_tokens).
     #[arg(long, default_value_t = 1000)]
     pub prompt_token_start: u32,
+    /// llama.cpp's per-request adapters: request i also sends
+    /// `"lora": [{"id": i mod (number of --model), "scale": 1}]` (start
+    /// llama-server with the adapters in --model order and --lora-init-without-apply).
+    #[arg(long)]
+    pub llama_cpp_lora: bool,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -169,6 +174,9 @@ fn body(args: &BenchArgs, model: &str, index: usize) -> (String, Value) {
     let mut body = common.as_object().cloned().unwrap_or_default();
     if args.stream {
         body.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    if args.llama_cpp_lora {
+        body.insert("lora".into(), json!([{"id": index % args.model.len(), "scale": 1.0}]));
     }
     if args.endpoint == "chat" {
         let words: Vec<String> = (0..args.prompt_tokens).map(|k| format!("w{}", (k + index) % 97)).collect();

@@ -32,7 +32,7 @@ async fn chat_completions(
     refuse_unsupported(&req)?;
     let chat = ChatRequest {
         messages: prompting::chat_messages(&target, &req.messages, req.template_vars.as_ref())?,
-        tools: None,
+        tools: req.tools.clone(),
         documents: req.documents.clone(),
         add_generation_prompt: req.add_generation_prompt.unwrap_or(!req.continue_final_message),
         continue_final_message: req.continue_final_message,
@@ -136,10 +136,16 @@ fn refuse_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
         return Err(ApiError::unsupported("logprobs", ""));
     }
     params::refuse_if_set("top_logprobs", req.top_logprobs.as_ref())?;
-    params::refuse_if_set("tools", req.tools.as_ref())?;
+    // `tools` reach the chat template (the model sees them); tool calls come
+    // back as text in `content`. Forcing a call needs constrained decoding.
+    if let Some(tools) = &req.tools {
+        if !tools.is_array() && !tools.is_null() {
+            return Err(ApiError::invalid("tools", "`tools` must be a list"));
+        }
+    }
     if let Some(choice) = &req.tool_choice {
-        if choice.as_str() != Some("none") && !choice.is_null() {
-            return Err(ApiError::unsupported("tool_choice", ""));
+        if !matches!(choice.as_str(), Some("none") | Some("auto")) && !choice.is_null() {
+            return Err(ApiError::unsupported("tool_choice", "other than \"none\" or \"auto\""));
         }
     }
     params::refuse_if_set("functions", req.functions.as_ref())?;
