@@ -129,6 +129,10 @@ async fn the_waiting_queue_is_bounded() {
     let (c, _c_rx) = request(vec![7; 4], 4);
     handle.submit(b).expect("waits");
     handle.submit(c).expect("waits");
+    // Let the engine run steps meanwhile: it must not take waiting requests
+    // off the queue while its batch is full.
+    let steps = handle.stats().steps;
+    wait_for(&handle, "a few more steps", |s| s.steps > steps + 3).await;
     let (d, _d_rx) = request(vec![8; 4], 4);
     assert_eq!(handle.submit(d).err(), Some(SubmitError::Overloaded(2)));
 }

@@ -88,6 +88,12 @@ pub fn serve(
     let mut steps = 0u64;
     loop {
         loop {
+            // A full batch takes nothing from the queue, so the queue's bound
+            // is what decides 429s; only a request that waits for KV room is
+            // held at the head.
+            if head.is_none() && running.len() >= admission.max_num_seqs {
+                break;
+            }
             if head.is_none() {
                 head = if running.is_empty() {
                     // Nothing to run: block until a request (or the end).
