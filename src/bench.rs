@@ -136,7 +136,11 @@ pub async fn run(args: BenchArgs) -> Result<Summary, BenchError> {
     if args.concurrency == 0 || args.requests == 0 {
         return Err(BenchError::Invalid("--concurrency and --requests must be at least 1".into()));
     }
+    // A fresh connection per request: servers differ in how they close idle
+    // keep-alive connections, and a reused, already-closed one would count as
+    // that server's failure.
     let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
         .timeout(Duration::from_secs(args.time_limit))
         .build()
         .map_err(|e| BenchError::Invalid(e.to_string()))?;
