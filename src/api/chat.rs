@@ -8,7 +8,7 @@ use serde_json::Value as Json_;
 use super::error::ApiError;
 use super::generate::{self, Piece};
 use super::json::WithSampling;
-use super::params::{self, validate_sampling};
+use super::params;
 use super::types::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, Delta,
 };
@@ -25,10 +25,8 @@ async fn chat_completions(
     WithSampling(req): WithSampling<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let mut req = req;
-    let target = state.resolve(&req.model, req.template.as_deref()).await?;
+    let (target, params) = prompting::prepare(&state, &mut req).await?;
     let info = target.info.clone();
-    prompting::apply_defaults(&mut req.sampling, &mut req.max_tokens, &target);
-    let params = validate_sampling(&req.sampling)?;
     refuse_unsupported(&req)?;
     let chat = ChatRequest {
         messages: prompting::chat_messages(&target, &req.messages, req.template_vars.as_ref())?,

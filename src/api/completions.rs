@@ -7,7 +7,7 @@ use axum::{extract::State, Json, Router};
 use super::error::ApiError;
 use super::generate::{self, Piece};
 use super::json::WithSampling;
-use super::params::{self, validate_sampling};
+use super::params;
 use super::types::{CompletionChoice, CompletionRequest, CompletionResponse};
 use super::{prompting, response_id, unix_now, AppState};
 
@@ -23,10 +23,8 @@ async fn completions(
     WithSampling(req): WithSampling<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let mut req = req;
-    let target = state.resolve(&req.model, req.template.as_deref()).await?;
+    let (target, params) = prompting::prepare(&state, &mut req).await?;
     let info = target.info.clone();
-    prompting::apply_defaults(&mut req.sampling, &mut req.max_tokens, &target);
-    let params = validate_sampling(&req.sampling)?;
     params::refuse_if_set("logprobs", req.logprobs.as_ref())?;
     if req.echo == Some(true) {
         return Err(ApiError::unsupported("echo", ""));

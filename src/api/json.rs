@@ -20,11 +20,14 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
-        parse(&bytes).map(AppJson)
+        parse(&read_body(req, state).await?).map(AppJson)
     }
+}
+
+async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    Bytes::from_request(req, state)
+        .await
+        .map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))
 }
 
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
@@ -48,8 +51,12 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 /// bytes (serde's `flatten` would lose the path of a mistyped field).
 pub struct WithSampling<T>(pub T);
 
+/// The fields both generation endpoints share.
 pub trait HasSampling {
     fn sampling_mut(&mut self) -> &mut super::types::SamplingFields;
+    /// `model` and the requested named template.
+    fn target_names(&self) -> (&str, Option<&str>);
+    fn max_tokens_mut(&mut self) -> &mut Option<i64>;
 }
 
 impl<S, T> FromRequest<S> for WithSampling<T>
@@ -60,9 +67,7 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
+        let bytes = read_body(req, state).await?;
         let mut value: T = parse(&bytes)?;
         *value.sampling_mut() = parse(&bytes)?;
         Ok(WithSampling(value))

@@ -6,15 +6,24 @@
 use serde_json::{Map, Value as Json};
 
 use super::error::ApiError;
-use super::types::{Prompt, SamplingFields, StringOrList};
-use super::Target;
+use super::json::HasSampling;
+use super::params::{validate_sampling, Validated};
+use super::types::{Prompt, StringOrList};
+use super::{AppState, Target};
 use crate::loader::ModelInfo;
 use crate::prompt::templates::NamedTemplate;
 use crate::prompt::PromptError;
 
-/// Fills the request fields it left unset from the resolved defaults.
-pub fn apply_defaults(sampling: &mut SamplingFields, max_tokens: &mut Option<i64>, target: &Target) {
+/// What both generation endpoints do first: resolve `model` (and template),
+/// fill the fields the request left unset from the resolved defaults, and
+/// validate the sampling fields.
+pub async fn prepare(state: &AppState, req: &mut impl HasSampling) -> Result<(Target, Validated), ApiError> {
+    let (model, template) = req.target_names();
+    let target = state.resolve(model, template).await?;
     let d = &target.defaults;
+    let max_tokens = req.max_tokens_mut();
+    *max_tokens = max_tokens.or(d.max_tokens);
+    let sampling = req.sampling_mut();
     sampling.temperature = sampling.temperature.or(d.temperature);
     sampling.top_p = sampling.top_p.or(d.top_p);
     sampling.top_k = sampling.top_k.or(d.top_k);
@@ -24,7 +33,8 @@ pub fn apply_defaults(sampling: &mut SamplingFields, max_tokens: &mut Option<i64
     if sampling.stop.is_none() {
         sampling.stop = d.stop.clone().map(StringOrList::Many);
     }
-    *max_tokens = max_tokens.or(d.max_tokens);
+    let params = validate_sampling(sampling)?;
+    Ok((target, params))
 }
 
 /// Template variables: the defaults' first, the request's over them.

@@ -241,10 +241,26 @@ impl crate::api::json::HasSampling for CompletionRequest {
     fn sampling_mut(&mut self) -> &mut SamplingFields {
         &mut self.sampling
     }
+
+    fn target_names(&self) -> (&str, Option<&str>) {
+        (&self.model, self.template.as_deref())
+    }
+
+    fn max_tokens_mut(&mut self) -> &mut Option<i64> {
+        &mut self.max_tokens
+    }
 }
 
 impl crate::api::json::HasSampling for ChatCompletionRequest {
     fn sampling_mut(&mut self) -> &mut SamplingFields {
         &mut self.sampling
+    }
+
+    fn target_names(&self) -> (&str, Option<&str>) {
+        (&self.model, self.template.as_deref())
+    }
+
+    fn max_tokens_mut(&mut self) -> &mut Option<i64> {
+        &mut self.max_tokens
     }
 }
