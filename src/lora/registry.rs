@@ -142,11 +142,6 @@ impl AdapterRegistry {
             .collect()
     }
 
-    /// How many adapters have their weights in memory.
-    pub fn resident_count(&self) -> usize {
-        self.lock().entries.values().filter(|e| e.resident.is_some()).count()
-    }
-
     fn evict(&self, inner: &mut Inner) {
         let max = self.options.max_loaded;
         if max == 0 {

@@ -1,6 +1,6 @@
 //! One sequence's attention keys and values, layer by layer.
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 use super::Result;
 
@@ -39,15 +39,5 @@ impl KvCache {
     /// Called once per forward after every layer appended `new` tokens.
     pub(crate) fn advance(&mut self, new: usize) {
         self.len += new;
-    }
-
-    /// Bytes held by the cached tensors.
-    pub fn size_in_bytes(&self) -> usize {
-        self.layers.iter().flatten().map(|(k, _)| 2 * k.elem_count() * k.dtype().size_in_bytes()).sum()
-    }
-
-    /// Tokens held per layer, for consistency checks in tests.
-    pub fn layer_tokens(&self, layer: usize) -> usize {
-        self.layers[layer].as_ref().and_then(|(k, _)| k.dim(D::Minus2).ok()).unwrap_or(0)
     }
 }

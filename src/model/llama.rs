@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use super::lora::{AdapterWeights, LoraGroup};
 use super::source::WeightSource;
@@ -345,9 +345,4 @@ fn tied_head(embed: &QMatMul, cfg: &ModelConfig) -> Result<Linear> {
         QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Weight::Dense(t.to_dtype(DType::F32)?),
     };
     Ok(Linear::new(weight, None, cfg.vocab_size, cfg.hidden_size))
-}
-
-/// Helper for tests and tools: the last dimension's argmax of a `[n, vocab]` tensor.
-pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
-    Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
 }

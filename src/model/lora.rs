@@ -45,10 +45,6 @@ impl AdapterWeights {
     pub fn get(&self, slot: Slot) -> Option<&LoraWeights> {
         self.layers.get(slot.layer)?.get(slot.module)?.as_ref()
     }
-
-    pub fn size_in_bytes(&self) -> usize {
-        self.layers.iter().flatten().flatten().map(|w| 4 * (w.a.len() + w.b_t.len())).sum()
-    }
 }
 
 /// The rows of one step that use one adapter.

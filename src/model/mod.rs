@@ -24,7 +24,7 @@ pub use config::ModelConfig;
 pub use kv_cache::KvCache;
 pub use linear::Linear;
 pub use llama::{BatchRow, Llama};
-pub use source::{LoadedModel, ModelFormat, WeightMode};
+pub use source::{ModelFormat, WeightMode};
 
 /// Failures while loading or running a model.
 #[derive(Debug, thiserror::Error)]

@@ -35,10 +35,3 @@ pub trait WeightSource {
     fn embedding(&mut self, name: &str) -> Result<QMatMul>;
     fn contains(&self, name: &str) -> bool;
 }
-
-/// A model ready to run, and where it came from.
-pub struct LoadedModel {
-    pub model: super::Llama,
-    pub format: ModelFormat,
-    pub mode: WeightMode,
-}
