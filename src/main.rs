@@ -99,8 +99,8 @@ fn bench_kernels(reps: usize, threads: Option<usize>) -> anyhow::Result<()> {
     for r in &results {
         writeln!(
             stdout,
-            "{:5} {:5}x{:<5} tokens {:3} {:10} {:8.3} ms {:7.1} GMAC/s {:6.1} GB/s x{:.1} vs scalar",
-            r.kernel, r.rows, r.cols, r.tokens, r.isa, r.ms, r.gmacs, r.weight_gbs, r.speedup_vs_scalar
+            "{:5} {:5}x{:<5} tokens {:3} {:10} {:8.3} ms (best {:7.3}) {:7.1} GMAC/s {:6.1} GB/s x{:.1} vs scalar",
+            r.kernel, r.rows, r.cols, r.tokens, r.isa, r.ms, r.best_ms, r.gmacs, r.weight_gbs, r.speedup_vs_scalar
         )?;
     }
     Ok(())

@@ -2,6 +2,8 @@
 //! output head is a `Linear`, whatever the weight format.
 
 use candle_core::quantized::QMatMul;
+use std::sync::OnceLock;
+
 use candle_core::{Device, Module, Tensor};
 
 use super::kernels::{self, q4_1::Q4_1Matrix, q8::Q8Row, q8_0::Q8_0Matrix};
@@ -61,18 +63,19 @@ impl Linear {
 
     /// `x`: `[rows, in_features]` → `[rows, out_features]`, plus the delta of
     /// each adapter group on its rows.
-    pub fn forward(&self, x: &Tensor, adapters: &[LoraGroup]) -> Result<Tensor> {
+    pub fn forward(&self, input: &Input, adapters: &[LoraGroup]) -> Result<Tensor> {
         let _enter = self.span.enter();
+        let x = &input.x;
         let y = match &self.weight {
             Weight::Quantized(w) => w.forward(x)?,
             Weight::Dense(w) => x.matmul(&w.t()?)?,
             Weight::Q4_1(w) => {
-                let (tokens, rows) = quantize_rows(x)?;
-                Tensor::from_vec(w.matmul(&rows, kernels::isa()), (tokens, w.rows()), &Device::Cpu)?
+                let rows = input.q8()?;
+                Tensor::from_vec(w.matmul(rows, kernels::isa()), (rows.len(), w.rows()), &Device::Cpu)?
             }
             Weight::Q8_0(w) => {
-                let (tokens, rows) = quantize_rows(x)?;
-                Tensor::from_vec(w.matmul(&rows, kernels::isa()), (tokens, w.rows()), &Device::Cpu)?
+                let rows = input.q8()?;
+                Tensor::from_vec(w.matmul(rows, kernels::isa()), (rows.len(), w.rows()), &Device::Cpu)?
             }
         };
         let y = match &self.bias {
@@ -86,9 +89,29 @@ impl Linear {
     }
 }
 
-/// `[tokens, in]` activations as Q8 rows, what the integer kernels consume.
-fn quantize_rows(x: &Tensor) -> Result<(usize, Vec<Q8Row>)> {
-    let (tokens, _) = x.dims2()?;
-    let rows = x.to_vec2::<f32>()?.iter().map(|r| Q8Row::quantize(r)).collect();
-    Ok((tokens, rows))
+/// A projection's input, `[tokens, in_features]`: projections that read the
+/// same activations (q/k/v, gate/up) share one 8-bit quantization of them.
+pub struct Input {
+    x: Tensor,
+    q8: OnceLock<Vec<Q8Row>>,
+}
+
+impl Input {
+    pub fn new(x: Tensor) -> Self {
+        Self { x, q8: OnceLock::new() }
+    }
+
+    pub fn tensor(&self) -> &Tensor {
+        &self.x
+    }
+
+    /// The rows as Q8 blocks, what the integer kernels consume (made once).
+    fn q8(&self) -> Result<&[Q8Row]> {
+        if let Some(rows) = self.q8.get() {
+            return Ok(rows);
+        }
+        let cols = self.x.dim(1)?;
+        let rows = super::ops::with_f32(&self.x, |x| Q8Row::quantize_rows(x, cols))?;
+        Ok(self.q8.get_or_init(|| rows))
+    }
 }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor};
 
+use super::linear::Input;
 use super::lora::{AdapterWeights, LoraGroup};
+use super::ops;
 use super::source::WeightSource;
 use super::{KvCache, Linear, ModelConfig, ModelError, Result};
 
@@ -118,9 +120,10 @@ impl Attention {
         rope: &Rope,
         adapters: &[LoraGroup],
     ) -> Result<Tensor> {
-        let q = self.q_proj.forward(x, adapters)?;
-        let k = self.k_proj.forward(x, adapters)?;
-        let v = self.v_proj.forward(x, adapters)?;
+        let x = Input::new(x.clone());
+        let q = self.q_proj.forward(&x, adapters)?;
+        let k = self.k_proj.forward(&x, adapters)?;
+        let v = self.v_proj.forward(&x, adapters)?;
         let mut outputs = Vec::with_capacity(rows.len());
         for (row, &(offset, len)) in rows.iter_mut().zip(spans) {
             let start = row.cache.len();
@@ -139,7 +142,7 @@ impl Attention {
             outputs.push(self.attend(&q, &k, &v, start)?);
         }
         let out = Tensor::cat(&outputs, 0)?;
-        self.o_proj.forward(&out, adapters)
+        self.o_proj.forward(&Input::new(out), adapters)
     }
 
     /// Causal attention of `q` (`[heads, n, d]`, positions `start..start+n`) over
@@ -191,8 +194,9 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, adapters: &[LoraGroup]) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x, adapters)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x, adapters)?)?, adapters)
+        let x = Input::new(x.clone());
+        let hidden = ops::silu_mul(&self.gate_proj.forward(&x, adapters)?, &self.up_proj.forward(&x, adapters)?)?;
+        self.down_proj.forward(&Input::new(hidden), adapters)
     }
 }
 
@@ -280,10 +284,10 @@ impl Llama {
             let residual = x.clone();
             let h = layer.input_layernorm.forward(&x)?;
             let h = layer.self_attn.forward(&h, rows, &spans, index, &self.rope, &adapters)?;
-            x = (h + residual)?;
+            x = ops::add(&h, &residual)?;
             let residual = x.clone();
             let h = layer.post_attention_layernorm.forward(&x)?;
-            x = (layer.mlp.forward(&h, &adapters)? + residual)?;
+            x = ops::add(&layer.mlp.forward(&h, &adapters)?, &residual)?;
         }
         for (row, &(_, len)) in rows.iter_mut().zip(&spans) {
             row.cache.advance(len);
@@ -306,7 +310,7 @@ impl Llama {
         }
         let wanted = Tensor::new(wanted.as_slice(), &Device::Cpu)?;
         let h = self.norm.forward(&x.index_select(&wanted, 0)?)?;
-        let logits = self.lm_head.forward(&h, &[])?;
+        let logits = self.lm_head.forward(&Input::new(h), &[])?;
         let mut out = Vec::with_capacity(rows.len());
         let mut at = 0;
         for n in counts {

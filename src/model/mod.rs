@@ -16,6 +16,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 pub mod lora;
+pub mod ops;
 pub mod random;
 pub mod safetensors;
 pub mod source;

@@ -57,3 +57,191 @@ pub fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *ISA.get_or_init(detect)
 }
+
+/// Activation rows that share one unpacking of each weight block.
+const TOKEN_CHUNK: usize = 8;
+
+/// Calls `$call` with the const `R` equal to `$n` (1..=8): a kernel
+/// instantiated per row count keeps each row's accumulators in registers.
+macro_rules! by_count {
+    ($n:expr, |$r:ident| $call:expr) => {
+        match $n {
+            1 => {
+                const $r: usize = 1;
+                $call
+            }
+            2 => {
+                const $r: usize = 2;
+                $call
+            }
+            3 => {
+                const $r: usize = 3;
+                $call
+            }
+            4 => {
+                const $r: usize = 4;
+                $call
+            }
+            5 => {
+                const $r: usize = 5;
+                $call
+            }
+            6 => {
+                const $r: usize = 6;
+                $call
+            }
+            7 => {
+                const $r: usize = 7;
+                $call
+            }
+            8 => {
+                const $r: usize = 8;
+                $call
+            }
+            n => unreachable!("{n} activation rows in one kernel call"),
+        }
+    };
+}
+pub(crate) use by_count;
+
+/// `y[t][o]` (`[tokens, rows]`) for `rows` outputs and every activation row
+/// `t`: `dot_row(o, out)` fills `out[t]` for weight row `o`. Weight rows are
+/// split over the rayon pool in a few contiguous pieces per thread (one task
+/// per piece keeps the scheduling cost small next to a decode step's tiny
+/// matmuls); each piece writes its own columns of `y`.
+fn matmul_rows(rows: usize, x: &[q8::Q8Row], dot_row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    use rayon::prelude::*;
+    /// `y`'s buffer, shared by pieces that write disjoint columns.
+    struct Columns(*mut f32);
+    // SAFETY: pieces write disjoint elements and the buffer outlives them.
+    unsafe impl Sync for Columns {}
+    let tokens = x.len();
+    if tokens == 0 || rows == 0 {
+        return Vec::new();
+    }
+    let pieces = rayon::current_num_threads() * 4;
+    let chunk = rows.div_ceil(pieces).max(8);
+    let mut y = vec![0f32; tokens * rows];
+    let columns = Columns(y.as_mut_ptr());
+    let columns = &columns;
+    (0..rows.div_ceil(chunk)).into_par_iter().for_each(|piece| {
+        let mut out = vec![0f32; tokens];
+        for o in piece * chunk..((piece + 1) * chunk).min(rows) {
+            dot_row(o, &mut out);
+            for (t, &v) in out.iter().enumerate() {
+                // SAFETY: t < tokens and o < rows; column o belongs to this piece alone.
+                unsafe { *columns.0.add(t * rows + o) = v };
+            }
+        }
+    });
+    y
+}
+
+/// One weight row against `R` activation rows (1 ≤ R ≤ 8), each weight block
+/// loaded (`|p| unpack`, `p` = the block's first byte) once for all of them
+/// and multiplied into i32 lanes by `|w, v| dot`. Every activation row gets
+/// exactly the same operations in the same order whatever `R` is: its own
+/// two vector accumulators (even and odd blocks, so consecutive fused
+/// multiply-adds do not wait on each other) and one final horizontal sum — so
+/// a row gives the same bits alone or in any batch.
+macro_rules! row_kernel {
+    ($name:ident, $features:literal, $elem:ty, $block_bytes:expr, |$p:ident| $unpack:expr, |$w:ident, $v:ident| $dot:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const R: usize>(d: &[f32], qs: &[$elem], xs: &[Q8Row], out: &mut [f32]) {
+            use std::arch::x86_64::*;
+            debug_assert!(xs.len() == R && out.len() >= R && qs.len() >= d.len() * $block_bytes);
+            let blocks = d.len();
+            let q8: [*const i8; R] = std::array::from_fn(|t| xs[t].qs.as_ptr());
+            let dx: [*const f32; R] = std::array::from_fn(|t| xs[t].d.as_ptr());
+            let mut even = [_mm256_setzero_ps(); R];
+            let mut odd = [_mm256_setzero_ps(); R];
+            let mut b = 0;
+            while b < blocks {
+                let pair = b + 1 < blocks;
+                let w0: __m256i = {
+                    let $p = qs.as_ptr().add(b * $block_bytes);
+                    $unpack
+                };
+                let w1: __m256i = if pair {
+                    let $p = qs.as_ptr().add((b + 1) * $block_bytes);
+                    $unpack
+                } else {
+                    _mm256_setzero_si256()
+                };
+                for t in 0..R {
+                    let v = _mm256_loadu_si256(q8[t].add(b * super::q8::BLOCK) as *const __m256i);
+                    let dot: __m256i = {
+                        let ($w, $v) = (w0, v);
+                        $dot
+                    };
+                    let scale = _mm256_set1_ps(d[b] * *dx[t].add(b));
+                    even[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, even[t]);
+                    if pair {
+                        let v = _mm256_loadu_si256(q8[t].add((b + 1) * super::q8::BLOCK) as *const __m256i);
+                        let dot: __m256i = {
+                            let ($w, $v) = (w1, v);
+                            $dot
+                        };
+                        let scale = _mm256_set1_ps(d[b + 1] * *dx[t].add(b + 1));
+                        odd[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, odd[t]);
+                    }
+                }
+                b += 2;
+            }
+            for t in 0..R {
+                out[t] = super::hsum(_mm256_add_ps(even[t], odd[t]));
+            }
+        }
+    };
+}
+pub(crate) use row_kernel;
+
+/// u8 × i8 products summed four by four into i32 lanes, in pairs to i16 first
+/// (no overflow for the value ranges the kernels feed it: 15·127·2 < 2^15).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn udot_avx2(a: std::arch::x86_64::__m256i, b: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+}
+
+/// The same four-way u8 × i8 sums in one instruction.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+#[inline]
+unsafe fn udot_vnni(a: std::arch::x86_64::__m256i, b: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+}
+
+/// Horizontal sum of eight f32 lanes, in a fixed order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let sum4 = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    let sum2 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
+    _mm_cvtss_f32(_mm_add_ss(sum2, _mm_shuffle_ps(sum2, sum2, 1)))
+}
+
+/// `Σ a[i]·b[i]` eight lanes at a time, then the tail, in a fixed order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 8 <= n {
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)), acc);
+        i += 8;
+    }
+    let mut sum = hsum(acc);
+    while i < n {
+        sum = a[i].mul_add(b[i], sum);
+        i += 1;
+    }
+    sum
+}

@@ -4,7 +4,6 @@
 //! multiply-add.
 
 use half::f16;
-use rayon::prelude::*;
 
 use super::q8::{Q8Row, BLOCK};
 use super::Isa;
@@ -62,29 +61,10 @@ impl Q4_1Matrix {
     }
 
     /// `y[t][o] = Σ_k w[o][k] · x[t][k]` for every activation row `t`.
-    /// Each weight row is read once for all activation rows; rows of the
-    /// output are split over the rayon pool.
+    /// Each weight row is read once for up to eight activation rows; rows of
+    /// the output are split over the rayon pool.
     pub fn matmul(&self, x: &[Q8Row], isa: Isa) -> Vec<f32> {
-        let tokens = x.len();
-        if tokens == 0 {
-            return Vec::new();
-        }
-        let mut y_t = vec![0f32; self.rows * tokens]; // [rows, tokens]
-        const CHUNK: usize = 16;
-        y_t.par_chunks_mut(CHUNK * tokens).enumerate().for_each(|(chunk, out)| {
-            for (i, out_row) in out.chunks_mut(tokens).enumerate() {
-                let o = chunk * CHUNK + i;
-                self.dot_row(o, x, out_row, isa);
-            }
-        });
-        // → [tokens, rows]
-        let mut y = vec![0f32; tokens * self.rows];
-        for o in 0..self.rows {
-            for t in 0..tokens {
-                y[t * self.rows + o] = y_t[o * tokens + t];
-            }
-        }
-        y
+        super::matmul_rows(self.rows, x, |o, out| self.dot_row(o, x, out, isa))
     }
 
     fn dot_row(&self, o: usize, x: &[Q8Row], out: &mut [f32], isa: Isa) {
@@ -93,17 +73,19 @@ impl Q4_1Matrix {
         let d = &self.d[first..first + blocks];
         let m = &self.m[first..first + blocks];
         let qs = &self.qs[first * 16..(first + blocks) * 16];
-        for (xs, out) in x.chunks(TOKEN_CHUNK).zip(out.chunks_mut(TOKEN_CHUNK)) {
+        for (xs, out) in x.chunks(super::TOKEN_CHUNK).zip(out.chunks_mut(super::TOKEN_CHUNK)) {
             match isa {
                 // SAFETY: each ISA is only chosen when the CPU reports its features.
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 if xs.len() == TOKEN_CHUNK => unsafe { dot8_avx2(d, m, qs, xs, out) },
+                Isa::Avx2 => unsafe {
+                    super::by_count!(xs.len(), |R| dot_avx2::<R>(d, qs, xs, out));
+                    add_offsets(m, xs, out);
+                },
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512Vnni if xs.len() == TOKEN_CHUNK => unsafe { dot8_vnni(d, m, qs, xs, out) },
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe { dot_avx2(d, m, qs, xs, out) },
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512Vnni => unsafe { dot_vnni(d, m, qs, xs, out) },
+                Isa::Avx512Vnni => unsafe {
+                    super::by_count!(xs.len(), |R| dot_vnni::<R>(d, qs, xs, out));
+                    add_offsets(m, xs, out);
+                },
                 Isa::Scalar => {
                     for (xr, o) in xs.iter().zip(out.iter_mut()) {
                         *o = dot_scalar(d, m, qs, xr);
@@ -113,9 +95,6 @@ impl Q4_1Matrix {
         }
     }
 }
-
-/// Activation rows that share one unpacking of each weight block.
-const TOKEN_CHUNK: usize = 8;
 
 /// The reference: block by block, integer dot then scale.
 pub fn dot_scalar(d: &[f32], m: &[f32], qs: &[u8], x: &Q8Row) -> f32 {
@@ -134,132 +113,23 @@ pub fn dot_scalar(d: &[f32], m: &[f32], qs: &[u8], x: &Q8Row) -> f32 {
     sum
 }
 
-/// One weight row against fewer than eight activation rows (decode): the
-/// integer block sum is reduced to a scalar, then scaled with the very same
-/// fused multiply-adds, in the same order, as each lane of `dot8_rows` — so a
-/// row gives the same bits whatever batch it is in.
-macro_rules! dot_rows {
-    ($name:ident, $features:literal, $idot:expr) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        unsafe fn $name(d: &[f32], m: &[f32], qs: &[u8], xs: &[Q8Row], out: &mut [f32]) {
-            use std::arch::x86_64::*;
-            let low_mask = _mm256_set1_epi8(0x0F);
-            let mut acc = [0f32; TOKEN_CHUNK];
-            for b in 0..d.len() {
-                // 16 bytes of nibbles → 32 unsigned values: low nibbles, then high.
-                let packed = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
-                let q4 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low_mask);
-                for (i, x) in xs.iter().enumerate() {
-                    let q8 = _mm256_loadu_si256(x.qs.as_ptr().add(b * BLOCK) as *const __m256i);
-                    let isum = hsum_i32($idot(q4, q8));
-                    acc[i] = (isum as f32).mul_add(d[b] * x.d[b], acc[i]);
-                    acc[i] = m[b].mul_add(x.s[b], acc[i]);
-                }
-            }
-            out[..xs.len()].copy_from_slice(&acc[..xs.len()]);
-        }
-    };
+// 16 bytes of nibbles → 32 unsigned values: low nibbles, then high.
+macro_rules! unpack_q4 {
+    ($p:expr) => {{
+        let packed = _mm_loadu_si128($p as *const __m128i);
+        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F))
+    }};
 }
+super::row_kernel!(dot_avx2, "avx2,fma", u8, 16, |p| unpack_q4!(p), |w, v| super::udot_avx2(w, v));
+super::row_kernel!(dot_vnni, "avx2,fma,avx512vnni,avx512vl", u8, 16, |p| unpack_q4!(p), |w, v| super::udot_vnni(w, v));
 
+/// The offset term `Σ m·s` of every row, added after the integer part.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn hsum_i32(v: std::arch::x86_64::__m256i) -> i32 {
-    use std::arch::x86_64::*;
-    let sum4 = _mm_add_epi32(_mm256_extracti128_si256(v, 1), _mm256_castsi256_si128(v));
-    let sum2 = _mm_add_epi32(sum4, _mm_unpackhi_epi64(sum4, sum4));
-    _mm_cvtsi128_si32(_mm_add_epi32(sum2, _mm_shuffle_epi32(sum2, 1)))
-}
-
-/// Eight activation rows at once (prefill): the eight integer block sums are
-/// reduced into one vector (lane t = row t), so scales and offsets are
-/// applied with two vector FMAs per block instead of per row.
-macro_rules! dot8_rows {
-    ($name:ident, $features:literal, $idot:expr) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        unsafe fn $name(d: &[f32], m: &[f32], qs: &[u8], xs: &[Q8Row], out: &mut [f32]) {
-            use std::arch::x86_64::*;
-            debug_assert_eq!(xs.len(), 8);
-            let low_mask = _mm256_set1_epi8(0x0F);
-            let q8: [*const i8; 8] = std::array::from_fn(|t| xs[t].qs.as_ptr());
-            let dx: [*const f32; 8] = std::array::from_fn(|t| xs[t].d.as_ptr());
-            let sx: [*const f32; 8] = std::array::from_fn(|t| xs[t].s.as_ptr());
-            let mut acc = _mm256_setzero_ps();
-            for b in 0..d.len() {
-                let packed = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
-                let q4 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low_mask);
-                let dot = |t: usize| -> __m256i {
-                    let v = _mm256_loadu_si256(q8[t].add(b * BLOCK) as *const __m256i);
-                    $idot(q4, v)
-                };
-                let (v0, v1, v2, v3) = (dot(0), dot(1), dot(2), dot(3));
-                let (v4, v5, v6, v7) = (dot(4), dot(5), dot(6), dot(7));
-                // Lane t of `sums` = Σ of row t's eight partial sums.
-                let s0123 = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
-                let s4567 = _mm256_hadd_epi32(_mm256_hadd_epi32(v4, v5), _mm256_hadd_epi32(v6, v7));
-                let sums = _mm256_add_epi32(
-                    _mm256_permute2x128_si256(s0123, s4567, 0x20),
-                    _mm256_permute2x128_si256(s0123, s4567, 0x31),
-                );
-                let scales = _mm256_mul_ps(
-                    _mm256_set1_ps(d[b]),
-                    _mm256_setr_ps(
-                        *dx[0].add(b),
-                        *dx[1].add(b),
-                        *dx[2].add(b),
-                        *dx[3].add(b),
-                        *dx[4].add(b),
-                        *dx[5].add(b),
-                        *dx[6].add(b),
-                        *dx[7].add(b),
-                    ),
-                );
-                let offsets = _mm256_setr_ps(
-                    *sx[0].add(b),
-                    *sx[1].add(b),
-                    *sx[2].add(b),
-                    *sx[3].add(b),
-                    *sx[4].add(b),
-                    *sx[5].add(b),
-                    *sx[6].add(b),
-                    *sx[7].add(b),
-                );
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scales, acc);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(m[b]), offsets, acc);
-            }
-            _mm256_storeu_ps(out.as_mut_ptr(), acc);
-        }
-    };
-}
-
-dot8_rows!(dot8_avx2, "avx2,fma", |q4, q8| {
-    use std::arch::x86_64::*;
-    _mm256_madd_epi16(_mm256_maddubs_epi16(q4, q8), _mm256_set1_epi16(1))
-});
-dot8_rows!(dot8_vnni, "avx2,fma,avx512vnni,avx512vl", |q4, q8| {
-    use std::arch::x86_64::*;
-    _mm256_dpbusd_epi32(_mm256_setzero_si256(), q4, q8)
-});
-
-// u8 × i8 in pairs to i16, then to i32 (no overflow: 15·127·2 < 2^15).
-dot_rows!(dot_avx2, "avx2,fma", |q4, q8| {
-    use std::arch::x86_64::*;
-    _mm256_madd_epi16(_mm256_maddubs_epi16(q4, q8), _mm256_set1_epi16(1))
-});
-// One instruction for the same four-way u8 × i8 sums.
-dot_rows!(dot_vnni, "avx2,fma,avx512vnni,avx512vl", |q4, q8| {
-    use std::arch::x86_64::*;
-    _mm256_dpbusd_epi32(_mm256_setzero_si256(), q4, q8)
-});
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
-    use std::arch::x86_64::*;
-    let sum4 = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-    let sum2 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
-    _mm_cvtss_f32(_mm_add_ss(sum2, _mm_shuffle_ps(sum2, sum2, 1)))
+#[target_feature(enable = "avx2,fma")]
+unsafe fn add_offsets(m: &[f32], xs: &[Q8Row], out: &mut [f32]) {
+    for (o, x) in out.iter_mut().zip(xs) {
+        *o += super::dot_f32(m, &x.s);
+    }
 }
 
 #[cfg(test)]

@@ -2,14 +2,12 @@
 //! projection of a Q8_0 model): per block of 32, `d·dx·Σ q·qx`.
 
 use half::f16;
-use rayon::prelude::*;
 
 use super::q8::{Q8Row, BLOCK};
 use super::Isa;
 
 /// Bytes of one GGUF Q8_0 block: d (f16), 32 signed bytes.
 pub const BLOCK_BYTES: usize = 34;
-const TOKEN_CHUNK: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct Q8_0Matrix {
@@ -44,41 +42,25 @@ impl Q8_0Matrix {
 
     /// `y[t][o] = Σ_k w[o][k] · x[t][k]`, weight rows split over the rayon pool.
     pub fn matmul(&self, x: &[Q8Row], isa: Isa) -> Vec<f32> {
-        let tokens = x.len();
-        if tokens == 0 {
-            return Vec::new();
-        }
         let blocks = self.cols / BLOCK;
-        let mut y_t = vec![0f32; self.rows * tokens];
-        const CHUNK: usize = 64;
-        y_t.par_chunks_mut(CHUNK * tokens).enumerate().for_each(|(chunk, out)| {
-            for (i, out_row) in out.chunks_mut(tokens).enumerate() {
-                let o = chunk * CHUNK + i;
-                let d = &self.d[o * blocks..(o + 1) * blocks];
-                let qs = &self.qs[o * self.cols..(o + 1) * self.cols];
-                for (xs, out) in x.chunks(TOKEN_CHUNK).zip(out_row.chunks_mut(TOKEN_CHUNK)) {
-                    match isa {
-                        // SAFETY: each ISA is only chosen when the CPU reports its features.
-                        #[cfg(target_arch = "x86_64")]
-                        Isa::Avx2 => unsafe { dot_avx2(d, qs, xs, out) },
-                        #[cfg(target_arch = "x86_64")]
-                        Isa::Avx512Vnni => unsafe { dot_vnni(d, qs, xs, out) },
-                        Isa::Scalar => {
-                            for (xr, o) in xs.iter().zip(out.iter_mut()) {
-                                *o = dot_scalar(d, qs, xr);
-                            }
+        super::matmul_rows(self.rows, x, |o, out_row| {
+            let d = &self.d[o * blocks..(o + 1) * blocks];
+            let qs = &self.qs[o * self.cols..(o + 1) * self.cols];
+            for (xs, out) in x.chunks(super::TOKEN_CHUNK).zip(out_row.chunks_mut(super::TOKEN_CHUNK)) {
+                match isa {
+                    // SAFETY: each ISA is only chosen when the CPU reports its features.
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => super::by_count!(xs.len(), |R| unsafe { dot_avx2::<R>(d, qs, xs, out) }),
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512Vnni => super::by_count!(xs.len(), |R| unsafe { dot_vnni::<R>(d, qs, xs, out) }),
+                    Isa::Scalar => {
+                        for (xr, o) in xs.iter().zip(out.iter_mut()) {
+                            *o = dot_scalar(d, qs, xr);
                         }
                     }
                 }
             }
-        });
-        let mut y = vec![0f32; tokens * self.rows];
-        for o in 0..self.rows {
-            for t in 0..tokens {
-                y[t * self.rows + o] = y_t[o * tokens + t];
-            }
-        }
-        y
+        })
     }
 }
 
@@ -95,39 +77,21 @@ pub fn dot_scalar(d: &[f32], qs: &[i8], x: &Q8Row) -> f32 {
     sum
 }
 
-/// Signed × signed through the unsigned × signed instructions: |w| times x
-/// carrying w's sign (activations stay within ±127, so negation is exact).
-macro_rules! dot_rows {
-    ($name:ident, $features:literal, $idot:expr) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        unsafe fn $name(d: &[f32], qs: &[i8], xs: &[Q8Row], out: &mut [f32]) {
-            use std::arch::x86_64::*;
-            let mut acc = [_mm256_setzero_ps(); TOKEN_CHUNK];
-            for b in 0..d.len() {
-                let w = _mm256_loadu_si256(qs.as_ptr().add(b * BLOCK) as *const __m256i);
-                let w_abs = _mm256_sign_epi8(w, w);
-                for (i, x) in xs.iter().enumerate() {
-                    let v = _mm256_loadu_si256(x.qs.as_ptr().add(b * BLOCK) as *const __m256i);
-                    let dot: __m256i = $idot(w_abs, _mm256_sign_epi8(v, w));
-                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d[b] * x.d[b]), acc[i]);
-                }
-            }
-            for i in 0..xs.len() {
-                out[i] = super::q4_1::hsum(acc[i]);
-            }
-        }
+// Signed × signed through the unsigned × signed instructions: |w| times x
+// carrying w's sign (activations stay within ±127, so negation is exact).
+macro_rules! load_q8 {
+    ($p:expr) => {
+        _mm256_loadu_si256($p as *const __m256i)
     };
 }
-
-dot_rows!(dot_avx2, "avx2,fma", |a, b| {
-    use std::arch::x86_64::*;
-    _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
-});
-dot_rows!(dot_vnni, "avx2,fma,avx512vnni,avx512vl", |a, b| {
-    use std::arch::x86_64::*;
-    _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
-});
+super::row_kernel!(dot_avx2, "avx2,fma", i8, BLOCK, |p| load_q8!(p), |w, v| super::udot_avx2(
+    _mm256_sign_epi8(w, w),
+    _mm256_sign_epi8(v, w)
+));
+super::row_kernel!(dot_vnni, "avx2,fma,avx512vnni,avx512vl", i8, BLOCK, |p| load_q8!(p), |w, v| super::udot_vnni(
+    _mm256_sign_epi8(w, w),
+    _mm256_sign_epi8(v, w)
+));
 
 #[cfg(test)]
 mod tests {
