@@ -7,6 +7,9 @@ use std::sync::Arc;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor};
 
+use rayon::prelude::*;
+
+use super::attention::{self, HeadShape, Rope};
 use super::linear::Input;
 use super::lora::{AdapterWeights, LoraGroup};
 use super::ops;
@@ -49,43 +52,6 @@ impl RmsNorm {
     }
 }
 
-/// Half-split (NeoX / Hugging Face) rotary tables, `[max_positions, head_dim / 2]`.
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Rope {
-    fn new(cfg: &ModelConfig) -> Result<Self> {
-        let half = cfg.head_dim / 2;
-        // float32 throughout, as transformers computes it.
-        let inv_freq: Vec<f32> =
-            (0..half).map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / cfg.head_dim as f32)).collect();
-        let n = cfg.max_position_embeddings;
-        let mut cos = Vec::with_capacity(n * half);
-        let mut sin = Vec::with_capacity(n * half);
-        for pos in 0..n {
-            for f in &inv_freq {
-                let angle = pos as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        Ok(Self {
-            cos: Tensor::from_vec(cos, (n, half), &Device::Cpu)?,
-            sin: Tensor::from_vec(sin, (n, half), &Device::Cpu)?,
-        })
-    }
-
-    /// `x`: `[1, heads, n, head_dim]` at positions `start..start + n`.
-    fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let n = x.dim(2)?;
-        let cos = self.cos.narrow(0, start, n)?;
-        let sin = self.sin.narrow(0, start, n)?;
-        Ok(candle_nn::rotary_emb::rope(x, &cos, &sin)?)
-    }
-}
-
 struct Attention {
     q_proj: Linear,
     k_proj: Linear,
@@ -124,58 +90,38 @@ impl Attention {
         let q = self.q_proj.forward(&x, adapters)?;
         let k = self.k_proj.forward(&x, adapters)?;
         let v = self.v_proj.forward(&x, adapters)?;
-        let mut outputs = Vec::with_capacity(rows.len());
-        for (row, &(offset, len)) in rows.iter_mut().zip(spans) {
-            let start = row.cache.len();
-            // [len, heads·d] → [1, heads, len, d]
-            let heads = |t: &Tensor, n_heads: usize| -> Result<Tensor> {
-                Ok(t.narrow(0, offset, len)?
-                    .reshape((len, n_heads, self.head_dim))?
-                    .transpose(0, 1)?
-                    .contiguous()?
-                    .unsqueeze(0)?)
-            };
-            let q = rope.apply(&heads(&q, self.num_heads)?, start)?.squeeze(0)?;
-            let k = rope.apply(&heads(&k, self.num_kv_heads)?, start)?.squeeze(0)?;
-            let v = heads(&v, self.num_kv_heads)?.squeeze(0)?;
-            let (k, v) = row.cache.append(layer, &k, &v)?;
-            outputs.push(self.attend(&q, &k, &v, start)?);
-        }
-        let out = Tensor::cat(&outputs, 0)?;
+        let shape = HeadShape { heads: self.num_heads, kv_heads: self.num_kv_heads, dim: self.head_dim };
+        let (q_width, kv_width) = (shape.heads * shape.dim, shape.kv_heads * shape.dim);
+        let tokens = q.dim(0)?;
+        let mut out = vec![0f32; tokens * q_width];
+        ops::with_f32(&q, |q| {
+            ops::with_f32(&k, |k| {
+                ops::with_f32(&v, |v| {
+                    // Each sequence: rotate its new queries and keys, cache its
+                    // keys and values, attend over its own history.
+                    let sequence = |(row, &(offset, len)): (&mut BatchRow, &(usize, usize))| -> Vec<f32> {
+                        let start = row.cache.len();
+                        let mut queries = q[offset * q_width..(offset + len) * q_width].to_vec();
+                        let mut keys = k[offset * kv_width..(offset + len) * kv_width].to_vec();
+                        rope.apply(&mut queries, shape.heads, start);
+                        rope.apply(&mut keys, shape.kv_heads, start);
+                        row.cache.append(layer, &keys, &v[offset * kv_width..(offset + len) * kv_width]);
+                        attention::attend(&queries, start, &row.cache.layer(layer), shape)
+                    };
+                    let per_row: Vec<Vec<f32>> = if rows.len() > 1 {
+                        rows.par_iter_mut().zip(spans.par_iter()).map(sequence).collect()
+                    } else {
+                        rows.iter_mut().zip(spans).map(sequence).collect()
+                    };
+                    for (values, &(offset, len)) in per_row.iter().zip(spans) {
+                        out[offset * q_width..(offset + len) * q_width].copy_from_slice(values);
+                    }
+                })
+            })
+        })???;
+        let out = Tensor::from_vec(out, (tokens, q_width), &Device::Cpu)?;
         self.o_proj.forward(&Input::new(out), adapters)
     }
-
-    /// Causal attention of `q` (`[heads, n, d]`, positions `start..start+n`) over
-    /// `k`, `v` (`[kv_heads, start+n, d]`); returns `[n, heads·d]`.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, start: usize) -> Result<Tensor> {
-        let (n_heads, n, d) = q.dims3()?;
-        let total = k.dim(1)?;
-        let group = n_heads / self.num_kv_heads;
-        // Query heads that share a kv head are stacked on the row axis, so the
-        // cache is read in place instead of being repeated per head:
-        // [kv_heads, group·n, d] · [kv_heads, d, total] → [kv_heads, group·n, total]
-        let q = q.reshape((self.num_kv_heads, group * n, d))?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let mut att = (q.matmul(&k.t()?)? * scale)?;
-        if n > 1 {
-            let mask = causal_mask(n, start, total)?;
-            att = att.reshape((self.num_kv_heads, group, n, total))?.broadcast_add(&mask)?.reshape((
-                self.num_kv_heads,
-                group * n,
-                total,
-            ))?;
-        }
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        // [kv_heads, group·n, d] → [heads, n, d] → [n, heads·d]
-        Ok(att.matmul(v)?.reshape((n_heads, n, d))?.transpose(0, 1)?.contiguous()?.reshape((n, n_heads * d))?)
-    }
-}
-
-/// `[n, total]`: query i (at position start+i) sees keys 0..=start+i.
-fn causal_mask(n: usize, start: usize, total: usize) -> Result<Tensor> {
-    let mask: Vec<f32> =
-        (0..n).flat_map(|i| (0..total).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 })).collect();
-    Ok(Tensor::from_vec(mask, (n, total), &Device::Cpu)?)
 }
 
 struct Mlp {
@@ -242,7 +188,8 @@ impl Llama {
         } else {
             src.linear("lm_head")?
         };
-        Ok(Self { embed_tokens, layers, norm, lm_head, rope: Rope::new(&config)?, config })
+        let rope = Rope::new(config.head_dim, config.rope_theta, config.max_position_embeddings);
+        Ok(Self { embed_tokens, layers, norm, lm_head, rope, config })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -250,7 +197,7 @@ impl Llama {
     }
 
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.num_layers)
+        KvCache::new(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim)
     }
 
     /// One step over every row. Returns, per row, logits `[positions, vocab]`

@@ -9,6 +9,7 @@
 //! - `kv_cache`: one sequence's keys and values;
 //! - `llama`: the Llama-family transformer, forward over a batch of sequences.
 
+pub mod attention;
 pub mod config;
 pub mod gguf;
 pub mod kernels;

@@ -142,20 +142,22 @@ fn matmul_rows(rows: usize, x: &[q8::Q8Row], dot_row: impl Fn(usize, &mut [f32])
 /// and multiplied into i32 lanes by `|w, v| dot`. Every activation row gets
 /// exactly the same operations in the same order whatever `R` is: its own
 /// two vector accumulators (even and odd blocks, so consecutive fused
-/// multiply-adds do not wait on each other) and one final horizontal sum — so
-/// a row gives the same bits alone or in any batch.
+/// multiply-adds do not wait on each other), the second starting from the
+/// lanes of the offset term `Σ m·s` (Q4_1; `m` is empty for formats without
+/// offsets), and one final horizontal sum — so a row gives the same bits
+/// alone or in any batch.
 macro_rules! row_kernel {
     ($name:ident, $features:literal, $elem:ty, $block_bytes:expr, |$p:ident| $unpack:expr, |$w:ident, $v:ident| $dot:expr) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
-        unsafe fn $name<const R: usize>(d: &[f32], qs: &[$elem], xs: &[Q8Row], out: &mut [f32]) {
+        unsafe fn $name<const R: usize>(d: &[f32], m: &[f32], qs: &[$elem], xs: &[Q8Row], out: &mut [f32]) {
             use std::arch::x86_64::*;
             debug_assert!(xs.len() == R && out.len() >= R && qs.len() >= d.len() * $block_bytes);
             let blocks = d.len();
             let q8: [*const i8; R] = std::array::from_fn(|t| xs[t].qs.as_ptr());
             let dx: [*const f32; R] = std::array::from_fn(|t| xs[t].d.as_ptr());
             let mut even = [_mm256_setzero_ps(); R];
-            let mut odd = [_mm256_setzero_ps(); R];
+            let mut odd: [__m256; R] = std::array::from_fn(|t| super::offset_lanes(m, &xs[t].s));
             let mut b = 0;
             while b < blocks {
                 let pair = b + 1 < blocks;
@@ -197,6 +199,30 @@ macro_rules! row_kernel {
 }
 pub(crate) use row_kernel;
 
+/// Lane j = `Σ m[i]·s[i]` over i ≡ j (mod 8); zeros for an empty `m`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn offset_lanes(m: &[f32], s: &[f32]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let n = m.len().min(s.len());
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 8 <= n {
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(m.as_ptr().add(i)), _mm256_loadu_ps(s.as_ptr().add(i)), acc);
+        i += 8;
+    }
+    if i < n {
+        // Lanes past the end are masked off: no read, zero value.
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((n - i) as i32), lane);
+        let tail_m = _mm256_maskload_ps(m.as_ptr().add(i), mask);
+        let tail_s = _mm256_maskload_ps(s.as_ptr().add(i), mask);
+        acc = _mm256_fmadd_ps(tail_m, tail_s, acc);
+    }
+    acc
+}
+
 /// u8 × i8 products summed four by four into i32 lanes, in pairs to i16 first
 /// (no overflow for the value ranges the kernels feed it: 15·127·2 < 2^15).
 #[cfg(target_arch = "x86_64")]
@@ -224,24 +250,4 @@ unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
     let sum4 = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
     let sum2 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
     _mm_cvtss_f32(_mm_add_ss(sum2, _mm_shuffle_ps(sum2, sum2, 1)))
-}
-
-/// `Σ a[i]·b[i]` eight lanes at a time, then the tail, in a fixed order.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let mut acc = _mm256_setzero_ps();
-    let mut i = 0;
-    while i + 8 <= n {
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)), acc);
-        i += 8;
-    }
-    let mut sum = hsum(acc);
-    while i < n {
-        sum = a[i].mul_add(b[i], sum);
-        i += 1;
-    }
-    sum
 }

@@ -77,15 +77,9 @@ impl Q4_1Matrix {
             match isa {
                 // SAFETY: each ISA is only chosen when the CPU reports its features.
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe {
-                    super::by_count!(xs.len(), |R| dot_avx2::<R>(d, qs, xs, out));
-                    add_offsets(m, xs, out);
-                },
+                Isa::Avx2 => super::by_count!(xs.len(), |R| unsafe { dot_avx2::<R>(d, m, qs, xs, out) }),
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512Vnni => unsafe {
-                    super::by_count!(xs.len(), |R| dot_vnni::<R>(d, qs, xs, out));
-                    add_offsets(m, xs, out);
-                },
+                Isa::Avx512Vnni => super::by_count!(xs.len(), |R| unsafe { dot_vnni::<R>(d, m, qs, xs, out) }),
                 Isa::Scalar => {
                     for (xr, o) in xs.iter().zip(out.iter_mut()) {
                         *o = dot_scalar(d, m, qs, xr);
@@ -122,15 +116,6 @@ macro_rules! unpack_q4 {
 }
 super::row_kernel!(dot_avx2, "avx2,fma", u8, 16, |p| unpack_q4!(p), |w, v| super::udot_avx2(w, v));
 super::row_kernel!(dot_vnni, "avx2,fma,avx512vnni,avx512vl", u8, 16, |p| unpack_q4!(p), |w, v| super::udot_vnni(w, v));
-
-/// The offset term `Σ m·s` of every row, added after the integer part.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn add_offsets(m: &[f32], xs: &[Q8Row], out: &mut [f32]) {
-    for (o, x) in out.iter_mut().zip(xs) {
-        *o += super::dot_f32(m, &x.s);
-    }
-}
 
 #[cfg(test)]
 mod tests {

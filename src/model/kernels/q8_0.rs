@@ -50,9 +50,9 @@ impl Q8_0Matrix {
                 match isa {
                     // SAFETY: each ISA is only chosen when the CPU reports its features.
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => super::by_count!(xs.len(), |R| unsafe { dot_avx2::<R>(d, qs, xs, out) }),
+                    Isa::Avx2 => super::by_count!(xs.len(), |R| unsafe { dot_avx2::<R>(d, &[], qs, xs, out) }),
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512Vnni => super::by_count!(xs.len(), |R| unsafe { dot_vnni::<R>(d, qs, xs, out) }),
+                    Isa::Avx512Vnni => super::by_count!(xs.len(), |R| unsafe { dot_vnni::<R>(d, &[], qs, xs, out) }),
                     Isa::Scalar => {
                         for (xr, o) in xs.iter().zip(out.iter_mut()) {
                             *o = dot_scalar(d, qs, xr);
