@@ -112,9 +112,15 @@ fn attend_head(q: &[f32], start: usize, cache: &LayerView, shape: HeadShape, h: 
         let query = &q[i * width + h * d..][..d];
         // Query i (position start + i) sees keys 0..=start + i.
         let total = start + i + 1;
+        // Plain loops, no closures: a closure would not inherit the
+        // wrapper's target features and would run on baseline SSE.
         weights.clear();
-        weights.extend((0..total).map(|j| dot(query, &cache.k[base + j * d..][..d]) * scale));
-        let max = weights.iter().fold(f32::NEG_INFINITY, |m, &w| m.max(w));
+        let mut max = f32::NEG_INFINITY;
+        for j in 0..total {
+            let score = dot(query, &cache.k[base + j * d..][..d]) * scale;
+            max = max.max(score);
+            weights.push(score);
+        }
         let mut sum = 0f32;
         for w in weights.iter_mut() {
             *w = (*w - max).exp();
@@ -122,8 +128,9 @@ fn attend_head(q: &[f32], start: usize, cache: &LayerView, shape: HeadShape, h: 
         }
         for (j, &w) in weights.iter().enumerate() {
             let p = w / sum;
-            for (o, &v) in out_row.iter_mut().zip(&cache.v[base + j * d..][..d]) {
-                *o += p * v;
+            let v = &cache.v[base + j * d..][..d];
+            for e in 0..d {
+                out_row[e] += p * v[e];
             }
         }
     }
@@ -134,12 +141,15 @@ fn attend_head(q: &[f32], start: usize, cache: &LayerView, shape: HeadShape, h: 
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
+    let full = a.len() / 8 * 8;
+    for i in (0..full).step_by(8) {
         for l in 0..8 {
-            lanes[l] += x[l] * y[l];
+            lanes[l] += a[i + l] * b[i + l];
         }
+    }
+    let mut tail = 0f32;
+    for i in full..a.len() {
+        tail += a[i] * b[i];
     }
     ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail
 }

@@ -105,11 +105,13 @@ macro_rules! by_count {
 pub(crate) use by_count;
 
 /// `y[t][o]` (`[tokens, rows]`) for `rows` outputs and every activation row
-/// `t`: `dot_row(o, out)` fills `out[t]` for weight row `o`. Weight rows are
-/// split over the rayon pool in a few contiguous pieces per thread (one task
-/// per piece keeps the scheduling cost small next to a decode step's tiny
-/// matmuls); each piece writes its own columns of `y`.
-fn matmul_rows(rows: usize, x: &[q8::Q8Row], dot_row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+/// `t`: `dot(o, xs, out)` fills `out[i]` for weight row `o` and the (at most
+/// eight) activation rows `xs`. Weight rows are split over the rayon pool in
+/// a few contiguous pieces per thread (one task per piece keeps scheduling
+/// cheap next to a decode step's tiny matmuls). A piece walks eight
+/// activation rows at a time (they stay in L1) across its weight rows and
+/// writes each activation row's run of outputs contiguously.
+fn matmul_rows(rows: usize, x: &[q8::Q8Row], dot: impl Fn(usize, &[q8::Q8Row], &mut [f32]) + Sync) -> Vec<f32> {
     use rayon::prelude::*;
     /// `y`'s buffer, shared by pieces that write disjoint columns.
     struct Columns(*mut f32);
@@ -125,12 +127,23 @@ fn matmul_rows(rows: usize, x: &[q8::Q8Row], dot_row: impl Fn(usize, &mut [f32])
     let columns = Columns(y.as_mut_ptr());
     let columns = &columns;
     (0..rows.div_ceil(chunk)).into_par_iter().for_each(|piece| {
-        let mut out = vec![0f32; tokens];
-        for o in piece * chunk..((piece + 1) * chunk).min(rows) {
-            dot_row(o, &mut out);
-            for (t, &v) in out.iter().enumerate() {
-                // SAFETY: t < tokens and o < rows; column o belongs to this piece alone.
-                unsafe { *columns.0.add(t * rows + o) = v };
+        let first = piece * chunk;
+        let width = chunk.min(rows - first);
+        // tile[i][o - first] for the current eight activation rows.
+        let mut tile = vec![0f32; TOKEN_CHUNK * width];
+        let mut out = [0f32; TOKEN_CHUNK];
+        for (c, xs) in x.chunks(TOKEN_CHUNK).enumerate() {
+            for o in 0..width {
+                dot(first + o, xs, &mut out[..xs.len()]);
+                for (i, &v) in out[..xs.len()].iter().enumerate() {
+                    tile[i * width + o] = v;
+                }
+            }
+            for (i, run) in tile.chunks_exact(width).take(xs.len()).enumerate() {
+                let t = c * TOKEN_CHUNK + i;
+                // SAFETY: t < tokens and first + width ≤ rows; these columns
+                // belong to this piece alone.
+                unsafe { std::ptr::copy_nonoverlapping(run.as_ptr(), columns.0.add(t * rows + first), width) };
             }
         }
     });

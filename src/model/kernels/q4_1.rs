@@ -64,26 +64,25 @@ impl Q4_1Matrix {
     /// Each weight row is read once for up to eight activation rows; rows of
     /// the output are split over the rayon pool.
     pub fn matmul(&self, x: &[Q8Row], isa: Isa) -> Vec<f32> {
-        super::matmul_rows(self.rows, x, |o, out| self.dot_row(o, x, out, isa))
+        super::matmul_rows(self.rows, x, |o, xs, out| self.dot_row(o, xs, out, isa))
     }
 
-    fn dot_row(&self, o: usize, x: &[Q8Row], out: &mut [f32], isa: Isa) {
+    /// Weight row `o` against at most eight activation rows.
+    fn dot_row(&self, o: usize, xs: &[Q8Row], out: &mut [f32], isa: Isa) {
         let blocks = self.cols / BLOCK;
         let first = o * blocks;
         let d = &self.d[first..first + blocks];
         let m = &self.m[first..first + blocks];
         let qs = &self.qs[first * 16..(first + blocks) * 16];
-        for (xs, out) in x.chunks(super::TOKEN_CHUNK).zip(out.chunks_mut(super::TOKEN_CHUNK)) {
-            match isa {
-                // SAFETY: each ISA is only chosen when the CPU reports its features.
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => super::by_count!(xs.len(), |R| unsafe { dot_avx2::<R>(d, m, qs, xs, out) }),
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512Vnni => super::by_count!(xs.len(), |R| unsafe { dot_vnni::<R>(d, m, qs, xs, out) }),
-                Isa::Scalar => {
-                    for (xr, o) in xs.iter().zip(out.iter_mut()) {
-                        *o = dot_scalar(d, m, qs, xr);
-                    }
+        match isa {
+            // SAFETY: each ISA is only chosen when the CPU reports its features.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => super::by_count!(xs.len(), |R| unsafe { dot_avx2::<R>(d, m, qs, xs, out) }),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => super::by_count!(xs.len(), |R| unsafe { dot_vnni::<R>(d, m, qs, xs, out) }),
+            Isa::Scalar => {
+                for (xr, o) in xs.iter().zip(out.iter_mut()) {
+                    *o = dot_scalar(d, m, qs, xr);
                 }
             }
         }

@@ -43,20 +43,18 @@ impl Q8_0Matrix {
     /// `y[t][o] = Σ_k w[o][k] · x[t][k]`, weight rows split over the rayon pool.
     pub fn matmul(&self, x: &[Q8Row], isa: Isa) -> Vec<f32> {
         let blocks = self.cols / BLOCK;
-        super::matmul_rows(self.rows, x, |o, out_row| {
+        super::matmul_rows(self.rows, x, |o, xs, out| {
             let d = &self.d[o * blocks..(o + 1) * blocks];
             let qs = &self.qs[o * self.cols..(o + 1) * self.cols];
-            for (xs, out) in x.chunks(super::TOKEN_CHUNK).zip(out_row.chunks_mut(super::TOKEN_CHUNK)) {
-                match isa {
-                    // SAFETY: each ISA is only chosen when the CPU reports its features.
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => super::by_count!(xs.len(), |R| unsafe { dot_avx2::<R>(d, &[], qs, xs, out) }),
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512Vnni => super::by_count!(xs.len(), |R| unsafe { dot_vnni::<R>(d, &[], qs, xs, out) }),
-                    Isa::Scalar => {
-                        for (xr, o) in xs.iter().zip(out.iter_mut()) {
-                            *o = dot_scalar(d, qs, xr);
-                        }
+            match isa {
+                // SAFETY: each ISA is only chosen when the CPU reports its features.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => super::by_count!(xs.len(), |R| unsafe { dot_avx2::<R>(d, &[], qs, xs, out) }),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512Vnni => super::by_count!(xs.len(), |R| unsafe { dot_vnni::<R>(d, &[], qs, xs, out) }),
+                Isa::Scalar => {
+                    for (xr, o) in xs.iter().zip(out.iter_mut()) {
+                        *o = dot_scalar(d, qs, xr);
                     }
                 }
             }
