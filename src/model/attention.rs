@@ -58,33 +58,41 @@ impl Rope {
     }
 }
 
-/// Work (query · key pairs) above which the heads of one call are split over
-/// the rayon pool; a decode step's single query stays on one thread.
+/// Work (query · key pairs) above which one call is split over the rayon
+/// pool; a decode step's single query stays on one thread.
 const PARALLEL_PAIRS: usize = 4096;
+/// Queries per unit of parallel work in a prompt chunk.
+const QUERY_BLOCK: usize = 16;
 
 /// Causal attention of `q` (`[n, heads · d]`, positions `start..start + n`,
 /// rotated) over the first `start + n` cached tokens; returns `[n, heads · d]`.
 pub(crate) fn attend(q: &[f32], start: usize, cache: &LayerView, shape: HeadShape) -> Vec<f32> {
-    let width = shape.heads * shape.dim;
+    let (d, width) = (shape.dim, shape.heads * shape.dim);
+    let group = shape.heads / shape.kv_heads;
     let n = q.len() / width;
     let isa = kernels::isa();
-    let head = |h: usize| -> Vec<f32> {
+    // A unit: one kv head and the query heads that share it, over a block of queries.
+    let units: Vec<(usize, usize, usize)> = (0..shape.kv_heads)
+        .flat_map(|kv| (0..n).step_by(QUERY_BLOCK).map(move |first| (kv, first, QUERY_BLOCK.min(n - first))))
+        .collect();
+    let run = |&(kv, first, len): &(usize, usize, usize)| -> Vec<f32> {
         match isa {
             // SAFETY: the AVX2 ISAs are only chosen when the CPU has AVX2 and FMA.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Avx512Vnni => unsafe { attend_head_avx2(q, start, cache, shape, h) },
-            Isa::Scalar => attend_head(q, start, cache, shape, h),
+            Isa::Avx2 | Isa::Avx512Vnni => unsafe { attend_group_avx2(q, start, cache, shape, kv, first, len) },
+            Isa::Scalar => attend_group(q, start, cache, shape, kv, first, len),
         }
     };
-    let per_head: Vec<Vec<f32>> = if n * (start + n) >= PARALLEL_PAIRS {
-        (0..shape.heads).into_par_iter().map(head).collect()
+    let results: Vec<Vec<f32>> = if n * (start + n) >= PARALLEL_PAIRS {
+        units.par_iter().map(run).collect()
     } else {
-        (0..shape.heads).map(head).collect()
+        units.iter().map(run).collect()
     };
     let mut out = vec![0f32; n * width];
-    for (h, values) in per_head.iter().enumerate() {
-        for (i, row) in values.chunks_exact(shape.dim).enumerate() {
-            out[i * width + h * shape.dim..][..shape.dim].copy_from_slice(row);
+    for (&(kv, first, _), values) in units.iter().zip(&results) {
+        // values: [len, group, d] → out[first + i][(kv · group + head) · d ..]
+        for (i, heads) in values.chunks_exact(group * d).enumerate() {
+            out[(first + i) * width + kv * group * d..][..group * d].copy_from_slice(heads);
         }
     }
     out
@@ -92,45 +100,74 @@ pub(crate) fn attend(q: &[f32], start: usize, cache: &LayerView, shape: HeadShap
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_head_avx2(q: &[f32], start: usize, cache: &LayerView, shape: HeadShape, h: usize) -> Vec<f32> {
-    attend_head(q, start, cache, shape, h)
+unsafe fn attend_group_avx2(
+    q: &[f32],
+    start: usize,
+    cache: &LayerView,
+    shape: HeadShape,
+    kv: usize,
+    first: usize,
+    len: usize,
+) -> Vec<f32> {
+    attend_group(q, start, cache, shape, kv, first, len)
 }
 
-/// Head `h` for every query: `[n, d]`. Inlined into each ISA's wrapper so the
-/// lane loops compile to that ISA's vectors.
+/// Queries `first..first + len`, for the query heads of kv head `kv`:
+/// `[len, group, d]`. Each key and value is read once for the whole group.
+/// Every query's numbers are computed the same way whatever block it is in.
+/// Inlined into each ISA's wrapper so the lane loops compile to that ISA's
+/// vectors; plain loops, no closures (a closure would not inherit the
+/// wrapper's target features).
 #[inline(always)]
-fn attend_head(q: &[f32], start: usize, cache: &LayerView, shape: HeadShape, h: usize) -> Vec<f32> {
+fn attend_group(
+    q: &[f32],
+    start: usize,
+    cache: &LayerView,
+    shape: HeadShape,
+    kv: usize,
+    first: usize,
+    len: usize,
+) -> Vec<f32> {
     let d = shape.dim;
     let width = shape.heads * d;
-    let n = q.len() / width;
-    let kv = h / (shape.heads / shape.kv_heads);
+    let group = shape.heads / shape.kv_heads;
     let base = kv * cache.capacity * d;
     let scale = 1.0 / (d as f32).sqrt();
-    let mut out = vec![0f32; n * d];
-    let mut weights = Vec::with_capacity(start + n);
-    for (i, out_row) in out.chunks_exact_mut(d).enumerate() {
-        let query = &q[i * width + h * d..][..d];
-        // Query i (position start + i) sees keys 0..=start + i.
-        let total = start + i + 1;
-        // Plain loops, no closures: a closure would not inherit the
-        // wrapper's target features and would run on baseline SSE.
-        weights.clear();
-        let mut max = f32::NEG_INFINITY;
+    let stride = start + first + len;
+    let mut scores = vec![0f32; group * stride];
+    let mut maxes = vec![f32::NEG_INFINITY; group];
+    let mut sums = vec![0f32; group];
+    let mut out = vec![0f32; len * group * d];
+    for i in 0..len {
+        let query = first + i;
+        // Query at position start + query sees keys 0..=start + query.
+        let total = start + query + 1;
+        let queries = &q[query * width + kv * group * d..][..group * d];
+        maxes.fill(f32::NEG_INFINITY);
         for j in 0..total {
-            let score = dot(query, &cache.k[base + j * d..][..d]) * scale;
-            max = max.max(score);
-            weights.push(score);
+            let key = &cache.k[base + j * d..][..d];
+            for (h, qh) in queries.chunks_exact(d).enumerate() {
+                let score = dot(qh, key) * scale;
+                scores[h * stride + j] = score;
+                maxes[h] = maxes[h].max(score);
+            }
         }
-        let mut sum = 0f32;
-        for w in weights.iter_mut() {
-            *w = (*w - max).exp();
-            sum += *w;
+        for h in 0..group {
+            let mut sum = 0f32;
+            for w in scores[h * stride..h * stride + total].iter_mut() {
+                *w = (*w - maxes[h]).exp();
+                sum += *w;
+            }
+            sums[h] = sum;
         }
-        for (j, &w) in weights.iter().enumerate() {
-            let p = w / sum;
-            let v = &cache.v[base + j * d..][..d];
-            for e in 0..d {
-                out_row[e] += p * v[e];
+        let out_heads = &mut out[i * group * d..(i + 1) * group * d];
+        for j in 0..total {
+            let value = &cache.v[base + j * d..][..d];
+            for (h, out_h) in out_heads.chunks_exact_mut(d).enumerate() {
+                let p = scores[h * stride + j] / sums[h];
+                for (o, &v) in out_h.iter_mut().zip(value) {
+                    *o += p * v;
+                }
             }
         }
     }
@@ -152,4 +189,72 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         tail += a[i] * b[i];
     }
     ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::KvCache;
+
+    /// Plain softmax attention in f64, query by query.
+    fn reference(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], shape: HeadShape, n: usize) -> Vec<f32> {
+        let (d, width) = (shape.dim, shape.heads * shape.dim);
+        let group = shape.heads / shape.kv_heads;
+        let total = keys.len();
+        let mut out = vec![0f32; n * width];
+        for i in 0..n {
+            let visible = total - n + i + 1;
+            for h in 0..shape.heads {
+                let kv = h / group;
+                let qh = &q[i * width + h * d..][..d];
+                let scores: Vec<f64> = (0..visible)
+                    .map(|j| {
+                        let k = &keys[j][kv * d..][..d];
+                        qh.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (d as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f64 = exps.iter().sum();
+                for e in 0..d {
+                    let v: f64 = (0..visible).map(|j| exps[j] / sum * values[j][kv * d + e] as f64).sum();
+                    out[i * width + h * d + e] = v as f32;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn grouped_causal_attention_matches_the_plain_formula_in_any_chunking() {
+        let shape = HeadShape { heads: 6, kv_heads: 2, dim: 16 };
+        let kv_width = shape.kv_heads * shape.dim;
+        let width = shape.heads * shape.dim;
+        let tokens = 40;
+        let val = |seed: usize, i: usize| ((seed * 7919 + i * 104_729) % 1000) as f32 / 500.0 - 1.0;
+        let keys: Vec<Vec<f32>> = (0..tokens).map(|t| (0..kv_width).map(|e| val(t, e)).collect()).collect();
+        let values: Vec<Vec<f32>> = (0..tokens).map(|t| (0..kv_width).map(|e| val(t + 1000, e)).collect()).collect();
+        let queries: Vec<f32> = (0..tokens * width).map(|i| val(2000, i)).collect();
+        // 40 tokens as chunks of 23 (parallel, two query blocks) + 1 + 16.
+        let mut cache = KvCache::new(1, shape.kv_heads, shape.dim);
+        let mut got = Vec::new();
+        let mut at = 0;
+        for chunk in [23, 1, 16] {
+            let k: Vec<f32> = keys[at..at + chunk].concat();
+            let v: Vec<f32> = values[at..at + chunk].concat();
+            cache.append(0, &k, &v);
+            got.extend(attend(&queries[at * width..(at + chunk) * width], at, &cache.layer(0), shape));
+            cache.advance(chunk);
+            at += chunk;
+        }
+        let want = reference(&queries, &keys, &values, shape, tokens);
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() < 1e-5, "element {i}: {a} vs {b}");
+        }
+        // Query 30 alone over the same history gives the same bits.
+        let mut short = KvCache::new(1, shape.kv_heads, shape.dim);
+        short.append(0, &keys[..31].concat(), &values[..31].concat());
+        let alone = attend(&queries[30 * width..31 * width], 30, &short.layer(0), shape);
+        assert_eq!(alone.as_slice(), &got[30 * width..31 * width]);
+    }
 }

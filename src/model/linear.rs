@@ -78,12 +78,42 @@ impl Linear {
                 Tensor::from_vec(w.matmul(rows, kernels::isa()), (rows.len(), w.rows()), &Device::Cpu)?
             }
         };
+        self.finish(y, input, adapters)
+    }
+
+    /// `forward` of several projections over the same input (q/k/v,
+    /// gate/up): when all are Q4_1 their matmuls share one parallel region.
+    pub fn forward_many(linears: &[&Linear], input: &Input, adapters: &[LoraGroup]) -> Result<Vec<Tensor>> {
+        let q4_1: Option<Vec<&Q4_1Matrix>> = linears
+            .iter()
+            .map(|l| match &l.weight {
+                Weight::Q4_1(w) => Some(w.as_ref()),
+                _ => None,
+            })
+            .collect();
+        let Some(matrices) = q4_1 else {
+            return linears.iter().map(|l| l.forward(input, adapters)).collect();
+        };
+        let rows = input.q8()?;
+        let outputs = Q4_1Matrix::matmul_many(&matrices, rows, kernels::isa());
+        linears
+            .iter()
+            .zip(outputs)
+            .map(|(l, y)| {
+                let y = Tensor::from_vec(y, (rows.len(), l.out_features), &Device::Cpu)?;
+                l.finish(y, input, adapters)
+            })
+            .collect()
+    }
+
+    /// Bias, then each adapter group's delta on its rows.
+    fn finish(&self, y: Tensor, input: &Input, adapters: &[LoraGroup]) -> Result<Tensor> {
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
         match self.slot {
-            Some(slot) if !adapters.is_empty() => lora::apply(x, y, adapters, slot),
+            Some(slot) if !adapters.is_empty() => lora::apply(&input.x, y, adapters, slot),
             _ => Ok(y),
         }
     }

@@ -87,9 +87,9 @@ impl Attention {
         adapters: &[LoraGroup],
     ) -> Result<Tensor> {
         let x = Input::new(x.clone());
-        let q = self.q_proj.forward(&x, adapters)?;
-        let k = self.k_proj.forward(&x, adapters)?;
-        let v = self.v_proj.forward(&x, adapters)?;
+        let [q, k, v]: [Tensor; 3] = Linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], &x, adapters)?
+            .try_into()
+            .map_err(|_| ModelError::Invalid("q/k/v projections".into()))?;
         let shape = HeadShape { heads: self.num_heads, kv_heads: self.num_kv_heads, dim: self.head_dim };
         let (q_width, kv_width) = (shape.heads * shape.dim, shape.kv_heads * shape.dim);
         let tokens = q.dim(0)?;
@@ -141,7 +141,10 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor, adapters: &[LoraGroup]) -> Result<Tensor> {
         let x = Input::new(x.clone());
-        let hidden = ops::silu_mul(&self.gate_proj.forward(&x, adapters)?, &self.up_proj.forward(&x, adapters)?)?;
+        let [gate, up]: [Tensor; 2] = Linear::forward_many(&[&self.gate_proj, &self.up_proj], &x, adapters)?
+            .try_into()
+            .map_err(|_| ModelError::Invalid("gate/up projections".into()))?;
+        let hidden = ops::silu_mul(&gate, &up)?;
         self.down_proj.forward(&Input::new(hidden), adapters)
     }
 }

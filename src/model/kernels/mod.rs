@@ -106,48 +106,64 @@ pub(crate) use by_count;
 
 /// `y[t][o]` (`[tokens, rows]`) for `rows` outputs and every activation row
 /// `t`: `dot(o, xs, out)` fills `out[i]` for weight row `o` and the (at most
-/// eight) activation rows `xs`. Weight rows are split over the rayon pool in
-/// a few contiguous pieces per thread (one task per piece keeps scheduling
-/// cheap next to a decode step's tiny matmuls). A piece walks eight
-/// activation rows at a time (they stay in L1) across its weight rows and
-/// writes each activation row's run of outputs contiguously.
+/// eight) activation rows `xs`.
 fn matmul_rows(rows: usize, x: &[q8::Q8Row], dot: impl Fn(usize, &[q8::Q8Row], &mut [f32]) + Sync) -> Vec<f32> {
+    matmul_rows_many(&[rows], x, |_, o, xs, out| dot(o, xs, out)).pop().unwrap_or_default()
+}
+
+/// Several matrices that read the same activations (q/k/v, gate/up) in one
+/// parallel region: `dot(m, o, xs, out)` is row `o` of matrix `m`; returns
+/// each matrix's `[tokens, rows[m]]`. Weight rows are split over the rayon
+/// pool in a few contiguous pieces per thread (one task per piece, one region
+/// for all the matrices: a decode step's matmuls are tiny and waking the pool
+/// is a large share of them). A piece walks eight activation rows at a time
+/// (they stay in L1) across its weight rows and writes each activation row's
+/// run of outputs contiguously.
+fn matmul_rows_many(
+    rows: &[usize],
+    x: &[q8::Q8Row],
+    dot: impl Fn(usize, usize, &[q8::Q8Row], &mut [f32]) + Sync,
+) -> Vec<Vec<f32>> {
     use rayon::prelude::*;
-    /// `y`'s buffer, shared by pieces that write disjoint columns.
+    /// An output buffer shared by pieces that write disjoint columns.
     struct Columns(*mut f32);
-    // SAFETY: pieces write disjoint elements and the buffer outlives them.
+    // SAFETY: pieces write disjoint elements and the buffers outlive them.
     unsafe impl Sync for Columns {}
     let tokens = x.len();
-    if tokens == 0 || rows == 0 {
-        return Vec::new();
+    let mut ys: Vec<Vec<f32>> = rows.iter().map(|&r| vec![0f32; tokens * r]).collect();
+    let total: usize = rows.iter().sum();
+    if tokens == 0 || total == 0 {
+        return ys;
     }
-    let pieces = rayon::current_num_threads() * 4;
-    let chunk = rows.div_ceil(pieces).max(8);
-    let mut y = vec![0f32; tokens * rows];
-    let columns = Columns(y.as_mut_ptr());
+    let chunk = total.div_ceil(rayon::current_num_threads() * 4).max(8);
+    // (matrix, first row, width) of every piece.
+    let pieces: Vec<(usize, usize, usize)> = rows
+        .iter()
+        .enumerate()
+        .flat_map(|(m, &r)| (0..r).step_by(chunk).map(move |first| (m, first, chunk.min(r - first))))
+        .collect();
+    let columns: Vec<Columns> = ys.iter_mut().map(|y| Columns(y.as_mut_ptr())).collect();
     let columns = &columns;
-    (0..rows.div_ceil(chunk)).into_par_iter().for_each(|piece| {
-        let first = piece * chunk;
-        let width = chunk.min(rows - first);
+    pieces.into_par_iter().for_each(|(m, first, width)| {
         // tile[i][o - first] for the current eight activation rows.
         let mut tile = vec![0f32; TOKEN_CHUNK * width];
         let mut out = [0f32; TOKEN_CHUNK];
         for (c, xs) in x.chunks(TOKEN_CHUNK).enumerate() {
             for o in 0..width {
-                dot(first + o, xs, &mut out[..xs.len()]);
+                dot(m, first + o, xs, &mut out[..xs.len()]);
                 for (i, &v) in out[..xs.len()].iter().enumerate() {
                     tile[i * width + o] = v;
                 }
             }
             for (i, run) in tile.chunks_exact(width).take(xs.len()).enumerate() {
                 let t = c * TOKEN_CHUNK + i;
-                // SAFETY: t < tokens and first + width ≤ rows; these columns
-                // belong to this piece alone.
-                unsafe { std::ptr::copy_nonoverlapping(run.as_ptr(), columns.0.add(t * rows + first), width) };
+                // SAFETY: t < tokens and first + width ≤ rows[m]; these
+                // columns of matrix m belong to this piece alone.
+                unsafe { std::ptr::copy_nonoverlapping(run.as_ptr(), columns[m].0.add(t * rows[m] + first), width) };
             }
         }
     });
-    y
+    ys
 }
 
 /// One weight row against `R` activation rows (1 ≤ R ≤ 8), each weight block

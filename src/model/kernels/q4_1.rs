@@ -67,6 +67,13 @@ impl Q4_1Matrix {
         super::matmul_rows(self.rows, x, |o, xs, out| self.dot_row(o, xs, out, isa))
     }
 
+    /// `matmul` of several matrices over the same activations, in one
+    /// parallel region; each result as `matmul` gives it.
+    pub fn matmul_many(matrices: &[&Q4_1Matrix], x: &[Q8Row], isa: Isa) -> Vec<Vec<f32>> {
+        let rows: Vec<usize> = matrices.iter().map(|w| w.rows).collect();
+        super::matmul_rows_many(&rows, x, |m, o, xs, out| matrices[m].dot_row(o, xs, out, isa))
+    }
+
     /// Weight row `o` against at most eight activation rows.
     fn dot_row(&self, o: usize, xs: &[Q8Row], out: &mut [f32], isa: Isa) {
         let blocks = self.cols / BLOCK;
