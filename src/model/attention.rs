@@ -64,6 +64,15 @@ const PARALLEL_PAIRS: usize = 4096;
 /// Queries per unit of parallel work in a prompt chunk.
 const QUERY_BLOCK: usize = 16;
 
+/// A unit of attention work: kv head `kv` and the query heads that share
+/// it, over queries `first..first + len`.
+#[derive(Debug, Clone, Copy)]
+struct Unit {
+    kv: usize,
+    first: usize,
+    len: usize,
+}
+
 /// Causal attention of `q` (`[n, heads · d]`, positions `start..start + n`,
 /// rotated) over the first `start + n` cached tokens; returns `[n, heads · d]`.
 pub(crate) fn attend(q: &[f32], start: usize, cache: &LayerView, shape: HeadShape) -> Vec<f32> {
@@ -71,16 +80,17 @@ pub(crate) fn attend(q: &[f32], start: usize, cache: &LayerView, shape: HeadShap
     let group = shape.heads / shape.kv_heads;
     let n = q.len() / width;
     let isa = kernels::isa();
-    // A unit: one kv head and the query heads that share it, over a block of queries.
-    let units: Vec<(usize, usize, usize)> = (0..shape.kv_heads)
-        .flat_map(|kv| (0..n).step_by(QUERY_BLOCK).map(move |first| (kv, first, QUERY_BLOCK.min(n - first))))
+    let units: Vec<Unit> = (0..shape.kv_heads)
+        .flat_map(|kv| {
+            (0..n).step_by(QUERY_BLOCK).map(move |first| Unit { kv, first, len: QUERY_BLOCK.min(n - first) })
+        })
         .collect();
-    let run = |&(kv, first, len): &(usize, usize, usize)| -> Vec<f32> {
+    let run = |&unit: &Unit| -> Vec<f32> {
         match isa {
             // SAFETY: the AVX2 ISAs are only chosen when the CPU has AVX2 and FMA.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Avx512Vnni => unsafe { attend_group_avx2(q, start, cache, shape, kv, first, len) },
-            Isa::Scalar => attend_group(q, start, cache, shape, kv, first, len),
+            Isa::Avx2 | Isa::Avx512Vnni => unsafe { attend_group_avx2(q, start, cache, shape, unit) },
+            Isa::Scalar => attend_group(q, start, cache, shape, unit),
         }
     };
     let results: Vec<Vec<f32>> = if n * (start + n) >= PARALLEL_PAIRS {
@@ -89,7 +99,7 @@ pub(crate) fn attend(q: &[f32], start: usize, cache: &LayerView, shape: HeadShap
         units.iter().map(run).collect()
     };
     let mut out = vec![0f32; n * width];
-    for (&(kv, first, _), values) in units.iter().zip(&results) {
+    for (&Unit { kv, first, .. }, values) in units.iter().zip(&results) {
         // values: [len, group, d] → out[first + i][(kv · group + head) · d ..]
         for (i, heads) in values.chunks_exact(group * d).enumerate() {
             out[(first + i) * width + kv * group * d..][..group * d].copy_from_slice(heads);
@@ -100,34 +110,18 @@ pub(crate) fn attend(q: &[f32], start: usize, cache: &LayerView, shape: HeadShap
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_group_avx2(
-    q: &[f32],
-    start: usize,
-    cache: &LayerView,
-    shape: HeadShape,
-    kv: usize,
-    first: usize,
-    len: usize,
-) -> Vec<f32> {
-    attend_group(q, start, cache, shape, kv, first, len)
+unsafe fn attend_group_avx2(q: &[f32], start: usize, cache: &LayerView, shape: HeadShape, unit: Unit) -> Vec<f32> {
+    attend_group(q, start, cache, shape, unit)
 }
 
-/// Queries `first..first + len`, for the query heads of kv head `kv`:
-/// `[len, group, d]`. Each key and value is read once for the whole group.
+/// One unit's outputs, `[len, group, d]`. Each key and value is read once for the whole group.
 /// Every query's numbers are computed the same way whatever block it is in.
 /// Inlined into each ISA's wrapper so the lane loops compile to that ISA's
 /// vectors; plain loops, no closures (a closure would not inherit the
 /// wrapper's target features).
 #[inline(always)]
-fn attend_group(
-    q: &[f32],
-    start: usize,
-    cache: &LayerView,
-    shape: HeadShape,
-    kv: usize,
-    first: usize,
-    len: usize,
-) -> Vec<f32> {
+fn attend_group(q: &[f32], start: usize, cache: &LayerView, shape: HeadShape, unit: Unit) -> Vec<f32> {
+    let Unit { kv, first, len } = unit;
     let d = shape.dim;
     let width = shape.heads * d;
     let group = shape.heads / shape.kv_heads;
