@@ -200,22 +200,25 @@ macro_rules! row_kernel {
                 } else {
                     _mm256_setzero_si256()
                 };
+                // The weight scales, once per block for every activation row.
+                let d0 = _mm256_set1_ps(d[b]);
+                let d1 = if pair { _mm256_set1_ps(d[b + 1]) } else { _mm256_setzero_ps() };
                 for t in 0..R {
                     let v = _mm256_loadu_si256(q8[t].add(b * super::q8::BLOCK) as *const __m256i);
                     let dot: __m256i = {
                         let ($w, $v) = (w0, v);
                         $dot
                     };
-                    let scale = _mm256_set1_ps(d[b] * *dx[t].add(b));
-                    even[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, even[t]);
+                    let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), d0);
+                    even[t] = _mm256_fmadd_ps(scaled, _mm256_broadcast_ss(&*dx[t].add(b)), even[t]);
                     if pair {
                         let v = _mm256_loadu_si256(q8[t].add((b + 1) * super::q8::BLOCK) as *const __m256i);
                         let dot: __m256i = {
                             let ($w, $v) = (w1, v);
                             $dot
                         };
-                        let scale = _mm256_set1_ps(d[b + 1] * *dx[t].add(b + 1));
-                        odd[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, odd[t]);
+                        let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), d1);
+                        odd[t] = _mm256_fmadd_ps(scaled, _mm256_broadcast_ss(&*dx[t].add(b + 1)), odd[t]);
                     }
                 }
                 b += 2;
