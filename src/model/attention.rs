@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use super::kernels::{self, Isa};
-use super::kv_cache::LayerView;
+use super::kv_cache::{LayerView, KEY_BLOCK};
 
 /// Head counts and width.
 #[derive(Debug, Clone, Copy)]
@@ -137,13 +137,20 @@ fn attend_group(q: &[f32], start: usize, cache: &LayerView, shape: HeadShape, un
         // Query at position start + query sees keys 0..=start + query.
         let total = start + query + 1;
         let queries = &q[query * width + kv * group * d..][..group * d];
-        maxes.fill(f32::NEG_INFINITY);
-        for j in 0..total {
-            let key = &cache.k[base + j * d..][..d];
-            for (h, qh) in queries.chunks_exact(d).enumerate() {
-                let score = dot(qh, key) * scale;
-                scores[h * stride + j] = score;
-                maxes[h] = maxes[h].max(score);
+        for (h, qh) in queries.chunks_exact(d).enumerate() {
+            let row = &mut scores[h * stride..h * stride + total];
+            let mut j = 0;
+            while j < total {
+                let block = score_block(qh, &cache.k_t[kv * d * cache.capacity + j..], cache.capacity);
+                let take = KEY_BLOCK.min(total - j);
+                for (s, &b) in row[j..j + take].iter_mut().zip(&block[..take]) {
+                    *s = b * scale;
+                }
+                j += KEY_BLOCK;
+            }
+            maxes[h] = f32::NEG_INFINITY;
+            for &s in row.iter() {
+                maxes[h] = maxes[h].max(s);
             }
         }
         for h in 0..group {
@@ -168,21 +175,19 @@ fn attend_group(q: &[f32], start: usize, cache: &LayerView, shape: HeadShape, un
     out
 }
 
-/// Eight independent lanes (so the loop vectorizes), then a fixed-order sum.
+/// `q · k_j` for the `KEY_BLOCK` keys whose transposed elements start at
+/// `k_t[e · capacity]`: one vector accumulator per eight keys, summed over
+/// the head's elements in order (no horizontal sums).
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let full = a.len() / 8 * 8;
-    for i in (0..full).step_by(8) {
-        for l in 0..8 {
-            lanes[l] += a[i + l] * b[i + l];
+fn score_block(q: &[f32], k_t: &[f32], capacity: usize) -> [f32; KEY_BLOCK] {
+    let mut acc = [0f32; KEY_BLOCK];
+    for (e, &qe) in q.iter().enumerate() {
+        let keys = &k_t[e * capacity..][..KEY_BLOCK];
+        for l in 0..KEY_BLOCK {
+            acc[l] += qe * keys[l];
         }
     }
-    let mut tail = 0f32;
-    for i in full..a.len() {
-        tail += a[i] * b[i];
-    }
-    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail
+    acc
 }
 
 #[cfg(test)]

@@ -2,6 +2,9 @@
 //! grow by doubling: a decode step writes one token in place instead of
 //! copying the whole history.
 
+/// Keys the attention scores at once: the cache's capacity is a multiple.
+pub(crate) const KEY_BLOCK: usize = 32;
+
 /// Keys and values of every layer for one sequence.
 #[derive(Debug, Clone)]
 pub struct KvCache {
@@ -11,7 +14,9 @@ pub struct KvCache {
     head_dim: usize,
 }
 
-/// One layer's keys and values, each `[kv_heads, capacity, head_dim]`.
+/// One layer's keys, `[kv_heads, head_dim, capacity]` (transposed, so the
+/// scores of many keys are one vector loop), and values,
+/// `[kv_heads, capacity, head_dim]`.
 #[derive(Debug, Clone, Default)]
 struct LayerCache {
     k: Vec<f32>,
@@ -19,10 +24,12 @@ struct LayerCache {
     capacity: usize,
 }
 
-/// A layer's cached keys and values as the attention reads them: head `h`,
-/// token `j` starts at `(h · capacity + j) · head_dim`.
+/// A layer's cached keys and values as the attention reads them: element `e`
+/// of token `j`'s key in head `h` is `k_t[(h · head_dim + e) · capacity + j]`;
+/// its value starts at `v[(h · capacity + j) · head_dim]`. `capacity` is a
+/// multiple of `KEY_BLOCK`, so a block of keys can always be read whole.
 pub(crate) struct LayerView<'a> {
-    pub k: &'a [f32],
+    pub k_t: &'a [f32],
     pub v: &'a [f32],
     pub capacity: usize,
 }
@@ -51,24 +58,27 @@ impl KvCache {
         let start = self.len;
         let cache = &mut self.layers[layer];
         if start + new > cache.capacity {
-            let capacity = (start + new).max(cache.capacity * 2).max(16);
-            let grow = |old: &[f32]| {
-                let mut buf = vec![0f32; heads * capacity * d];
-                for h in 0..heads {
-                    let from = h * cache.capacity * d;
-                    buf[h * capacity * d..][..start * d].copy_from_slice(&old[from..from + start * d]);
+            let capacity = (start + new).max(cache.capacity * 2).next_multiple_of(KEY_BLOCK);
+            // Keys: heads·d rows of `capacity`; values: heads rows of `capacity · d`.
+            let grow = |old: &[f32], rows: usize, old_row: usize, new_row: usize, used: usize| {
+                let mut buf = vec![0f32; rows * new_row];
+                for r in 0..rows {
+                    buf[r * new_row..][..used].copy_from_slice(&old[r * old_row..][..used]);
                 }
                 buf
             };
-            cache.k = grow(&cache.k);
-            cache.v = grow(&cache.v);
+            cache.k = grow(&cache.k, heads * d, cache.capacity, capacity, start);
+            cache.v = grow(&cache.v, heads, cache.capacity * d, capacity * d, start * d);
             cache.capacity = capacity;
         }
+        let capacity = cache.capacity;
         for i in 0..new {
             for h in 0..heads {
                 let src = (i * heads + h) * d;
-                let dst = (h * cache.capacity + start + i) * d;
-                cache.k[dst..dst + d].copy_from_slice(&k[src..src + d]);
+                for e in 0..d {
+                    cache.k[(h * d + e) * capacity + start + i] = k[src + e];
+                }
+                let dst = (h * capacity + start + i) * d;
                 cache.v[dst..dst + d].copy_from_slice(&v[src..src + d]);
             }
         }
@@ -76,7 +86,7 @@ impl KvCache {
 
     pub(crate) fn layer(&self, layer: usize) -> LayerView<'_> {
         let cache = &self.layers[layer];
-        LayerView { k: &cache.k, v: &cache.v, capacity: cache.capacity }
+        LayerView { k_t: &cache.k, v: &cache.v, capacity: cache.capacity }
     }
 
     /// Called once per forward after every layer appended `new` tokens.
@@ -112,8 +122,10 @@ mod tests {
             for h in 0..heads {
                 let at = (h * view.capacity + j) * d;
                 let want: Vec<f32> = (0..d).map(|e| (100 * j + 10 * h + e) as f32).collect();
-                assert_eq!(&view.k[at..at + d], want.as_slice(), "token {j} head {h}");
-                assert_eq!(view.v[at], -want[0]);
+                let key: Vec<f32> = (0..d).map(|e| view.k_t[(h * d + e) * view.capacity + j]).collect();
+                assert_eq!(key, want, "token {j} head {h}");
+                let negated: Vec<f32> = want.iter().map(|x| -x).collect();
+                assert_eq!(&view.v[at..at + d], negated.as_slice(), "token {j} head {h}");
             }
         }
     }
