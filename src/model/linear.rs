@@ -67,16 +67,10 @@ impl Linear {
         let _enter = self.span.enter();
         let x = &input.x;
         let y = match &self.weight {
-            Weight::Quantized(w) => w.forward(x)?,
-            Weight::Dense(w) => x.matmul(&w.t()?)?,
-            Weight::Q4_1(w) => {
-                let rows = input.q8()?;
-                Tensor::from_vec(w.matmul(rows, kernels::isa()), (rows.len(), w.rows()), &Device::Cpu)?
-            }
-            Weight::Q8_0(w) => {
-                let rows = input.q8()?;
-                Tensor::from_vec(w.matmul(rows, kernels::isa()), (rows.len(), w.rows()), &Device::Cpu)?
-            }
+            Weight::Quantized(w) => w.forward(x)?.flatten_all()?.to_vec1::<f32>()?,
+            Weight::Dense(w) => x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?,
+            Weight::Q4_1(w) => w.matmul(input.q8()?, kernels::isa()),
+            Weight::Q8_0(w) => w.matmul(input.q8()?, kernels::isa()),
         };
         self.finish(y, input, adapters)
     }
@@ -96,26 +90,26 @@ impl Linear {
         };
         let rows = input.q8()?;
         let outputs = Q4_1Matrix::matmul_many(&matrices, rows, kernels::isa());
-        linears
-            .iter()
-            .zip(outputs)
-            .map(|(l, y)| {
-                let y = Tensor::from_vec(y, (rows.len(), l.out_features), &Device::Cpu)?;
-                l.finish(y, input, adapters)
-            })
-            .collect()
+        linears.iter().zip(outputs).map(|(l, y)| l.finish(y, input, adapters)).collect()
     }
 
-    /// Bias, then each adapter group's delta on its rows.
-    fn finish(&self, y: Tensor, input: &Input, adapters: &[LoraGroup]) -> Result<Tensor> {
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        match self.slot {
-            Some(slot) if !adapters.is_empty() => lora::apply(&input.x, y, adapters, slot),
-            _ => Ok(y),
+    /// The base output `y` (`[tokens, out_features]`, row-major) plus the
+    /// bias, then each adapter group's delta on its rows, added in place.
+    fn finish(&self, mut y: Vec<f32>, input: &Input, adapters: &[LoraGroup]) -> Result<Tensor> {
+        let tokens = input.x.dim(0)?;
+        if let Some(bias) = &self.bias {
+            super::ops::with_f32(bias, |bias| {
+                for row in y.chunks_exact_mut(self.out_features) {
+                    for (v, b) in row.iter_mut().zip(bias) {
+                        *v += b;
+                    }
+                }
+            })?;
         }
+        if let Some(slot) = self.slot.filter(|_| !adapters.is_empty()) {
+            lora::apply(&input.x, &mut y, adapters, slot)?;
+        }
+        Ok(Tensor::from_vec(y, (tokens, self.out_features), &Device::Cpu)?)
     }
 }
 

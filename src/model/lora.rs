@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use rayon::prelude::*;
 
 use super::kernels::{self, Isa};
@@ -59,10 +59,11 @@ pub struct LoraGroup {
 /// Rows per step above which the deltas are split over the rayon pool.
 const PARALLEL_ROWS: usize = 4;
 
-/// Adds every group's delta to `y` (`[tokens, out]`), given the input `x` (`[tokens, in]`).
-pub fn apply(x: &Tensor, y: Tensor, groups: &[LoraGroup], slot: Slot) -> Result<Tensor> {
-    let (tokens, out_features) = y.dims2()?;
-    let in_features = x.dim(1)?;
+/// Adds every group's delta to `y` (`[tokens, out]`, row-major, in place),
+/// given the input `x` (`[tokens, in]`).
+pub fn apply(x: &Tensor, y: &mut [f32], groups: &[LoraGroup], slot: Slot) -> Result<()> {
+    let (tokens, in_features) = x.dims2()?;
+    let out_features = y.len() / tokens.max(1);
     // Each row's adapter weights for this projection, if any.
     let mut per_row: Vec<Option<&LoraWeights>> = vec![None; tokens];
     for group in groups {
@@ -74,9 +75,8 @@ pub fn apply(x: &Tensor, y: Tensor, groups: &[LoraGroup], slot: Slot) -> Result<
         }
     }
     if per_row.iter().all(Option::is_none) {
-        return Ok(y);
+        return Ok(());
     }
-    let mut y = y.flatten_all()?.to_vec1::<f32>()?;
     let isa = kernels::isa();
     super::ops::with_f32(x, |x| {
         let row_delta = |(row, y_row): (usize, &mut [f32])| {
@@ -86,7 +86,7 @@ pub fn apply(x: &Tensor, y: Tensor, groups: &[LoraGroup], slot: Slot) -> Result<
                     // SAFETY: the AVX2 ISAs are only chosen when the CPU has AVX2 and FMA.
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx2 | Isa::Avx512Vnni => unsafe { delta_avx2(w, x_row, y_row) },
-                    Isa::Scalar => delta(w, x_row, y_row),
+                    Isa::Scalar => delta::<false>(w, x_row, y_row),
                 }
             }
         };
@@ -95,59 +95,70 @@ pub fn apply(x: &Tensor, y: Tensor, groups: &[LoraGroup], slot: Slot) -> Result<
         } else {
             y.chunks_mut(out_features).enumerate().for_each(row_delta);
         }
-    })?;
-    Ok(Tensor::from_vec(y, (tokens, out_features), &Device::Cpu)?)
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn delta_avx2(w: &LoraWeights, x_row: &[f32], y_row: &mut [f32]) {
-    delta(w, x_row, y_row)
+    delta::<true>(w, x_row, y_row)
 }
 
 /// `y_row += scale · (x_row·Aᵀ)·Bᵀ`, the same operations for a row whatever
-/// batch it is in. Inlined into each ISA's wrapper; plain loops (a closure
-/// would not inherit the wrapper's target features).
+/// batch it is in; `FUSED` multiply-adds where the CPU has FMA (elsewhere a
+/// fused multiply-add is a slow library call). Inlined into each ISA's
+/// wrapper; plain loops (a closure would not inherit the wrapper's target
+/// features).
 #[inline(always)]
-fn delta(w: &LoraWeights, x_row: &[f32], y_row: &mut [f32]) {
+fn delta<const FUSED: bool>(w: &LoraWeights, x_row: &[f32], y_row: &mut [f32]) {
     let (in_features, out_features) = (w.in_features, w.out_features);
     let mut xa = vec![0f32; w.rank];
     for (j, v) in xa.iter_mut().enumerate() {
-        *v = w.scale * dot(x_row, &w.a[j * in_features..(j + 1) * in_features]);
+        *v = w.scale * dot::<FUSED>(x_row, &w.a[j * in_features..(j + 1) * in_features]);
     }
     for (j, &c) in xa.iter().enumerate() {
-        axpy(c, &w.b_t[j * out_features..(j + 1) * out_features], y_row);
+        axpy::<FUSED>(c, &w.b_t[j * out_features..(j + 1) * out_features], y_row);
+    }
+}
+
+#[inline(always)]
+fn madd<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FUSED {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
     }
 }
 
 /// A dot product in a fixed order (eight lanes, then the tail), which the
 /// compiler vectorizes.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let chunks = a.len() / 8;
     for (ca, cb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
         for k in 0..8 {
-            lanes[k] += ca[k] * cb[k];
+            lanes[k] = madd::<FUSED>(ca[k], cb[k], lanes[k]);
         }
     }
     let mut sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
     for i in chunks * 8..a.len() {
-        sum += a[i] * b[i];
+        sum = madd::<FUSED>(a[i], b[i], sum);
     }
     sum
 }
 
 #[inline(always)]
-fn axpy(c: f32, x: &[f32], y: &mut [f32]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += c * xi;
+fn axpy<const FUSED: bool>(c: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, &xi) in y.iter_mut().zip(x) {
+        *yi = madd::<FUSED>(c, xi, *yi);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     fn weights(rank: usize, inf: usize, outf: usize, scale: f32, seed: f32) -> LoraWeights {
         LoraWeights {
@@ -184,8 +195,10 @@ mod tests {
             LoraGroup { adapter: mk(wa.clone()), rows: vec![1, 3] },
             LoraGroup { adapter: mk(wb.clone()), rows: vec![2] },
         ];
-        let got = apply(&x, base.clone(), &groups, slot)?.to_vec2::<f32>()?;
         let base_rows = base.to_vec2::<f32>()?;
+        let mut flat = base_rows.concat();
+        apply(&x, &mut flat, &groups, slot)?;
+        let got: Vec<Vec<f32>> = flat.chunks(outf).map(|r| r.to_vec()).collect();
         let ra = reference(&x, &wa)?.to_vec2::<f32>()?;
         let rb = reference(&x, &wb)?.to_vec2::<f32>()?;
         for o in 0..outf {
@@ -196,9 +209,9 @@ mod tests {
             }
         }
         // Batch invariance: a row alone gives the same bits as in the batch.
-        let alone =
-            apply(&x.narrow(0, 2, 1)?, base.narrow(0, 2, 1)?, &[LoraGroup { adapter: mk(wb), rows: vec![0] }], slot)?;
-        assert_eq!(alone.to_vec2::<f32>()?[0], got[2]);
+        let mut alone = base_rows[2].clone();
+        apply(&x.narrow(0, 2, 1)?, &mut alone, &[LoraGroup { adapter: mk(wb), rows: vec![0] }], slot)?;
+        assert_eq!(alone, got[2]);
         Ok(())
     }
 }
