@@ -58,9 +58,10 @@ impl Rope {
     }
 }
 
-/// Work (query · key pairs) above which one call is split over the rayon
-/// pool; a decode step's single query stays on one thread.
-const PARALLEL_PAIRS: usize = 4096;
+/// Work (query-head · key pairs) above which one call is split over the
+/// rayon pool: a prompt chunk, or one decode query over a long enough
+/// history (a single stream otherwise leaves the second core idle here).
+const PARALLEL_PAIRS: usize = 1024;
 /// Queries per unit of parallel work in a prompt chunk.
 const QUERY_BLOCK: usize = 16;
 
@@ -93,7 +94,7 @@ pub(crate) fn attend(q: &[f32], start: usize, cache: &LayerView, shape: HeadShap
             Isa::Scalar => attend_group(q, start, cache, shape, unit),
         }
     };
-    let results: Vec<Vec<f32>> = if n * (start + n) >= PARALLEL_PAIRS {
+    let results: Vec<Vec<f32>> = if n * (start + n) * shape.heads >= PARALLEL_PAIRS {
         units.par_iter().map(run).collect()
     } else {
         units.iter().map(run).collect()
