@@ -56,48 +56,93 @@ impl Sampler {
         id
     }
 
+    /// Temperature, then top-k, then top-p, then a draw — walking the
+    /// candidates from the most likely down. Only as much of that order is
+    /// sorted as the walk reaches (usually a few dozen of a vocabulary of
+    /// tens of thousands), so a step does not sort the whole vocabulary.
     fn sample_random(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
-        let mut candidates: Vec<(u32, f32)> = logits
+        // (id, scaled logit, unnormalized probability)
+        let mut candidates: Vec<(u32, f32, f32)> = logits
             .iter()
             .enumerate()
             .filter(|(_, l)| l.is_finite())
-            .map(|(i, &l)| (i as u32, l / p.temperature))
+            .map(|(i, &l)| (i as u32, l / p.temperature, 0.0))
             .collect();
         if candidates.is_empty() {
             return argmax(logits);
         }
-        // Descending by logit; ties broken by id so a seed fully determines the result.
-        candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if p.top_k > 0 && p.top_k < candidates.len() {
+            candidates.select_nth_unstable_by(p.top_k - 1, descending);
             candidates.truncate(p.top_k);
         }
-        let max = candidates[0].1;
-        let mut probs: Vec<f32> = candidates.iter().map(|(_, l)| (l - max).exp()).collect();
-        let total: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|x| *x /= total);
+        let max = candidates.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.1));
+        let mut total = 0f32;
+        for c in candidates.iter_mut() {
+            c.2 = (c.1 - max).exp();
+            total += c.2;
+        }
+        let mut order = SortedPrefix::new(candidates);
+        let mut keep = order.len();
         if p.top_p < 1.0 {
+            let target = p.top_p * total;
             let mut cumulative = 0.0;
-            let mut keep = probs.len();
-            for (i, prob) in probs.iter().enumerate() {
-                cumulative += prob;
-                if cumulative >= p.top_p {
-                    keep = i + 1;
-                    break;
+            let mut i = 0;
+            while i < keep {
+                cumulative += order.get(i).2;
+                i += 1;
+                if cumulative >= target {
+                    keep = i;
                 }
             }
-            probs.truncate(keep);
-            let total: f32 = probs.iter().sum();
-            probs.iter_mut().for_each(|x| *x /= total);
+            total = cumulative;
         }
-        let mut r: f32 = self.rng.random();
-        for (i, prob) in probs.iter().enumerate() {
-            if r < *prob {
-                return candidates[i].0;
+        let mut x = self.rng.random::<f32>() * total;
+        for i in 0..keep {
+            let (id, _, weight) = order.get(i);
+            if x < weight {
+                return id;
             }
-            r -= prob;
+            x -= weight;
         }
-        candidates[probs.len() - 1].0
+        order.get(keep - 1).0
+    }
+}
+
+/// Descending by logit; ties broken by id so a seed fully determines the result.
+fn descending(a: &(u32, f32, f32), b: &(u32, f32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Candidates whose sorted order is extended on demand: the first `sorted`
+/// are in `descending` order and no later one precedes them.
+struct SortedPrefix {
+    candidates: Vec<(u32, f32, f32)>,
+    sorted: usize,
+}
+
+impl SortedPrefix {
+    fn new(candidates: Vec<(u32, f32, f32)>) -> Self {
+        Self { candidates, sorted: 0 }
+    }
+
+    fn len(&self) -> usize {
+        self.candidates.len()
+    }
+
+    /// The i-th most likely candidate.
+    fn get(&mut self, i: usize) -> (u32, f32, f32) {
+        if i >= self.sorted {
+            let end = (i + 1).max(self.sorted * 4).max(64).min(self.candidates.len());
+            let tail = &mut self.candidates[self.sorted..];
+            let count = end - self.sorted;
+            if count < tail.len() {
+                tail.select_nth_unstable_by(count, descending);
+            }
+            tail[..count].sort_by(descending);
+            self.sorted = end;
+        }
+        self.candidates[i]
     }
 }
 
@@ -142,6 +187,28 @@ mod tests {
         for _ in 0..50 {
             assert_eq!(s.sample(&mut [0.0, 1.0, 3.0, 0.5]), 2);
         }
+    }
+
+    #[test]
+    fn a_large_vocabulary_respects_top_k_and_top_p() {
+        // 50 000 logits: token 40 000 is far ahead, then ten near-ties.
+        let mut logits = vec![-10.0f32; 50_000];
+        logits[40_000] = 10.0;
+        for i in 0..10 {
+            logits[100 + i] = 8.0;
+        }
+        let mut nucleus = Sampler::new(SamplingParams { top_p: 0.3, seed: Some(3), ..Default::default() });
+        let mut top3 = Sampler::new(SamplingParams { top_k: 3, seed: Some(3), ..Default::default() });
+        let mut free = Sampler::new(SamplingParams { seed: Some(3), ..Default::default() });
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..300 {
+            assert_eq!(nucleus.sample(&mut logits.clone()), 40_000);
+            // top-3 = token 40 000 and the two lowest ids among the ties.
+            assert!([40_000, 100, 101].contains(&top3.sample(&mut logits.clone())));
+            seen.insert(free.sample(&mut logits.clone()));
+        }
+        // Without limits the ties (~0.5 of the mass together) are drawn too.
+        assert!(seen.contains(&40_000) && seen.iter().any(|&t| (100..110).contains(&t)), "{seen:?}");
     }
 
     #[test]
