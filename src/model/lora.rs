@@ -81,12 +81,16 @@ pub fn apply(x: &Tensor, y: &mut [f32], groups: &[LoraGroup], slot: Slot) -> Res
     super::ops::with_f32(x, |x| {
         let row_delta = |(row, y_row): (usize, &mut [f32])| {
             if let Some(w) = per_row[row] {
-                let x_row = &x[row * in_features..(row + 1) * in_features];
-                match isa {
-                    // SAFETY: the AVX2 ISAs are only chosen when the CPU has AVX2 and FMA.
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 | Isa::Avx512Vnni => unsafe { delta_avx2(w, x_row, y_row) },
-                    Isa::Scalar => delta::<false>(w, x_row, y_row),
+                let xa = down(isa, w, &x[row * in_features..(row + 1) * in_features]);
+                if tokens >= PARALLEL_ROWS || w.rank * out_features < PARALLEL_COLUMN_WORK {
+                    up(isa, w, &xa, 0, y_row);
+                } else {
+                    // A lone row (a single stream): its output columns are split
+                    // over the pool instead, so the second core is not idle.
+                    y_row
+                        .par_chunks_mut(COLUMN_CHUNK)
+                        .enumerate()
+                        .for_each(|(c, cols)| up(isa, w, &xa, c * COLUMN_CHUNK, cols));
                 }
             }
         };
@@ -98,26 +102,62 @@ pub fn apply(x: &Tensor, y: &mut [f32], groups: &[LoraGroup], slot: Slot) -> Res
     })
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn delta_avx2(w: &LoraWeights, x_row: &[f32], y_row: &mut [f32]) {
-    delta::<true>(w, x_row, y_row)
+/// Work (rank × output columns) above which a lone row's columns are split.
+const PARALLEL_COLUMN_WORK: usize = 4096;
+const COLUMN_CHUNK: usize = 256;
+
+/// `scale · x_row·Aᵀ`: the row in the adapter's rank space.
+fn down(isa: Isa, w: &LoraWeights, x_row: &[f32]) -> Vec<f32> {
+    let mut xa = vec![0f32; w.rank];
+    match isa {
+        // SAFETY: the AVX2 ISAs are only chosen when the CPU has AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => unsafe { down_avx2(w, x_row, &mut xa) },
+        Isa::Scalar => down_impl::<false>(w, x_row, &mut xa),
+    }
+    xa
 }
 
-/// `y_row += scale · (x_row·Aᵀ)·Bᵀ`, the same operations for a row whatever
-/// batch it is in; `FUSED` multiply-adds where the CPU has FMA (elsewhere a
-/// fused multiply-add is a slow library call). Inlined into each ISA's
-/// wrapper; plain loops (a closure would not inherit the wrapper's target
-/// features).
-#[inline(always)]
-fn delta<const FUSED: bool>(w: &LoraWeights, x_row: &[f32], y_row: &mut [f32]) {
-    let (in_features, out_features) = (w.in_features, w.out_features);
-    let mut xa = vec![0f32; w.rank];
-    for (j, v) in xa.iter_mut().enumerate() {
-        *v = w.scale * dot::<FUSED>(x_row, &w.a[j * in_features..(j + 1) * in_features]);
+/// `cols += (xa·Bᵀ)[first..]`: output columns `first..first + cols.len()`,
+/// each summed over the rank in order — the same bits however the columns
+/// are split.
+fn up(isa: Isa, w: &LoraWeights, xa: &[f32], first: usize, cols: &mut [f32]) {
+    match isa {
+        // SAFETY: as in `down`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => unsafe { up_avx2(w, xa, first, cols) },
+        Isa::Scalar => up_impl::<false>(w, xa, first, cols),
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn down_avx2(w: &LoraWeights, x_row: &[f32], xa: &mut [f32]) {
+    down_impl::<true>(w, x_row, xa)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn up_avx2(w: &LoraWeights, xa: &[f32], first: usize, cols: &mut [f32]) {
+    up_impl::<true>(w, xa, first, cols)
+}
+
+/// `FUSED` multiply-adds where the CPU has FMA (elsewhere a fused
+/// multiply-add is a slow library call). Inlined into each ISA's wrapper;
+/// plain loops (a closure would not inherit the wrapper's target features).
+#[inline(always)]
+fn down_impl<const FUSED: bool>(w: &LoraWeights, x_row: &[f32], xa: &mut [f32]) {
+    let n = w.in_features;
+    for (j, v) in xa.iter_mut().enumerate() {
+        *v = w.scale * dot::<FUSED>(x_row, &w.a[j * n..(j + 1) * n]);
+    }
+}
+
+#[inline(always)]
+fn up_impl<const FUSED: bool>(w: &LoraWeights, xa: &[f32], first: usize, cols: &mut [f32]) {
+    let n = w.out_features;
     for (j, &c) in xa.iter().enumerate() {
-        axpy::<FUSED>(c, &w.b_t[j * out_features..(j + 1) * out_features], y_row);
+        axpy::<FUSED>(c, &w.b_t[j * n + first..j * n + first + cols.len()], cols);
     }
 }
 
@@ -212,6 +252,24 @@ mod tests {
         let mut alone = base_rows[2].clone();
         apply(&x.narrow(0, 2, 1)?, &mut alone, &[LoraGroup { adapter: mk(wb), rows: vec![0] }], slot)?;
         assert_eq!(alone, got[2]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_lone_row_split_by_columns_equals_the_row_in_a_batch() -> Result<()> {
+        // rank 8 × 1024 outputs: one row takes the column-split path, five rows the row path.
+        let (inf, outf) = (64, 1024);
+        let w = weights(8, inf, outf, 1.5, 3.0);
+        let mut layer: [Option<LoraWeights>; 7] = Default::default();
+        layer[2] = Some(w);
+        let adapter = Arc::new(AdapterWeights { layers: vec![layer] });
+        let slot = Slot { layer: 0, module: 2 };
+        let x = Tensor::from_vec((0..5 * inf).map(|i| (i as f32 * 0.03).sin()).collect(), (5, inf), &Device::Cpu)?;
+        let mut batch: Vec<f32> = (0..5 * outf).map(|i| i as f32 * 1e-3).collect();
+        apply(&x, &mut batch, &[LoraGroup { adapter: adapter.clone(), rows: (0..5).collect() }], slot)?;
+        let mut alone: Vec<f32> = (3 * outf..4 * outf).map(|i| i as f32 * 1e-3).collect();
+        apply(&x.narrow(0, 3, 1)?, &mut alone, &[LoraGroup { adapter, rows: vec![0] }], slot)?;
+        assert_eq!(alone.as_slice(), &batch[3 * outf..4 * outf]);
         Ok(())
     }
 }
