@@ -6,7 +6,11 @@
 //! - `source`: where weights come from (GGUF file or Hugging Face folder),
 //!   behind one `WeightSource` so the model code is written once;
 //! - `linear`: the single projection type (quantized or dense base weight);
-//! - `kv_cache`: one sequence's keys and values;
+//! - `kv_cache`: one sequence's keys and values, grown in place;
+//! - `attention`: rotary embedding and causal attention over a sequence's cache;
+//! - `ops`: the element-wise steps (residual add, gated activation);
+//! - `lora`: un-merged per-row adapter deltas;
+//! - `kernels`: our quantized matmuls (Q4_1, Q8_0) and activation quantization;
 //! - `llama`: the Llama-family transformer, forward over a batch of sequences.
 
 pub mod attention;

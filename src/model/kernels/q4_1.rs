@@ -190,4 +190,14 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn matrices_sharing_a_region_give_what_each_gives_alone() {
+        let (a, b) = (matrix(24, 256), matrix(72, 256));
+        let q: Vec<Q8Row> = activations(9, 256).iter().map(|r| Q8Row::quantize(r)).collect();
+        for isa in super::super::available() {
+            let both = Q4_1Matrix::matmul_many(&[&a, &b], &q, isa);
+            assert_eq!(both, vec![a.matmul(&q, isa), b.matmul(&q, isa)], "{isa:?}");
+        }
+    }
 }
