@@ -115,7 +115,7 @@ pub fn serve(
                 head = Some(next);
                 break;
             }
-            running.push(Sequence::new(next, model.new_cache()));
+            running.push(Sequence::new(next, model.new_cache(need)));
         }
         running.retain(|s| {
             if s.is_cancelled() {

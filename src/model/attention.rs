@@ -236,7 +236,7 @@ mod tests {
         let values: Vec<Vec<f32>> = (0..tokens).map(|t| (0..kv_width).map(|e| val(t + 1000, e)).collect()).collect();
         let queries: Vec<f32> = (0..tokens * width).map(|i| val(2000, i)).collect();
         // 40 tokens as chunks of 23 (parallel, two query blocks) + 1 + 16.
-        let mut cache = KvCache::new(1, shape.kv_heads, shape.dim);
+        let mut cache = KvCache::new(1, shape.kv_heads, shape.dim, 64);
         let mut got = Vec::new();
         let mut at = 0;
         for chunk in [23, 1, 16] {
@@ -252,7 +252,7 @@ mod tests {
             assert!((a - b).abs() < 1e-5, "element {i}: {a} vs {b}");
         }
         // Query 30 alone over the same history gives the same bits.
-        let mut short = KvCache::new(1, shape.kv_heads, shape.dim);
+        let mut short = KvCache::new(1, shape.kv_heads, shape.dim, 64);
         short.append(0, &keys[..31].concat(), &values[..31].concat());
         let alone = attend(&queries[30 * width..31 * width], 30, &short.layer(0), shape);
         assert_eq!(alone.as_slice(), &got[30 * width..31 * width]);

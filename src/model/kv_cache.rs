@@ -12,6 +12,9 @@ pub struct KvCache {
     len: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// The most tokens this sequence may hold (its KV reservation): growth
+    /// by doubling stops there, so memory follows the admission budget.
+    max_tokens: usize,
 }
 
 /// One layer's keys, `[kv_heads, head_dim, capacity]` (transposed, so the
@@ -35,8 +38,8 @@ pub(crate) struct LayerView<'a> {
 }
 
 impl KvCache {
-    pub fn new(num_layers: usize, kv_heads: usize, head_dim: usize) -> Self {
-        Self { layers: vec![LayerCache::default(); num_layers], len: 0, kv_heads, head_dim }
+    pub fn new(num_layers: usize, kv_heads: usize, head_dim: usize, max_tokens: usize) -> Self {
+        Self { layers: vec![LayerCache::default(); num_layers], len: 0, kv_heads, head_dim, max_tokens }
     }
 
     /// Tokens already cached: the position of the next token.
@@ -58,7 +61,8 @@ impl KvCache {
         let start = self.len;
         let cache = &mut self.layers[layer];
         if start + new > cache.capacity {
-            let capacity = (start + new).max(cache.capacity * 2).next_multiple_of(KEY_BLOCK);
+            let doubled = (cache.capacity * 2).min(self.max_tokens);
+            let capacity = (start + new).max(doubled).next_multiple_of(KEY_BLOCK);
             // Keys: heads·d rows of `capacity`; values: heads rows of `capacity · d`.
             let grow = |old: &[f32], rows: usize, old_row: usize, new_row: usize, used: usize| {
                 let mut buf = vec![0f32; rows * new_row];
@@ -102,7 +106,7 @@ mod tests {
     #[test]
     fn growing_keeps_every_token_in_place() {
         let (heads, d) = (3, 4);
-        let mut cache = KvCache::new(1, heads, d);
+        let mut cache = KvCache::new(1, heads, d, 1000);
         // Token t, head h, element e = 100·t + 10·h + e; appended in uneven chunks
         // so the buffer grows (16 → 32 → 64) with tokens already in it.
         let token = |t: usize| -> Vec<f32> {
@@ -128,5 +132,22 @@ mod tests {
                 assert_eq!(&view.v[at..at + d], negated.as_slice(), "token {j} head {h}");
             }
         }
+    }
+
+    #[test]
+    fn growth_stops_at_the_reservation() {
+        let mut cache = KvCache::new(1, 1, 2, 40);
+        for _ in 0..40 {
+            cache.append(0, &[1.0, 2.0], &[3.0, 4.0]);
+            cache.advance(1);
+        }
+        // 32, then 40 rounded up to whole key blocks (not 2 × 32 and onwards).
+        assert_eq!(cache.layer(0).capacity, 64);
+        for _ in 0..30 {
+            cache.append(0, &[1.0, 2.0], &[3.0, 4.0]);
+            cache.advance(1);
+        }
+        // Past the reservation it still grows to fit, never panics.
+        assert!(cache.layer(0).capacity >= 70);
     }
 }

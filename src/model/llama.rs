@@ -199,8 +199,10 @@ impl Llama {
         &self.config
     }
 
-    pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim)
+    /// A cache for a sequence of at most `max_tokens` tokens.
+    pub fn new_cache(&self, max_tokens: usize) -> KvCache {
+        let max_tokens = max_tokens.min(self.config.max_position_embeddings);
+        KvCache::new(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim, max_tokens)
     }
 
     /// One step over every row. Returns, per row, logits `[positions, vocab]`
