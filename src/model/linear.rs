@@ -125,10 +125,6 @@ impl Input {
         Self { x, q8: OnceLock::new() }
     }
 
-    pub fn tensor(&self) -> &Tensor {
-        &self.x
-    }
-
     /// The rows as Q8 blocks, what the integer kernels consume (made once).
     fn q8(&self) -> Result<&[Q8Row]> {
         if let Some(rows) = self.q8.get() {
