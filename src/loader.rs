@@ -147,10 +147,11 @@ fn load_gguf(file: &Path, opts: &LoadOptions) -> Result<(Llama, ModelInfo), Load
     let bos = side.special("bos_token").or_else(|| token_text("tokenizer.ggml.bos_token_id"));
     let eos = side.special("eos_token").or_else(|| token_text("tokenizer.ggml.eos_token_id"));
     let template_source = side.chat_template().or_else(|| gguf::string(md, "tokenizer.chat_template").ok());
-    let mut eos_ids: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
-        .iter()
-        .filter_map(|k| md.get(*k).and_then(|v| v.to_u32().ok()))
-        .collect();
+    let mut eos_ids: Vec<u32> =
+        ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
+            .iter()
+            .filter_map(|k| md.get(*k).and_then(|v| v.to_u32().ok()))
+            .collect();
     eos_ids.extend(side.generation_eos_ids());
     let model = Llama::load(&mut source)?;
     let info =
@@ -185,6 +186,19 @@ fn load_hf(dir: &Path, opts: &LoadOptions) -> Result<(Llama, ModelInfo), LoadErr
     Ok((model, info))
 }
 
+/// Token texts that end a turn in the families' chat templates.
+const END_OF_TURN: [&str; 9] = [
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<end_of_turn>",
+    "<EOT>",
+    "<｜end▁of▁sentence｜>",
+];
+
 #[allow(clippy::too_many_arguments)]
 fn build_info(
     id: String,
@@ -197,6 +211,9 @@ fn build_info(
     format: ModelFormat,
     opts: &LoadOptions,
 ) -> Result<ModelInfo, LoadError> {
+    // Chat templates end a turn with these whether or not the file lists
+    // them as EOS (llama.cpp keeps the same list of end-of-generation texts).
+    eos_token_ids.extend(END_OF_TURN.iter().filter_map(|t| tokenizer.token_to_id(t)));
     eos_token_ids.sort_unstable();
     eos_token_ids.dedup();
     let chat_template = template_source.map(|s| ChatTemplate::new(&s, bos, eos, Clock::Local)).transpose()?;

@@ -13,18 +13,45 @@ use crate::model::ModelConfig;
 /// Largest adapter file read (a rank-64 adapter on every module of an 8B model is ~650 MB).
 const MAX_WEIGHTS_BYTES: u64 = 2 << 30;
 
-/// `(out_features, in_features)` of every projection of the base.
+/// `(out_features, in_features)` of every projection of the base, and
+/// whether its checkpoint fuses q/k/v and gate/up (Phi-3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseShapes {
     pub num_layers: usize,
     pub dims: [(usize, usize); 7],
+    pub fused: bool,
+}
+
+/// A module an adapter can name (its path under `model.layers.N`) and the
+/// projections it feeds: a fused module's `lora_B` rows split between them.
+struct Site {
+    path: &'static str,
+    parts: Vec<Module>,
 }
 
 impl BaseShapes {
     pub fn of(cfg: &ModelConfig) -> Self {
         let (h, q, kv, ff) =
             (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);
-        Self { num_layers: cfg.num_layers, dims: [(q, h), (kv, h), (kv, h), (h, q), (ff, h), (ff, h), (h, ff)] }
+        Self {
+            num_layers: cfg.num_layers,
+            dims: [(q, h), (kv, h), (kv, h), (h, q), (ff, h), (ff, h), (h, ff)],
+            fused: cfg.architecture.fused_projections(),
+        }
+    }
+
+    fn sites(&self) -> Vec<Site> {
+        let one = |m: Module| Site { path: m.path(), parts: vec![m] };
+        if self.fused {
+            vec![
+                Site { path: "self_attn.qkv_proj", parts: vec![Module::Q, Module::K, Module::V] },
+                one(Module::O),
+                Site { path: "mlp.gate_up_proj", parts: vec![Module::Gate, Module::Up] },
+                one(Module::Down),
+            ]
+        } else {
+            Module::ALL.into_iter().map(one).collect()
+        }
     }
 }
 
@@ -57,8 +84,9 @@ pub fn load(dir: &Path, base: &BaseShapes, max_rank: usize) -> Result<AdapterWei
     from_tensors(&config, tensors, base, max_rank)
 }
 
-/// `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight` → (3, Q, A).
-fn parse_name(name: &str) -> Option<(usize, Module, bool)> {
+/// `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight` →
+/// (3, "self_attn.q_proj", A).
+fn parse_name(name: &str) -> Option<(usize, &str, bool)> {
     let rest = name.strip_prefix("base_model.model.")?;
     let rest = rest.strip_prefix("model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
@@ -70,8 +98,10 @@ fn parse_name(name: &str) -> Option<(usize, Module, bool)> {
         "B" => false,
         _ => return None,
     };
-    Some((layer, Module::from_path(module)?, is_a))
+    Some((layer, module, is_a))
 }
+
+type Matrix = Vec<Vec<f32>>;
 
 pub fn from_tensors(
     config: &AdapterConfig,
@@ -79,40 +109,47 @@ pub fn from_tensors(
     base: &BaseShapes,
     max_rank: usize,
 ) -> Result<AdapterWeights, LoraError> {
-    let mut a_parts: Vec<[Option<Vec<Vec<f32>>>; 7]> = vec![Default::default(); base.num_layers];
-    let mut b_parts: Vec<[Option<Vec<Vec<f32>>>; 7]> = vec![Default::default(); base.num_layers];
+    let sites = base.sites();
+    // (A, B) per layer and site, as the file holds them.
+    let mut found: Vec<Vec<(Option<Matrix>, Option<Matrix>)>> = vec![vec![(None, None); sites.len()]; base.num_layers];
     if tensors.is_empty() {
         return Err(LoraError::Weights("the safetensors file holds no tensors".into()));
     }
     for (name, tensor) in tensors {
-        let (layer, module, is_a) = parse_name(&name).ok_or_else(|| {
+        let known = sites.iter().map(|s| s.path).collect::<Vec<_>>().join(", ");
+        let unsupported = || {
             LoraError::Unsupported(format!(
-                "tensor `{name}`: only lora_A/lora_B of q/k/v/o/gate/up/down projections are supported"
+                "tensor `{name}`: only lora_A/lora_B of the base's projections ({known}) are supported"
             ))
-        })?;
+        };
+        let (layer, path, is_a) = parse_name(&name).ok_or_else(unsupported)?;
+        let site = sites.iter().position(|s| s.path == path).ok_or_else(unsupported)?;
         if layer >= base.num_layers {
             return Err(LoraError::Mismatch(format!(
                 "`{name}` is for layer {layer}, the base has {} layers",
                 base.num_layers
             )));
         }
-        if !config.targets(layer, module) {
+        if !config.targets(layer, path) {
             return Err(LoraError::Mismatch(format!("`{name}` is not a target of adapter_config.json")));
         }
         let rows = tensor
             .to_dtype(DType::F32)
             .and_then(|t| t.to_vec2::<f32>())
             .map_err(|e| LoraError::Weights(format!("`{name}` is not a 2-D float tensor: {e}")))?;
-        let slot = if is_a { &mut a_parts[layer][module.index()] } else { &mut b_parts[layer][module.index()] };
-        *slot = Some(rows);
+        let entry = &mut found[layer][site];
+        if is_a {
+            entry.0 = Some(rows);
+        } else {
+            entry.1 = Some(rows);
+        }
     }
     let mut layers: Vec<[Option<LoraWeights>; 7]> = vec![Default::default(); base.num_layers];
     for (layer, weights) in layers.iter_mut().enumerate() {
-        for module in Module::ALL {
-            let i = module.index();
-            let name = super::config::module_name(layer, module);
-            let (a, b) = match (a_parts[layer][i].take(), b_parts[layer][i].take()) {
-                (None, None) if config.targets(layer, module) => {
+        for (site, found) in sites.iter().zip(&mut found[layer]) {
+            let name = super::config::module_name(layer, site.path);
+            let (a, b) = match (found.0.take(), found.1.take()) {
+                (None, None) if config.targets(layer, site.path) => {
                     return Err(LoraError::Weights(format!("{name}: lora_A and lora_B are missing")))
                 }
                 (None, None) => continue,
@@ -120,7 +157,8 @@ pub fn from_tensors(
                 (Some(_), None) => return Err(LoraError::Weights(format!("{name}: lora_B is missing"))),
                 (None, Some(_)) => return Err(LoraError::Weights(format!("{name}: lora_A is missing"))),
             };
-            let (out_features, in_features) = base.dims[i];
+            let in_features = base.dims[site.parts[0].index()].1;
+            let out_features: usize = site.parts.iter().map(|m| base.dims[m.index()].0).sum();
             let rank = a.len();
             if rank == 0 || a.iter().any(|row| row.len() != in_features) {
                 return Err(LoraError::Mismatch(format!(
@@ -135,7 +173,7 @@ pub fn from_tensors(
                     b.first().map_or(0, Vec::len)
                 )));
             }
-            let configured = config.rank(layer, module);
+            let configured = config.rank(layer, site.path);
             if rank != configured {
                 return Err(LoraError::Mismatch(format!(
                     "{name}: weights have rank {rank}, adapter_config.json says {configured}"
@@ -144,21 +182,25 @@ pub fn from_tensors(
             if rank > max_rank {
                 return Err(LoraError::Mismatch(format!("{name}: rank {rank} is above --max-lora-rank {max_rank}")));
             }
-            // B is stored transposed: [rank, out].
-            let mut b_t = vec![0f32; rank * out_features];
-            for (o, row) in b.iter().enumerate() {
-                for (j, v) in row.iter().enumerate() {
-                    b_t[j * out_features + o] = *v;
+            let scale = config.scale(layer, site.path) as f32;
+            let a = a.concat();
+            // A fused module's delta is x·Aᵀ·Bᵀ with B's rows stacked like the
+            // base's: each projection gets its rows of B and the same A.
+            let mut first = 0;
+            for &module in &site.parts {
+                let part_out = base.dims[module.index()].0;
+                let rows = &b[first..first + part_out];
+                first += part_out;
+                // B is stored transposed: [rank, out].
+                let mut b_t = vec![0f32; rank * part_out];
+                for (o, row) in rows.iter().enumerate() {
+                    for (j, v) in row.iter().enumerate() {
+                        b_t[j * part_out + o] = *v;
+                    }
                 }
+                weights[module.index()] =
+                    Some(LoraWeights { a: a.clone(), b_t, rank, in_features, out_features: part_out, scale });
             }
-            weights[i] = Some(LoraWeights {
-                a: a.concat(),
-                b_t,
-                rank,
-                in_features,
-                out_features,
-                scale: config.scale(layer, module) as f32,
-            });
         }
     }
     Ok(AdapterWeights { layers })
@@ -172,11 +214,11 @@ mod tests {
     fn peft_tensor_names_parse() {
         assert_eq!(
             parse_name("base_model.model.model.layers.12.mlp.down_proj.lora_B.weight"),
-            Some((12, Module::Down, false))
+            Some((12, "mlp.down_proj", false))
         );
         assert_eq!(
             parse_name("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"),
-            Some((0, Module::Q, true))
+            Some((0, "self_attn.q_proj", true))
         );
         assert_eq!(parse_name("base_model.model.model.embed_tokens.lora_embedding_A"), None);
         assert_eq!(parse_name("base_model.model.lm_head.lora_A.weight"), None);

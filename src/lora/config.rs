@@ -215,9 +215,10 @@ impl AdapterConfig {
         })
     }
 
-    /// Whether `model.layers.{layer}.{module}` carries a delta.
-    pub fn targets(&self, layer: usize, module: Module) -> bool {
-        let name = module_name(layer, module);
+    /// Whether `model.layers.{layer}.{path}` carries a delta (`path` as in
+    /// the base checkpoint: `self_attn.q_proj`, or Phi-3's `self_attn.qkv_proj`).
+    pub fn targets(&self, layer: usize, path: &str) -> bool {
+        let name = module_name(layer, path);
         if self.layers.as_ref().is_some_and(|l| !l.contains(&layer)) {
             return false;
         }
@@ -228,17 +229,17 @@ impl AdapterConfig {
     }
 
     /// Rank of a module: the first matching `rank_pattern` key, else `r`.
-    pub fn rank(&self, layer: usize, module: Module) -> usize {
-        let name = module_name(layer, module);
+    pub fn rank(&self, layer: usize, path: &str) -> usize {
+        let name = module_name(layer, path);
         self.rank_pattern.iter().find(|(re, _, _)| re.is_match(&name)).map(|(_, _, r)| *r).unwrap_or(self.r)
     }
 
     /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA, with per-module overrides.
-    pub fn scale(&self, layer: usize, module: Module) -> f64 {
-        let name = module_name(layer, module);
+    pub fn scale(&self, layer: usize, path: &str) -> f64 {
+        let name = module_name(layer, path);
         let alpha =
             self.alpha_pattern.iter().find(|(re, _, _)| re.is_match(&name)).map(|(_, _, a)| *a).unwrap_or(self.alpha);
-        let r = self.rank(layer, module) as f64;
+        let r = self.rank(layer, path) as f64;
         if self.use_rslora {
             alpha / r.sqrt()
         } else {
@@ -248,8 +249,8 @@ impl AdapterConfig {
 }
 
 /// The module name PEFT matches against (`model.layers.3.self_attn.q_proj`).
-pub fn module_name(layer: usize, module: Module) -> String {
-    format!("model.layers.{layer}.{}", module.path())
+pub fn module_name(layer: usize, path: &str) -> String {
+    format!("model.layers.{layer}.{path}")
 }
 
 fn is_set(v: &Json) -> bool {
@@ -275,21 +276,21 @@ mod tests {
     #[test]
     fn scale_is_alpha_over_r_or_sqrt_r() -> Result<(), LoraError> {
         let plain = config("")?;
-        assert_eq!(plain.scale(0, Module::Q), 2.0);
+        assert_eq!(plain.scale(0, Module::Q.path()), 2.0);
         let rs =
             AdapterConfig::parse(r#"{"r": 4, "lora_alpha": 8, "use_rslora": true, "target_modules": ["q_proj"]}"#)?;
-        assert_eq!(rs.scale(0, Module::Q), 4.0);
+        assert_eq!(rs.scale(0, Module::Q.path()), 4.0);
         let rs16 =
             AdapterConfig::parse(r#"{"r": 16, "lora_alpha": 8, "use_rslora": true, "target_modules": ["q_proj"]}"#)?;
-        assert_eq!(rs16.scale(3, Module::Q), 2.0);
+        assert_eq!(rs16.scale(3, Module::Q.path()), 2.0);
         Ok(())
     }
 
     #[test]
     fn list_targets_match_name_suffixes() -> Result<(), LoraError> {
         let c = config("")?;
-        assert!(c.targets(0, Module::Q) && c.targets(29, Module::V));
-        assert!(!c.targets(0, Module::K) && !c.targets(0, Module::Down));
+        assert!(c.targets(0, Module::Q.path()) && c.targets(29, Module::V.path()));
+        assert!(!c.targets(0, Module::K.path()) && !c.targets(0, Module::Down.path()));
         Ok(())
     }
 
@@ -298,11 +299,11 @@ mod tests {
         let c = AdapterConfig::parse(
             r#"{"r": 8, "lora_alpha": 8, "target_modules": ".*\\.(1|2)\\.self_attn\\.(q|k)_proj"}"#,
         )?;
-        assert!(c.targets(1, Module::Q) && c.targets(2, Module::K));
-        assert!(!c.targets(0, Module::Q) && !c.targets(12, Module::Q) && !c.targets(1, Module::V));
+        assert!(c.targets(1, Module::Q.path()) && c.targets(2, Module::K.path()));
+        assert!(!c.targets(0, Module::Q.path()) && !c.targets(12, Module::Q.path()) && !c.targets(1, Module::V.path()));
         // Not a full match: "q_proj" alone does not match "model.layers.0.self_attn.q_proj".
         let partial = AdapterConfig::parse(r#"{"r": 8, "lora_alpha": 8, "target_modules": "q_proj"}"#)?;
-        assert!(!partial.targets(0, Module::Q));
+        assert!(!partial.targets(0, Module::Q.path()));
         Ok(())
     }
 
@@ -311,19 +312,19 @@ mod tests {
         let c = config(
             r#", "rank_pattern": {"v_proj": 4, "layers\\.3\\.self_attn\\.q_proj": 2}, "alpha_pattern": {"v_proj": 32}"#,
         )?;
-        assert_eq!((c.rank(0, Module::Q), c.scale(0, Module::Q)), (8, 2.0));
-        assert_eq!((c.rank(0, Module::V), c.scale(0, Module::V)), (4, 8.0)); // 32 / 4
-        assert_eq!((c.rank(3, Module::Q), c.scale(3, Module::Q)), (2, 8.0)); // 16 / 2
-        assert_eq!(c.rank(13, Module::Q), 8, "layers.13 must not match the layers.3 pattern");
+        assert_eq!((c.rank(0, Module::Q.path()), c.scale(0, Module::Q.path())), (8, 2.0));
+        assert_eq!((c.rank(0, Module::V.path()), c.scale(0, Module::V.path())), (4, 8.0)); // 32 / 4
+        assert_eq!((c.rank(3, Module::Q.path()), c.scale(3, Module::Q.path())), (2, 8.0)); // 16 / 2
+        assert_eq!(c.rank(13, Module::Q.path()), 8, "layers.13 must not match the layers.3 pattern");
         Ok(())
     }
 
     #[test]
     fn layers_to_transform_limits_layers() -> Result<(), LoraError> {
         let c = config(r#", "layers_to_transform": [0, 2]"#)?;
-        assert!(c.targets(0, Module::Q) && c.targets(2, Module::Q) && !c.targets(1, Module::Q));
+        assert!(c.targets(0, Module::Q.path()) && c.targets(2, Module::Q.path()) && !c.targets(1, Module::Q.path()));
         let one = config(r#", "layers_to_transform": 5"#)?;
-        assert!(one.targets(5, Module::V) && !one.targets(4, Module::V));
+        assert!(one.targets(5, Module::V.path()) && !one.targets(4, Module::V.path()));
         Ok(())
     }
 

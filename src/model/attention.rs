@@ -24,14 +24,14 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(head_dim: usize, theta: f32, max_positions: usize) -> Self {
-        let half = head_dim / 2;
-        // float32 throughout, as transformers computes it.
-        let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
+    /// Tables for `inv_freq` (`head_dim / 2` frequencies), float32
+    /// throughout as transformers computes them.
+    pub fn new(inv_freq: &[f32], max_positions: usize) -> Self {
+        let half = inv_freq.len();
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for pos in 0..max_positions {
-            for f in &inv_freq {
+            for f in inv_freq {
                 let angle = pos as f32 * f;
                 cos.push(angle.cos());
                 sin.push(angle.sin());

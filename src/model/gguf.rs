@@ -1,8 +1,9 @@
-//! GGUF files of the Llama family (`llama`, which also covers Mistral, and
-//! `qwen2`): config from metadata, weights kept quantized or dequantized.
+//! GGUF files of the supported families (`llama`, which also covers
+//! Mistral, `qwen2`, `qwen3`, `phi3`): config from metadata, weights kept
+//! quantized or dequantized.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 
+use super::config::{Architecture, RopeScaling};
 use super::kernels::q4_1::Q4_1Matrix;
 use super::kernels::q8_0::Q8_0Matrix;
 use super::linear::Weight;
@@ -27,6 +29,8 @@ pub struct GgufSource {
     /// rotary layout; we undo it at load so every format shares the
     /// half-split (Hugging Face) layout and LoRA deltas need no special case.
     unpermute_qk: bool,
+    /// GGUF names of the tensors read so far.
+    used: HashSet<String>,
 }
 
 impl GgufSource {
@@ -36,18 +40,27 @@ impl GgufSource {
         let content = Content::read(&mut reader)
             .map_err(|e| ModelError::Invalid(format!("{}: not a readable GGUF file: {e}", path.display())))?;
         let arch = string(&content.metadata, "general.architecture")?;
-        let unpermute_qk = match arch.as_str() {
-            "llama" => true,
-            "qwen2" => false,
-            other => {
-                return Err(ModelError::Unsupported(format!("GGUF architecture `{other}` (supported: llama, qwen2)")))
-            }
+        let architecture = Architecture::from_gguf(&arch)?;
+        let config = config_from_metadata(&content, &arch, architecture)?;
+        let mut source = Self {
+            path: path.to_path_buf(),
+            reader,
+            content,
+            mode,
+            config,
+            unpermute_qk: architecture.gguf_permutes_qk(),
+            used: HashSet::new(),
         };
-        if content.tensor_infos.contains_key("rope_freqs.weight") {
-            return Err(ModelError::Unsupported("Llama 3.1-style rope frequency factors (rope_freqs.weight)".into()));
+        if source.content.tensor_infos.contains_key("rope_factors_long.weight") {
+            return Err(ModelError::Unsupported("longrope rope scaling (Phi-3 128k, Phi-3.5)".into()));
         }
-        let config = config_from_metadata(&content, &arch)?;
-        Ok(Self { path: path.to_path_buf(), reader, content, mode, config, unpermute_qk })
+        // Llama 3.1+: the converter stores the llama3 ramp as per-frequency divisors.
+        if source.content.tensor_infos.contains_key(ROPE_FREQS) {
+            let factors = source.qtensor(ROPE_FREQS)?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+            source.config.rope_scaling = RopeScaling::FreqFactors(factors);
+            source.config.validate()?;
+        }
+        Ok(source)
     }
 
     pub fn metadata(&self) -> &HashMap<String, Value> {
@@ -93,7 +106,29 @@ impl GgufSource {
         if !self.content.tensor_infos.contains_key(gguf_name) {
             return Err(ModelError::MissingTensor(gguf_name.to_string()));
         }
+        self.used.insert(gguf_name.to_string());
         Ok(self.content.tensor(&mut self.reader, gguf_name, &Device::Cpu)?)
+    }
+
+    /// The kernel-ready form of a projection's weight.
+    fn weight(&self, name: &str, q: QTensor) -> Result<Weight> {
+        let (out_features, in_features) = q.shape().dims2()?;
+        Ok(match (self.mode, q.dtype()) {
+            (WeightMode::F32, _) | (_, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
+                Weight::Dense(q.dequantize(&Device::Cpu)?)
+            }
+            (WeightMode::Quantized, GgmlDType::Q4_1) => {
+                let matrix = Q4_1Matrix::from_gguf_bytes(&q.data()?, out_features, in_features)
+                    .ok_or_else(|| ModelError::Invalid(format!("{name}: malformed Q4_1 data")))?;
+                Weight::Q4_1(std::sync::Arc::new(matrix))
+            }
+            (WeightMode::Quantized, GgmlDType::Q8_0) => {
+                let matrix = Q8_0Matrix::from_gguf_bytes(&q.data()?, out_features, in_features)
+                    .ok_or_else(|| ModelError::Invalid(format!("{name}: malformed Q8_0 data")))?;
+                Weight::Q8_0(std::sync::Arc::new(matrix))
+            }
+            (WeightMode::Quantized, _) => Weight::Quantized(QMatMul::from_qtensor(q)?),
+        })
     }
 
     fn load_linear_weight(&mut self, name: &str) -> Result<QTensor> {
@@ -118,22 +153,7 @@ impl WeightSource for GgufSource {
     fn linear(&mut self, name: &str) -> Result<Linear> {
         let q = self.load_linear_weight(name)?;
         let (out_features, in_features) = q.shape().dims2()?;
-        let weight = match (self.mode, q.dtype()) {
-            (WeightMode::F32, _) | (_, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
-                Weight::Dense(q.dequantize(&Device::Cpu)?)
-            }
-            (WeightMode::Quantized, GgmlDType::Q4_1) => {
-                let matrix = Q4_1Matrix::from_gguf_bytes(&q.data()?, out_features, in_features)
-                    .ok_or_else(|| ModelError::Invalid(format!("{name}: malformed Q4_1 data")))?;
-                Weight::Q4_1(std::sync::Arc::new(matrix))
-            }
-            (WeightMode::Quantized, GgmlDType::Q8_0) => {
-                let matrix = Q8_0Matrix::from_gguf_bytes(&q.data()?, out_features, in_features)
-                    .ok_or_else(|| ModelError::Invalid(format!("{name}: malformed Q8_0 data")))?;
-                Weight::Q8_0(std::sync::Arc::new(matrix))
-            }
-            (WeightMode::Quantized, _) => Weight::Quantized(QMatMul::from_qtensor(q)?),
-        };
+        let weight = self.weight(name, q)?;
         let bias_name = format!("{name}.bias");
         let bias = if self.contains(&bias_name) {
             if self.unpermute_qk && (name.ends_with("q_proj") || name.ends_with("k_proj")) {
@@ -162,6 +182,51 @@ impl WeightSource for GgufSource {
     fn contains(&self, name: &str) -> bool {
         gguf_name(name).map(|g| self.content.tensor_infos.contains_key(&g)).unwrap_or(false)
     }
+
+    fn linear_split(&mut self, name: &str, parts: &[usize]) -> Result<Vec<Linear>> {
+        if self.contains(&format!("{name}.bias")) {
+            return Err(ModelError::Unsupported(format!("bias on the fused projection {name}")));
+        }
+        let fused = self.qtensor(&gguf_name(&format!("{name}.weight"))?)?;
+        split_rows(&fused, parts, name)?
+            .into_iter()
+            .map(|q| {
+                let (out_features, in_features) = q.shape().dims2()?;
+                Ok(Linear::new(self.weight(name, q)?, None, out_features, in_features))
+            })
+            .collect()
+    }
+
+    fn unused(&self) -> Vec<String> {
+        let mut names: Vec<String> =
+            self.content.tensor_infos.keys().filter(|n| !self.used.contains(*n)).cloned().collect();
+        names.sort();
+        names
+    }
+}
+
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// Rows `[0, parts[0])`, `[parts[0], parts[0] + parts[1])`, … of a matrix
+/// as separate tensors. Rows are whole quantization blocks: bytes move,
+/// numbers do not change.
+fn split_rows(q: &QTensor, parts: &[usize], name: &str) -> Result<Vec<QTensor>> {
+    let (rows, cols) = q.shape().dims2()?;
+    if parts.iter().sum::<usize>() != rows {
+        return Err(ModelError::Invalid(format!("{name} has {rows} rows, expected {parts:?} stacked")));
+    }
+    let data = q.data()?;
+    let row_bytes = data.len() / rows;
+    let mut first = 0;
+    parts
+        .iter()
+        .map(|&n| {
+            let bytes = data[first * row_bytes..(first + n) * row_bytes].to_vec();
+            first += n;
+            let storage = QStorage::from_data(Cow::Owned(bytes), &Device::Cpu, q.dtype())?;
+            Ok(QTensor::new(storage, (n, cols))?)
+        })
+        .collect()
 }
 
 /// Maps a Hugging Face tensor name to its GGUF name.
@@ -182,6 +247,11 @@ fn gguf_name(hf: &str) -> Result<String> {
                 "self_attn.k_proj" => "attn_k",
                 "self_attn.v_proj" => "attn_v",
                 "self_attn.o_proj" => "attn_output",
+                "self_attn.qkv_proj" => "attn_qkv",
+                "self_attn.q_norm" => "attn_q_norm",
+                "self_attn.k_norm" => "attn_k_norm",
+                // Phi-3 keeps gate and up stacked in one `ffn_up`.
+                "mlp.gate_up_proj" => "ffn_up",
                 "mlp.gate_proj" => "ffn_gate",
                 "mlp.up_proj" => "ffn_up",
                 "mlp.down_proj" => "ffn_down",
@@ -220,7 +290,7 @@ fn unpermute_rows(q: &QTensor, n_head: usize) -> Result<QTensor> {
     Ok(QTensor::new(storage, (rows, cols))?)
 }
 
-fn config_from_metadata(content: &Content, arch: &str) -> Result<ModelConfig> {
+fn config_from_metadata(content: &Content, arch: &str, architecture: Architecture) -> Result<ModelConfig> {
     let md = &content.metadata;
     let get = |key: &str| -> Result<&Value> {
         let full = format!("{arch}.{key}");
@@ -239,7 +309,27 @@ fn config_from_metadata(content: &Content, arch: &str) -> Result<ModelConfig> {
     let head_dim = usize_of("attention.key_length")
         .or_else(|_| usize_of("rope.dimension_count"))
         .unwrap_or(hidden_size / num_heads);
+    if let Ok(rotary) = usize_of("rope.dimension_count") {
+        if rotary != head_dim {
+            return Err(ModelError::Unsupported(format!(
+                "partial rotary embeddings ({rotary} of {head_dim} dimensions)"
+            )));
+        }
+    }
+    if let Ok(kind) = get("rope.scaling.type").and_then(|v| Ok(v.to_string()?.clone())) {
+        if kind != "none" {
+            return Err(ModelError::Unsupported(format!("rope scaling `{kind}` (supported: default, llama3)")));
+        }
+    }
+    let mut max_position_embeddings = usize_of("context_length").unwrap_or(4096);
+    if let Ok(window) = usize_of("attention.sliding_window") {
+        if window > 0 && window < max_position_embeddings {
+            tracing::warn!(window, "sliding-window attention: the context is capped at the window");
+            max_position_embeddings = window;
+        }
+    }
     let config = ModelConfig {
+        architecture,
         vocab_size,
         hidden_size,
         intermediate_size: usize_of("feed_forward_length")?,
@@ -249,9 +339,11 @@ fn config_from_metadata(content: &Content, arch: &str) -> Result<ModelConfig> {
         head_dim,
         rms_norm_eps: get("attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
         rope_theta: get("rope.freq_base").and_then(|v| Ok(v.to_f32()?)).unwrap_or(10_000.0),
-        max_position_embeddings: usize_of("context_length").unwrap_or(4096),
+        rope_scaling: RopeScaling::Default,
+        max_position_embeddings,
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        qk_norm: architecture == Architecture::Qwen3,
     };
     config.validate()?;
     Ok(config)

@@ -1,6 +1,9 @@
-//! The Llama-family decoder (SmolLM2, Llama 2/3, Mistral, Qwen2), run over a
-//! batch of sequences: every row has its own tokens, position and KV cache,
-//! and the projections see all rows of the step at once.
+//! The Llama-family decoder (SmolLM2, Llama 2/3, Mistral, Qwen 2/3, Phi-3),
+//! run over a batch of sequences: every row has its own tokens, position and
+//! KV cache, and the projections see all rows of the step at once. Families
+//! differ by switches of `ModelConfig`: q/k bias (a bias tensor beside the
+//! weight), per-head q/k RMSNorm (Qwen3), fused projections (Phi-3, split at
+//! load so the rest of the code sees one layout).
 
 use std::sync::Arc;
 
@@ -52,11 +55,44 @@ impl RmsNorm {
     }
 }
 
+/// Per-head RMSNorm of queries or keys (Qwen3), on plain slices.
+struct HeadNorm {
+    weight: Vec<f32>,
+    eps: f32,
+}
+
+impl HeadNorm {
+    fn load(src: &mut dyn WeightSource, name: &str) -> Result<Self> {
+        let weight = src.dense(&format!("{name}.weight"))?.flatten_all()?.to_vec1::<f32>()?;
+        if weight.len() != src.config().head_dim {
+            return Err(ModelError::Invalid(format!(
+                "{name} has {} values, head_dim is {}",
+                weight.len(),
+                src.config().head_dim
+            )));
+        }
+        Ok(Self { weight, eps: src.config().rms_norm_eps as f32 })
+    }
+
+    /// Normalizes every head of `x` (`[n, heads · head_dim]`) in place.
+    fn apply(&self, x: &mut [f32]) {
+        for head in x.chunks_exact_mut(self.weight.len()) {
+            let mean = head.iter().map(|v| v * v).sum::<f32>() / head.len() as f32;
+            let inv = 1.0 / (mean + self.eps).sqrt();
+            for (v, w) in head.iter_mut().zip(&self.weight) {
+                *v = *v * inv * w;
+            }
+        }
+    }
+}
+
 struct Attention {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// Qwen3's per-head norms of q and k, before rotary.
+    qk_norm: Option<(HeadNorm, HeadNorm)>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -65,11 +101,29 @@ struct Attention {
 impl Attention {
     fn load(src: &mut dyn WeightSource, prefix: &str, layer: usize) -> Result<Self> {
         let cfg = src.config().clone();
+        let (q_width, kv_width) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        let [q_proj, k_proj, v_proj]: [Linear; 3] = if cfg.architecture.fused_projections() {
+            src.linear_split(&format!("{prefix}.qkv_proj"), &[q_width, kv_width, kv_width])?
+                .try_into()
+                .map_err(|_| ModelError::Invalid("qkv_proj split".into()))?
+        } else {
+            [
+                src.linear(&format!("{prefix}.q_proj"))?,
+                src.linear(&format!("{prefix}.k_proj"))?,
+                src.linear(&format!("{prefix}.v_proj"))?,
+            ]
+        };
+        let qk_norm = if cfg.qk_norm {
+            Some((HeadNorm::load(src, &format!("{prefix}.q_norm"))?, HeadNorm::load(src, &format!("{prefix}.k_norm"))?))
+        } else {
+            None
+        };
         Ok(Self {
-            q_proj: src.linear(&format!("{prefix}.q_proj"))?.with_slot(layer, 0),
-            k_proj: src.linear(&format!("{prefix}.k_proj"))?.with_slot(layer, 1),
-            v_proj: src.linear(&format!("{prefix}.v_proj"))?.with_slot(layer, 2),
+            q_proj: q_proj.with_slot(layer, 0),
+            k_proj: k_proj.with_slot(layer, 1),
+            v_proj: v_proj.with_slot(layer, 2),
             o_proj: src.linear(&format!("{prefix}.o_proj"))?.with_slot(layer, 3),
+            qk_norm,
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
@@ -103,6 +157,10 @@ impl Attention {
                         let start = row.cache.len();
                         let mut queries = q[offset * q_width..(offset + len) * q_width].to_vec();
                         let mut keys = k[offset * kv_width..(offset + len) * kv_width].to_vec();
+                        if let Some((q_norm, k_norm)) = &self.qk_norm {
+                            q_norm.apply(&mut queries);
+                            k_norm.apply(&mut keys);
+                        }
                         rope.apply(&mut queries, shape.heads, start);
                         rope.apply(&mut keys, shape.kv_heads, start);
                         row.cache.append(layer, &keys, &v[offset * kv_width..(offset + len) * kv_width]);
@@ -132,9 +190,17 @@ struct Mlp {
 
 impl Mlp {
     fn load(src: &mut dyn WeightSource, prefix: &str, layer: usize) -> Result<Self> {
+        let width = src.config().intermediate_size;
+        let [gate_proj, up_proj]: [Linear; 2] = if src.config().architecture.fused_projections() {
+            src.linear_split(&format!("{prefix}.gate_up_proj"), &[width, width])?
+                .try_into()
+                .map_err(|_| ModelError::Invalid("gate_up_proj split".into()))?
+        } else {
+            [src.linear(&format!("{prefix}.gate_proj"))?, src.linear(&format!("{prefix}.up_proj"))?]
+        };
         Ok(Self {
-            gate_proj: src.linear(&format!("{prefix}.gate_proj"))?.with_slot(layer, 4),
-            up_proj: src.linear(&format!("{prefix}.up_proj"))?.with_slot(layer, 5),
+            gate_proj: gate_proj.with_slot(layer, 4),
+            up_proj: up_proj.with_slot(layer, 5),
             down_proj: src.linear(&format!("{prefix}.down_proj"))?.with_slot(layer, 6),
         })
     }
@@ -191,7 +257,22 @@ impl Llama {
         } else {
             src.linear("lm_head")?
         };
-        let rope = Rope::new(config.head_dim, config.rope_theta, config.max_position_embeddings);
+        // A tensor nobody read is part of a computation this code does not do.
+        let unused: Vec<String> = src
+            .unused()
+            .into_iter()
+            .filter(|n| !(n.ends_with("rotary_emb.inv_freq") || config.tie_word_embeddings && n == "lm_head.weight"))
+            .collect();
+        if !unused.is_empty() {
+            let shown = unused.iter().take(5).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+            let more = if unused.len() > 5 { format!(" and {} more", unused.len() - 5) } else { String::new() };
+            return Err(ModelError::Unsupported(format!(
+                "tensors this {:?} model does not use: {shown}{more}",
+                config.architecture
+            )));
+        }
+        let inv_freq = config.rope_scaling.inv_freq(config.head_dim, config.rope_theta);
+        let rope = Rope::new(&inv_freq, config.max_position_embeddings);
         Ok(Self { embed_tokens, layers, norm, lm_head, rope, config })
     }
 

@@ -22,6 +22,7 @@ impl RandomSource {
     /// A small config: every width a multiple of the 32-wide quant blocks.
     pub fn tiny_config(vocab_size: usize) -> ModelConfig {
         ModelConfig {
+            architecture: super::config::Architecture::Llama,
             vocab_size,
             hidden_size: 64,
             intermediate_size: 128,
@@ -31,9 +32,11 @@ impl RandomSource {
             head_dim: 16,
             rms_norm_eps: 1e-5,
             rope_theta: 10_000.0,
+            rope_scaling: super::config::RopeScaling::Default,
             max_position_embeddings: 1024,
             tie_word_embeddings: true,
             attention_bias: false,
+            qk_norm: false,
         }
     }
 
@@ -100,5 +103,13 @@ impl WeightSource for RandomSource {
 
     fn contains(&self, _name: &str) -> bool {
         false
+    }
+
+    fn linear_split(&mut self, name: &str, parts: &[usize]) -> Result<Vec<Linear>> {
+        Err(super::ModelError::Unsupported(format!("fused projection {name} ({parts:?}) in a random model")))
+    }
+
+    fn unused(&self) -> Vec<String> {
+        Vec::new()
     }
 }

@@ -1,5 +1,7 @@
 //! Hugging Face folders: `config.json` + `*.safetensors`, dense weights.
 
+use std::cell::RefCell;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::QMatMul;
@@ -14,6 +16,8 @@ use super::{Linear, ModelConfig, ModelError, Result};
 pub struct SafetensorsSource {
     tensors: MmapedSafetensors,
     config: ModelConfig,
+    /// Names of the tensors read so far.
+    used: RefCell<HashSet<String>>,
 }
 
 impl SafetensorsSource {
@@ -28,13 +32,14 @@ impl SafetensorsSource {
         // SAFETY: the files are mapped read-only; like every mmap user we rely
         // on nobody truncating them while the server runs.
         let tensors = unsafe { MmapedSafetensors::multi(&files)? };
-        Ok(Self { tensors, config })
+        Ok(Self { tensors, config, used: RefCell::default() })
     }
 
     fn load(&self, name: &str) -> Result<Tensor> {
         if !self.contains(name) {
             return Err(ModelError::MissingTensor(name.to_string()));
         }
+        self.used.borrow_mut().insert(name.to_string());
         Ok(self.tensors.load(name, &Device::Cpu)?.to_dtype(DType::F32)?)
     }
 }
@@ -76,5 +81,33 @@ impl WeightSource for SafetensorsSource {
 
     fn contains(&self, name: &str) -> bool {
         self.tensors.get(name).is_ok()
+    }
+
+    fn linear_split(&mut self, name: &str, parts: &[usize]) -> Result<Vec<Linear>> {
+        if self.contains(&format!("{name}.bias")) {
+            return Err(ModelError::Unsupported(format!("bias on the fused projection {name}")));
+        }
+        let fused = self.load(&format!("{name}.weight"))?;
+        let (rows, cols) = fused.dims2()?;
+        if parts.iter().sum::<usize>() != rows {
+            return Err(ModelError::Invalid(format!("{name} has {rows} rows, expected {parts:?} stacked")));
+        }
+        let mut first = 0;
+        parts
+            .iter()
+            .map(|&n| {
+                let part = fused.narrow(0, first, n)?.contiguous()?;
+                first += n;
+                Ok(Linear::new(Weight::Dense(part), None, n, cols))
+            })
+            .collect()
+    }
+
+    fn unused(&self) -> Vec<String> {
+        let used = self.used.borrow();
+        let mut names: Vec<String> =
+            self.tensors.tensors().into_iter().map(|(n, _)| n).filter(|n| !used.contains(n)).collect();
+        names.sort();
+        names
     }
 }

@@ -34,4 +34,10 @@ pub trait WeightSource {
     /// The token embedding table (`model.embed_tokens`), as a lookup table.
     fn embedding(&mut self, name: &str) -> Result<QMatMul>;
     fn contains(&self, name: &str) -> bool;
+    /// A fused projection (`qkv_proj`, `gate_up_proj`) split by output rows
+    /// into `parts` projections of the given widths, in order.
+    fn linear_split(&mut self, name: &str, parts: &[usize]) -> Result<Vec<Linear>>;
+    /// Tensors of the file that nothing has read, by their name in the file.
+    /// A model that leaves one unread would silently compute something else.
+    fn unused(&self) -> Vec<String>;
 }

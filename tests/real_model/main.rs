@@ -7,3 +7,4 @@ mod lora;
 mod openai_sdk;
 mod reference;
 mod templates;
+mod zoo;

@@ -47,8 +47,8 @@ fn argmax(v: &[f32]) -> u32 {
     tailor::engine::sampling::argmax(v)
 }
 
-/// Greedy decoding with the KV cache, as the reference did (stop after id 2).
-fn greedy(model: &Loaded, prompt: &[u32], steps: usize, stop: &[u32], adapter: Adapter) -> Vec<u32> {
+/// Greedy decoding with the KV cache, ending after a `stop` id (none: all `steps`).
+pub fn greedy(model: &Loaded, prompt: &[u32], steps: usize, stop: &[u32], adapter: Adapter) -> Vec<u32> {
     let mut cache = model.model.new_cache(usize::MAX);
     let mut out = Vec::new();
     let mut input = prompt.to_vec();
@@ -268,7 +268,8 @@ fn hugging_face_folder_runs_through_the_same_model_code() -> TestResult {
     }
     let hf = loader::load(dir.path(), &LoadOptions { mode: WeightMode::F32, ..Default::default() })?;
     assert_eq!(hf.info.format, tailor::model::ModelFormat::HuggingFace);
-    assert_eq!(hf.info.eos_token_ids, vec![2]);
+    // <|im_end|> (the eos) and <|endoftext|>, which also ends a turn.
+    assert_eq!(hf.info.eos_token_ids, vec![0, 2]);
     assert!(hf.info.chat_template.is_some(), "chat template from tokenizer_config.json");
     check_f32_parity(&hf, "reference/base.json", None)
 }

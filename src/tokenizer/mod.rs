@@ -1,5 +1,9 @@
 //! Text ↔ token ids. Built from a `tokenizer.json`, or from a GGUF file's own
-//! `tokenizer.ggml.*` metadata so that a GGUF alone is a complete model.
+//! `tokenizer.ggml.*` metadata so that a GGUF alone is a complete model:
+//! byte-level BPE (`gpt2`, with llama.cpp's pre-tokenizer table) through the
+//! `tokenizers` crate, SentencePiece BPE (`llama`) by our own `spm`.
+
+pub mod spm;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -34,8 +38,14 @@ const QWEN2_SPLIT: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 #[derive(Clone)]
+enum Backend {
+    Hf(Box<tokenizers::Tokenizer>),
+    Spm(Box<spm::SpmTokenizer>),
+}
+
+#[derive(Clone)]
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: Backend,
     /// Prepend the BOS token when encoding a raw prompt.
     add_bos: bool,
     bos_id: Option<u32>,
@@ -45,7 +55,7 @@ impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| TokenizerError::Build(format!("{}: {e}", path.display())))?;
-        Ok(Self { inner, add_bos: false, bos_id: None })
+        Ok(Self { inner: Backend::Hf(Box::new(inner)), add_bos: false, bos_id: None })
     }
 
     /// Builds a byte-level BPE tokenizer (`tokenizer.ggml.model = gpt2`) from
@@ -64,12 +74,56 @@ impl Tokenizer {
                 .collect()
         };
         let model = meta("tokenizer.ggml.model")?.to_string().map_err(|e| TokenizerError::Metadata(e.to_string()))?;
-        if model != "gpt2" {
-            return Err(TokenizerError::Metadata(format!(
-                "tokenizer model `{model}` cannot be built from GGUF metadata yet; put its tokenizer.json beside the GGUF file"
-            )));
-        }
+        let id = |key: &str| md.get(key).and_then(|v| v.to_u32().ok());
+        let flag = |key: &str| md.get(key).and_then(|v| v.to_bool().ok());
         let tokens = string_array("tokenizer.ggml.tokens")?;
+        let token_types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
+            Some(v) => v
+                .to_vec()
+                .map_err(|e| TokenizerError::Metadata(e.to_string()))?
+                .iter()
+                .map(|t| t.to_i32().unwrap_or(spm::token_type::NORMAL))
+                .collect(),
+            None => vec![spm::token_type::NORMAL; tokens.len()],
+        };
+        if token_types.len() != tokens.len() {
+            return Err(TokenizerError::Metadata("token_type and tokens differ in length".into()));
+        }
+        match model.as_str() {
+            "gpt2" => {}
+            "llama" => {
+                let scores: Vec<f32> = match md.get("tokenizer.ggml.scores") {
+                    Some(v) => v
+                        .to_vec()
+                        .map_err(|e| TokenizerError::Metadata(e.to_string()))?
+                        .iter()
+                        .map(|s| s.to_f32().unwrap_or(0.0))
+                        .collect(),
+                    None => vec![0.0; tokens.len()],
+                };
+                if scores.len() != tokens.len() {
+                    return Err(TokenizerError::Metadata("scores and tokens differ in length".into()));
+                }
+                let inner = spm::SpmTokenizer::new(
+                    tokens,
+                    scores,
+                    token_types,
+                    id("tokenizer.ggml.unknown_token_id"),
+                    flag("tokenizer.ggml.add_space_prefix").unwrap_or(true),
+                );
+                return Ok(Self {
+                    inner: Backend::Spm(Box::new(inner)),
+                    // SentencePiece models start with BOS unless they say otherwise.
+                    add_bos: flag("tokenizer.ggml.add_bos_token").unwrap_or(true),
+                    bos_id: id("tokenizer.ggml.bos_token_id"),
+                });
+            }
+            other => {
+                return Err(TokenizerError::Metadata(format!(
+                    "tokenizer model `{other}` (supported: gpt2, llama); put the model's tokenizer.json beside the GGUF file"
+                )))
+            }
+        }
         let merges = string_array("tokenizer.ggml.merges")?
             .into_iter()
             .map(|m| {
@@ -78,15 +132,6 @@ impl Tokenizer {
                     .ok_or_else(|| TokenizerError::Metadata(format!("malformed merge `{m}`")))
             })
             .collect::<Result<Vec<_>>>()?;
-        let token_types: Vec<i64> = match md.get("tokenizer.ggml.token_type") {
-            Some(v) => v
-                .to_vec()
-                .map_err(|e| TokenizerError::Metadata(e.to_string()))?
-                .iter()
-                .map(|t| t.to_i32().map(i64::from).unwrap_or(1))
-                .collect(),
-            None => vec![1; tokens.len()],
-        };
         let vocab: ahash::AHashMap<String, u32> =
             tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(build_err)?;
@@ -100,14 +145,13 @@ impl Tokenizer {
         let special: Vec<AddedToken> = tokens
             .iter()
             .zip(&token_types)
-            .filter(|(_, &t)| t == 3 || t == 4)
-            .map(|(content, &t)| AddedToken::from(content.clone(), t == 3).normalized(false))
+            .filter(|(_, &t)| t == spm::token_type::CONTROL || t == spm::token_type::USER_DEFINED)
+            .map(|(content, &t)| AddedToken::from(content.clone(), t == spm::token_type::CONTROL).normalized(false))
             .collect();
         inner.add_special_tokens(special).map_err(build_err)?;
-        let id = |key: &str| md.get(key).and_then(|v| v.to_u32().ok());
         Ok(Self {
-            inner,
-            add_bos: md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false),
+            inner: Backend::Hf(Box::new(inner)),
+            add_bos: flag("tokenizer.ggml.add_bos_token").unwrap_or(false),
             bos_id: id("tokenizer.ggml.bos_token_id"),
         })
     }
@@ -129,7 +173,7 @@ impl Tokenizer {
         inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, false)));
         inner.with_decoder(Some(ByteLevel::default()));
         inner.add_special_tokens([AddedToken::from("<eos>", true)]).map_err(build_err)?;
-        Ok(Self { inner, add_bos: false, bos_id: None })
+        Ok(Self { inner: Backend::Hf(Box::new(inner)), add_bos: false, bos_id: None })
     }
 
     pub fn set_add_bos(&mut self, add_bos: bool, bos_id: Option<u32>) {
@@ -139,7 +183,10 @@ impl Tokenizer {
 
     /// Ids of `text` as the model sees it, special-token text included.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.inner.encode_fast(text, false).map_err(build_err)?.get_ids().to_vec())
+        match &self.inner {
+            Backend::Hf(t) => Ok(t.encode_fast(text, false).map_err(build_err)?.get_ids().to_vec()),
+            Backend::Spm(t) => Ok(t.encode(text)),
+        }
     }
 
     /// Ids of a raw prompt: `encode` plus BOS where the model asks for it.
@@ -153,19 +200,31 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special_tokens).map_err(build_err)
+        match &self.inner {
+            Backend::Hf(t) => t.decode(ids, skip_special_tokens).map_err(build_err),
+            Backend::Spm(t) => Ok(t.decode(ids, skip_special_tokens)),
+        }
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
+        match &self.inner {
+            Backend::Hf(t) => t.token_to_id(token),
+            Backend::Spm(t) => t.token_to_id(token),
+        }
     }
 
     pub fn id_to_token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
+        match &self.inner {
+            Backend::Hf(t) => t.id_to_token(id),
+            Backend::Spm(t) => t.id_to_token(id),
+        }
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        match &self.inner {
+            Backend::Hf(t) => t.get_vocab_size(true),
+            Backend::Spm(t) => t.vocab_size(),
+        }
     }
 }
 
@@ -183,7 +242,7 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
         "smollm" | "starcoder" | "refact" | "codeshell" | "exaone" | "minerva-7b" | "command-r" => {
             Sequence::new(vec![Digits::new(true).into(), byte_level]).into()
         }
-        "llama3" | "llama-bpe" | "llama-v3" | "falcon3" | "pixtral" => {
+        "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" | "falcon3" | "pixtral" => {
             Sequence::new(vec![split(LLAMA3_SPLIT)?, byte_level_no_regex]).into()
         }
         "qwen2" | "deepseek-r1-qwen" => Sequence::new(vec![split(QWEN2_SPLIT)?, byte_level_no_regex]).into(),
