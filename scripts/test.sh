@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/fetch-model.sh
+# llama.cpp's tokenizer test vectors, read in place by tests/cli.rs.
+TAILOR_VOCABS="$(scripts/fetch-vocabs.sh)"
+export TAILOR_VOCABS
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 if ! "$PYTHON" -c "import openai" 2>/dev/null; then
   "$PYTHON" -m pip install --quiet --disable-pip-version-check "openai>=1.50,<3"

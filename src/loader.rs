@@ -97,6 +97,27 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, LoadError> {
     Ok(Loaded { model, info })
 }
 
+/// The tokenizer of a model alone (`tailor tokenize`): a GGUF's metadata is
+/// read without its tensors (a vocabulary-only GGUF is enough), a folder
+/// needs its tokenizer.json.
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, LoadError> {
+    let path_err = |message: String| LoadError::Path { path: path.display().to_string(), message };
+    match resolve(path).map_err(path_err)? {
+        Resolved::Gguf(file) => {
+            let dir = file.parent().unwrap_or(Path::new("."));
+            if let Some(t) = SideFiles::read(dir).tokenizer(dir)? {
+                return Ok(t);
+            }
+            let md = gguf::read_metadata(&file)?;
+            Ok(Tokenizer::from_gguf(&md)?)
+        }
+        Resolved::HuggingFace(dir) => SideFiles::read(&dir).tokenizer(&dir)?.ok_or_else(|| LoadError::Path {
+            path: dir.display().to_string(),
+            message: "a Hugging Face model folder needs tokenizer.json".into(),
+        }),
+    }
+}
+
 enum Resolved {
     Gguf(PathBuf),
     HuggingFace(PathBuf),

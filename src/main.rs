@@ -34,6 +34,20 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Tokenize text with a model's tokenizer (a vocabulary-only GGUF is
+    /// enough): one line per case, each id preceded by a space, as in
+    /// llama.cpp's `ggml-vocab-*.gguf.out` files.
+    Tokenize {
+        /// A GGUF file or a Hugging Face folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// A cases file in llama.cpp's `.inp` format (cases separated by lines `__ggml_vocab_test__`).
+        #[arg(long, conflicts_with = "text", required_unless_present = "text")]
+        input: Option<PathBuf>,
+        /// One text.
+        #[arg(long)]
+        text: Option<String>,
+    },
     /// Work with chat templates offline.
     #[command(subcommand)]
     ChatTemplate(ChatTemplateCommand),
@@ -73,7 +87,28 @@ fn main() -> anyhow::Result<()> {
         Command::ChatTemplate(ChatTemplateCommand::Render(args)) => render(args),
         Command::Bench(args) => bench(args),
         Command::BenchKernels { reps, threads } => bench_kernels(reps, threads),
+        Command::Tokenize { model, input, text } => tokenize(&model, input, text),
     }
+}
+
+fn tokenize(model: &std::path::Path, input: Option<PathBuf>, text: Option<String>) -> anyhow::Result<()> {
+    use std::io::Write;
+    use tailor::tokenizer::{ids_line, vocab_test_cases};
+    let tokenizer = tailor::loader::load_tokenizer(model)?;
+    let file;
+    let cases: Vec<&str> = match (&input, &text) {
+        (Some(path), _) => {
+            file = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            vocab_test_cases(&file)
+        }
+        (None, Some(text)) => vec![text.as_str()],
+        (None, None) => anyhow::bail!("give --input FILE or --text TEXT"),
+    };
+    let mut stdout = std::io::stdout().lock();
+    for case in cases {
+        writeln!(stdout, "{}", ids_line(&tokenizer.encode(case)?))?;
+    }
+    Ok(())
 }
 
 fn bench(args: tailor::bench::BenchArgs) -> anyhow::Result<()> {

@@ -61,3 +61,62 @@ fn cases_mode_prints_one_result_per_case_in_order() -> Result<(), Box<dyn std::e
     assert_eq!(results[1]["error"], cases[1]["expected_error"]["message"]);
     Ok(())
 }
+
+/// llama.cpp's tokenizer test vectors: `$TAILOR_VOCABS` (scripts/test.sh
+/// fetches them; then a missing folder fails), else the default cache folder.
+fn vocab_dir() -> Option<std::path::PathBuf> {
+    if let Some(dir) = std::env::var_os("TAILOR_VOCABS") {
+        let dir = std::path::PathBuf::from(dir);
+        assert!(dir.is_dir(), "TAILOR_VOCABS={} is not a folder", dir.display());
+        return Some(dir);
+    }
+    let home = std::env::var_os("HOME")?;
+    let dir = std::path::PathBuf::from(home).join(".cache/tailor/llama-vocabs");
+    if dir.is_dir() {
+        return Some(dir);
+    }
+    eprintln!("tokenizer vectors skipped: run scripts/fetch-vocabs.sh (scripts/test.sh does)");
+    None
+}
+
+#[test]
+fn tokenize_matches_llama_cpp_test_vectors_for_every_vocabulary() -> Result<(), Box<dyn std::error::Error>> {
+    let Some(dir) = vocab_dir() else { return Ok(()) };
+    let vocabs = [
+        "llama-spm",
+        "llama-bpe",
+        "phi-3",
+        "qwen2",
+        "deepseek-llm",
+        "deepseek-coder",
+        "command-r",
+        "gpt-2",
+        "starcoder",
+        "falcon",
+        "mpt",
+        "refact",
+    ];
+    for vocab in vocabs {
+        let model = dir.join(format!("ggml-vocab-{vocab}.gguf"));
+        let input = dir.join(format!("ggml-vocab-{vocab}.gguf.inp"));
+        let out = tailor(&["tokenize", "--model", &model.to_string_lossy(), "--input", &input.to_string_lossy()]);
+        assert!(out.status.success(), "{vocab}: {}", String::from_utf8_lossy(&out.stderr));
+        let got = String::from_utf8(out.stdout)?;
+        let want = std::fs::read_to_string(dir.join(format!("ggml-vocab-{vocab}.gguf.out")))?;
+        assert_eq!(got.lines().count(), want.lines().count(), "{vocab}: one line per case");
+        for (i, (g, w)) in got.lines().zip(want.lines()).enumerate() {
+            assert_eq!(g.trim(), w.trim(), "{vocab}: case {i}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn tokenize_one_text() {
+    let Some(dir) = vocab_dir() else { return };
+    let model = dir.join("ggml-vocab-llama-spm.gguf");
+    let out = tailor(&["tokenize", "--model", &model.to_string_lossy(), "--text", "Hello world"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The same ids llama.cpp's vectors give for "Hello world".
+    assert_eq!(String::from_utf8_lossy(&out.stdout), " 15043 3186\n");
+}

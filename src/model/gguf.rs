@@ -349,6 +349,15 @@ fn config_from_metadata(content: &Content, arch: &str, architecture: Architectur
     Ok(config)
 }
 
+/// The metadata of a GGUF file, without reading any tensor.
+pub fn read_metadata(path: &Path) -> Result<HashMap<String, Value>> {
+    let io_err = |source| ModelError::Io { path: path.display().to_string(), source };
+    let mut reader = BufReader::new(File::open(path).map_err(io_err)?);
+    let content = Content::read(&mut reader)
+        .map_err(|e| ModelError::Invalid(format!("{}: not a readable GGUF file: {e}", path.display())))?;
+    Ok(content.metadata)
+}
+
 /// A string metadata value.
 pub fn string(md: &HashMap<String, Value>, key: &str) -> Result<String> {
     md.get(key)

@@ -11,7 +11,6 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::Value;
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
@@ -134,10 +133,14 @@ impl Tokenizer {
             .collect::<Result<Vec<_>>>()?;
         let vocab: ahash::AHashMap<String, u32> =
             tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(build_err)?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
         let pre =
             md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok().cloned()).unwrap_or_else(|| "default".into());
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .ignore_merges(ignores_merges(&pre))
+            .build()
+            .map_err(build_err)?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(pre_tokenizer(&pre)?));
         inner.with_decoder(Some(ByteLevel::default()));
         // Control (3) and user-defined (4) tokens are matched whole in text, as
@@ -228,31 +231,86 @@ impl Tokenizer {
     }
 }
 
-/// llama.cpp's pre-tokenizer types (llama-vocab.cpp) as Hugging Face pre-tokenizers.
+/// The cases of a llama.cpp tokenizer test file (`ggml-vocab-*.gguf.inp`):
+/// texts separated by lines `__ggml_vocab_test__` (a separator at the very
+/// end closes the last case, as llama.cpp reads it).
+pub fn vocab_test_cases(text: &str) -> Vec<&str> {
+    const SEPARATOR: &str = "\n__ggml_vocab_test__\n";
+    let mut cases = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        match rest.split_once(SEPARATOR) {
+            Some((case, next)) => {
+                cases.push(case);
+                rest = next;
+            }
+            None => {
+                cases.push(rest);
+                break;
+            }
+        }
+    }
+    cases
+}
+
+/// Ids as llama.cpp's `.gguf.out` files write them: each preceded by a space.
+pub fn ids_line(ids: &[u32]) -> String {
+    ids.iter().map(|id| format!(" {id}")).collect()
+}
+
+// llama.cpp's regex sequences (llama-vocab.cpp, `llm_tokenizer_bpe`), applied one
+// after another, each splitting what the previous left.
+const DEEPSEEK_LLM_SPLITS: [&str; 6] = [
+    r#"[\r\n]"#,
+    r#"\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+"#,
+    r#"\s?[!-/:-~！-／：-～‘-‟　-。]+"#,
+    r#"\s+$"#,
+    r#"[一-龥ࠀ-一가-퟿]+"#,
+    r#"\p{N}+"#,
+];
+const DEEPSEEK_CODER_SPLITS: [&str; 5] =
+    [r#"[\r\n]"#, r#"\s?\p{L}+"#, r#"\s?\p{P}+"#, r#"[一-龥ࠀ-一가-퟿]+"#, r#"\p{N}"#];
+const FALCON_SPLITS: [&str; 3] = [r#"[\p{P}\$\+<=>\^~\|`]+"#, GPT2_SPLIT, r#"[0-9][0-9][0-9]"#];
+const DEFAULT_SPLITS: [&str; 4] = [r#"[\p{P}\$\+<=>\^~\|]+"#, GPT2_SPLIT, r#"\p{N}+"#, r#"[0-9][0-9][0-9]"#];
+
+/// llama.cpp's pre-tokenizer types (llama-vocab.cpp) as Hugging Face
+/// pre-tokenizers: each regex isolates its matches within the pieces the
+/// previous one left, then bytes map to GPT-2's alphabet.
 fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
-    let split = |pattern: &str| -> Result<PreTokenizerWrapper> {
-        Ok(Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(build_err)?
-            .into())
+    let splits = |patterns: &[&str]| -> Result<PreTokenizerWrapper> {
+        let mut steps: Vec<PreTokenizerWrapper> = patterns
+            .iter()
+            .map(|p| {
+                Ok(Split::new(SplitPattern::Regex((*p).into()), SplitDelimiterBehavior::Isolated, false)
+                    .map_err(build_err)?
+                    .into())
+            })
+            .collect::<Result<_>>()?;
+        steps.push(ByteLevel::new(false, true, false).into());
+        Ok(Sequence::new(steps).into())
     };
-    let byte_level_no_regex: PreTokenizerWrapper = ByteLevel::new(false, true, false).into();
-    let byte_level: PreTokenizerWrapper = ByteLevel::new(false, true, true).into();
-    Ok(match pre {
+    match pre {
         // Every digit on its own, then GPT-2's regex.
         "smollm" | "starcoder" | "refact" | "codeshell" | "exaone" | "minerva-7b" | "command-r" => {
-            Sequence::new(vec![Digits::new(true).into(), byte_level]).into()
+            splits(&[r"\p{N}", GPT2_SPLIT])
         }
-        "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" | "falcon3" | "pixtral" => {
-            Sequence::new(vec![split(LLAMA3_SPLIT)?, byte_level_no_regex]).into()
-        }
-        "qwen2" | "deepseek-r1-qwen" => Sequence::new(vec![split(QWEN2_SPLIT)?, byte_level_no_regex]).into(),
-        "gpt2" | "default" | "gpt-2" => Sequence::new(vec![split(GPT2_SPLIT)?, byte_level_no_regex]).into(),
-        other => {
-            return Err(TokenizerError::Metadata(format!(
-                "pre-tokenizer `{other}` is not known; put the model's tokenizer.json beside the GGUF file"
-            )))
-        }
-    })
+        "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" | "dbrx" | "falcon3" | "pixtral" => splits(&[LLAMA3_SPLIT]),
+        "qwen2" | "deepseek-r1-qwen" => splits(&[QWEN2_SPLIT]),
+        "gpt2" | "gpt-2" | "mpt" | "olmo" | "phi-2" => splits(&[GPT2_SPLIT]),
+        "deepseek-llm" => splits(&DEEPSEEK_LLM_SPLITS),
+        "deepseek-coder" => splits(&DEEPSEEK_CODER_SPLITS),
+        "falcon" => splits(&FALCON_SPLITS),
+        "default" => splits(&DEFAULT_SPLITS),
+        other => Err(TokenizerError::Metadata(format!(
+            "pre-tokenizer `{other}` is not known; put the model's tokenizer.json beside the GGUF file"
+        ))),
+    }
+}
+
+/// Pre-tokenizers whose words are looked up whole before any merge
+/// (llama.cpp's `ignore_merges`, transformers' `ignore_merges: true`).
+fn ignores_merges(pre: &str) -> bool {
+    matches!(pre, "llama3" | "llama-bpe" | "llama-v3" | "falcon3" | "pixtral")
 }
 
 /// The byte a ByteLevel alphabet character stands for (GPT-2's mapping:

@@ -120,6 +120,8 @@ impl SpmTokenizer {
                     out.push(id);
                     prev_special = true;
                 }
+                // llama.cpp drops empty text: "" is no tokens, not "▁".
+                Fragment::Text("") => {}
                 Fragment::Text(raw) => {
                     let mut piece = String::with_capacity(raw.len() + 3);
                     if self.add_space_prefix && prev_special {
