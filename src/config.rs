@@ -37,6 +37,10 @@ pub struct ServeArgs {
     /// Weight precision.
     #[arg(long, env = "TAILOR_DTYPE", value_enum, default_value = "quantized")]
     pub dtype: DTypeArg,
+    /// Quantize every projection at load to this type (a Hugging Face
+    /// folder then runs at GGUF speed; a GGUF is requantized).
+    #[arg(long, env = "TAILOR_QUANTIZE", value_enum, conflicts_with = "dtype")]
+    pub quantize: Option<crate::model::QuantType>,
     /// The id clients use for the base model (default: the file or folder name).
     #[arg(long, env = "TAILOR_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
@@ -195,9 +199,10 @@ impl ServeArgs {
             addr,
             model,
             load: LoadOptions {
-                mode: match self.dtype {
-                    DTypeArg::Quantized => WeightMode::Quantized,
-                    DTypeArg::F32 => WeightMode::F32,
+                mode: match (self.quantize, self.dtype) {
+                    (Some(to), _) => WeightMode::QuantizeTo(to),
+                    (None, DTypeArg::Quantized) => WeightMode::Quantized,
+                    (None, DTypeArg::F32) => WeightMode::F32,
                 },
                 chat_template_override,
                 served_model_name: self.served_model_name,

@@ -181,7 +181,7 @@ fn load_gguf(file: &Path, opts: &LoadOptions) -> Result<(Llama, ModelInfo), Load
 }
 
 fn load_hf(dir: &Path, opts: &LoadOptions) -> Result<(Llama, ModelInfo), LoadError> {
-    let mut source = SafetensorsSource::open(dir)?;
+    let mut source = SafetensorsSource::open(dir, opts.mode)?;
     let side = SideFiles::read(dir);
     let tokenizer = side.tokenizer(dir)?.ok_or_else(|| LoadError::Path {
         path: dir.display().to_string(),

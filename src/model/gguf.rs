@@ -13,8 +13,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 
 use super::config::{Architecture, RopeScaling};
-use super::kernels::q4_1::Q4_1Matrix;
-use super::kernels::q8_0::Q8_0Matrix;
+use super::kernels;
 use super::linear::Weight;
 use super::source::WeightSource;
 use super::{Linear, ModelConfig, ModelError, Result, WeightMode};
@@ -114,20 +113,21 @@ impl GgufSource {
     fn weight(&self, name: &str, q: QTensor) -> Result<Weight> {
         let (out_features, in_features) = q.shape().dims2()?;
         Ok(match (self.mode, q.dtype()) {
+            (WeightMode::QuantizeTo(to), dtype) if dtype != to.ggml() => {
+                super::source::quantize_dense(&q.dequantize(&Device::Cpu)?, to)?
+            }
             (WeightMode::F32, _) | (_, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
                 Weight::Dense(q.dequantize(&Device::Cpu)?)
             }
-            (WeightMode::Quantized, GgmlDType::Q4_1) => {
-                let matrix = Q4_1Matrix::from_gguf_bytes(&q.data()?, out_features, in_features)
-                    .ok_or_else(|| ModelError::Invalid(format!("{name}: malformed Q4_1 data")))?;
-                Weight::Q4_1(std::sync::Arc::new(matrix))
+            (_, dtype) if kernels::KERNEL_TYPES.contains(&dtype) => {
+                let matrix = kernels::from_gguf(dtype, &q.data()?, out_features, in_features)
+                    .ok_or_else(|| ModelError::Invalid(format!("{name}: malformed {dtype:?} data")))?;
+                Weight::Kernel(matrix)
             }
-            (WeightMode::Quantized, GgmlDType::Q8_0) => {
-                let matrix = Q8_0Matrix::from_gguf_bytes(&q.data()?, out_features, in_features)
-                    .ok_or_else(|| ModelError::Invalid(format!("{name}: malformed Q8_0 data")))?;
-                Weight::Q8_0(std::sync::Arc::new(matrix))
+            (_, dtype) => {
+                tracing::info!(tensor = name, ?dtype, "no tailor kernel for this type: runs through candle");
+                Weight::Quantized(QMatMul::from_qtensor(q)?)
             }
-            (WeightMode::Quantized, _) => Weight::Quantized(QMatMul::from_qtensor(q)?),
         })
     }
 
@@ -175,7 +175,7 @@ impl WeightSource for GgufSource {
         let q = self.qtensor(&gguf_name(&format!("{name}.weight"))?)?;
         Ok(match self.mode {
             WeightMode::F32 => QMatMul::Tensor(q.dequantize(&Device::Cpu)?),
-            WeightMode::Quantized => QMatMul::from_qtensor(q)?,
+            WeightMode::Quantized | WeightMode::QuantizeTo(_) => QMatMul::from_qtensor(q)?,
         })
     }
 

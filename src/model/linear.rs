@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use candle_core::{Device, Module, Tensor};
 
-use super::kernels::{self, q4_1::Q4_1Matrix, q8::Q8Row, q8_0::Q8_0Matrix};
+use super::kernels::{self, q8::Q8Row, QuantMatrix};
 use super::lora::{self, LoraGroup, Slot};
 use super::Result;
 
@@ -17,10 +17,8 @@ pub enum Weight {
     Quantized(QMatMul),
     /// Dense float32.
     Dense(Tensor),
-    /// Q4_1 blocks run by our own kernel (`kernels::q4_1`).
-    Q4_1(std::sync::Arc<Q4_1Matrix>),
-    /// Q8_0 blocks run by our own kernel (`kernels::q8_0`).
-    Q8_0(std::sync::Arc<Q8_0Matrix>),
+    /// GGUF blocks run by our own kernels (`kernels::from_gguf`).
+    Kernel(std::sync::Arc<dyn QuantMatrix>),
 }
 
 #[derive(Debug, Clone)]
@@ -69,27 +67,27 @@ impl Linear {
         let y = match &self.weight {
             Weight::Quantized(w) => w.forward(x)?.flatten_all()?.to_vec1::<f32>()?,
             Weight::Dense(w) => x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?,
-            Weight::Q4_1(w) => w.matmul(input.q8()?, kernels::isa()),
-            Weight::Q8_0(w) => w.matmul(input.q8()?, kernels::isa()),
+            Weight::Kernel(w) => kernels::matmul(w.as_ref(), input.q8()?, kernels::isa()),
         };
         self.finish(y, input, adapters)
     }
 
     /// `forward` of several projections over the same input (q/k/v,
-    /// gate/up): when all are Q4_1 their matmuls share one parallel region.
+    /// gate/up): when all run our kernels (of any types) their matmuls share
+    /// one parallel region.
     pub fn forward_many(linears: &[&Linear], input: &Input, adapters: &[LoraGroup]) -> Result<Vec<Tensor>> {
-        let q4_1: Option<Vec<&Q4_1Matrix>> = linears
+        let kernels: Option<Vec<&dyn QuantMatrix>> = linears
             .iter()
             .map(|l| match &l.weight {
-                Weight::Q4_1(w) => Some(w.as_ref()),
+                Weight::Kernel(w) => Some(w.as_ref()),
                 _ => None,
             })
             .collect();
-        let Some(matrices) = q4_1 else {
+        let Some(matrices) = kernels else {
             return linears.iter().map(|l| l.forward(input, adapters)).collect();
         };
         let rows = input.q8()?;
-        let outputs = Q4_1Matrix::matmul_many(&matrices, rows, kernels::isa());
+        let outputs = kernels::matmul_many(&matrices, rows, kernels::isa());
         linears.iter().zip(outputs).map(|(l, y)| l.finish(y, input, adapters)).collect()
     }
 

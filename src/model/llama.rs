@@ -372,11 +372,11 @@ fn adapter_groups(rows: &[BatchRow], spans: &[(usize, usize)]) -> Vec<LoraGroup>
 fn tied_head(embed: &QMatMul, cfg: &ModelConfig) -> Result<Linear> {
     use super::linear::Weight;
     let weight = match embed {
-        QMatMul::QTensor(q) if q.dtype() == candle_core::quantized::GgmlDType::Q8_0 => {
+        QMatMul::QTensor(q) if super::kernels::KERNEL_TYPES.contains(&q.dtype()) => {
             let (rows, cols) = q.shape().dims2()?;
-            let matrix = super::kernels::q8_0::Q8_0Matrix::from_gguf_bytes(&q.data()?, rows, cols)
-                .ok_or_else(|| ModelError::Invalid("malformed Q8_0 embedding".into()))?;
-            Weight::Q8_0(Arc::new(matrix))
+            let matrix = super::kernels::from_gguf(q.dtype(), &q.data()?, rows, cols)
+                .ok_or_else(|| ModelError::Invalid(format!("malformed {:?} embedding", q.dtype())))?;
+            Weight::Kernel(matrix)
         }
         QMatMul::QTensor(q) => Weight::Quantized(QMatMul::QTensor(q.clone())),
         QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Weight::Dense(t.to_dtype(DType::F32)?),

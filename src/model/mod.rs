@@ -10,7 +10,8 @@
 //! - `attention`: rotary embedding and causal attention over a sequence's cache;
 //! - `ops`: the element-wise steps (residual add, gated activation);
 //! - `lora`: un-merged per-row adapter deltas;
-//! - `kernels`: our quantized matmuls (Q4_1, Q8_0) and activation quantization;
+//! - `kernels`: our quantized matmuls (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and
+//!   activation quantization;
 //! - `llama`: the Llama-family transformer, forward over a batch of sequences.
 
 pub mod attention;
@@ -30,7 +31,7 @@ pub use config::ModelConfig;
 pub use kv_cache::KvCache;
 pub use linear::Linear;
 pub use llama::{BatchRow, Llama};
-pub use source::{ModelFormat, WeightMode};
+pub use source::{ModelFormat, QuantType, WeightMode};
 
 /// Failures while loading or running a model.
 #[derive(Debug, thiserror::Error)]

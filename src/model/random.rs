@@ -83,9 +83,9 @@ impl WeightSource for RandomSource {
             &Device::Cpu,
         )?;
         let q = QTensor::quantize(&dense, GgmlDType::Q4_1)?;
-        let matrix = super::kernels::q4_1::Q4_1Matrix::from_gguf_bytes(&q.data()?, out_features, in_features)
+        let matrix = super::kernels::from_gguf(GgmlDType::Q4_1, &q.data()?, out_features, in_features)
             .ok_or_else(|| super::ModelError::Invalid("random Q4_1".into()))?;
-        Ok(Linear::new(Weight::Q4_1(std::sync::Arc::new(matrix)), None, out_features, in_features))
+        Ok(Linear::new(Weight::Kernel(matrix), None, out_features, in_features))
     }
 
     fn dense(&mut self, name: &str) -> Result<Tensor> {

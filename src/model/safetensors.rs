@@ -11,17 +11,18 @@ use candle_core::{DType, Device, Tensor};
 use super::config::HfConfig;
 use super::linear::Weight;
 use super::source::WeightSource;
-use super::{Linear, ModelConfig, ModelError, Result};
+use super::{Linear, ModelConfig, ModelError, Result, WeightMode};
 
 pub struct SafetensorsSource {
     tensors: MmapedSafetensors,
     config: ModelConfig,
+    mode: WeightMode,
     /// Names of the tensors read so far.
     used: RefCell<HashSet<String>>,
 }
 
 impl SafetensorsSource {
-    pub fn open(dir: &Path) -> Result<Self> {
+    pub fn open(dir: &Path, mode: WeightMode) -> Result<Self> {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path)
             .map_err(|source| ModelError::Io { path: config_path.display().to_string(), source })?;
@@ -32,7 +33,7 @@ impl SafetensorsSource {
         // SAFETY: the files are mapped read-only; like every mmap user we rely
         // on nobody truncating them while the server runs.
         let tensors = unsafe { MmapedSafetensors::multi(&files)? };
-        Ok(Self { tensors, config, used: RefCell::default() })
+        Ok(Self { tensors, config, mode, used: RefCell::default() })
     }
 
     fn load(&self, name: &str) -> Result<Tensor> {
@@ -41,6 +42,16 @@ impl SafetensorsSource {
         }
         self.used.borrow_mut().insert(name.to_string());
         Ok(self.tensors.load(name, &Device::Cpu)?.to_dtype(DType::F32)?)
+    }
+}
+
+impl SafetensorsSource {
+    /// Dense float32, or quantized at load with `--quantize`.
+    fn weight(&self, w: Tensor) -> Result<Weight> {
+        match self.mode {
+            WeightMode::QuantizeTo(to) => super::source::quantize_dense(&w, to),
+            WeightMode::F32 | WeightMode::Quantized => Ok(Weight::Dense(w)),
+        }
     }
 }
 
@@ -68,7 +79,7 @@ impl WeightSource for SafetensorsSource {
         let (out_features, in_features) = w.dims2()?;
         let bias_name = format!("{name}.bias");
         let bias = if self.contains(&bias_name) { Some(self.load(&bias_name)?) } else { None };
-        Ok(Linear::new(Weight::Dense(w), bias, out_features, in_features))
+        Ok(Linear::new(self.weight(w)?, bias, out_features, in_features))
     }
 
     fn dense(&mut self, name: &str) -> Result<Tensor> {
@@ -98,7 +109,7 @@ impl WeightSource for SafetensorsSource {
             .map(|&n| {
                 let part = fused.narrow(0, first, n)?.contiguous()?;
                 first += n;
-                Ok(Linear::new(Weight::Dense(part), None, n, cols))
+                Ok(Linear::new(self.weight(part)?, None, n, cols))
             })
             .collect()
     }

@@ -2,9 +2,11 @@
 //! Face names (`model.layers.0.self_attn.q_proj`), and each format maps them
 //! to its own storage, so the transformer is written once.
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::Tensor;
 
+use super::kernels;
+use super::linear::Weight;
 use super::{Linear, ModelConfig, Result};
 
 /// How projection weights are kept in memory.
@@ -16,7 +18,53 @@ pub enum WeightMode {
     /// Every weight dequantized to float32 at load: exact parity with the
     /// float32 reference, at four to eight times the memory.
     F32,
+    /// Every projection (re)quantized at load to this type, so a Hugging
+    /// Face folder runs at GGUF speed (`--quantize`).
+    QuantizeTo(QuantType),
 }
+
+/// Types `--quantize` can produce (each has our own kernel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuantType {
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_1")]
+    Q4_1,
+    #[value(name = "q5_0")]
+    Q5_0,
+    #[value(name = "q5_1")]
+    Q5_1,
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+impl QuantType {
+    pub fn ggml(self) -> GgmlDType {
+        match self {
+            Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4_1 => GgmlDType::Q4_1,
+            Self::Q5_0 => GgmlDType::Q5_0,
+            Self::Q5_1 => GgmlDType::Q5_1,
+            Self::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+}
+
+/// A dense `[out, in]` weight quantized to `to` for our kernels; rows that
+/// are not whole blocks stay dense.
+pub fn quantize_dense(w: &Tensor, to: QuantType) -> Result<Weight> {
+    let (rows, cols) = w.dims2()?;
+    if !cols.is_multiple_of(QK_BLOCK) {
+        return Ok(Weight::Dense(w.clone()));
+    }
+    let q = QTensor::quantize(&w.to_dtype(candle_core::DType::F32)?, to.ggml())?;
+    let matrix = kernels::from_gguf(to.ggml(), &q.data()?, rows, cols)
+        .ok_or_else(|| super::ModelError::Invalid(format!("quantizing to {to:?}")))?;
+    Ok(Weight::Kernel(matrix))
+}
+
+/// Values per quantization block of the `--quantize` types.
+const QK_BLOCK: usize = 32;
 
 /// The file layout a model came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

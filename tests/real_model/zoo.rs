@@ -153,3 +153,52 @@ fn tensors_the_model_code_would_ignore_are_refused() -> TestResult {
     assert!(err.contains("model_type `gemma3`"), "{err}");
     Ok(())
 }
+
+/// Top-1 − top-2 of a logit row.
+fn margin(logits: &[f32]) -> f32 {
+    let (mut first, mut second) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &v in logits {
+        if v > first {
+            (first, second) = (v, first);
+        } else if v > second {
+            second = v;
+        }
+    }
+    first - second
+}
+
+#[test]
+fn every_kernel_type_keeps_the_f32_top1_where_the_f32_margin_is_clear() -> TestResult {
+    use tailor::model::QuantType;
+    let Some(zoo) = zoo() else { return Ok(()) };
+    for family in FAMILIES {
+        let dir = zoo.join(family);
+        let reference = reference(&dir);
+        let path = dir.join("model.f16.gguf");
+        let exact = load(&path, WeightMode::F32);
+        let cases = reference["base"].as_array().expect("cases");
+        let f32_logits: Vec<Vec<Vec<f32>>> = cases.iter().map(|c| all_logits(&exact, &ids(&c["ids"]), None)).collect();
+        for to in [QuantType::Q4_0, QuantType::Q4_1, QuantType::Q5_0, QuantType::Q5_1, QuantType::Q8_0] {
+            let quantized = load(&path, WeightMode::QuantizeTo(to));
+            let (mut compared, mut agreed, mut max_delta) = (0, 0, 0f32);
+            for (case, want) in cases.iter().zip(&f32_logits) {
+                let got = all_logits(&quantized, &ids(&case["ids"]), None);
+                for (g, w) in got.iter().zip(want) {
+                    max_delta = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(max_delta, f32::max);
+                    if margin(w) > 0.5 {
+                        compared += 1;
+                        agreed += usize::from(argmax(g) == argmax(w));
+                    }
+                }
+            }
+            println!("zoo {family} {to:?}: top-1 kept at {agreed}/{compared} positions with f32 margin > 0.5; max |Δ| logit {max_delta:.3}");
+            assert_eq!(agreed, compared, "{family} {to:?}: top-1 where the f32 margin is > 0.5");
+            // Random 32-wide models rarely have a margin above 0.5, so the
+            // size of the error is checked too: 8-bit weights move these
+            // logits (|l| ≲ 2) by under a tenth, 4- and 5-bit ones by more.
+            let bound = if to == QuantType::Q8_0 { 0.1 } else { 1.0 };
+            assert!(max_delta < bound, "{family} {to:?}: logits moved by {max_delta}");
+        }
+    }
+    Ok(())
+}

@@ -6,7 +6,7 @@ use std::time::Instant;
 use half::f16;
 use serde::Serialize;
 
-use super::q4_1::{self, Q4_1Matrix};
+use super::offset::{Q4Matrix, Q4_1_BLOCK_BYTES};
 use super::q8::{Q8Row, BLOCK};
 use super::q8_0::{self, Q8_0Matrix};
 use super::{available, Isa};
@@ -30,14 +30,14 @@ pub struct KernelResult {
     pub speedup_vs_scalar: f64,
 }
 
-fn q4_1_matrix(rows: usize, cols: usize) -> Q4_1Matrix {
-    let mut bytes = Vec::with_capacity(rows * cols / BLOCK * q4_1::BLOCK_BYTES);
+fn q4_1_matrix(rows: usize, cols: usize) -> Q4Matrix {
+    let mut bytes = Vec::with_capacity(rows * cols / BLOCK * Q4_1_BLOCK_BYTES);
     for b in 0..rows * cols / BLOCK {
         bytes.extend_from_slice(&f16::from_f32(0.01).to_le_bytes());
         bytes.extend_from_slice(&f16::from_f32(-0.05).to_le_bytes());
         bytes.extend((0..16).map(|j| ((b * 31 + j * 17) % 256) as u8));
     }
-    Q4_1Matrix::from_gguf_bytes(&bytes, rows, cols).unwrap_or_else(|| unreachable!("sizes are block multiples"))
+    Q4Matrix::from_gguf_bytes(&bytes, rows, cols).unwrap_or_else(|| unreachable!("sizes are block multiples"))
 }
 
 fn q8_0_matrix(rows: usize, cols: usize) -> Q8_0Matrix {

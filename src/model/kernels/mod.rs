@@ -1,13 +1,58 @@
-//! Our own CPU kernels for the hot quantized matmuls. candle 0.11's Q4_1 dot
-//! product is scalar; these read each weight block once for every row of a
-//! step (batched decode costs little more than one row) and use AVX2 where
+//! Our own CPU kernels for the hot quantized matmuls. candle 0.11's dot
+//! products are scalar; these read each weight block once for every row of
+//! a step (batched decode costs little more than one row) and use AVX2 where
 //! the CPU has it, chosen at run time, with a scalar path that tests hold
-//! them to.
+//! them to. Every weight format is a `QuantMatrix`; `from_gguf` is the one
+//! table from GGML type to kernel.
+
+use std::sync::Arc;
+
+use candle_core::quantized::GgmlDType;
 
 pub mod bench;
-pub mod q4_1;
+pub mod offset;
 pub mod q8;
 pub mod q8_0;
+
+/// A weight matrix our kernels multiply against Q8 activations.
+pub trait QuantMatrix: Send + Sync + std::fmt::Debug {
+    fn rows(&self) -> usize;
+    fn cols(&self) -> usize;
+    /// Short name of the kernel family (logs, benchmarks).
+    fn kind(&self) -> &'static str;
+    /// Weight row `o` against at most eight activation rows, into `out[..xs.len()]`.
+    fn dot_row(&self, o: usize, xs: &[q8::Q8Row], out: &mut [f32], isa: Isa);
+    /// The weights as float32, row-major (tests and tools).
+    fn dequantize(&self) -> Vec<f32>;
+}
+
+/// The kernel for a GGML block type, from its raw GGUF bytes; `None` for a
+/// type without one (it then runs through candle) or malformed sizes.
+pub fn from_gguf(dtype: GgmlDType, bytes: &[u8], rows: usize, cols: usize) -> Option<Arc<dyn QuantMatrix>> {
+    Some(match dtype {
+        GgmlDType::Q4_0 | GgmlDType::Q4_1 => Arc::new(offset::Q4Matrix::from_gguf(dtype, bytes, rows, cols)?),
+        GgmlDType::Q5_0 | GgmlDType::Q5_1 => Arc::new(offset::Q5Matrix::from_gguf(dtype, bytes, rows, cols)?),
+        GgmlDType::Q8_0 => Arc::new(q8_0::Q8_0Matrix::from_gguf_bytes(bytes, rows, cols)?),
+        _ => return None,
+    })
+}
+
+/// The GGML types `from_gguf` has kernels for.
+pub const KERNEL_TYPES: [GgmlDType; 5] =
+    [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0];
+
+/// `y[t][o] = Σ_k w[o][k] · x[t][k]` (`[tokens, rows]`): each weight row is
+/// read once for up to eight activation rows; rows are split over the pool.
+pub fn matmul(w: &dyn QuantMatrix, x: &[q8::Q8Row], isa: Isa) -> Vec<f32> {
+    matmul_rows(w.rows(), x, |o, xs, out| w.dot_row(o, xs, out, isa))
+}
+
+/// `matmul` of several matrices over the same activations (q/k/v,
+/// gate/up) in one parallel region; each result as `matmul` gives it.
+pub fn matmul_many(matrices: &[&dyn QuantMatrix], x: &[q8::Q8Row], isa: Isa) -> Vec<Vec<f32>> {
+    let rows: Vec<usize> = matrices.iter().map(|w| w.rows()).collect();
+    matmul_rows_many(&rows, x, |m, o, xs, out| matrices[m].dot_row(o, xs, out, isa))
+}
 
 /// Which implementation runs: decided once per process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,4 +327,92 @@ unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
     let sum4 = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
     let sum2 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
     _mm_cvtss_f32(_mm_add_ss(sum2, _mm_shuffle_ps(sum2, sum2, 1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+    use q8::Q8Row;
+
+    fn activations(tokens: usize, cols: usize) -> Vec<Q8Row> {
+        (0..tokens)
+            .map(|t| {
+                Q8Row::quantize(&(0..cols).map(|k| ((t * cols + k) as f32 * 0.37).sin() * 2.0).collect::<Vec<_>>())
+            })
+            .collect()
+    }
+
+    /// A matrix of `dtype` as ggml quantizes it (candle's port of ggml's quantizers).
+    fn matrix(dtype: GgmlDType, rows: usize, cols: usize) -> (Arc<dyn QuantMatrix>, Vec<f32>) {
+        let dense: Vec<f32> =
+            (0..rows * cols).map(|i| ((i as f32) * 0.731).sin() * 0.1 + ((i % 7) as f32 - 3.0) * 0.01).collect();
+        let t = Tensor::from_vec(dense, (rows, cols), &Device::Cpu).expect("tensor");
+        let q = QTensor::quantize(&t, dtype).expect("quantize");
+        let reference =
+            q.dequantize(&Device::Cpu).expect("dequantize").flatten_all().expect("flat").to_vec1().expect("vec");
+        let matrix = from_gguf(dtype, &q.data().expect("bytes"), rows, cols).expect("a kernel for the type");
+        (matrix, reference)
+    }
+
+    #[test]
+    fn every_type_reads_ggml_blocks_and_every_isa_gives_the_scalar_result() {
+        let (rows, cols) = (40, 256);
+        // 11 activation rows: one full chunk of 8 and a partial one.
+        let x = activations(11, cols);
+        for dtype in KERNEL_TYPES {
+            let (w, reference) = matrix(dtype, rows, cols);
+            // Our unpacking is ggml's layout: the same weights as ggml's dequantizer.
+            assert_eq!(w.dequantize(), reference, "{dtype:?} dequantize");
+            let scalar = matmul(w.as_ref(), &x, Isa::Scalar);
+            for t in 0..x.len() {
+                let exact: Vec<f32> = x[t]
+                    .qs
+                    .iter()
+                    .zip(x[t].d.iter().flat_map(|d| std::iter::repeat_n(*d, q8::BLOCK)))
+                    .map(|(&q, d)| q as f32 * d)
+                    .collect();
+                for o in 0..rows {
+                    let want: f32 = (0..cols).map(|k| reference[o * cols + k] * exact[k]).sum();
+                    let got = scalar[t * rows + o];
+                    assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "{dtype:?} t{t} o{o}: {got} vs {want}");
+                }
+            }
+            for isa in available() {
+                let fast = matmul(w.as_ref(), &x, isa);
+                for (a, b) in scalar.iter().zip(&fast) {
+                    // Same integer sums; only the f32 accumulation order differs.
+                    assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{dtype:?} {isa:?}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gives_the_same_bits_alone_and_in_a_batch() {
+        // Decode (fewer than 8 rows) and prefill (chunks of 8) paths agree bit for bit.
+        let x = activations(13, 256);
+        for dtype in KERNEL_TYPES {
+            let (w, _) = matrix(dtype, 32, 256);
+            for isa in available() {
+                let batch = matmul(w.as_ref(), &x, isa);
+                for t in [0, 2, 7, 9, 12] {
+                    let alone = matmul(w.as_ref(), &x[t..t + 1], isa);
+                    assert_eq!(&batch[t * 32..(t + 1) * 32], alone.as_slice(), "{dtype:?} row {t} ({isa:?})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matrices_sharing_a_region_give_what_each_gives_alone() {
+        let (a, _) = matrix(GgmlDType::Q5_0, 24, 256);
+        let (b, _) = matrix(GgmlDType::Q8_0, 72, 256);
+        let x = activations(9, 256);
+        for isa in available() {
+            let both = matmul_many(&[a.as_ref(), b.as_ref()], &x, isa);
+            assert_eq!(both, vec![matmul(a.as_ref(), &x, isa), matmul(b.as_ref(), &x, isa)], "{isa:?}");
+        }
+    }
 }

@@ -4,7 +4,7 @@
 use half::f16;
 
 use super::q8::{Q8Row, BLOCK};
-use super::Isa;
+use super::{Isa, QuantMatrix};
 
 /// Bytes of one GGUF Q8_0 block: d (f16), 32 signed bytes.
 pub const BLOCK_BYTES: usize = 34;
@@ -32,33 +32,45 @@ impl Q8_0Matrix {
         Some(Self { rows, cols, d, qs })
     }
 
-    pub fn rows(&self) -> usize {
+    /// `y[t][o] = Σ_k w[o][k] · x[t][k]`, weight rows split over the rayon pool.
+    pub fn matmul(&self, x: &[Q8Row], isa: Isa) -> Vec<f32> {
+        super::matmul(self, x, isa)
+    }
+}
+
+impl QuantMatrix for Q8_0Matrix {
+    fn rows(&self) -> usize {
         self.rows
     }
 
-    pub fn dequantize(&self) -> Vec<f32> {
+    fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn kind(&self) -> &'static str {
+        "q8_0"
+    }
+
+    fn dequantize(&self) -> Vec<f32> {
         self.qs.iter().enumerate().map(|(i, &q)| self.d[i / BLOCK] * q as f32).collect()
     }
 
-    /// `y[t][o] = Σ_k w[o][k] · x[t][k]`, weight rows split over the rayon pool.
-    pub fn matmul(&self, x: &[Q8Row], isa: Isa) -> Vec<f32> {
+    fn dot_row(&self, o: usize, xs: &[Q8Row], out: &mut [f32], isa: Isa) {
         let blocks = self.cols / BLOCK;
-        super::matmul_rows(self.rows, x, |o, xs, out| {
-            let d = &self.d[o * blocks..(o + 1) * blocks];
-            let qs = &self.qs[o * self.cols..(o + 1) * self.cols];
-            match isa {
-                // SAFETY: each ISA is only chosen when the CPU reports its features.
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => super::by_count!(xs.len(), |R| unsafe { dot_avx2::<R>(d, &[], qs, xs, out) }),
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512Vnni => super::by_count!(xs.len(), |R| unsafe { dot_vnni::<R>(d, &[], qs, xs, out) }),
-                Isa::Scalar => {
-                    for (xr, o) in xs.iter().zip(out.iter_mut()) {
-                        *o = dot_scalar(d, qs, xr);
-                    }
+        let d = &self.d[o * blocks..(o + 1) * blocks];
+        let qs = &self.qs[o * self.cols..(o + 1) * self.cols];
+        match isa {
+            // SAFETY: each ISA is only chosen when the CPU reports its features.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => super::by_count!(xs.len(), |R| unsafe { dot_avx2::<R>(d, &[], qs, xs, out) }),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => super::by_count!(xs.len(), |R| unsafe { dot_vnni::<R>(d, &[], qs, xs, out) }),
+            Isa::Scalar => {
+                for (xr, o) in xs.iter().zip(out.iter_mut()) {
+                    *o = dot_scalar(d, qs, xr);
                 }
             }
-        })
+        }
     }
 }
 
