@@ -60,18 +60,39 @@ pub(super) fn run(
     };
     let info = Arc::new(loaded.info);
     tracing::info!(model = %info.id, mode = ?info.mode, seconds = started.elapsed().as_secs_f32(), "model loaded");
-    let _ = status.send(EngineStatus::Ready(info.clone()));
     let admission = Admission::from_config(&config);
+    let start = || {
+        warm_up(&loaded.model);
+        let _ = status.send(EngineStatus::Ready(info.clone()));
+        serve(&loaded.model, &info, &admission, queue, &stats)
+    };
     // The engine loop runs as a worker of the compute pool, so it takes part
     // in every parallel kernel instead of sleeping while others run it.
     match rayon::ThreadPoolBuilder::new().num_threads(config.threads.max(1)).build() {
-        Ok(pool) => pool.install(|| serve(&loaded.model, &info, &admission, queue, &stats)),
+        Ok(pool) => pool.install(start),
         Err(e) => {
             tracing::warn!(error = %e, "no dedicated compute pool; running on the global one");
-            serve(&loaded.model, &info, &admission, queue, &stats)
+            start()
         }
     }
     let _ = status.send(EngineStatus::Stopped);
+}
+
+/// One short prefill and one decode step before the server reports ready,
+/// so the first request does not pay for first-touch page faults and the
+/// pool's start-up (llama-server warms up the same way).
+fn warm_up(model: &Llama) {
+    let started = std::time::Instant::now();
+    let mut cache = model.new_cache(16);
+    let prompt = [0u32; 8];
+    for tokens in [&prompt[..], &prompt[..1]] {
+        let row = BatchRow { tokens, cache: &mut cache, logits: crate::model::llama::Logits::Last, adapter: None };
+        if let Err(e) = model.forward(&mut [row]) {
+            tracing::warn!(error = %e, "warm-up step failed");
+            return;
+        }
+    }
+    tracing::info!(ms = started.elapsed().as_millis() as u64, "warmed up");
 }
 
 /// Runs until every submitting handle is gone and no sequence is left.
