@@ -106,10 +106,6 @@ impl SpmTokenizer {
         self.tokens.get(id as usize).cloned()
     }
 
-    pub fn is_special(&self, id: u32) -> bool {
-        matches!(self.types.get(id as usize), Some(&token_type::CONTROL) | Some(&token_type::UNKNOWN))
-    }
-
     /// Ids of `text`, special-token text matched whole.
     pub fn encode(&self, text: &str) -> Vec<u32> {
         let mut out = Vec::new();

@@ -37,7 +37,8 @@ fn q4_1_matrix(rows: usize, cols: usize) -> Q4Matrix {
         bytes.extend_from_slice(&f16::from_f32(-0.05).to_le_bytes());
         bytes.extend((0..16).map(|j| ((b * 31 + j * 17) % 256) as u8));
     }
-    Q4Matrix::from_gguf_bytes(&bytes, rows, cols).unwrap_or_else(|| unreachable!("sizes are block multiples"))
+    Q4Matrix::from_gguf(candle_core::quantized::GgmlDType::Q4_1, &bytes, rows, cols)
+        .unwrap_or_else(|| unreachable!("sizes are block multiples"))
 }
 
 fn q8_0_matrix(rows: usize, cols: usize) -> Q8_0Matrix {

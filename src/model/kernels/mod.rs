@@ -18,8 +18,6 @@ pub mod q8_0;
 pub trait QuantMatrix: Send + Sync + std::fmt::Debug {
     fn rows(&self) -> usize;
     fn cols(&self) -> usize;
-    /// Short name of the kernel family (logs, benchmarks).
-    fn kind(&self) -> &'static str;
     /// Weight row `o` against at most eight activation rows, into `out[..xs.len()]`.
     fn dot_row(&self, o: usize, xs: &[q8::Q8Row], out: &mut [f32], isa: Isa);
     /// The weights as float32, row-major (tests and tools).

@@ -19,7 +19,6 @@ use super::{Isa, QuantMatrix};
 pub trait Packing: Send + Sync + std::fmt::Debug + 'static {
     /// Packed bytes per block (after the scales).
     const BYTES: usize;
-    const NAME: &'static str;
     /// The 32 values of a packed block, in element order.
     fn unpack(packed: &[u8]) -> [u8; BLOCK];
     /// Weight row (`d`, `m`, packed `qs`) against ≤ 8 activation rows.
@@ -93,11 +92,6 @@ impl<P: Packing> OffsetMatrix<P> {
         Some(Self { rows, cols, d, m, qs, packing: PhantomData })
     }
 
-    /// From Q4_1 GGUF bytes (tests and tools).
-    pub fn from_gguf_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        Self::from_gguf(GgmlDType::Q4_1, bytes, rows, cols)
-    }
-
     /// `y[t][o] = Σ_k w[o][k] · x[t][k]` for every activation row `t`.
     pub fn matmul(&self, x: &[Q8Row], isa: Isa) -> Vec<f32> {
         super::matmul(self, x, isa)
@@ -111,10 +105,6 @@ impl<P: Packing> QuantMatrix for OffsetMatrix<P> {
 
     fn cols(&self) -> usize {
         self.cols
-    }
-
-    fn kind(&self) -> &'static str {
-        P::NAME
     }
 
     fn dequantize(&self) -> Vec<f32> {
@@ -169,7 +159,6 @@ macro_rules! dispatch {
 
 impl Packing for Nibbles {
     const BYTES: usize = 16;
-    const NAME: &'static str = "q4";
 
     fn unpack(packed: &[u8]) -> [u8; BLOCK] {
         std::array::from_fn(|e| if e < 16 { packed[e] & 0xF } else { packed[e - 16] >> 4 })
@@ -182,7 +171,6 @@ impl Packing for Nibbles {
 
 impl Packing for FiveBits {
     const BYTES: usize = 20;
-    const NAME: &'static str = "q5";
 
     fn unpack(packed: &[u8]) -> [u8; BLOCK] {
         let high = u32::from_le_bytes([packed[16], packed[17], packed[18], packed[19]]);

@@ -47,10 +47,6 @@ impl QuantMatrix for Q8_0Matrix {
         self.cols
     }
 
-    fn kind(&self) -> &'static str {
-        "q8_0"
-    }
-
     fn dequantize(&self) -> Vec<f32> {
         self.qs.iter().enumerate().map(|(i, &q)| self.d[i / BLOCK] * q as f32).collect()
     }
