@@ -36,6 +36,12 @@ pub enum QuantType {
     Q5_1,
     #[value(name = "q8_0")]
     Q8_0,
+    #[value(name = "q4_k")]
+    Q4K,
+    #[value(name = "q5_k")]
+    Q5K,
+    #[value(name = "q6_k")]
+    Q6K,
 }
 
 impl QuantType {
@@ -46,25 +52,47 @@ impl QuantType {
             Self::Q5_0 => GgmlDType::Q5_0,
             Self::Q5_1 => GgmlDType::Q5_1,
             Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4K => GgmlDType::Q4K,
+            Self::Q5K => GgmlDType::Q5K,
+            Self::Q6K => GgmlDType::Q6K,
+        }
+    }
+
+    /// Values per block.
+    fn block(self) -> usize {
+        match self {
+            Self::Q4K | Self::Q5K | Self::Q6K => 256,
+            _ => 32,
+        }
+    }
+
+    /// What llama.cpp uses for rows too narrow for a K-quant super-block.
+    fn fallback(self) -> Option<Self> {
+        match self {
+            Self::Q4K => Some(Self::Q5_0),
+            Self::Q5K => Some(Self::Q5_1),
+            Self::Q6K => Some(Self::Q8_0),
+            _ => None,
         }
     }
 }
 
-/// A dense `[out, in]` weight quantized to `to` for our kernels; rows that
-/// are not whole blocks stay dense.
+/// A dense `[out, in]` weight quantized to `to` for our kernels; rows too
+/// narrow for a K-quant super-block take llama.cpp's fallback type, rows
+/// that are not whole blocks of 32 stay dense.
 pub fn quantize_dense(w: &Tensor, to: QuantType) -> Result<Weight> {
     let (rows, cols) = w.dims2()?;
-    if !cols.is_multiple_of(QK_BLOCK) {
-        return Ok(Weight::Dense(w.clone()));
+    if !cols.is_multiple_of(to.block()) {
+        return match to.fallback() {
+            Some(narrower) => quantize_dense(w, narrower),
+            None => Ok(Weight::Dense(w.clone())),
+        };
     }
     let q = QTensor::quantize(&w.to_dtype(candle_core::DType::F32)?, to.ggml())?;
     let matrix = kernels::from_gguf(to.ggml(), &q.data()?, rows, cols)
         .ok_or_else(|| super::ModelError::Invalid(format!("quantizing to {to:?}")))?;
     Ok(Weight::Kernel(matrix))
 }
-
-/// Values per quantization block of the `--quantize` types.
-const QK_BLOCK: usize = 32;
 
 /// The file layout a model came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

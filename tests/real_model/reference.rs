@@ -233,19 +233,23 @@ fn quantized_mode_agrees_with_reference() -> TestResult {
 }
 
 #[test]
-fn requantized_to_q8_0_agrees_with_reference() -> TestResult {
-    // The Q4_1 file requantized at load (`--quantize q8_0`): the same
-    // teacher-forced check as the file's own type. Only 8 bits: the
+fn requantized_to_8_and_6_bits_agrees_with_reference() -> TestResult {
+    // The Q4_1 file requantized at load (`--quantize q8_0|q6_k`): the same
+    // teacher-forced check as the file's own type. Only 8 and 6 bits: the
     // reference is the float32 run of the Q4_1 weights, and a 4/5-bit grid
     // laid over another 4-bit grid moves weights by up to a quarter step
     // (0.1-0.3 on SmolLM2's outlier blocks) — the zoo test checks those types.
     use tailor::model::QuantType;
-    let to = QuantType::Q8_0;
-    let model = loader::load(&model_path(), &LoadOptions { mode: WeightMode::QuantizeTo(to), ..Default::default() })?;
-    let (top1, compared, agreed) = check_quantized(&model, "reference/base.json", None)?;
-    println!("requantized to {to:?}: top-1 on {top1} prompts, teacher-forced {agreed}/{compared}");
-    assert!(top1 >= 6, "{to:?}: top-1 must match on every prompt that is not a near-tie");
-    assert_eq!(agreed, compared, "{to:?}");
+    // Q6_K: the 1536-wide down projections take it; the 576-wide rows fall
+    // back to Q8_0 as llama.cpp's quantizer does.
+    for to in [QuantType::Q8_0, QuantType::Q6K] {
+        let model =
+            loader::load(&model_path(), &LoadOptions { mode: WeightMode::QuantizeTo(to), ..Default::default() })?;
+        let (top1, compared, agreed) = check_quantized(&model, "reference/base.json", None)?;
+        println!("requantized to {to:?}: top-1 on {top1} prompts, teacher-forced {agreed}/{compared}");
+        assert!(top1 >= 6, "{to:?}: top-1 must match on every prompt that is not a near-tie");
+        assert_eq!(agreed, compared, "{to:?}");
+    }
     Ok(())
 }
 
