@@ -119,12 +119,8 @@ impl<P: Packing> KMatrix<P> {
 const STACK_BLOCKS: usize = 1024;
 
 impl<P: Packing> QuantMatrix for KMatrix<P> {
-    fn rows(&self) -> usize {
-        self.rows
-    }
-
-    fn cols(&self) -> usize {
-        self.cols
+    fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
     }
 
     fn dequantize(&self) -> Vec<f32> {

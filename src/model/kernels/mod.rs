@@ -18,8 +18,14 @@ pub mod q8_0;
 
 /// A weight matrix our kernels multiply against Q8 activations.
 pub trait QuantMatrix: Send + Sync + std::fmt::Debug {
-    fn rows(&self) -> usize;
-    fn cols(&self) -> usize;
+    /// `(rows, cols)`.
+    fn shape(&self) -> (usize, usize);
+    fn rows(&self) -> usize {
+        self.shape().0
+    }
+    fn cols(&self) -> usize {
+        self.shape().1
+    }
     /// Weight row `o` against at most eight activation rows, into `out[..xs.len()]`.
     fn dot_row(&self, o: usize, xs: &[q8::Q8Row], out: &mut [f32], isa: Isa);
     /// The weights as float32, row-major (tests and tools).

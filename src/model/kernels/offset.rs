@@ -99,12 +99,8 @@ impl<P: Packing> OffsetMatrix<P> {
 }
 
 impl<P: Packing> QuantMatrix for OffsetMatrix<P> {
-    fn rows(&self) -> usize {
-        self.rows
-    }
-
-    fn cols(&self) -> usize {
-        self.cols
+    fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
     }
 
     fn dequantize(&self) -> Vec<f32> {

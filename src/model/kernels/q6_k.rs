@@ -89,12 +89,8 @@ impl Q6KMatrix {
 }
 
 impl QuantMatrix for Q6KMatrix {
-    fn rows(&self) -> usize {
-        self.rows
-    }
-
-    fn cols(&self) -> usize {
-        self.cols
+    fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
     }
 
     fn dequantize(&self) -> Vec<f32> {

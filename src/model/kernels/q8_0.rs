@@ -39,12 +39,8 @@ impl Q8_0Matrix {
 }
 
 impl QuantMatrix for Q8_0Matrix {
-    fn rows(&self) -> usize {
-        self.rows
-    }
-
-    fn cols(&self) -> usize {
-        self.cols
+    fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
     }
 
     fn dequantize(&self) -> Vec<f32> {
