@@ -15,10 +15,14 @@ pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum DTypeArg {
-    /// Keep GGUF weights quantized (fast, small).
+    /// Keep weights as stored: GGUF blocks quantized, F16/BF16 in 16 bits (fast, small).
     Quantized,
     /// Dequantize every weight to float32 (exact parity with the reference).
     F32,
+    /// Dense weights in float16 (quantized GGUF blocks stay quantized).
+    F16,
+    /// Dense weights in bfloat16 (quantized GGUF blocks stay quantized).
+    Bf16,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -203,6 +207,8 @@ impl ServeArgs {
                     (Some(to), _) => WeightMode::QuantizeTo(to),
                     (None, DTypeArg::Quantized) => WeightMode::Quantized,
                     (None, DTypeArg::F32) => WeightMode::F32,
+                    (None, DTypeArg::F16) => WeightMode::Half(crate::model::kernels::half::HalfKind::F16),
+                    (None, DTypeArg::Bf16) => WeightMode::Half(crate::model::kernels::half::HalfKind::Bf16),
                 },
                 chat_template_override,
                 served_model_name: self.served_model_name,

@@ -59,7 +59,13 @@ pub(super) fn run(
         }
     };
     let info = Arc::new(loaded.info);
-    tracing::info!(model = %info.id, mode = ?info.mode, seconds = started.elapsed().as_secs_f32(), "model loaded");
+    tracing::info!(
+        model = %info.id,
+        mode = ?info.mode,
+        projection_mb = loaded.model.projection_bytes() / (1 << 20),
+        seconds = started.elapsed().as_secs_f32(),
+        "model loaded"
+    );
     let admission = Admission::from_config(&config);
     let start = || {
         warm_up(&loaded.model);

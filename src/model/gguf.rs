@@ -14,6 +14,7 @@ use candle_core::{Device, Tensor};
 
 use super::config::{Architecture, RopeScaling};
 use super::kernels;
+use super::kernels::half::HalfKind;
 use super::linear::Weight;
 use super::source::WeightSource;
 use super::{Linear, ModelConfig, ModelError, Result, WeightMode};
@@ -112,12 +113,21 @@ impl GgufSource {
     /// The kernel-ready form of a projection's weight.
     fn weight(&self, name: &str, q: QTensor) -> Result<Weight> {
         let (out_features, in_features) = q.shape().dims2()?;
+        let stored = match q.dtype() {
+            GgmlDType::F16 => Some(HalfKind::F16),
+            GgmlDType::BF16 => Some(HalfKind::Bf16),
+            _ => None,
+        };
+        // (Widening 16 bits to float32 is exact, so a 16-bit weight comes
+        // back to its own bits below.)
         Ok(match (self.mode, q.dtype()) {
             (WeightMode::QuantizeTo(to), dtype) if dtype != to.ggml() => {
                 super::source::quantize_dense(&q.dequantize(&Device::Cpu)?, to)?
             }
             (WeightMode::F32, _) | (_, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
-                Weight::Dense(q.dequantize(&Device::Cpu)?)
+                // 16-bit tensors are widened exactly, then kept 16-bit unless
+                // float32 was asked for.
+                super::source::dense_weight(&q.dequantize(&Device::Cpu)?, stored, self.mode)?
             }
             (_, dtype) if kernels::KERNEL_TYPES.contains(&dtype) => {
                 let matrix = kernels::from_gguf(dtype, &q.data()?, out_features, in_features)
@@ -175,7 +185,9 @@ impl WeightSource for GgufSource {
         let q = self.qtensor(&gguf_name(&format!("{name}.weight"))?)?;
         Ok(match self.mode {
             WeightMode::F32 => QMatMul::Tensor(q.dequantize(&Device::Cpu)?),
-            WeightMode::Quantized | WeightMode::QuantizeTo(_) => QMatMul::from_qtensor(q)?,
+            // candle would widen a 16-bit table to float32; keep it 16-bit.
+            _ if q.dtype() == GgmlDType::F16 => QMatMul::TensorF16(q.dequantize_f16(&Device::Cpu)?),
+            WeightMode::Quantized | WeightMode::QuantizeTo(_) | WeightMode::Half(_) => QMatMul::from_qtensor(q)?,
         })
     }
 

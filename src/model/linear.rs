@@ -19,6 +19,8 @@ pub enum Weight {
     Dense(Tensor),
     /// GGUF blocks run by our own kernels (`kernels::from_gguf`).
     Kernel(std::sync::Arc<dyn QuantMatrix>),
+    /// F16 / BF16 kept in 16 bits, float32 activations.
+    Half(std::sync::Arc<kernels::half::HalfMatrix>),
 }
 
 #[derive(Debug, Clone)]
@@ -51,6 +53,18 @@ impl Linear {
         self
     }
 
+    /// Bytes the base weight holds in memory.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            Weight::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Weight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) | Weight::Dense(t) => {
+                t.elem_count() * t.dtype().size_in_bytes()
+            }
+            Weight::Kernel(w) => w.bytes(),
+            Weight::Half(w) => w.bytes(),
+        }
+    }
+
     pub fn in_features(&self) -> usize {
         self.in_features
     }
@@ -68,6 +82,7 @@ impl Linear {
             Weight::Quantized(w) => w.forward(x)?.flatten_all()?.to_vec1::<f32>()?,
             Weight::Dense(w) => x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?,
             Weight::Kernel(w) => kernels::matmul(w.as_ref(), input.q8()?, kernels::isa()),
+            Weight::Half(w) => super::ops::with_f32(x, |x| w.matmul(x, kernels::isa()))?,
         };
         self.finish(y, input, adapters)
     }

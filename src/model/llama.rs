@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use super::attention::{self, HeadShape, Rope};
+use super::kernels::half::HalfKind;
 use super::linear::Input;
 use super::lora::{AdapterWeights, LoraGroup};
 use super::ops;
@@ -280,6 +281,24 @@ impl Llama {
         &self.config
     }
 
+    /// Bytes the projection and head weights hold in memory (embeddings,
+    /// norms and adapters aside).
+    pub fn projection_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.self_attn;
+                let m = &l.mlp;
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+                    .iter()
+                    .map(|p| p.weight_bytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        layers + self.lm_head.weight_bytes()
+    }
+
     /// A cache for a sequence of at most `max_tokens` tokens.
     pub fn new_cache(&self, max_tokens: usize) -> KvCache {
         let max_tokens = max_tokens.min(self.config.max_position_embeddings);
@@ -379,7 +398,9 @@ fn tied_head(embed: &QMatMul, cfg: &ModelConfig) -> Result<Linear> {
             Weight::Kernel(matrix)
         }
         QMatMul::QTensor(q) => Weight::Quantized(QMatMul::QTensor(q.clone())),
-        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Weight::Dense(t.to_dtype(DType::F32)?),
+        // A 16-bit table stays 16-bit as the head.
+        QMatMul::TensorF16(t) => super::source::dense_weight(t, HalfKind::of(t.dtype()), super::WeightMode::Quantized)?,
+        QMatMul::Tensor(t) => Weight::Dense(t.to_dtype(DType::F32)?),
     };
     Ok(Linear::new(weight, None, cfg.vocab_size, cfg.hidden_size))
 }

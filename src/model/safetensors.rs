@@ -9,6 +9,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::HfConfig;
+use super::kernels::half::HalfKind;
 use super::linear::Weight;
 use super::source::WeightSource;
 use super::{Linear, ModelConfig, ModelError, Result, WeightMode};
@@ -37,21 +38,24 @@ impl SafetensorsSource {
     }
 
     fn load(&self, name: &str) -> Result<Tensor> {
+        Ok(self.load_stored(name)?.to_dtype(DType::F32)?)
+    }
+
+    /// A tensor in the checkpoint's own dtype.
+    fn load_stored(&self, name: &str) -> Result<Tensor> {
         if !self.contains(name) {
             return Err(ModelError::MissingTensor(name.to_string()));
         }
         self.used.borrow_mut().insert(name.to_string());
-        Ok(self.tensors.load(name, &Device::Cpu)?.to_dtype(DType::F32)?)
+        Ok(self.tensors.load(name, &Device::Cpu)?)
     }
 }
 
 impl SafetensorsSource {
-    /// Dense float32, or quantized at load with `--quantize`.
+    /// As the mode wants it: 16-bit checkpoints stay 16-bit by default,
+    /// float32 with `--dtype f32`, quantized with `--quantize`.
     fn weight(&self, w: Tensor) -> Result<Weight> {
-        match self.mode {
-            WeightMode::QuantizeTo(to) => super::source::quantize_dense(&w, to),
-            WeightMode::F32 | WeightMode::Quantized => Ok(Weight::Dense(w)),
-        }
+        super::source::dense_weight(&w, HalfKind::of(w.dtype()), self.mode)
     }
 }
 
@@ -75,7 +79,7 @@ impl WeightSource for SafetensorsSource {
     }
 
     fn linear(&mut self, name: &str) -> Result<Linear> {
-        let w = self.load(&format!("{name}.weight"))?;
+        let w = self.load_stored(&format!("{name}.weight"))?;
         let (out_features, in_features) = w.dims2()?;
         let bias_name = format!("{name}.bias");
         let bias = if self.contains(&bias_name) { Some(self.load(&bias_name)?) } else { None };
@@ -87,7 +91,12 @@ impl WeightSource for SafetensorsSource {
     }
 
     fn embedding(&mut self, name: &str) -> Result<QMatMul> {
-        Ok(QMatMul::Tensor(self.load(&format!("{name}.weight"))?))
+        let table = self.load_stored(&format!("{name}.weight"))?;
+        // A 16-bit table stays 16-bit unless float32 was asked for.
+        Ok(match (HalfKind::of(table.dtype()), self.mode) {
+            (Some(_), WeightMode::Quantized | WeightMode::Half(_)) => QMatMul::TensorF16(table),
+            _ => QMatMul::Tensor(table.to_dtype(DType::F32)?),
+        })
     }
 
     fn contains(&self, name: &str) -> bool {
@@ -98,7 +107,7 @@ impl WeightSource for SafetensorsSource {
         if self.contains(&format!("{name}.bias")) {
             return Err(ModelError::Unsupported(format!("bias on the fused projection {name}")));
         }
-        let fused = self.load(&format!("{name}.weight"))?;
+        let fused = self.load_stored(&format!("{name}.weight"))?;
         let (rows, cols) = fused.dims2()?;
         if parts.iter().sum::<usize>() != rows {
             return Err(ModelError::Invalid(format!("{name} has {rows} rows, expected {parts:?} stacked")));

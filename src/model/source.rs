@@ -6,6 +6,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::Tensor;
 
 use super::kernels;
+use super::kernels::half::{HalfKind, HalfMatrix};
 use super::linear::Weight;
 use super::{Linear, ModelConfig, Result};
 
@@ -21,6 +22,43 @@ pub enum WeightMode {
     /// Every projection (re)quantized at load to this type, so a Hugging
     /// Face folder runs at GGUF speed (`--quantize`).
     QuantizeTo(QuantType),
+    /// Dense projections kept in (or converted to) this 16-bit type
+    /// (`--dtype f16|bf16`); quantized GGUF blocks stay as they are.
+    Half(HalfKind),
+}
+
+/// A dense weight as the mode wants it: 16-bit formats stay 16-bit unless
+/// float32 was asked for (`stored`: the checkpoint's own 16-bit kind, if any).
+pub fn dense_weight(w: &Tensor, stored: Option<HalfKind>, mode: WeightMode) -> Result<Weight> {
+    let kind = match mode {
+        WeightMode::F32 => None,
+        WeightMode::QuantizeTo(to) => return quantize_dense(w, to),
+        WeightMode::Half(kind) => Some(kind),
+        WeightMode::Quantized => stored,
+    };
+    let Some(kind) = kind else {
+        return Ok(Weight::Dense(w.to_dtype(candle_core::DType::F32)?));
+    };
+    let (rows, cols) = w.dims2()?;
+    let bits: Vec<u16> = match kind {
+        HalfKind::F16 => w
+            .to_dtype(candle_core::DType::F16)?
+            .flatten_all()?
+            .to_vec1::<half::f16>()?
+            .into_iter()
+            .map(|v| v.to_bits())
+            .collect(),
+        HalfKind::Bf16 => w
+            .to_dtype(candle_core::DType::BF16)?
+            .flatten_all()?
+            .to_vec1::<half::bf16>()?
+            .into_iter()
+            .map(|v| v.to_bits())
+            .collect(),
+    };
+    let matrix =
+        HalfMatrix::new(kind, bits, rows, cols).ok_or_else(|| super::ModelError::Invalid("16-bit weight".into()))?;
+    Ok(Weight::Half(std::sync::Arc::new(matrix)))
 }
 
 /// Types `--quantize` can produce (each has our own kernel).

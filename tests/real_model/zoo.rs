@@ -83,8 +83,16 @@ fn every_family_matches_transformers_from_gguf_and_hf_folder() -> TestResult {
         let dir = zoo.join(family);
         let reference = reference(&dir);
         for (format, path) in [("gguf", dir.join("model.f16.gguf")), ("hf", dir.join("hf"))] {
-            let model = load(&path, WeightMode::F32);
-            check_family(&format!("{family}/{format}"), &model, &dir.join("adapter"), &reference)?;
+            // Float32, and the default: F16 weights kept in 16 bits (the zoo's
+            // weights are exact in float16, so both meet the float32 contract).
+            let mut bytes = Vec::new();
+            for mode in [WeightMode::F32, WeightMode::Quantized] {
+                let model = load(&path, mode);
+                bytes.push(model.model.projection_bytes());
+                check_family(&format!("{family}/{format}/{mode:?}"), &model, &dir.join("adapter"), &reference)?;
+            }
+            // The default keeps the file's 16-bit weights: half the float32 bytes.
+            assert_eq!(bytes[1] * 2, bytes[0], "{family}/{format}: 16-bit weights stay 16-bit");
         }
     }
     Ok(())
@@ -168,7 +176,8 @@ fn margin(logits: &[f32]) -> f32 {
 }
 
 #[test]
-fn every_kernel_type_keeps_the_f32_top1_where_the_f32_margin_is_clear() -> TestResult {
+fn every_kernel_type_and_bf16_keep_the_f32_top1_where_the_f32_margin_is_clear() -> TestResult {
+    use tailor::model::kernels::half::HalfKind;
     use tailor::model::QuantType;
     let Some(zoo) = zoo() else { return Ok(()) };
     for family in FAMILIES {
@@ -178,10 +187,12 @@ fn every_kernel_type_keeps_the_f32_top1_where_the_f32_margin_is_clear() -> TestR
         let exact = load(&path, WeightMode::F32);
         let cases = reference["base"].as_array().expect("cases");
         let f32_logits: Vec<Vec<Vec<f32>>> = cases.iter().map(|c| all_logits(&exact, &ids(&c["ids"]), None)).collect();
-        for to in [QuantType::Q4_0, QuantType::Q4_1, QuantType::Q5_0, QuantType::Q5_1, QuantType::Q8_0] {
-            // (The K-quants need 256-wide rows: the zoo's 32-wide models would
-            // fall back to these types; the kernel test covers them.)
-            let quantized = load(&path, WeightMode::QuantizeTo(to));
+        // (The K-quants need 256-wide rows: the zoo's 32-wide models would
+        // fall back to the 32-block types; the kernel tests cover them.)
+        let kinds = [QuantType::Q4_0, QuantType::Q4_1, QuantType::Q5_0, QuantType::Q5_1, QuantType::Q8_0];
+        let modes = kinds.map(WeightMode::QuantizeTo).into_iter().chain([WeightMode::Half(HalfKind::Bf16)]);
+        for mode in modes {
+            let quantized = load(&path, mode);
             let (mut compared, mut agreed, mut max_delta) = (0, 0, 0f32);
             for (case, want) in cases.iter().zip(&f32_logits) {
                 let got = all_logits(&quantized, &ids(&case["ids"]), None);
@@ -193,13 +204,16 @@ fn every_kernel_type_keeps_the_f32_top1_where_the_f32_margin_is_clear() -> TestR
                     }
                 }
             }
-            println!("zoo {family} {to:?}: top-1 kept at {agreed}/{compared} positions with f32 margin > 0.5; max |Δ| logit {max_delta:.3}");
-            assert_eq!(agreed, compared, "{family} {to:?}: top-1 where the f32 margin is > 0.5");
+            println!("zoo {family} {mode:?}: top-1 kept at {agreed}/{compared} positions with f32 margin > 0.5; max |Δ| logit {max_delta:.3}");
+            assert_eq!(agreed, compared, "{family} {mode:?}: top-1 where the f32 margin is > 0.5");
             // Random 32-wide models rarely have a margin above 0.5, so the
             // size of the error is checked too: 8-bit weights move these
             // logits (|l| ≲ 2) by under a tenth, 4- and 5-bit ones by more.
-            let bound = if to == QuantType::Q8_0 { 0.1 } else { 1.0 };
-            assert!(max_delta < bound, "{family} {to:?}: logits moved by {max_delta}");
+            let bound = match mode {
+                WeightMode::QuantizeTo(QuantType::Q8_0) | WeightMode::Half(_) => 0.1,
+                _ => 1.0,
+            };
+            assert!(max_delta < bound, "{family} {mode:?}: logits moved by {max_delta}");
         }
     }
     Ok(())

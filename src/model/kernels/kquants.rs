@@ -123,6 +123,10 @@ impl<P: Packing> QuantMatrix for KMatrix<P> {
         (self.rows, self.cols)
     }
 
+    fn bytes(&self) -> usize {
+        (self.d.len() + self.dmin.len()) * 4 + self.sc.len() + self.mn.len() + self.qs.len()
+    }
+
     fn dequantize(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.rows * self.cols);
         for b in 0..self.sc.len() {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use candle_core::quantized::GgmlDType;
 
 pub mod bench;
+pub mod half;
 pub mod kquants;
 pub mod offset;
 pub mod q6_k;
@@ -30,6 +31,8 @@ pub trait QuantMatrix: Send + Sync + std::fmt::Debug {
     fn dot_row(&self, o: usize, xs: &[q8::Q8Row], out: &mut [f32], isa: Isa);
     /// The weights as float32, row-major (tests and tools).
     fn dequantize(&self) -> Vec<f32>;
+    /// Bytes held in memory.
+    fn bytes(&self) -> usize;
 }
 
 /// The kernel for a GGML block type, from its raw GGUF bytes; `None` for a
@@ -169,7 +172,7 @@ pub(crate) use by_count;
 /// `y[t][o]` (`[tokens, rows]`) for `rows` outputs and every activation row
 /// `t`: `dot(o, xs, out)` fills `out[i]` for weight row `o` and the (at most
 /// eight) activation rows `xs`.
-fn matmul_rows(rows: usize, x: &[q8::Q8Row], dot: impl Fn(usize, &[q8::Q8Row], &mut [f32]) + Sync) -> Vec<f32> {
+fn matmul_rows<X: Sync>(rows: usize, x: &[X], dot: impl Fn(usize, &[X], &mut [f32]) + Sync) -> Vec<f32> {
     matmul_rows_many(&[rows], x, |_, o, xs, out| dot(o, xs, out)).pop().unwrap_or_default()
 }
 
@@ -181,10 +184,10 @@ fn matmul_rows(rows: usize, x: &[q8::Q8Row], dot: impl Fn(usize, &[q8::Q8Row], &
 /// is a large share of them). A piece walks eight activation rows at a time
 /// (they stay in L1) across its weight rows and writes each activation row's
 /// run of outputs contiguously.
-fn matmul_rows_many(
+fn matmul_rows_many<X: Sync>(
     rows: &[usize],
-    x: &[q8::Q8Row],
-    dot: impl Fn(usize, usize, &[q8::Q8Row], &mut [f32]) + Sync,
+    x: &[X],
+    dot: impl Fn(usize, usize, &[X], &mut [f32]) + Sync,
 ) -> Vec<Vec<f32>> {
     use rayon::prelude::*;
     /// An output buffer shared by pieces that write disjoint columns.

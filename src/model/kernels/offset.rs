@@ -103,6 +103,10 @@ impl<P: Packing> QuantMatrix for OffsetMatrix<P> {
         (self.rows, self.cols)
     }
 
+    fn bytes(&self) -> usize {
+        (self.d.len() + self.m.len()) * 4 + self.qs.len()
+    }
+
     fn dequantize(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.rows * self.cols);
         for b in 0..self.d.len() {

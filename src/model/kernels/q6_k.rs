@@ -93,6 +93,10 @@ impl QuantMatrix for Q6KMatrix {
         (self.rows, self.cols)
     }
 
+    fn bytes(&self) -> usize {
+        self.d.len() * 4 + self.scales.len() + self.qs.len()
+    }
+
     fn dequantize(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.rows * self.cols);
         for b in 0..self.qs.len() / PACKED {

@@ -43,6 +43,10 @@ impl QuantMatrix for Q8_0Matrix {
         (self.rows, self.cols)
     }
 
+    fn bytes(&self) -> usize {
+        self.d.len() * 4 + self.qs.len()
+    }
+
     fn dequantize(&self) -> Vec<f32> {
         self.qs.iter().enumerate().map(|(i, &q)| self.d[i / BLOCK] * q as f32).collect()
     }
