@@ -115,9 +115,10 @@ impl QuantType {
     }
 }
 
-/// A dense `[out, in]` weight quantized to `to` for our kernels; rows too
-/// narrow for a K-quant super-block take llama.cpp's fallback type, rows
-/// that are not whole blocks of 32 stay dense.
+/// A dense `[out, in]` weight quantized to `to`, on our kernels where the
+/// type has one (K-quants run through candle); rows too narrow for a K-quant
+/// super-block take llama.cpp's fallback type, rows that are not whole
+/// blocks of 32 stay dense.
 pub fn quantize_dense(w: &Tensor, to: QuantType) -> Result<Weight> {
     let (rows, cols) = w.dims2()?;
     if !cols.is_multiple_of(to.block()) {
@@ -127,9 +128,10 @@ pub fn quantize_dense(w: &Tensor, to: QuantType) -> Result<Weight> {
         };
     }
     let q = QTensor::quantize(&w.to_dtype(candle_core::DType::F32)?, to.ggml())?;
-    let matrix = kernels::from_gguf(to.ggml(), &q.data()?, rows, cols)
-        .ok_or_else(|| super::ModelError::Invalid(format!("quantizing to {to:?}")))?;
-    Ok(Weight::Kernel(matrix))
+    Ok(match kernels::from_gguf(to.ggml(), &q.data()?, rows, cols) {
+        Some(matrix) => Weight::Kernel(matrix),
+        None => Weight::Quantized(QMatMul::from_qtensor(q)?),
+    })
 }
 
 /// The file layout a model came from.

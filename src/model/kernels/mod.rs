@@ -11,9 +11,7 @@ use candle_core::quantized::GgmlDType;
 
 pub mod bench;
 pub mod half;
-pub mod kquants;
 pub mod offset;
-pub mod q6_k;
 pub mod q8;
 pub mod q8_0;
 
@@ -42,24 +40,13 @@ pub fn from_gguf(dtype: GgmlDType, bytes: &[u8], rows: usize, cols: usize) -> Op
         GgmlDType::Q4_0 | GgmlDType::Q4_1 => Arc::new(offset::Q4Matrix::from_gguf(dtype, bytes, rows, cols)?),
         GgmlDType::Q5_0 | GgmlDType::Q5_1 => Arc::new(offset::Q5Matrix::from_gguf(dtype, bytes, rows, cols)?),
         GgmlDType::Q8_0 => Arc::new(q8_0::Q8_0Matrix::from_gguf_bytes(bytes, rows, cols)?),
-        GgmlDType::Q4K => Arc::new(kquants::Q4KMatrix::from_gguf(dtype, bytes, rows, cols)?),
-        GgmlDType::Q5K => Arc::new(kquants::Q5KMatrix::from_gguf(dtype, bytes, rows, cols)?),
-        GgmlDType::Q6K => Arc::new(q6_k::Q6KMatrix::from_gguf(dtype, bytes, rows, cols)?),
         _ => return None,
     })
 }
 
 /// The GGML types `from_gguf` has kernels for.
-pub const KERNEL_TYPES: [GgmlDType; 8] = [
-    GgmlDType::Q4_0,
-    GgmlDType::Q4_1,
-    GgmlDType::Q5_0,
-    GgmlDType::Q5_1,
-    GgmlDType::Q8_0,
-    GgmlDType::Q4K,
-    GgmlDType::Q5K,
-    GgmlDType::Q6K,
-];
+pub const KERNEL_TYPES: [GgmlDType; 5] =
+    [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0];
 
 /// `y[t][o] = Σ_k w[o][k] · x[t][k]` (`[tokens, rows]`): each weight row is
 /// read once for up to eight activation rows; rows are split over the pool.
@@ -378,7 +365,6 @@ mod tests {
 
     #[test]
     fn every_type_reads_ggml_blocks_and_every_isa_gives_the_scalar_result() {
-        // Two 256-value super-blocks per row (K-quants).
         let (rows, cols) = (40, 512);
         // 11 activation rows: one full chunk of 8 and a partial one.
         let x = activations(11, cols);
