@@ -14,8 +14,9 @@ use candle_core::{Device, Tensor};
 
 use super::config::{Architecture, RopeScaling};
 use super::kernels;
-use super::kernels::half::HalfKind;
+use super::kernels::half::{HalfKind, HalfMatrix};
 use super::linear::Weight;
+use super::source::TokenTable;
 use super::source::WeightSource;
 use super::{Linear, ModelConfig, ModelError, Result, WeightMode};
 
@@ -181,13 +182,24 @@ impl WeightSource for GgufSource {
         Ok(self.qtensor(&gguf)?.dequantize(&Device::Cpu)?)
     }
 
-    fn embedding(&mut self, name: &str) -> Result<QMatMul> {
+    fn embedding(&mut self, name: &str) -> Result<TokenTable> {
         let q = self.qtensor(&gguf_name(&format!("{name}.weight"))?)?;
-        Ok(match self.mode {
-            WeightMode::F32 => QMatMul::Tensor(q.dequantize(&Device::Cpu)?),
-            // candle would widen a 16-bit table to float32; keep it 16-bit.
-            _ if q.dtype() == GgmlDType::F16 => QMatMul::TensorF16(q.dequantize_f16(&Device::Cpu)?),
-            WeightMode::Quantized | WeightMode::QuantizeTo(_) | WeightMode::Half(_) => QMatMul::from_qtensor(q)?,
+        let kind = match q.dtype() {
+            GgmlDType::F16 => Some(HalfKind::F16),
+            GgmlDType::BF16 => Some(HalfKind::Bf16),
+            _ => None,
+        };
+        Ok(match (self.mode, kind) {
+            (WeightMode::F32, _) => TokenTable::Table(QMatMul::Tensor(q.dequantize(&Device::Cpu)?)),
+            // candle would widen a 16-bit table to float32; keep its bits.
+            (_, Some(kind)) => {
+                let (rows, cols) = q.shape().dims2()?;
+                let bits = q.data()?.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+                let matrix = HalfMatrix::new(kind, bits, rows, cols)
+                    .ok_or_else(|| ModelError::Invalid(format!("{name}: malformed 16-bit table")))?;
+                TokenTable::Half(std::sync::Arc::new(matrix))
+            }
+            _ => TokenTable::Table(QMatMul::from_qtensor(q)?),
         })
     }
 

@@ -13,11 +13,11 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use super::attention::{self, HeadShape, Rope};
-use super::kernels::half::HalfKind;
 use super::linear::Input;
+use super::linear::Weight;
 use super::lora::{AdapterWeights, LoraGroup};
 use super::ops;
-use super::source::WeightSource;
+use super::source::{TokenTable, WeightSource};
 use super::{KvCache, Linear, ModelConfig, ModelError, Result};
 
 /// Which positions of a row need logits.
@@ -237,7 +237,7 @@ impl DecoderLayer {
 }
 
 pub struct Llama {
-    embed_tokens: QMatMul,
+    embed_tokens: TokenTable,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -248,15 +248,21 @@ pub struct Llama {
 impl Llama {
     pub fn load(src: &mut dyn WeightSource) -> Result<Self> {
         let config = src.config().clone();
-        let embed_tokens = src.embedding("model.embed_tokens")?;
+        let table = src.embedding("model.embed_tokens")?;
         let layers = (0..config.num_layers)
             .map(|i| DecoderLayer::load(src, &format!("model.layers.{i}"), i))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(src, "model.norm")?;
-        let lm_head = if config.tie_word_embeddings || !src.contains("lm_head.weight") {
-            tied_head(&embed_tokens, &config)?
+        let (embed_tokens, lm_head) = if config.tie_word_embeddings || !src.contains("lm_head.weight") {
+            let head = match &table {
+                TokenTable::Half(shared) => {
+                    Linear::new(Weight::Half(shared.clone()), None, config.vocab_size, config.hidden_size)
+                }
+                TokenTable::Table(table) => tied_head(table, &config)?,
+            };
+            (table, head)
         } else {
-            src.linear("lm_head")?
+            (table, src.linear("lm_head")?)
         };
         // A tensor nobody read is part of a computation this code does not do.
         let unused: Vec<String> = src
@@ -328,9 +334,8 @@ impl Llama {
             ids.extend_from_slice(row.tokens);
         }
         let adapters = adapter_groups(rows, &spans);
-        let ids = Tensor::new(ids.as_slice(), &Device::Cpu)?;
         // [total_tokens, hidden]
-        let mut x = self.embed_tokens.embedding(&ids)?.to_dtype(DType::F32)?;
+        let mut x = self.embed_tokens.lookup(&ids)?;
         for (index, layer) in self.layers.iter().enumerate() {
             let _enter = layer.span.enter();
             let residual = x.clone();
@@ -389,7 +394,6 @@ fn adapter_groups(rows: &[BatchRow], spans: &[(usize, usize)]) -> Vec<LoraGroup>
 
 /// The output head shares the embedding table (SmolLM2, Llama 3.2 small).
 fn tied_head(embed: &QMatMul, cfg: &ModelConfig) -> Result<Linear> {
-    use super::linear::Weight;
     let weight = match embed {
         QMatMul::QTensor(q) if super::kernels::KERNEL_TYPES.contains(&q.dtype()) => {
             let (rows, cols) = q.shape().dims2()?;
@@ -398,9 +402,7 @@ fn tied_head(embed: &QMatMul, cfg: &ModelConfig) -> Result<Linear> {
             Weight::Kernel(matrix)
         }
         QMatMul::QTensor(q) => Weight::Quantized(QMatMul::QTensor(q.clone())),
-        // A 16-bit table stays 16-bit as the head.
-        QMatMul::TensorF16(t) => super::source::dense_weight(t, HalfKind::of(t.dtype()), super::WeightMode::Quantized)?,
-        QMatMul::Tensor(t) => Weight::Dense(t.to_dtype(DType::F32)?),
+        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Weight::Dense(t.to_dtype(DType::F32)?),
     };
     Ok(Linear::new(weight, None, cfg.vocab_size, cfg.hidden_size))
 }

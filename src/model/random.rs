@@ -95,10 +95,10 @@ impl WeightSource for RandomSource {
         Ok(Tensor::from_vec(v, n, &Device::Cpu)?)
     }
 
-    fn embedding(&mut self, name: &str) -> Result<QMatMul> {
+    fn embedding(&mut self, name: &str) -> Result<super::source::TokenTable> {
         let (vocab, hidden) = (self.config.vocab_size, self.config.hidden_size);
         let dense = Tensor::from_vec(self.values(name, vocab * hidden, 1.0), (vocab, hidden), &Device::Cpu)?;
-        Ok(QMatMul::from_qtensor(QTensor::quantize(&dense, GgmlDType::Q8_0)?)?)
+        Ok(super::source::TokenTable::Table(QMatMul::from_qtensor(QTensor::quantize(&dense, GgmlDType::Q8_0)?)?))
     }
 
     fn contains(&self, _name: &str) -> bool {

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use super::config::HfConfig;
 use super::kernels::half::HalfKind;
 use super::linear::Weight;
+use super::source::TokenTable;
 use super::source::WeightSource;
 use super::{Linear, ModelConfig, ModelError, Result, WeightMode};
 
@@ -90,12 +91,14 @@ impl WeightSource for SafetensorsSource {
         self.load(name)
     }
 
-    fn embedding(&mut self, name: &str) -> Result<QMatMul> {
+    fn embedding(&mut self, name: &str) -> Result<TokenTable> {
         let table = self.load_stored(&format!("{name}.weight"))?;
         // A 16-bit table stays 16-bit unless float32 was asked for.
         Ok(match (HalfKind::of(table.dtype()), self.mode) {
-            (Some(_), WeightMode::Quantized | WeightMode::Half(_)) => QMatMul::TensorF16(table),
-            _ => QMatMul::Tensor(table.to_dtype(DType::F32)?),
+            (Some(kind), WeightMode::Quantized | WeightMode::Half(_)) => {
+                TokenTable::Half(std::sync::Arc::new(super::source::half_matrix(&table, kind)?))
+            }
+            _ => TokenTable::Table(QMatMul::Tensor(table.to_dtype(DType::F32)?)),
         })
     }
 

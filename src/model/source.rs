@@ -39,6 +39,11 @@ pub fn dense_weight(w: &Tensor, stored: Option<HalfKind>, mode: WeightMode) -> R
     let Some(kind) = kind else {
         return Ok(Weight::Dense(w.to_dtype(candle_core::DType::F32)?));
     };
+    Ok(Weight::Half(std::sync::Arc::new(half_matrix(w, kind)?)))
+}
+
+/// A `[rows, cols]` tensor as a 16-bit matrix of `kind`.
+pub fn half_matrix(w: &Tensor, kind: HalfKind) -> Result<HalfMatrix> {
     let (rows, cols) = w.dims2()?;
     let bits: Vec<u16> = match kind {
         HalfKind::F16 => w
@@ -56,9 +61,7 @@ pub fn dense_weight(w: &Tensor, stored: Option<HalfKind>, mode: WeightMode) -> R
             .map(|v| v.to_bits())
             .collect(),
     };
-    let matrix =
-        HalfMatrix::new(kind, bits, rows, cols).ok_or_else(|| super::ModelError::Invalid("16-bit weight".into()))?;
-    Ok(Weight::Half(std::sync::Arc::new(matrix)))
+    HalfMatrix::new(kind, bits, rows, cols).ok_or_else(|| super::ModelError::Invalid("16-bit weight".into()))
 }
 
 /// Types `--quantize` can produce (each has our own kernel).
@@ -134,6 +137,32 @@ pub fn quantize_dense(w: &Tensor, to: QuantType) -> Result<Weight> {
     })
 }
 
+/// A token embedding table: candle's lookup for quantized or float32
+/// tables, or a 16-bit matrix that a tied output head can share (one copy:
+/// 525 MB for a Llama-3.2-1B-sized vocabulary).
+pub enum TokenTable {
+    Table(QMatMul),
+    Half(std::sync::Arc<HalfMatrix>),
+}
+
+impl TokenTable {
+    /// `[ids.len(), hidden]`, float32.
+    pub fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
+        let cpu = &candle_core::Device::Cpu;
+        match self {
+            Self::Table(table) => {
+                let ids = Tensor::new(ids, cpu)?;
+                Ok(table.embedding(&ids)?.to_dtype(candle_core::DType::F32)?)
+            }
+            Self::Half(m) => {
+                let rows =
+                    m.gather(ids).ok_or_else(|| super::ModelError::Invalid("token id outside the embedding".into()))?;
+                Ok(Tensor::from_vec(rows, (ids.len(), m.cols()), cpu)?)
+            }
+        }
+    }
+}
+
 /// The file layout a model came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelFormat {
@@ -147,8 +176,8 @@ pub trait WeightSource {
     fn linear(&mut self, name: &str) -> Result<Linear>;
     /// A float32 tensor (norm weights), full name.
     fn dense(&mut self, name: &str) -> Result<Tensor>;
-    /// The token embedding table (`model.embed_tokens`), as a lookup table.
-    fn embedding(&mut self, name: &str) -> Result<QMatMul>;
+    /// The token embedding table (`model.embed_tokens`).
+    fn embedding(&mut self, name: &str) -> Result<TokenTable>;
     fn contains(&self, name: &str) -> bool;
     /// A fused projection (`qkv_proj`, `gate_up_proj`) split by output rows
     /// into `parts` projections of the given widths, in order.

@@ -187,8 +187,8 @@ fn every_kernel_type_and_bf16_keep_the_f32_top1_where_the_f32_margin_is_clear() 
         let exact = load(&path, WeightMode::F32);
         let cases = reference["base"].as_array().expect("cases");
         let f32_logits: Vec<Vec<Vec<f32>>> = cases.iter().map(|c| all_logits(&exact, &ids(&c["ids"]), None)).collect();
-        // (The K-quants need 256-wide rows: the zoo's 32-wide models would
-        // fall back to the 32-block types; the kernel tests cover them.)
+        // Our kernel types. (The K-quants need 256-wide rows: the zoo's
+        // 32-wide models would fall back to these.)
         let kinds = [QuantType::Q4_0, QuantType::Q4_1, QuantType::Q5_0, QuantType::Q5_1, QuantType::Q8_0];
         let modes = kinds.map(WeightMode::QuantizeTo).into_iter().chain([WeightMode::Half(HalfKind::Bf16)]);
         for mode in modes {

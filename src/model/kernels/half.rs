@@ -71,6 +71,16 @@ impl HalfMatrix {
         self.bits.len() * 2
     }
 
+    /// Rows `ids` widened to float32, `[ids.len(), cols]` (an embedding lookup).
+    pub fn gather(&self, ids: &[u32]) -> Option<Vec<f32>> {
+        let mut out = Vec::with_capacity(ids.len() * self.cols);
+        for &id in ids {
+            let row = self.bits.get(id as usize * self.cols..(id as usize + 1) * self.cols)?;
+            out.extend(row.iter().map(|&b| self.kind.to_f32(b)));
+        }
+        Some(out)
+    }
+
     pub fn dequantize(&self) -> Vec<f32> {
         self.bits.iter().map(|&b| self.kind.to_f32(b)).collect()
     }
