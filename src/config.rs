@@ -188,7 +188,7 @@ impl ServeArgs {
             },
             None => serde_json::Map::new(),
         };
-        let adapters = startup_adapters(&self.adapters_dir, &self.lora)?;
+        let (found_adapters, adapters) = startup_adapters(&self.adapters_dir, &self.lora)?;
         let mut roots =
             if self.lora_roots.is_empty() { vec![self.adapters_dir.clone()] } else { self.lora_roots.clone() };
         // Canonical roots, so a symlink cannot lead a runtime load elsewhere.
@@ -213,6 +213,7 @@ impl ServeArgs {
                 chat_template_override,
                 served_model_name: self.served_model_name,
                 adapters,
+                found_adapters,
                 registry: crate::lora::RegistryOptions {
                     max_rank: self.max_lora_rank,
                     max_loaded: self.max_loaded_adapters,
@@ -237,9 +238,16 @@ impl ServeArgs {
     }
 }
 
-/// Sub-folders of `dir` that hold an adapter_config.json, then `--lora NAME=PATH`.
-fn startup_adapters(dir: &std::path::Path, extra: &[String]) -> Result<Vec<(String, PathBuf)>, ConfigError> {
-    let mut adapters = Vec::new();
+/// Adapters to register at start: (sub-folders of `dir` that hold an
+/// adapter_config.json, `--lora NAME=PATH`); a `--lora` name replaces a
+/// folder of the same name.
+#[allow(clippy::type_complexity)]
+fn startup_adapters(
+    dir: &std::path::Path,
+    extra: &[String],
+) -> Result<(Vec<(String, PathBuf)>, Vec<(String, PathBuf)>), ConfigError> {
+    let mut found = Vec::new();
+    let mut named = Vec::new();
     if dir.is_dir() {
         let entries = std::fs::read_dir(dir)
             .map_err(|e| ConfigError::AdaptersDir { path: dir.display().to_string(), message: e.to_string() })?;
@@ -250,14 +258,14 @@ fn startup_adapters(dir: &std::path::Path, extra: &[String]) -> Result<Vec<(Stri
         folders.sort();
         for folder in folders {
             if let Some(name) = folder.file_name().and_then(|n| n.to_str()) {
-                adapters.push((name.to_string(), folder.clone()));
+                found.push((name.to_string(), folder.clone()));
             }
         }
     }
     for spec in extra {
         let (name, path) = spec.split_once('=').ok_or_else(|| ConfigError::Lora(spec.clone()))?;
-        adapters.retain(|(n, _)| n != name);
-        adapters.push((name.to_string(), PathBuf::from(path)));
+        found.retain(|(n, _)| n != name);
+        named.push((name.to_string(), PathBuf::from(path)));
     }
-    Ok(adapters)
+    Ok((found, named))
 }

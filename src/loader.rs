@@ -53,8 +53,13 @@ pub struct LoadOptions {
     /// `--chat-template FILE`, replacing the model's own.
     pub chat_template_override: Option<String>,
     pub served_model_name: Option<String>,
-    /// Adapters registered at start: (name, folder).
+    /// Adapters named at start (`--lora`): (name, folder); any failure stops the load.
     pub adapters: Vec<(String, PathBuf)>,
+    /// Adapters found in the adapters folder: one made for another base
+    /// model (its shapes do not fit) is skipped with a warning, so serving
+    /// your own model from a checkout does not trip over the shipped demos;
+    /// any other failure stops the load.
+    pub found_adapters: Vec<(String, PathBuf)>,
     pub registry: RegistryOptions,
 }
 
@@ -65,6 +70,7 @@ impl Default for LoadOptions {
             chat_template_override: None,
             served_model_name: None,
             adapters: Vec::new(),
+            found_adapters: Vec::new(),
             registry: RegistryOptions { max_rank: 64, max_loaded: 0, roots: Vec::new() },
         }
     }
@@ -87,12 +93,18 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, LoadError> {
     if let Some(name) = &opts.served_model_name {
         info.id = name.clone();
     }
-    for (name, path) in &opts.adapters {
+    let found = opts.found_adapters.iter().map(|a| (a, true));
+    for ((name, path), found) in found.chain(opts.adapters.iter().map(|a| (a, false))) {
         let adapter_err = |source| LoadError::Adapter { name: name.clone(), path: path.display().to_string(), source };
         if *name == info.id {
             return Err(adapter_err(LoraError::NameTaken(name.clone())));
         }
-        info.adapters.register(name, path, true).map_err(adapter_err)?;
+        match info.adapters.register(name, path, true) {
+            Err(LoraError::Mismatch(why)) if found => {
+                tracing::warn!(adapter = %name, path = %path.display(), reason = %why, "skipped: made for another base model");
+            }
+            result => result.map_err(adapter_err)?,
+        }
     }
     Ok(Loaded { model, info })
 }

@@ -218,3 +218,22 @@ fn every_kernel_type_and_bf16_keep_the_f32_top1_where_the_f32_margin_is_clear() 
     }
     Ok(())
 }
+
+#[test]
+fn demo_adapters_for_another_base_are_skipped_but_named_ones_must_fit() -> TestResult {
+    // Serving your own model from a checkout: the shipped SmolLM2 adapters in
+    // the adapters folder do not fit it and are skipped; the model's own
+    // adapter there is served; the same misfit named with --lora stops the load.
+    let Some(zoo) = zoo() else { return Ok(()) };
+    let dir = zoo.join("llama3");
+    let pirate = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("adapters/pirate");
+    let found = vec![("pirate".to_string(), pirate.clone()), ("own".to_string(), dir.join("adapter"))];
+    let opts = LoadOptions { mode: WeightMode::F32, found_adapters: found, ..Default::default() };
+    let loaded = loader::load(&dir.join("model.f16.gguf"), &opts)?;
+    assert!(!loaded.info.adapters.contains("pirate"), "the SmolLM2 adapter is skipped");
+    assert!(loaded.info.adapters.contains("own"), "the model's own adapter is served");
+    let named = LoadOptions { adapters: vec![("pirate".into(), pirate)], ..opts };
+    let err = loader::load(&dir.join("model.f16.gguf"), &named).err().expect("a named misfit stops the load");
+    assert!(err.to_string().contains("pirate"), "{err}");
+    Ok(())
+}
