@@ -94,8 +94,8 @@ impl HalfMatrix {
     fn dot_row(&self, o: usize, xs: &[Row], out: &mut [f32], isa: Isa) {
         let w = &self.bits[o * self.cols..(o + 1) * self.cols];
         match isa {
-            // SAFETY: each ISA is only chosen when the CPU reports its features
-            // (AVX2 CPUs have F16C; checked in `available` via `avx2` + `fma`).
+            // SAFETY: AVX2 + FMA come with the ISA choice; F16C is checked here
+            // (a cached flag).
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 | Isa::Avx512Vnni if is_x86_feature_detected!("f16c") => {
                 for (x, o) in xs.iter().zip(out.iter_mut()) {
