@@ -51,7 +51,7 @@ impl Sampler {
                 }
             }
         }
-        let id = if p.temperature <= 0.0 { argmax(logits) } else { self.sample_random(logits) };
+        let id = if p.temperature < GREEDY_BELOW { argmax(logits) } else { self.sample_random(logits) };
         *self.counts.entry(id).or_default() += 1;
         id
     }
@@ -157,9 +157,23 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// Temperatures below this are greedy: dividing logits by a tinier one
+/// overflows to ±inf and the draw picks nonsense (vLLM uses the same bound).
+pub const GREEDY_BELOW: f32 = 1e-5;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tiny_temperature_is_greedy_not_overflow() {
+        let logits: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 * 0.1).collect();
+        let best = argmax(&logits);
+        for t in [1e-45f32, 1e-30, 9.9e-6] {
+            let mut s = Sampler::new(SamplingParams { temperature: t, seed: Some(1), ..Default::default() });
+            assert_eq!(s.sample(&mut logits.clone()), best, "temperature {t}");
+        }
+    }
 
     #[test]
     fn greedy_takes_the_first_maximum() {
