@@ -273,7 +273,8 @@ pub fn rewrite_generation_tags(source: &str) -> String {
     while let Some(start) = rest.find("{%") {
         out.push_str(&rest[..start]);
         let tag = &rest[start..];
-        let Some(end) = tag.find("%}") else {
+        // The closing `%}` comes after the opening `{%` (in `{%}` they overlap).
+        let Some(end) = tag[2..].find("%}").map(|e| e + 2) else {
             out.push_str(tag);
             return out;
         };
@@ -300,6 +301,16 @@ pub fn rewrite_generation_tags(source: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlapping_tag_delimiters_do_not_panic() {
+        // `{%}` once panicked the loader; now minijinja reports the syntax error.
+        assert_eq!(rewrite_generation_tags("a {%} b"), "a {%} b");
+        for source in ["{%}", "{%", "%}{%", "{%-}", "{%+%}"] {
+            assert_eq!(rewrite_generation_tags(source), source);
+        }
+        assert!(crate::prompt::ChatTemplate::new("{%}", None, None, Clock::Local).is_err());
+    }
     use crate::prompt::FromSerde;
 
     fn render(src: &str, ctx: Value) -> Result<String, Error> {
