@@ -36,6 +36,9 @@ pub struct ModelInfo {
     /// Generation ends when one of these is produced.
     pub eos_token_ids: Vec<u32>,
     pub max_model_len: usize,
+    /// Rows of the model's embedding table: a prompt id must be below both
+    /// this and the tokenizer's size (the two can differ, e.g. padded tables).
+    pub embedding_rows: usize,
     pub format: ModelFormat,
     pub mode: WeightMode,
     /// LoRA adapters clients can select by name.
@@ -256,6 +259,7 @@ fn build_info(
         chat_template,
         eos_token_ids,
         max_model_len: model.config().max_position_embeddings,
+        embedding_rows: model.config().vocab_size,
         format,
         mode: opts.mode,
         adapters: AdapterRegistry::new(BaseShapes::of(model.config()), opts.registry.clone()),

@@ -132,7 +132,9 @@ pub fn prompt_ids(info: &ModelInfo, prompt: &Prompt) -> Result<Vec<Vec<u32>>, Ap
     if prompts.is_empty() {
         return Err(ApiError::invalid("prompt", "`prompt` must not be an empty list"));
     }
-    let vocab = info.tokenizer.vocab_size().max(1) as u32;
+    // An id the tokenizer knows but the embedding lacks would fail the whole
+    // engine step it lands in, so it is refused here.
+    let vocab = info.tokenizer.vocab_size().min(info.embedding_rows).max(1) as u32;
     for ids in &prompts {
         if ids.is_empty() {
             return Err(ApiError::invalid("prompt", "`prompt` must contain at least one token"));
@@ -189,4 +191,36 @@ pub fn normalize_messages(messages: &[Json]) -> Result<Vec<Json>, ApiError> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::types::Prompt;
+    use crate::lora::{AdapterRegistry, BaseShapes, RegistryOptions};
+    use crate::model::random::RandomSource;
+    use crate::model::{ModelFormat, WeightMode};
+
+    #[test]
+    fn ids_beyond_the_embedding_are_refused_even_if_the_tokenizer_knows_them() {
+        // A byte tokenizer (257 ids) over a 200-row embedding table.
+        let config = RandomSource::tiny_config(200);
+        let info = ModelInfo {
+            id: "tiny".into(),
+            tokenizer: crate::tokenizer::Tokenizer::bytes().expect("tokenizer"),
+            chat_template: None,
+            eos_token_ids: vec![],
+            max_model_len: 64,
+            embedding_rows: config.vocab_size,
+            format: ModelFormat::Gguf,
+            mode: WeightMode::Quantized,
+            adapters: AdapterRegistry::new(
+                BaseShapes::of(&config),
+                RegistryOptions { max_rank: 8, max_loaded: 0, roots: Vec::new() },
+            ),
+        };
+        assert!(prompt_ids(&info, &Prompt::Tokens(vec![1, 199])).is_ok());
+        let err = prompt_ids(&info, &Prompt::Tokens(vec![1, 220])).expect_err("220 has no embedding row");
+        assert!(format!("{err:?}").contains("220"), "{err:?}");
+    }
 }
