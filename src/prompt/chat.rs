@@ -106,12 +106,23 @@ impl ChatTemplate {
             ctx.insert("eos_token".into(), Value::from(eos.clone()));
         }
         for (key, value) in &request.kwargs {
+            // As in transformers, where these are apply_chat_template's own
+            // arguments: kwargs may add variables and override special
+            // tokens, not replace the conversation.
+            if RESERVED.contains(&key.as_str()) {
+                return Err(PromptError::Invalid(format!(
+                    "`chat_template_kwargs` cannot set `{key}`: it comes from the request itself"
+                )));
+            }
             ctx.insert(key.clone(), Value::from_serde(value));
         }
         let template = self.env.get_template(TEMPLATE_NAME)?;
         Ok(template.render(ctx)?)
     }
 }
+
+/// Template variables that come from the request, never from kwargs.
+const RESERVED: [&str; 4] = ["messages", "tools", "documents", "add_generation_prompt"];
 
 fn json_or_none(value: Option<&Json>) -> Value {
     match value {
@@ -174,6 +185,23 @@ mod tests {
     use serde_json::json;
 
     const SMOL: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn kwargs_cannot_replace_the_conversation() -> Result<(), PromptError> {
+        let t = ChatTemplate::new(SMOL, None, None, Clock::Local)?;
+        let messages = vec![json!({"role": "user", "content": "hi"})];
+        for key in RESERVED {
+            let mut kwargs = Map::new();
+            kwargs.insert(key.into(), json!([]));
+            let req = ChatRequest { messages: messages.clone(), kwargs, ..Default::default() };
+            let err = t.render(&req).expect_err("a reserved kwarg is refused");
+            assert!(matches!(&err, PromptError::Invalid(m) if m.contains(key)), "{err}");
+        }
+        let mut kwargs = Map::new();
+        kwargs.insert("enable_thinking".into(), json!(false));
+        assert!(t.render(&ChatRequest { messages, kwargs, ..Default::default() }).is_ok());
+        Ok(())
+    }
 
     #[test]
     fn continue_final_message_cuts_after_the_partial_reply() -> Result<(), PromptError> {
