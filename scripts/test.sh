@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: fetches the model and the
-# Python client the tests drive, then runs every Rust test.
+# Python packages the tests drive, then runs every Rust test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,8 +9,9 @@ scripts/fetch-model.sh
 TAILOR_VOCABS="$(scripts/fetch-vocabs.sh)"
 export TAILOR_VOCABS
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
-if ! "$PYTHON" -c "import openai" 2>/dev/null; then
-  "$PYTHON" -m pip install --quiet --disable-pip-version-check "openai>=1.50,<3"
+# The official OpenAI client, and Prometheus' own text-format parser.
+if ! "$PYTHON" -c "import openai, prometheus_client" 2>/dev/null; then
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check "openai>=1.50,<3" "prometheus_client>=0.20,<1"
 fi
 export TAILOR_TEST_PYTHON="$PYTHON"
 cargo test --locked --all-targets "$@"

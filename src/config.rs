@@ -98,6 +98,37 @@ pub struct ServeArgs {
     /// evicted and reloaded on demand); 0 keeps all.
     #[arg(long, env = "TAILOR_MAX_LOADED_ADAPTERS", default_value_t = 0)]
     pub max_loaded_adapters: usize,
+    /// Adapter names registered at once (runtime loads beyond it are refused); 0 = no limit.
+    #[arg(long, env = "TAILOR_MAX_ADAPTERS", default_value_t = 1024)]
+    pub max_adapters: usize,
+    /// API key clients must send as `Authorization: Bearer KEY` (repeatable,
+    /// or comma-separated in the environment). `/health` and `/metrics` stay open.
+    #[arg(long = "api-key", env = "TAILOR_API_KEY", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+    /// Key for the routes that change the server (adapter load/unload,
+    /// templates reload); the plain API key is refused there (403).
+    #[arg(long = "admin-api-key", env = "TAILOR_ADMIN_API_KEY", value_delimiter = ',', hide_env_values = true)]
+    pub admin_api_keys: Vec<String>,
+    /// Origins browsers may call from (CORS), e.g. https://app.example.com, or *. Default: none.
+    #[arg(long = "allowed-origins", env = "TAILOR_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// Largest request body in bytes (413 beyond it).
+    #[arg(long, env = "TAILOR_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Seconds a streaming client may stop reading before its request is cancelled.
+    #[arg(long, env = "TAILOR_STREAM_WRITE_TIMEOUT", default_value_t = 60.0)]
+    pub stream_write_timeout: f64,
+    /// Seconds requests in flight may run on after SIGTERM/SIGINT.
+    #[arg(long, env = "TAILOR_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
+    /// Test builds only: a step running a prompt that starts with this token id panics.
+    #[cfg(feature = "fault-injection")]
+    #[arg(long, hide = true)]
+    pub fault_step_panic_token: Option<u32>,
+    /// Test builds only: admitting a prompt that starts with this token id panics the engine.
+    #[cfg(feature = "fault-injection")]
+    #[arg(long, hide = true)]
+    pub fault_engine_panic_token: Option<u32>,
 }
 
 /// A checked configuration that knows how to build the server's parts.
@@ -112,6 +143,11 @@ pub struct ServeConfig {
     pub enable_lora_loading: bool,
     pub templates_dir: PathBuf,
     pub presets: PathBuf,
+    pub keys: crate::api::auth::Keys,
+    pub allowed_origins: Vec<String>,
+    pub max_body_bytes: usize,
+    pub stream_write_timeout: std::time::Duration,
+    pub shutdown_timeout: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +232,26 @@ impl ServeArgs {
         if self.max_num_seqs == 0 {
             return Err(ConfigError::Invalid("--max-num-seqs must be at least 1".into()));
         }
+        let seconds = |flag: &str, value: f64| {
+            if value.is_finite() && value > 0.0 {
+                Ok(std::time::Duration::from_secs_f64(value))
+            } else {
+                Err(ConfigError::Invalid(format!("{flag} must be a positive number of seconds")))
+            }
+        };
+        let stream_write_timeout = seconds("--stream-write-timeout", self.stream_write_timeout)?;
+        let shutdown_timeout = seconds("--shutdown-timeout", self.shutdown_timeout)?;
+        let nonempty = |keys: Vec<String>, flag: &str| {
+            let keys: Vec<String> = keys.into_iter().map(|k| k.trim().to_string()).collect();
+            if keys.iter().any(|k| k.is_empty()) {
+                return Err(ConfigError::Invalid(format!("{flag}: a key cannot be empty")));
+            }
+            Ok(keys)
+        };
+        let keys = crate::api::auth::Keys {
+            api: nonempty(self.api_keys, "--api-key")?,
+            admin: nonempty(self.admin_api_keys, "--admin-api-key")?,
+        };
         if self.threads == Some(0) {
             return Err(ConfigError::Invalid("--threads must be at least 1".into()));
         }
@@ -218,6 +274,7 @@ impl ServeArgs {
                     max_rank: self.max_lora_rank,
                     max_loaded: self.max_loaded_adapters,
                     roots,
+                    max_adapters: self.max_adapters,
                 },
             },
             engine: EngineConfig {
@@ -228,12 +285,23 @@ impl ServeArgs {
                     .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
                 max_kv_tokens: self.max_kv_tokens,
                 max_batch_tokens: self.max_batch_tokens,
+                metrics: std::sync::Arc::new(crate::metrics::Metrics::new()),
+                #[cfg(feature = "fault-injection")]
+                faults: crate::engine::faults::Faults {
+                    step_panic_token: self.fault_step_panic_token,
+                    engine_panic_token: self.fault_engine_panic_token,
+                },
             },
             threads: self.threads,
             chat_template_kwargs,
             enable_lora_loading: self.enable_lora_loading,
             templates_dir: self.templates_dir,
             presets: self.presets,
+            keys,
+            allowed_origins: self.allowed_origins,
+            max_body_bytes: self.max_body_bytes,
+            stream_write_timeout,
+            shutdown_timeout,
         })
     }
 }

@@ -7,7 +7,8 @@
 //! - `engine`: the thread that owns the model, its queue and scheduler;
 //! - `loader`: a path → weights, tokenizer and template;
 //! - `model`: the transformer itself (candle);
-//! - `tokenizer`: text ↔ ids, from tokenizer.json or GGUF metadata.
+//! - `tokenizer`: text ↔ ids, from tokenizer.json or GGUF metadata;
+//! - `metrics`: the Prometheus registry (vLLM's names and tailor's own).
 
 pub mod api;
 pub mod bench;
@@ -15,6 +16,7 @@ pub mod config;
 pub mod engine;
 pub mod loader;
 pub mod lora;
+pub mod metrics;
 pub mod model;
 pub mod prompt;
 pub mod server;

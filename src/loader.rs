@@ -74,7 +74,7 @@ impl Default for LoadOptions {
             served_model_name: None,
             adapters: Vec::new(),
             found_adapters: Vec::new(),
-            registry: RegistryOptions { max_rank: 64, max_loaded: 0, roots: Vec::new() },
+            registry: RegistryOptions { max_rank: 64, max_loaded: 0, roots: Vec::new(), max_adapters: 0 },
         }
     }
 }

@@ -15,11 +15,21 @@ use tailor::config::ServeArgs;
     about = "OpenAI-compatible LLM server: one base model, per-request LoRA adapters and prompt templates"
 )]
 struct Cli {
+    /// Log lines as text or as JSON objects (one per line).
+    #[arg(long, global = true, env = "TAILOR_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once
 enum Command {
     /// Serve the model over the OpenAI-compatible HTTP API.
     Serve(ServeArgs),
@@ -79,10 +89,19 @@ struct RenderArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,tower_http=info")))
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Logs go to stderr: stdout is for the data commands print.
+    use std::io::IsTerminal;
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().with_current_span(true).with_span_list(false).init(),
+    }
+    match cli.command {
         Command::Serve(args) => serve(args),
         Command::ChatTemplate(ChatTemplateCommand::Render(args)) => render(args),
         Command::Bench(args) => bench(args),

@@ -4,32 +4,32 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
-use crate::api::{self, AppState};
+use crate::api::lifecycle::Lifecycle;
+use crate::api::{self, AppState, HttpOptions};
 use crate::config::ServeConfig;
 use crate::engine::{EngineHandle, EngineStatus};
 use crate::prompt::presets::PresetStore;
 use crate::prompt::templates::TemplateStore;
 
-/// Serves until `shutdown` completes. The model loads on the engine thread
-/// while the listener already answers (`/health` is 503 until it is ready).
+/// Serves until `shutdown` completes, then drains: new requests are refused
+/// and those in flight get `config.shutdown_timeout` to finish. Returns an
+/// error if the model fails to load or the engine stops (the process should
+/// then exit non-zero so an orchestrator restarts it).
 pub async fn run(
     config: ServeConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let engine = EngineHandle::start(config.model.clone(), config.load.clone(), config.engine.clone());
-    // A model (or start-up adapter) that fails to load ends the server with its error.
-    let load_failure = {
+    let engine_stopped = {
         let engine = engine.clone();
-        async move {
-            match engine.wait_ready().await {
-                EngineStatus::Failed(e) => e,
-                _ => std::future::pending().await,
-            }
-        }
+        async move { engine.wait_stopped().await }
     };
+    let lifecycle = Lifecycle::default();
     let state = AppState {
         engine,
         created: api::unix_now(),
@@ -37,17 +37,65 @@ pub async fn run(
         enable_lora_loading: config.enable_lora_loading,
         templates: Arc::new(TemplateStore::open(&config.templates_dir)),
         presets: Arc::new(PresetStore::open(&config.presets)),
+        metrics: config.engine.metrics.clone(),
+        keys: Arc::new(config.keys.clone()),
+        lifecycle: lifecycle.clone(),
+        cpu: Arc::new(Semaphore::new(config.engine.threads.max(2))),
+        stream_write_timeout: config.stream_write_timeout,
     };
     spawn_reloader(state.templates.clone(), state.presets.clone());
     report_broken_presets(state.clone());
-    let app = api::router(state);
+    let options =
+        HttpOptions { max_body_bytes: config.max_body_bytes, allowed_origins: config.allowed_origins.clone() };
+    let app = api::router(state, &options);
     tracing::info!(addr = %listener.local_addr()?, model = %config.model.display(), "listening");
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+    let (drained_tx, drained) = tokio::sync::oneshot::channel();
+    let timeout = config.shutdown_timeout;
+    let drain = async move {
+        shutdown.await;
+        lifecycle.drain(timeout, ABORT_GRACE).await;
+        let _ = drained_tx.send(());
+    };
+    // A client that stops reading keeps its connection open: after the
+    // drain, connections get a short grace and then the process goes.
+    let give_up = async move {
+        if drained.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(ABORT_GRACE).await;
+    };
+    let listener = listener.tap_io(limit_unsent);
+    let server = axum::serve(listener, app).with_graceful_shutdown(drain);
     tokio::select! {
         result = server => result,
-        error = load_failure => Err(std::io::Error::other(error)),
+        reason = engine_stopped => Err(std::io::Error::other(reason)),
+        _ = give_up => {
+            tracing::warn!("connections still open after the drain; closing them");
+            Ok(())
+        }
     }
 }
+
+/// Unsent bytes a connection may queue in the kernel. Without a bound the
+/// send buffer autotunes to megabytes, so a client that stops reading a
+/// stream would go unnoticed for minutes; with it, writes wait once 16 KiB
+/// are queued, which the stalled-reader timeout sees (and streams reach
+/// the client sooner).
+const UNSENT_LIMIT_BYTES: u32 = 16 * 1024;
+
+fn limit_unsent(stream: &mut tokio::net::TcpStream) {
+    let socket = socket2::SockRef::from(&*stream);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(e) = socket.set_tcp_notsent_lowat(UNSENT_LIMIT_BYTES) {
+        tracing::debug!(error = %e, "cannot bound the unsent bytes of a connection");
+    }
+    if let Err(e) = socket.set_tcp_nodelay(true) {
+        tracing::debug!(error = %e, "cannot disable Nagle's algorithm");
+    }
+}
+
+/// How long aborted requests get to send their last event.
+const ABORT_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Templates and presets reload when their files change: a cheap mtime scan
 /// every second, no watcher thread per file.

@@ -21,6 +21,20 @@ const KNOWN_DIFFERENCES: [(&str, &str); 4] = [
     ("synthetic-tailor-features::tool_calling_null_content", "Python %-formatting of strings"),
 ];
 
+/// Whether minijinja's message describes the same failure as Python's.
+fn same_kind(python_type: &str, python_message: &str, ours: &str) -> bool {
+    let ours = ours.to_lowercase();
+    let any = |words: &[&str]| words.iter().any(|w| ours.contains(w));
+    match python_type {
+        "UndefinedError" => any(&["undefined", "has no method named"]),
+        "SecurityError" => any(&["unknown method", "not callable", "unsafe"]),
+        "TypeError" if python_message.contains("not iterable") => any(&["not iterable", "cannot iterate"]),
+        "TypeError" if python_message.contains("concatenate") => any(&["invalid operation", "concatenat"]),
+        "TypeError" if python_message.contains("JSON serializable") => any(&["serializ", "tojson", "undefined"]),
+        _ => false,
+    }
+}
+
 fn corpus_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/chat_templates"))
 }
@@ -44,12 +58,15 @@ fn every_corpus_case_renders_like_transformers() -> Result<(), Box<dyn std::erro
             )),
             (Some(_), _, Err(e)) => failures.push(format!("{id}: unexpected error: {e}")),
             (None, Some(error), Err(e)) => {
-                if error["source"] == "raise_exception" {
-                    let want = error["message"].as_str().unwrap_or_default();
-                    match &e {
-                        PromptError::Raised(message) if message == want => {}
-                        other => failures.push(format!("{id}: expected raise_exception({want:?}), got {other}")),
-                    }
+                let want = error["message"].as_str().unwrap_or_default();
+                match (error["source"].as_str(), &e) {
+                    (Some("raise_exception"), PromptError::Raised(message)) if message == want => {}
+                    (Some("transformers"), PromptError::Invalid(_)) => {}
+                    // Python's message text cannot be reproduced by minijinja; the
+                    // failure must still be the template's, of the same kind.
+                    (Some("python" | "jinja2"), PromptError::Template(message))
+                        if same_kind(error["type"].as_str().unwrap_or_default(), want, message) => {}
+                    (_, other) => failures.push(format!("{id}: expected {} {want:?}, got {other:?}", error["source"])),
                 }
             }
             (None, Some(error), Ok(got)) => {

@@ -4,13 +4,16 @@
 
 use std::time::{Duration, Instant};
 
-use tailor::engine::{EngineConfig, EngineHandle, Event, FinishReason, GenerationRequest, SamplingParams, SubmitError};
+use tailor::engine::faults::Faults;
+use tailor::engine::{
+    EngineConfig, EngineHandle, EngineStatus, Event, EventStream, FinishReason, GenerationRequest, RequestTags,
+    SamplingParams, SubmitError,
+};
 use tailor::loader::{Loaded, ModelInfo};
 use tailor::lora::{AdapterRegistry, BaseShapes, RegistryOptions};
 use tailor::model::random::RandomSource;
 use tailor::model::{Llama, ModelFormat, WeightMode};
 use tailor::tokenizer::Tokenizer;
-use tokio::sync::mpsc;
 
 fn tiny_model() -> Result<Loaded, String> {
     let config = RandomSource::tiny_config(257);
@@ -26,7 +29,7 @@ fn tiny_model() -> Result<Loaded, String> {
         mode: WeightMode::Quantized,
         adapters: AdapterRegistry::new(
             BaseShapes::of(&config),
-            RegistryOptions { max_rank: 64, max_loaded: 0, roots: Vec::new() },
+            RegistryOptions { max_rank: 64, max_loaded: 0, roots: Vec::new(), max_adapters: 0 },
         ),
     };
     Ok(Loaded { model, info })
@@ -38,23 +41,21 @@ async fn engine(config: EngineConfig) -> EngineHandle {
     handle
 }
 
-fn request(prompt: Vec<u32>, max_tokens: usize) -> (GenerationRequest, mpsc::UnboundedReceiver<Event>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let request = GenerationRequest {
+fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
+    GenerationRequest {
         prompt,
         adapter: None,
         sampling: SamplingParams { temperature: 0.0, ..Default::default() },
         max_tokens,
         stop: Vec::new(),
         ignore_eos: true,
-        events: tx,
+        tags: RequestTags { model: "tiny".into(), adapter: None },
         span: tracing::Span::none(),
-    };
-    (request, rx)
+    }
 }
 
 /// All text of one request, and how it finished.
-async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> (String, Option<FinishReason>, usize) {
+async fn collect(mut rx: EventStream) -> (String, Option<FinishReason>, usize) {
     let mut text = String::new();
     while let Some(event) = rx.recv().await {
         match event {
@@ -87,21 +88,13 @@ async fn batched_and_chunked_equal_one_at_a_time() {
     let single = engine(EngineConfig { max_num_seqs: 1, max_batch_tokens: 4096, ..Default::default() }).await;
     let mut alone = Vec::new();
     for prompt in prompts() {
-        let (req, rx) = request(prompt, 24);
-        single.submit(req).expect("queued");
+        let rx = single.submit(request(prompt, 24)).expect("queued");
         alone.push(collect(rx).await);
     }
     // All at once, with a step budget of 7 tokens: prompts are prefilled in
     // chunks while the others decode.
     let batched = engine(EngineConfig { max_num_seqs: 8, max_batch_tokens: 7, ..Default::default() }).await;
-    let receivers: Vec<_> = prompts()
-        .into_iter()
-        .map(|p| {
-            let (req, rx) = request(p, 24);
-            batched.submit(req).expect("queued");
-            rx
-        })
-        .collect();
+    let receivers: Vec<_> = prompts().into_iter().map(|p| batched.submit(request(p, 24)).expect("queued")).collect();
     let together = futures::future::join_all(receivers.into_iter().map(collect)).await;
     assert_eq!(together, alone);
     assert!(alone.iter().all(|(_, reason, n)| *reason == Some(FinishReason::Length) && *n == 24));
@@ -109,64 +102,134 @@ async fn batched_and_chunked_equal_one_at_a_time() {
     assert!(distinct.len() > 1 && alone.iter().all(|(text, ..)| !text.is_empty()), "{alone:?}");
 }
 
+/// A counter's value in the engine's metrics (0 when never touched).
+fn counter(config: &EngineConfig, family: &str, labels: &[&str]) -> u64 {
+    let metrics = &config.metrics;
+    let vec = match family {
+        "generation_tokens" => &metrics.generation_tokens,
+        "request_success" => &metrics.request_success,
+        "engine_panics" => &metrics.engine_panics,
+        other => panic!("unknown family {other}"),
+    };
+    vec.get_metric_with_label_values(labels).map(|c| c.get()).unwrap_or(0)
+}
+
 #[tokio::test]
 async fn a_dropped_client_frees_its_sequence() {
-    let handle = engine(EngineConfig::default()).await;
-    let (req, mut rx) = request(vec![1, 2, 3], 900);
-    handle.submit(req).expect("queued");
+    let config = EngineConfig::default();
+    let handle = engine(config.clone()).await;
+    // 1000 tokens take the tiny model far longer than noticing the drop does.
+    let mut rx = handle.submit(request(vec![1, 2, 3], 1000)).expect("queued");
     rx.recv().await.expect("first event");
     wait_for(&handle, "the sequence to run", |s| s.running == 1 && s.kv_tokens > 0).await;
     drop(rx);
     wait_for(&handle, "the sequence to be freed", |s| s.running == 0 && s.kv_tokens == 0).await;
+    let generated = counter(&config, "generation_tokens", &["tiny"]);
+    assert!(generated < 200, "the sequence ran on after its client left: {generated} tokens");
+    assert_eq!(counter(&config, "request_success", &["tiny", "length"]), 0, "it finished instead of being cancelled");
+}
+
+#[tokio::test]
+async fn a_client_leaving_the_line_frees_its_place_at_once() {
+    let handle = engine(EngineConfig { max_num_seqs: 1, max_waiting: 1, ..Default::default() }).await;
+    let _running = handle.submit(request(vec![5; 4], 1000)).expect("runs");
+    wait_for(&handle, "A to run", |s| s.running == 1).await;
+    let waiting = handle.submit(request(vec![6; 4], 4)).expect("waits");
+    assert_eq!(handle.submit(request(vec![7; 4], 4)).err(), Some(SubmitError::Overloaded(1)));
+    drop(waiting);
+    // No engine step in between: the place is free the moment B leaves.
+    let _next = handle.submit(request(vec![7; 4], 4)).expect("the freed place is taken at once");
+}
+
+#[tokio::test]
+async fn more_prompts_than_may_wait_are_refused_whole_and_leave_no_trace() {
+    let handle = engine(EngineConfig { max_num_seqs: 1, max_waiting: 64, ..Default::default() }).await;
+    let occupant = handle.submit(request(vec![9; 4], 1000)).expect("runs");
+    wait_for(&handle, "the occupant to run", |s| s.running == 1).await;
+    let many: Vec<_> = (0..65).map(|i| request(vec![i as u32 % 256; 3], 4)).collect();
+    assert_eq!(handle.submit_all(many).err(), Some(SubmitError::TooMany { asked: 65, max: 64 }));
+    let full: Vec<_> = (0..64).map(|i| request(vec![i as u32 % 256; 3], 2)).collect();
+    let streams = handle.submit_all(full).expect("64 fit right after the refusal");
+    assert_eq!(handle.submit(request(vec![1], 1)).err(), Some(SubmitError::Overloaded(64)));
+    drop(occupant);
+    let outputs = futures::future::join_all(streams.into_iter().map(collect)).await;
+    assert!(outputs.iter().all(|(_, reason, n)| *reason == Some(FinishReason::Length) && *n == 2));
+}
+
+#[tokio::test]
+async fn a_panicking_step_ends_its_sequences_and_the_engine_serves_on() {
+    let config =
+        EngineConfig { faults: Faults { step_panic_token: Some(255), ..Default::default() }, ..Default::default() };
+    let handle = engine(config.clone()).await;
+    let mut doomed = handle.submit(request(vec![255, 1, 2], 50)).expect("queued");
+    let failure = loop {
+        match doomed.recv().await {
+            Some(Event::Failed(message)) => break message,
+            Some(Event::Text(_)) => continue,
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    };
+    assert!(failure.contains("internal error"), "{failure}");
+    assert_eq!(counter(&config, "engine_panics", &["tiny"]), 1);
+    let next = handle.submit(request(vec![1, 2, 3], 8)).expect("the engine takes the next request");
+    assert_eq!(collect(next).await.1, Some(FinishReason::Length));
+    assert!(matches!(handle.status(), EngineStatus::Ready(_)));
+}
+
+#[tokio::test]
+async fn a_panic_outside_a_step_stops_the_engine_for_good() {
+    let config =
+        EngineConfig { faults: Faults { engine_panic_token: Some(254), ..Default::default() }, ..Default::default() };
+    let handle = engine(config).await;
+    let doomed = handle.submit(request(vec![254, 1], 4)).expect("queued");
+    let reason = tokio::time::timeout(Duration::from_secs(20), handle.wait_stopped()).await.expect("engine stops");
+    assert!(reason.contains("injected fault"), "{reason}");
+    assert!(matches!(handle.status(), EngineStatus::Failed(_)));
+    assert_eq!(collect(doomed).await.1, None, "its stream ends without a finish");
+    assert_eq!(handle.submit(request(vec![1], 1)).err(), Some(SubmitError::Stopped));
 }
 
 #[tokio::test]
 async fn the_waiting_queue_is_bounded() {
     let handle = engine(EngineConfig { max_num_seqs: 1, max_waiting: 2, ..Default::default() }).await;
-    let (a, _a_rx) = request(vec![5; 4], 900);
-    handle.submit(a).expect("runs");
+    let _a = handle.submit(request(vec![5; 4], 900)).expect("runs");
     wait_for(&handle, "A to run", |s| s.running == 1).await;
-    let (b, _b_rx) = request(vec![6; 4], 4);
-    let (c, _c_rx) = request(vec![7; 4], 4);
-    handle.submit(b).expect("waits");
-    handle.submit(c).expect("waits");
-    // Let the engine run steps meanwhile: it must not take waiting requests
-    // off the queue while its batch is full.
+    let _b = handle.submit(request(vec![6; 4], 4)).expect("waits");
+    let _c = handle.submit(request(vec![7; 4], 4)).expect("waits");
+    // Let the engine run steps meanwhile: waiting requests keep their places.
     let steps = handle.stats().steps;
     wait_for(&handle, "a few more steps", |s| s.steps > steps + 3).await;
-    let (d, _d_rx) = request(vec![8; 4], 4);
-    assert_eq!(handle.submit(d).err(), Some(SubmitError::Overloaded(2)));
+    assert_eq!(handle.stats().waiting, 2);
+    assert_eq!(handle.submit(request(vec![8; 4], 4)).err(), Some(SubmitError::Overloaded(2)));
 }
 
 #[tokio::test]
 async fn the_kv_budget_makes_requests_wait_their_turn() {
     // Each request reserves 10 + 100 tokens; 150 fit one at a time.
     let handle = engine(EngineConfig { max_num_seqs: 8, max_kv_tokens: 150, ..Default::default() }).await;
-    let (a, a_rx) = request(vec![1; 10], 100);
-    let (b, b_rx) = request(vec![2; 10], 100);
-    handle.submit(a).expect("queued");
-    handle.submit(b).expect("queued");
-    let mut stats = Vec::new();
+    // The watcher samples from before the first submission until both are
+    // done: two sequences running together would last ~100 steps, far
+    // longer than a sample interval.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = {
-        let handle = handle.clone();
+        let (handle, done) = (handle.clone(), done.clone());
         tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(20);
             let mut seen = Vec::new();
-            while Instant::now() < deadline {
-                let s = handle.stats();
-                seen.push(s);
-                if s.steps > 0 && s.running == 0 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                seen.push(handle.stats());
+                tokio::time::sleep(Duration::from_micros(200)).await;
             }
             seen
         })
     };
+    let a_rx = handle.submit(request(vec![1; 10], 100)).expect("queued");
+    let b_rx = handle.submit(request(vec![2; 10], 100)).expect("queued");
     let (a_out, b_out) = tokio::join!(collect(a_rx), collect(b_rx));
-    stats.extend(watcher.await.expect("watcher"));
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let stats = watcher.await.expect("watcher");
     assert_eq!(a_out.2, 100);
     assert_eq!(b_out.2, 100);
+    assert!(stats.iter().any(|s| s.running == 1 && s.waiting == 1), "never saw one running while one waited");
     assert!(
         stats.iter().all(|s| s.running <= 1 && s.reserved_tokens <= 150),
         "budget exceeded: {:?}",

@@ -2,12 +2,13 @@
 
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{extract::State, Json, Router};
+use axum::{extract::State, Extension, Json, Router};
 use serde_json::Value as Json_;
 
 use super::error::ApiError;
 use super::generate::{self, Piece};
 use super::json::WithSampling;
+use super::observe::Facts;
 use super::params;
 use super::types::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, Delta,
@@ -22,21 +23,29 @@ pub fn router() -> Router<AppState> {
 
 async fn chat_completions(
     State(state): State<AppState>,
+    Extension(facts): Extension<Facts>,
     WithSampling(req): WithSampling<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let mut req = req;
     let (target, params) = prompting::prepare(&state, &mut req).await?;
+    facts.resolved(&target);
     let info = target.info.clone();
     refuse_unsupported(&req)?;
-    let chat = ChatRequest {
-        messages: prompting::chat_messages(&target, &req.messages, req.template_vars.as_ref())?,
-        tools: req.tools.clone(),
-        documents: req.documents.clone(),
-        add_generation_prompt: req.add_generation_prompt.unwrap_or(!req.continue_final_message),
-        continue_final_message: req.continue_final_message,
-        kwargs: merged_kwargs(&state, &target, req.chat_template_kwargs.as_ref()),
-    };
-    let ids = render_chat(&info, &chat)?;
+    let kwargs = merged_kwargs(&state, &target, req.chat_template_kwargs.as_ref());
+    let (target, req, ids) = state
+        .blocking(move || {
+            let chat = ChatRequest {
+                messages: prompting::chat_messages(&target, &req.messages, req.template_vars.as_ref())?,
+                tools: req.tools.clone(),
+                documents: req.documents.clone(),
+                add_generation_prompt: req.add_generation_prompt.unwrap_or(!req.continue_final_message),
+                continue_final_message: req.continue_final_message,
+                kwargs,
+            };
+            let ids = render_chat(&target.info, &chat)?;
+            Ok((target, req, ids))
+        })
+        .await?;
     let (param, requested) = match req.max_completion_tokens {
         Some(n) => ("max_completion_tokens", Some(n)),
         None => ("max_tokens", req.max_tokens),
@@ -60,7 +69,8 @@ async fn chat_completions(
         };
         let delta_choice =
             |index, delta, finish_reason| ChatChunkChoice { index, delta, logprobs: None, finish_reason };
-        let sse = generate::sse(submitted, params.include_usage, move |piece| match piece {
+        let delivery = generate::Delivery::new(&state, facts);
+        let sse = generate::sse(submitted, delivery, params.include_usage, move |piece| match piece {
             Piece::Start(index) => chunk(
                 vec![delta_choice(index, Delta { role: Some("assistant"), content: Some(String::new()) }, None)],
                 None,
@@ -75,7 +85,7 @@ async fn chat_completions(
         });
         return Ok(sse.into_response());
     }
-    let collected = generate::collect(submitted).await?;
+    let collected = generate::collect(submitted, generate::Delivery::new(&state, facts)).await?;
     let choices = collected
         .choices
         .into_iter()

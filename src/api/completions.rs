@@ -2,11 +2,12 @@
 
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{extract::State, Json, Router};
+use axum::{extract::State, Extension, Json, Router};
 
 use super::error::ApiError;
 use super::generate::{self, Piece};
 use super::json::WithSampling;
+use super::observe::Facts;
 use super::params;
 use super::types::{CompletionChoice, CompletionRequest, CompletionResponse};
 use super::{prompting, response_id, unix_now, AppState};
@@ -20,10 +21,12 @@ pub fn router() -> Router<AppState> {
 
 async fn completions(
     State(state): State<AppState>,
+    Extension(facts): Extension<Facts>,
     WithSampling(req): WithSampling<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let mut req = req;
     let (target, params) = prompting::prepare(&state, &mut req).await?;
+    facts.resolved(&target);
     let info = target.info.clone();
     params::refuse_if_set("logprobs", req.logprobs.as_ref())?;
     if req.echo == Some(true) {
@@ -32,7 +35,13 @@ async fn completions(
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::unsupported("suffix", ""));
     }
-    let prompts = prompting::completion_prompts(&target, req.prompt.as_ref(), req.template_vars.as_ref())?;
+    let (prompt, vars) = (req.prompt.take(), req.template_vars.take());
+    let (target, prompts) = state
+        .blocking(move || {
+            let prompts = prompting::completion_prompts(&target, prompt.as_ref(), vars.as_ref())?;
+            Ok((target, prompts))
+        })
+        .await?;
     let max_tokens = req.max_tokens.or(Some(DEFAULT_MAX_TOKENS));
     let prompts = prompts
         .into_iter()
@@ -57,7 +66,8 @@ async fn completions(
             })
             .ok()
         };
-        let sse = generate::sse(submitted, params.include_usage, move |piece| match piece {
+        let delivery = generate::Delivery::new(&state, facts);
+        let sse = generate::sse(submitted, delivery, params.include_usage, move |piece| match piece {
             Piece::Start(_) => None,
             Piece::Text(index, text) => chunk(vec![choice(index, text, None)], None),
             Piece::Finish(index, reason) => chunk(vec![choice(index, String::new(), Some(reason.as_str()))], None),
@@ -65,7 +75,7 @@ async fn completions(
         });
         return Ok(sse.into_response());
     }
-    let collected = generate::collect(submitted).await?;
+    let collected = generate::collect(submitted, generate::Delivery::new(&state, facts)).await?;
     let choices = collected
         .choices
         .into_iter()

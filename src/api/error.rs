@@ -138,6 +138,8 @@ impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match e {
             SubmitError::Overloaded(_) => ApiError::overloaded(e.to_string()),
+            // Retrying cannot help: 400, not 429.
+            SubmitError::TooMany { .. } => ApiError::invalid("prompt", e.to_string()),
             SubmitError::Stopped => ApiError::unavailable(e.to_string()),
         }
     }

@@ -2,49 +2,51 @@
 //! the events as SSE or collect the same events into one response.
 
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures::{Stream, StreamExt};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::error::ApiError;
+use super::lifecycle::Lifecycle;
+use super::observe::Facts;
 use super::params::Validated;
+use super::stall::Watched;
 use super::types::UsageBody;
 use super::{AppState, Target};
-use crate::engine::{Event, FinishReason, GenerationRequest};
+use crate::engine::{Event, EventStream, FinishReason, GenerationRequest, RequestTags};
 
-/// One submitted prompt: its choice index and its event receiver. Dropping
-/// it (client gone) cancels the sequence in the engine.
+/// One submitted prompt: its choice index and its events. Dropping it
+/// (client gone) cancels the sequence in the engine.
 pub struct Submitted {
     pub index: usize,
-    events: mpsc::UnboundedReceiver<Event>,
+    events: EventStream,
 }
 
-/// Queues every prompt; if one is refused, the ones already queued are
-/// dropped with it and so cancelled.
+/// Queues every prompt, all or none (a request with more prompts than may
+/// wait is a 400; a full line a 429).
 pub fn submit_all(
     state: &AppState,
     target: &Target,
     prompts: Vec<(Vec<u32>, usize)>,
     params: &Validated,
 ) -> Result<Vec<Submitted>, ApiError> {
-    let mut submitted = Vec::with_capacity(prompts.len());
-    for (index, (prompt, max_tokens)) in prompts.into_iter().enumerate() {
-        let (tx, rx) = mpsc::unbounded_channel();
-        state.engine.submit(GenerationRequest {
+    let requests = prompts
+        .into_iter()
+        .map(|(prompt, max_tokens)| GenerationRequest {
             prompt,
             adapter: target.adapter.clone(),
             sampling: params.sampling.clone(),
             max_tokens,
             stop: params.stop.clone(),
             ignore_eos: params.ignore_eos,
-            events: tx,
+            tags: RequestTags { model: target.requested.clone(), adapter: target.adapter_name.clone() },
             span: tracing::Span::current(),
-        })?;
-        submitted.push(Submitted { index, events: rx });
-    }
-    Ok(submitted)
+        })
+        .collect();
+    let streams = state.engine.submit_all(requests)?;
+    Ok(streams.into_iter().enumerate().map(|(index, events)| Submitted { index, events }).collect())
 }
 
 /// What a streaming endpoint turns into one SSE `data:` line.
@@ -57,10 +59,31 @@ pub enum Piece {
     Usage(UsageBody),
 }
 
+/// Where a generation's results go besides the client: the request's facts
+/// (for its log line), the shutdown signal, the stalled-reader timeout.
+pub struct Delivery {
+    facts: Facts,
+    lifecycle: Lifecycle,
+    write_timeout: Duration,
+}
+
+impl Delivery {
+    pub fn new(state: &AppState, facts: Facts) -> Self {
+        Self { facts, lifecycle: state.lifecycle.clone(), write_timeout: state.stream_write_timeout }
+    }
+}
+
+fn shutting_down() -> ApiError {
+    ApiError {
+        code: Some("shutting_down"),
+        ..ApiError::unavailable("the server shut down before the generation finished")
+    }
+}
+
 fn merged(subs: Vec<Submitted>) -> impl Stream<Item = (usize, Event)> {
     futures::stream::select_all(subs.into_iter().map(|s| {
         let index = s.index;
-        UnboundedReceiverStream::new(s.events).map(move |e| (index, e))
+        s.events.map(move |e| (index, e))
     }))
 }
 
@@ -70,9 +93,11 @@ fn engine_failure(message: String) -> ApiError {
 }
 
 /// Streams the events as SSE: `render` shapes each piece (None skips it),
-/// then `data: [DONE]`. After an error, one error event ends the stream.
+/// then `data: [DONE]`. After an error, one error event and `[DONE]` end the
+/// stream (as vLLM ends it).
 pub fn sse<F>(
     subs: Vec<Submitted>,
+    delivery: Delivery,
     include_usage: bool,
     render: F,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>>
@@ -80,7 +105,9 @@ where
     F: Fn(Piece) -> Option<String> + Send + 'static,
 {
     let choices = subs.len();
+    let tickets: Vec<Arc<crate::engine::Ticket>> = subs.iter().map(|s| s.events.ticket()).collect();
     let mut events = merged(subs);
+    let Delivery { facts, lifecycle, write_timeout } = delivery;
     let stream = async_stream::stream! {
         for index in 0..choices {
             if let Some(data) = render(Piece::Start(index)) {
@@ -89,14 +116,31 @@ where
         }
         let mut usage = UsageBody::default();
         let mut finished = 0;
-        while let Some((index, event)) = events.next().await {
+        let aborted = lifecycle.aborted();
+        tokio::pin!(aborted);
+        loop {
+            let next = tokio::select! {
+                biased;
+                event = events.next() => Some(event),
+                _ = &mut aborted => None,
+            };
+            let Some(next) = next else {
+                let error = shutting_down();
+                facts.failed(&error.message);
+                yield Ok(SseEvent::default().data(error.to_json()));
+                yield Ok(SseEvent::default().data("[DONE]"));
+                return;
+            };
+            let Some((index, event)) = next else { break };
             match event {
                 Event::Text(text) => {
+                    facts.text_arrived();
                     if let Some(data) = render(Piece::Text(index, text)) {
                         yield Ok(SseEvent::default().data(data));
                     }
                 }
                 Event::Finished { reason, usage: u } => {
+                    facts.finished(reason.as_str(), u.prompt_tokens, u.completion_tokens);
                     usage += u.into();
                     finished += 1;
                     if let Some(data) = render(Piece::Finish(index, reason)) {
@@ -104,14 +148,18 @@ where
                     }
                 }
                 Event::Failed(message) => {
+                    facts.failed(&message);
                     yield Ok(SseEvent::default().data(engine_failure(message).to_json()));
+                    yield Ok(SseEvent::default().data("[DONE]"));
                     return;
                 }
             }
         }
         if finished < choices {
-            let error = engine_failure("the engine stopped before the generation finished".into());
+            let error = engine_failure("the generation ended before it finished".into());
+            facts.failed(&error.message);
             yield Ok(SseEvent::default().data(error.to_json()));
+            yield Ok(SseEvent::default().data("[DONE]"));
             return;
         }
         if include_usage {
@@ -121,7 +169,7 @@ where
         }
         yield Ok(SseEvent::default().data("[DONE]"));
     };
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Sse::new(Watched::new(stream, tickets, write_timeout)).keep_alive(KeepAlive::default())
 }
 
 /// Every choice's full text and finish reason, and the summed usage.
@@ -130,16 +178,29 @@ pub struct Collected {
     pub usage: UsageBody,
 }
 
-pub async fn collect(subs: Vec<Submitted>) -> Result<Collected, ApiError> {
+pub async fn collect(subs: Vec<Submitted>, delivery: Delivery) -> Result<Collected, ApiError> {
     let n = subs.len();
     let mut texts = vec![String::new(); n];
     let mut reasons: Vec<Option<FinishReason>> = vec![None; n];
     let mut usage = UsageBody::default();
     let mut events = merged(subs);
-    while let Some((index, event)) = events.next().await {
+    let facts = &delivery.facts;
+    let aborted = delivery.lifecycle.aborted();
+    tokio::pin!(aborted);
+    loop {
+        let next = tokio::select! {
+            biased;
+            event = events.next() => event,
+            _ = &mut aborted => return Err(shutting_down()),
+        };
+        let Some((index, event)) = next else { break };
         match event {
-            Event::Text(text) => texts[index].push_str(&text),
+            Event::Text(text) => {
+                facts.text_arrived();
+                texts[index].push_str(&text);
+            }
             Event::Finished { reason, usage: u } => {
+                facts.finished(reason.as_str(), u.prompt_tokens, u.completion_tokens);
                 reasons[index] = Some(reason);
                 usage += u.into();
             }
@@ -150,9 +211,7 @@ pub async fn collect(subs: Vec<Submitted>) -> Result<Collected, ApiError> {
         .into_iter()
         .zip(reasons)
         .map(|(text, reason)| {
-            reason
-                .map(|r| (text, r))
-                .ok_or_else(|| engine_failure("the engine stopped before the generation finished".into()))
+            reason.map(|r| (text, r)).ok_or_else(|| engine_failure("the generation ended before it finished".into()))
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Collected { choices, usage })

@@ -4,26 +4,37 @@
 //! `State<AppState>` and return `Result<_, ApiError>`.
 
 pub mod adapters;
+pub mod auth;
 pub mod chat;
 pub mod completions;
 pub mod error;
 pub mod generate;
 pub mod json;
+pub mod lifecycle;
+pub mod metrics;
 pub mod models;
+pub mod observe;
 pub mod params;
 pub mod prompting;
+pub mod stall;
 pub mod templates;
 pub mod tokenize;
 pub mod types;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderName, Method};
+use axum::middleware::from_fn_with_state;
 use axum::Router;
-use tower_http::trace::TraceLayer;
+use tokio::sync::Semaphore;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::engine::{EngineHandle, EngineStatus};
 use crate::loader::ModelInfo;
+use crate::metrics::Metrics;
 use crate::model::lora::AdapterWeights;
 use crate::prompt::defaults::Defaults;
 use crate::prompt::presets::PresetStore;
@@ -42,19 +53,56 @@ pub struct AppState {
     pub enable_lora_loading: bool,
     pub templates: Arc<TemplateStore>,
     pub presets: Arc<PresetStore>,
+    pub metrics: Arc<Metrics>,
+    pub keys: Arc<auth::Keys>,
+    pub lifecycle: lifecycle::Lifecycle,
+    /// Bounds the CPU-heavy request work (rendering, tokenizing, parsing)
+    /// running off the async workers at once.
+    pub cpu: Arc<Semaphore>,
+    /// A streaming client that stops reading this long is cancelled.
+    pub stream_write_timeout: Duration,
 }
 
 /// What a request's `model` (and `template`) resolve to: the base, maybe an
 /// adapter, maybe a named template, and the request defaults of all layers.
 pub struct Target {
     pub info: Arc<ModelInfo>,
+    /// The id the client named.
+    pub requested: String,
     pub adapter: Option<Arc<AdapterWeights>>,
+    pub adapter_name: Option<String>,
+    /// The preset the id named, if it named one.
+    pub preset: Option<String>,
     pub template: Option<Arc<NamedTemplate>>,
     /// Preset over adapter over template; the request still wins over these.
     pub defaults: Defaults,
 }
 
 impl AppState {
+    /// The served base model's id, once it is loaded.
+    pub fn served_model(&self) -> Option<String> {
+        match self.engine.status() {
+            EngineStatus::Ready(info) => Some(info.id.clone()),
+            _ => None,
+        }
+    }
+
+    /// Runs CPU-heavy request work (rendering, tokenizing, large JSON) on
+    /// the blocking pool, a bounded number at a time, so the async workers
+    /// keep answering (`/health` among them). A panic in it is a 500.
+    pub async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let _permit =
+            self.cpu.clone().acquire_owned().await.map_err(|_| ApiError::unavailable("the server is shutting down"))?;
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || span.in_scope(work)).await.map_err(|e| {
+            tracing::error!(error = %e, "request work panicked");
+            ApiError::internal("internal error while preparing the request")
+        })?
+    }
+
     /// The loaded model, or 503 while it loads.
     pub fn model(&self) -> Result<Arc<ModelInfo>, ApiError> {
         match self.engine.status() {
@@ -132,18 +180,35 @@ impl AppState {
             Some(t) => layered.over(&t.defaults),
             None => layered,
         };
-        Ok(Target { info, adapter, template, defaults })
+        Ok(Target {
+            info,
+            requested: requested.to_string(),
+            adapter,
+            adapter_name,
+            preset: preset.map(|p| p.name),
+            template,
+            defaults,
+        })
     }
 }
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
+/// HTTP settings the router's layers need.
+#[derive(Debug, Clone, Default)]
+pub struct HttpOptions {
+    pub max_body_bytes: usize,
+    pub allowed_origins: Vec<String>,
+}
+
+pub fn router(state: AppState, options: &HttpOptions) -> Router {
+    let request_id = HeaderName::from_static(observe::REQUEST_ID);
+    let app = Router::new()
         .merge(completions::router())
         .merge(chat::router())
         .merge(models::router())
         .merge(tokenize::router())
         .merge(adapters::router())
         .merge(templates::router())
+        .merge(metrics::router())
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError {
@@ -151,9 +216,37 @@ pub fn router(state: AppState) -> Router {
                 ..ApiError::not_found("method not allowed on this route")
             }
         })
-        .layer(DefaultBodyLimit::max(json::MAX_BODY_BYTES))
-        .layer(TraceLayer::new_for_http())
-        .with_state(state)
+        // Layers run outermost last: CORS, request id, logging, draining, keys, body limit.
+        .layer(DefaultBodyLimit::max(options.max_body_bytes))
+        .layer(from_fn_with_state(state.clone(), auth::require_keys))
+        .layer(from_fn_with_state(state.clone(), lifecycle::refuse_while_draining))
+        .layer(from_fn_with_state(state.clone(), observe::observe))
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .with_state(state);
+    match cors(&options.allowed_origins) {
+        Some(cors) => app.layer(cors),
+        None => app,
+    }
+}
+
+/// CORS only for the origins the operator listed (`*` for any).
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, HeaderName::from_static(observe::REQUEST_ID)])
+            .expose_headers([HeaderName::from_static(observe::REQUEST_ID)]),
+    )
 }
 
 /// Seconds since the Unix epoch.

@@ -58,8 +58,12 @@ async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> Res
     cards(&state)?.into_iter().find(|c| c.id == id).map(Json).ok_or_else(|| ApiError::model_not_found(&id))
 }
 
-/// 200 once the model serves, 503 while it loads or after it failed.
+/// 200 once the model serves; 503 while it loads, after it failed, once
+/// the engine stopped, and while the server drains for shutdown.
 async fn health(State(state): State<AppState>) -> Response {
+    if state.lifecycle.is_draining() {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({ "status": "draining" }))).into_response();
+    }
     let (status, text) = match state.engine.status() {
         EngineStatus::Ready(_) => (StatusCode::OK, "ok".to_string()),
         EngineStatus::Loading => (StatusCode::SERVICE_UNAVAILABLE, "loading".to_string()),

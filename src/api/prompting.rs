@@ -216,7 +216,7 @@ mod tests {
             mode: WeightMode::Quantized,
             adapters: AdapterRegistry::new(
                 BaseShapes::of(&config),
-                RegistryOptions { max_rank: 8, max_loaded: 0, roots: Vec::new() },
+                RegistryOptions { max_rank: 8, max_loaded: 0, roots: Vec::new(), max_adapters: 0 },
             ),
         };
         assert!(prompt_ids(&info, &Prompt::Tokens(vec![1, 199])).is_ok());

@@ -12,7 +12,7 @@ use super::error::ApiError;
 use super::json::AppJson;
 use super::prompting;
 use super::types::Prompt;
-use super::AppState;
+use super::{AppState, Target};
 use crate::prompt::templates::TemplateCard;
 use crate::prompt::ChatRequest;
 
@@ -79,26 +79,37 @@ async fn render(
     };
     let target = state.resolve(&model, Some(&name)).await?;
     let info = target.info.clone();
+    let kwargs = merged_kwargs(&state, &target, req.chat_template_kwargs.as_ref());
+    let (tokens, prompt) = state.blocking(move || render_request(&target, req, kwargs)).await?;
+    Ok(Json(RenderResponse { prompt, count: tokens.len(), tokens, max_model_len: info.max_model_len }))
+}
+
+fn render_request(
+    target: &Target,
+    req: RenderRequest,
+    kwargs: Map<String, Json_>,
+) -> Result<(Vec<u32>, String), ApiError> {
+    let info = &target.info;
     let tokens = match req.mode {
         Mode::Completion => {
             let prompt = req.prompt.map(Prompt::Text);
-            prompting::completion_prompts(&target, prompt.as_ref(), Some(&req.template_vars))?.pop().unwrap_or_default()
+            prompting::completion_prompts(target, prompt.as_ref(), Some(&req.template_vars))?.pop().unwrap_or_default()
         }
         Mode::Chat => {
             let chat = ChatRequest {
-                messages: prompting::chat_messages(&target, &req.messages, Some(&req.template_vars))?,
+                messages: prompting::chat_messages(target, &req.messages, Some(&req.template_vars))?,
                 add_generation_prompt: true,
-                kwargs: merged_kwargs(&state, &target, req.chat_template_kwargs.as_ref()),
+                kwargs,
                 ..Default::default()
             };
-            render_chat(&info, &chat)?
+            render_chat(info, &chat)?
         }
     };
     let prompt = info
         .tokenizer
         .decode(&tokens, false)
         .map_err(|e| ApiError::internal(format!("cannot decode the prompt: {e}")))?;
-    Ok(Json(RenderResponse { prompt, count: tokens.len(), tokens, max_model_len: info.max_model_len }))
+    Ok((tokens, prompt))
 }
 
 #[derive(Serialize)]
@@ -108,8 +119,14 @@ struct ReloadResponse {
     errors: Vec<String>,
 }
 
-async fn reload(State(state): State<AppState>) -> Json<ReloadResponse> {
-    let mut errors = state.templates.reload();
-    errors.extend(state.presets.reload());
-    Json(ReloadResponse { templates: state.templates.list().len(), presets: state.presets.list().len(), errors })
+async fn reload(State(state): State<AppState>) -> Result<Json<ReloadResponse>, ApiError> {
+    let (templates, presets) = (state.templates.clone(), state.presets.clone());
+    let response = state
+        .blocking(move || {
+            let mut errors = templates.reload();
+            errors.extend(presets.reload());
+            Ok(ReloadResponse { templates: templates.list().len(), presets: presets.list().len(), errors })
+        })
+        .await?;
+    Ok(Json(response))
 }

@@ -1,6 +1,8 @@
 //! `POST /tokenize` and `POST /detokenize`, in vLLM's shapes.
 
 use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 
@@ -10,21 +12,36 @@ use super::json::AppJson;
 use super::prompting::normalize_messages;
 use super::types::{DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse};
 use super::AppState;
+use crate::loader::ModelInfo;
 use crate::prompt::ChatRequest;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/tokenize", post(tokenize)).route("/detokenize", post(detokenize))
 }
 
-async fn tokenize(
-    State(state): State<AppState>,
-    AppJson(req): AppJson<TokenizeRequest>,
-) -> Result<Json<TokenizeResponse>, ApiError> {
+async fn tokenize(State(state): State<AppState>, AppJson(req): AppJson<TokenizeRequest>) -> Result<Response, ApiError> {
     let info = match &req.model {
         Some(model) => state.model_named(model)?,
         None => state.model()?,
     };
-    let tokens = match (&req.prompt, &req.messages) {
+    let defaults = state.default_chat_template_kwargs.clone();
+    // A big prompt's id list is megabytes of JSON: written off the async workers too.
+    let body = state
+        .blocking(move || {
+            let tokens = tokenize_request(&info, &defaults, &req)?;
+            let response = TokenizeResponse { count: tokens.len(), tokens, max_model_len: info.max_model_len };
+            serde_json::to_vec(&response).map_err(|e| ApiError::internal(format!("cannot write the response: {e}")))
+        })
+        .await?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+fn tokenize_request(
+    info: &ModelInfo,
+    default_kwargs: &serde_json::Map<String, serde_json::Value>,
+    req: &TokenizeRequest,
+) -> Result<Vec<u32>, ApiError> {
+    Ok(match (&req.prompt, &req.messages) {
         (Some(prompt), None) => {
             let result = if req.add_special_tokens.unwrap_or(true) {
                 info.tokenizer.encode_prompt(prompt)
@@ -39,17 +56,16 @@ async fn tokenize(
                 add_generation_prompt: req.add_generation_prompt.unwrap_or(!req.continue_final_message),
                 continue_final_message: req.continue_final_message,
                 kwargs: {
-                    let mut kwargs = (*state.default_chat_template_kwargs).clone();
+                    let mut kwargs = default_kwargs.clone();
                     kwargs.extend(req.chat_template_kwargs.clone().unwrap_or_default());
                     kwargs
                 },
                 ..Default::default()
             };
-            render_chat(&info, &chat)?
+            render_chat(info, &chat)?
         }
         _ => return Err(ApiError::bad_request("give exactly one of `prompt` and `messages`")),
-    };
-    Ok(Json(TokenizeResponse { count: tokens.len(), tokens, max_model_len: info.max_model_len }))
+    })
 }
 
 async fn detokenize(
@@ -64,9 +80,12 @@ async fn detokenize(
     if let Some(bad) = req.tokens.iter().find(|&&t| t >= vocab) {
         return Err(ApiError::invalid("tokens", format!("token id {bad} is outside the vocabulary (size {vocab})")));
     }
-    let prompt = info
-        .tokenizer
-        .decode(&req.tokens, false)
-        .map_err(|e| ApiError::invalid("tokens", format!("cannot decode: {e}")))?;
+    let prompt = state
+        .blocking(move || {
+            info.tokenizer
+                .decode(&req.tokens, false)
+                .map_err(|e| ApiError::invalid("tokens", format!("cannot decode: {e}")))
+        })
+        .await?;
     Ok(Json(DetokenizeResponse { prompt }))
 }

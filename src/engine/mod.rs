@@ -4,26 +4,36 @@
 //!
 //! Layout:
 //! - `request`: what crosses into the engine, and the events that come back;
+//! - `queue`: the waiting line's places (freed at once by a client that leaves);
+//! - `telemetry`: per-request and per-step metrics, recorded where they happen;
 //! - `sequence`: one generation in flight (cache, sampler, detokenizer, stops);
 //! - `scheduler`: the admission policy and the step loop;
 //! - `sampling`, `stop`, `detokenizer`: per-token logic.
 
 pub mod detokenizer;
+#[cfg(feature = "fault-injection")]
+pub mod faults;
+pub mod queue;
 pub mod request;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
 pub mod stop;
+mod telemetry;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 
-pub use request::{Event, FinishReason, GenerationRequest, Usage};
+use queue::{Line, Queued};
+
+pub use queue::{EventStream, SubmitError, Ticket};
+pub use request::{Event, FinishReason, GenerationRequest, RequestTags, Usage};
 pub use sampling::SamplingParams;
 
 use crate::loader::{self, LoadOptions, Loaded, ModelInfo};
+use crate::metrics::Metrics;
 
 /// Limits of the engine's queue and batch.
 #[derive(Debug, Clone)]
@@ -38,17 +48,27 @@ pub struct EngineConfig {
     pub max_kv_tokens: usize,
     /// Tokens one step may process: bounds how much prompt a step prefills.
     pub max_batch_tokens: usize,
+    /// Where the engine records per-request and per-step metrics.
+    pub metrics: Arc<Metrics>,
+    /// Test-only: panics on cue.
+    #[cfg(feature = "fault-injection")]
+    pub faults: faults::Faults,
 }
 
 /// What the engine holds right now, published after every step.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EngineStats {
     pub running: usize,
+    /// Requests in line (as the line counts them: leavers are gone at once).
+    pub waiting: usize,
     /// Tokens in the KV caches of running sequences.
     pub kv_tokens: usize,
     /// Tokens reserved for them (prompt + max_tokens each).
     pub reserved_tokens: usize,
     pub steps: u64,
+    /// Adapter names of running and of waiting requests (distinct, sorted).
+    pub running_adapters: Vec<String>,
+    pub waiting_adapters: Vec<String>,
 }
 
 impl Default for EngineConfig {
@@ -59,6 +79,9 @@ impl Default for EngineConfig {
             threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             max_kv_tokens: 65_536,
             max_batch_tokens: 512,
+            metrics: Arc::new(Metrics::new()),
+            #[cfg(feature = "fault-injection")]
+            faults: faults::Faults::default(),
         }
     }
 }
@@ -72,21 +95,15 @@ pub enum EngineStatus {
     Stopped,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum SubmitError {
-    #[error("the server is overloaded: {0} requests are already waiting")]
-    Overloaded(usize),
-    #[error("the engine has stopped")]
-    Stopped,
-}
-
 /// A cheap, clonable handle to the engine thread.
 #[derive(Clone)]
 pub struct EngineHandle {
-    submit: mpsc::Sender<GenerationRequest>,
+    submit: mpsc::UnboundedSender<Queued>,
     status: watch::Receiver<EngineStatus>,
     stats: watch::Receiver<EngineStats>,
-    max_waiting: usize,
+    line: Line,
+    max_num_seqs: usize,
+    max_kv_tokens: usize,
 }
 
 impl EngineHandle {
@@ -98,21 +115,35 @@ impl EngineHandle {
     /// Starts the engine thread with any way of producing the model (tests
     /// use a tiny random one).
     pub fn start_with(load: impl FnOnce() -> Result<Loaded, String> + Send + 'static, config: EngineConfig) -> Self {
-        let (submit, queue) = mpsc::channel(config.max_waiting.max(1));
+        let (submit, queue) = mpsc::unbounded_channel();
         let (status_tx, status) = watch::channel(EngineStatus::Loading);
         let (stats_tx, stats) = watch::channel(EngineStats::default());
-        let max_waiting = config.max_waiting;
+        let line = Line::new(config.max_waiting);
+        let (max_num_seqs, max_kv_tokens) = (config.max_num_seqs, config.max_kv_tokens);
+        let engine_line = line.clone();
         let spawned = std::thread::Builder::new()
             .name("tailor-engine".into())
-            .spawn(move || scheduler::run(load, config, queue, status_tx, stats_tx));
+            .spawn(move || scheduler::run(load, config, queue, engine_line, status_tx, stats_tx));
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the engine thread");
         }
-        Self { submit, status, stats, max_waiting }
+        Self { submit, status, stats, line, max_num_seqs, max_kv_tokens }
     }
 
     pub fn stats(&self) -> EngineStats {
-        *self.stats.borrow()
+        let mut stats = self.stats.borrow().clone();
+        stats.waiting = self.line.waiting();
+        stats
+    }
+
+    /// Sequences one step may run together.
+    pub fn max_num_seqs(&self) -> usize {
+        self.max_num_seqs
+    }
+
+    /// KV tokens the running sequences may reserve together.
+    pub fn max_kv_tokens(&self) -> usize {
+        self.max_kv_tokens
     }
 
     pub fn status(&self) -> EngineStatus {
@@ -126,11 +157,39 @@ impl EngineHandle {
         result.unwrap_or(EngineStatus::Stopped)
     }
 
-    /// Queues a request without waiting: a full queue is refused at once.
-    pub fn submit(&self, request: GenerationRequest) -> Result<(), SubmitError> {
-        self.submit.try_send(request).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SubmitError::Overloaded(self.max_waiting),
-            mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
-        })
+    /// Waits until the engine can no longer serve: the reason it stopped.
+    pub async fn wait_stopped(&self) -> String {
+        let mut status = self.status.clone();
+        let stopped = status.wait_for(|s| matches!(s, EngineStatus::Failed(_) | EngineStatus::Stopped)).await;
+        match stopped.as_deref() {
+            Ok(EngineStatus::Failed(e)) => e.clone(),
+            _ => "the engine stopped".to_string(),
+        }
+    }
+
+    /// Queues one request without waiting: a full line is refused at once.
+    pub fn submit(&self, request: GenerationRequest) -> Result<EventStream, SubmitError> {
+        let mut streams = self.submit_all(vec![request])?;
+        streams.pop().ok_or(SubmitError::Stopped)
+    }
+
+    /// Queues several requests (the prompts of one HTTP request) all or none.
+    pub fn submit_all(&self, requests: Vec<GenerationRequest>) -> Result<Vec<EventStream>, SubmitError> {
+        if !matches!(*self.status.borrow(), EngineStatus::Ready(_) | EngineStatus::Loading) {
+            return Err(SubmitError::Stopped);
+        }
+        let tickets = self.line.take(requests.len())?;
+        let arrived = std::time::Instant::now();
+        let mut streams = Vec::with_capacity(requests.len());
+        for (request, ticket) in requests.into_iter().zip(&tickets) {
+            let (events, rx) = mpsc::unbounded_channel();
+            let queued = Queued { request, events, ticket: ticket.clone(), arrived };
+            if self.submit.send(queued).is_err() {
+                tickets.iter().for_each(|t| t.cancel());
+                return Err(SubmitError::Stopped);
+            }
+            streams.push(EventStream::new(rx, ticket.clone()));
+        }
+        Ok(streams)
     }
 }

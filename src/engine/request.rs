@@ -2,13 +2,21 @@
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
-
 use crate::model::lora::AdapterWeights;
 
 use super::SamplingParams;
 
-/// A validated generation request: token ids in, events out.
+/// Names the engine reports a request under (metrics, `lora_requests_info`).
+#[derive(Debug, Clone, Default)]
+pub struct RequestTags {
+    /// The model id the client named (base, adapter or preset).
+    pub model: String,
+    /// The adapter's name, when one applies.
+    pub adapter: Option<String>,
+}
+
+/// A validated generation request: token ids in; events come back through
+/// the `EventStream` that submitting returns.
 pub struct GenerationRequest {
     pub prompt: Vec<u32>,
     /// The LoRA adapter to apply; held for the whole generation, so an unload
@@ -20,9 +28,7 @@ pub struct GenerationRequest {
     pub stop: Vec<String>,
     /// Keep going past end-of-sequence tokens (fixed-length benchmarks).
     pub ignore_eos: bool,
-    /// Unbounded on purpose: the engine must never wait on a slow client, and
-    /// `max_tokens` bounds how many events one request can queue.
-    pub events: mpsc::UnboundedSender<Event>,
+    pub tags: RequestTags,
     /// The request's span: engine logs line up with the HTTP request.
     pub span: tracing::Span,
 }

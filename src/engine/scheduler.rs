@@ -4,12 +4,16 @@
 //! decoding sequence, and a chunk of prompt for prefilling ones within a
 //! token budget, so a long prompt never stalls running streams.
 
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::{mpsc, watch};
 
-use super::request::GenerationRequest;
+use super::queue::{Line, Queued};
 use super::sequence::Sequence;
+use super::telemetry::Telemetry;
 use super::{EngineConfig, EngineStats, EngineStatus};
 use crate::loader::{Loaded, ModelInfo};
 use crate::model::llama::Logits;
@@ -45,14 +49,21 @@ impl Admission {
 pub(super) fn run(
     load: impl FnOnce() -> Result<Loaded, String>,
     config: EngineConfig,
-    queue: mpsc::Receiver<GenerationRequest>,
+    queue: mpsc::UnboundedReceiver<Queued>,
+    line: Line,
     status: watch::Sender<EngineStatus>,
     stats: watch::Sender<EngineStats>,
 ) {
-    let started = std::time::Instant::now();
-    let loaded = match load() {
-        Ok(l) => l,
-        Err(e) => {
+    let started = Instant::now();
+    let loaded = match catch_unwind(AssertUnwindSafe(load)) {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "cannot load the model");
+            let _ = status.send(EngineStatus::Failed(e));
+            return;
+        }
+        Err(panic) => {
+            let e = format!("loading the model panicked: {}", panic_message(&*panic));
             tracing::error!(error = %e, "cannot load the model");
             let _ = status.send(EngineStatus::Failed(e));
             return;
@@ -66,22 +77,51 @@ pub(super) fn run(
         seconds = started.elapsed().as_secs_f32(),
         "model loaded"
     );
-    let admission = Admission::from_config(&config);
+    let engine = Engine {
+        model: &loaded.model,
+        info: &info,
+        admission: Admission::from_config(&config),
+        telemetry: Telemetry::new(config.metrics.clone(), &info.id),
+        line,
+        stats: &stats,
+        #[cfg(feature = "fault-injection")]
+        faults: config.faults.clone(),
+    };
     let start = || {
         warm_up(&loaded.model);
         let _ = status.send(EngineStatus::Ready(info.clone()));
-        serve(&loaded.model, &info, &admission, queue, &stats)
+        // A panic outside a step leaves the engine's state unknown: the
+        // engine stops, and the server with it.
+        catch_unwind(AssertUnwindSafe(|| engine.serve(queue)))
     };
     // The engine loop runs as a worker of the compute pool, so it takes part
     // in every parallel kernel instead of sleeping while others run it.
-    match rayon::ThreadPoolBuilder::new().num_threads(config.threads.max(1)).build() {
+    let outcome = match rayon::ThreadPoolBuilder::new().num_threads(config.threads.max(1)).build() {
         Ok(pool) => pool.install(start),
         Err(e) => {
             tracing::warn!(error = %e, "no dedicated compute pool; running on the global one");
             start()
         }
+    };
+    match outcome {
+        Ok(()) => {
+            let _ = status.send(EngineStatus::Stopped);
+        }
+        Err(panic) => {
+            let e = format!("the engine panicked: {}", panic_message(&*panic));
+            tracing::error!(error = %e, "the engine cannot go on");
+            let _ = status.send(EngineStatus::Failed(e));
+        }
     }
-    let _ = status.send(EngineStatus::Stopped);
+}
+
+/// The text of a panic payload (`panic!` gives a `&str` or a `String`).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
 }
 
 /// One short prefill and one decode step before the server reports ready,
@@ -101,72 +141,168 @@ fn warm_up(model: &Llama) {
     tracing::info!(ms = started.elapsed().as_millis() as u64, "warmed up");
 }
 
-/// Runs until every submitting handle is gone and no sequence is left.
-pub fn serve(
-    model: &Llama,
-    info: &ModelInfo,
-    admission: &Admission,
-    mut queue: mpsc::Receiver<GenerationRequest>,
-    stats: &watch::Sender<EngineStats>,
-) {
-    let mut running: Vec<Sequence> = Vec::new();
-    // The head of the queue, taken out but not admitted yet (FIFO).
-    let mut head: Option<GenerationRequest> = None;
-    let mut steps = 0u64;
-    loop {
+/// Everything the loop reads, borrowed from `run`.
+struct Engine<'a> {
+    model: &'a Llama,
+    info: &'a ModelInfo,
+    admission: Admission,
+    telemetry: Telemetry,
+    line: Line,
+    stats: &'a watch::Sender<EngineStats>,
+    #[cfg(feature = "fault-injection")]
+    faults: super::faults::Faults,
+}
+
+impl Engine<'_> {
+    /// Runs until every submitting handle is gone and no sequence is left.
+    fn serve(&self, mut queue: mpsc::UnboundedReceiver<Queued>) {
+        let mut running: Vec<Sequence> = Vec::new();
+        let mut waiting: VecDeque<Queued> = VecDeque::new();
+        let mut steps = 0u64;
         loop {
-            // A full batch takes nothing from the queue, so the queue's bound
-            // is what decides 429s; only a request that waits for KV room is
-            // held at the head.
-            if head.is_none() && running.len() >= admission.max_num_seqs {
-                break;
+            if running.is_empty() && waiting.is_empty() {
+                // Nothing to run: block until a request (or the end).
+                match queue.blocking_recv() {
+                    Some(q) => waiting.push_back(q),
+                    None => return,
+                }
             }
-            if head.is_none() {
-                head = if running.is_empty() {
-                    // Nothing to run: block until a request (or the end).
-                    match queue.blocking_recv() {
-                        Some(r) => Some(r),
-                        None => return,
+            while let Ok(q) = queue.try_recv() {
+                waiting.push_back(q);
+            }
+            waiting.retain(|q| !q.is_abandoned());
+            self.admit(&mut waiting, &mut running);
+            running.retain(|s| {
+                if s.is_cancelled() {
+                    tracing::debug!(parent: &s.span, generated = s.generated.len(), "client gone, sequence cancelled");
+                    self.telemetry.left(s);
+                }
+                !s.is_cancelled()
+            });
+            if !running.is_empty() {
+                let started = Instant::now();
+                let (sequences, tokens) = self.step(&mut running);
+                self.telemetry.step(started.elapsed(), sequences, tokens);
+                running.retain(|s| {
+                    if s.is_finished() {
+                        self.telemetry.left(s);
                     }
-                } else {
-                    queue.try_recv().ok()
-                };
+                    !s.is_finished()
+                });
+                steps += 1;
             }
-            let Some(next) = head.take() else { break };
-            if next.events.is_closed() {
-                continue;
-            }
+            self.publish(&running, &waiting, steps);
+        }
+    }
+
+    /// FIFO admission: the head joins while a slot and its KV reservation
+    /// fit; nobody behind it overtakes.
+    fn admit(&self, waiting: &mut VecDeque<Queued>, running: &mut Vec<Sequence>) {
+        while running.len() < self.admission.max_num_seqs {
+            let Some(head) = waiting.front() else { return };
             let reserved: usize = running.iter().map(Sequence::reservation).sum();
-            let need = next.prompt.len() + next.max_tokens;
-            if !admission.admits(running.len(), reserved, need) {
-                head = Some(next);
-                break;
+            let need = head.request.prompt.len() + head.request.max_tokens;
+            if !self.admission.admits(running.len(), reserved, need) {
+                return;
             }
-            running.push(Sequence::new(next, model.new_cache(need)));
-        }
-        running.retain(|s| {
-            if s.is_cancelled() {
-                tracing::debug!(parent: &s.span, generated = s.generated.len(), "client gone, sequence cancelled");
+            let Some(next) = waiting.pop_front() else { return };
+            #[cfg(feature = "fault-injection")]
+            inject(self.faults.engine_panic_token, &next.request.prompt, "engine loop");
+            if !next.ticket.admit() {
+                continue; // its client left meanwhile
             }
-            !s.is_cancelled()
-        });
-        if !running.is_empty() {
-            step(model, info, admission, &mut running);
-            running.retain(|s| !s.is_finished());
-            steps += 1;
+            let seq = Sequence::new(next, self.model.new_cache(need));
+            self.telemetry.admitted(&seq);
+            running.push(seq);
         }
-        let _ = stats.send(EngineStats {
+    }
+
+    fn publish(&self, running: &[Sequence], waiting: &VecDeque<Queued>, steps: u64) {
+        let names = |tags: &mut dyn Iterator<Item = &Option<String>>| {
+            let mut names: Vec<String> = tags.flatten().cloned().collect();
+            names.sort();
+            names.dedup();
+            names
+        };
+        let _ = self.stats.send(EngineStats {
             running: running.len(),
+            waiting: self.line.waiting(),
             kv_tokens: running.iter().map(|s| s.cache.len()).sum(),
             reserved_tokens: running.iter().map(Sequence::reservation).sum(),
             steps,
+            running_adapters: names(&mut running.iter().map(|s| &s.tags.adapter)),
+            waiting_adapters: names(&mut waiting.iter().map(|q| &q.request.tags.adapter)),
         });
+    }
+
+    /// One forward over all running sequences. A panic inside it ends the
+    /// sequences of this step with an error; the engine goes on (the model
+    /// is read-only, and their KV caches leave with them). Returns how many
+    /// sequences and tokens the step ran.
+    fn step(&self, running: &mut [Sequence]) -> (usize, usize) {
+        let plan = plan(&self.admission, running);
+        let tokens = plan.iter().map(|(_, t)| t.len()).sum();
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.execute(&plan, running)));
+        if let Err(panic) = outcome {
+            self.telemetry.panics.inc();
+            tracing::error!(panic = %panic_message(&*panic), "an engine step panicked; its sequences end with an error");
+            for (i, _) in &plan {
+                if !running[*i].is_finished() {
+                    running[*i].fail("internal error: the engine step running this request failed".into());
+                }
+            }
+        }
+        (plan.len(), tokens)
+    }
+
+    fn execute(&self, plan: &[(usize, Vec<u32>)], running: &mut [Sequence]) {
+        #[cfg(feature = "fault-injection")]
+        for (i, _) in plan {
+            inject(self.faults.step_panic_token, &running[*i].prompt, "engine step");
+        }
+        let mut rows: Vec<BatchRow> = Vec::with_capacity(plan.len());
+        let mut in_plan = plan.iter().peekable();
+        for (i, s) in running.iter_mut().enumerate() {
+            let Some((_, tokens)) = in_plan.next_if(|(j, _)| *j == i) else { continue };
+            let completes_prompt = !s.is_prefilling() || s.prefilled() + tokens.len() == s.prompt.len();
+            rows.push(BatchRow {
+                tokens,
+                cache: &mut s.cache,
+                logits: if completes_prompt { Logits::Last } else { Logits::None },
+                adapter: s.adapter.as_ref(),
+            });
+        }
+        let logits = match self.model.forward(&mut rows) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "forward failed");
+                for (i, _) in plan {
+                    running[*i].fail(format!("generation failed: {e}"));
+                }
+                return;
+            }
+        };
+        for ((i, _), logits) in plan.iter().zip(logits) {
+            let seq = &mut running[*i];
+            if seq.is_prefilling() {
+                continue; // a prompt chunk: no token yet
+            }
+            let span = seq.span.clone();
+            let _enter = span.enter();
+            match logits.squeeze(0).and_then(|l| l.to_vec1::<f32>()) {
+                Ok(mut l) => {
+                    seq.accept(&mut l, &self.info.tokenizer, &self.info.eos_token_ids, self.info.max_model_len);
+                    self.telemetry.token(seq);
+                }
+                Err(e) => seq.fail(format!("generation failed: {e}")),
+            }
+        }
     }
 }
 
-/// One forward over all running sequences: decoding ones first (one token
-/// each), then prompt chunks in arrival order within the token budget.
-fn step(model: &Llama, info: &ModelInfo, admission: &Admission, running: &mut [Sequence]) {
+/// What each sequence feeds this step, in `running` order: decoding ones
+/// one token each, then prompt chunks in arrival order within the budget.
+fn plan(admission: &Admission, running: &[Sequence]) -> Vec<(usize, Vec<u32>)> {
     let mut budget = admission.max_batch_tokens;
     let mut inputs: Vec<Option<Vec<u32>>> = vec![None; running.len()];
     for (i, s) in running.iter().enumerate() {
@@ -182,41 +318,12 @@ fn step(model: &Llama, info: &ModelInfo, admission: &Admission, running: &mut [S
             inputs[i] = Some(chunk);
         }
     }
-    let mut rows: Vec<BatchRow> = Vec::new();
-    let mut members: Vec<usize> = Vec::new();
-    for (i, (s, input)) in running.iter_mut().zip(&inputs).enumerate() {
-        let Some(tokens) = input else { continue };
-        let completes_prompt = !s.is_prefilling() || s.prefilled() + tokens.len() == s.prompt.len();
-        rows.push(BatchRow {
-            tokens,
-            cache: &mut s.cache,
-            logits: if completes_prompt { Logits::Last } else { Logits::None },
-            adapter: s.adapter.as_ref(),
-        });
-        members.push(i);
-    }
-    let logits = match model.forward(&mut rows) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "forward failed");
-            for i in members {
-                running[i].fail(format!("generation failed: {e}"));
-            }
-            return;
-        }
-    };
-    for (i, logits) in members.into_iter().zip(logits) {
-        let seq = &mut running[i];
-        if seq.is_prefilling() {
-            continue; // a prompt chunk: no token yet
-        }
-        let span = seq.span.clone();
-        let _enter = span.enter();
-        match logits.squeeze(0).and_then(|l| l.to_vec1::<f32>()) {
-            Ok(mut l) => {
-                seq.accept(&mut l, &info.tokenizer, &info.eos_token_ids, info.max_model_len);
-            }
-            Err(e) => seq.fail(format!("generation failed: {e}")),
-        }
+    inputs.into_iter().enumerate().filter_map(|(i, input)| input.map(|t| (i, t))).collect()
+}
+
+#[cfg(feature = "fault-injection")]
+fn inject(token: Option<u32>, prompt: &[u32], place: &str) {
+    if token.is_some() && prompt.first() == token.as_ref() {
+        panic!("injected fault in the {place}");
     }
 }

@@ -1,8 +1,12 @@
 //! One generation in flight: its KV cache and the per-token state that turns
 //! sampled ids into released text.
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use super::detokenizer::IncrementalDecoder;
-use super::request::{Event, FinishReason, GenerationRequest, Usage};
+use super::queue::{Queued, Ticket};
+use super::request::{Event, FinishReason, RequestTags, Usage};
 use super::sampling::Sampler;
 use super::stop::StopMatcher;
 use crate::model::KvCache;
@@ -19,12 +23,26 @@ pub struct Sequence {
     max_tokens: usize,
     ignore_eos: bool,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
+    ticket: Arc<Ticket>,
+    pub tags: RequestTags,
     pub span: tracing::Span,
-    finished: bool,
+    pub timing: Timing,
+    /// Set once the sequence ends: how (None when it failed).
+    outcome: Option<Option<FinishReason>>,
+}
+
+/// When things happened to a sequence (for the latency metrics).
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub arrived: Instant,
+    pub admitted: Instant,
+    pub first_token: Option<Instant>,
+    pub last_token: Option<Instant>,
 }
 
 impl Sequence {
-    pub fn new(request: GenerationRequest, cache: KvCache) -> Self {
+    pub(super) fn new(queued: Queued, cache: KvCache) -> Self {
+        let Queued { request, events, ticket, arrived } = queued;
         Self {
             prompt: request.prompt,
             adapter: request.adapter,
@@ -35,9 +53,12 @@ impl Sequence {
             stops: StopMatcher::new(request.stop),
             max_tokens: request.max_tokens,
             ignore_eos: request.ignore_eos,
-            events: request.events,
+            events,
+            ticket,
+            tags: request.tags,
             span: request.span,
-            finished: false,
+            timing: Timing { arrived, admitted: Instant::now(), first_token: None, last_token: None },
+            outcome: None,
         }
     }
 
@@ -69,13 +90,19 @@ impl Sequence {
         self.prompt.len() + self.max_tokens
     }
 
-    /// The client went away: nobody reads the events any more.
+    /// The client went away (nobody reads the events any more) or a
+    /// watchdog ended the request.
     pub fn is_cancelled(&self) -> bool {
-        self.events.is_closed()
+        self.events.is_closed() || self.ticket.is_cancelled()
     }
 
     pub fn is_finished(&self) -> bool {
-        self.finished
+        self.outcome.is_some()
+    }
+
+    /// How it finished: `Some(reason)`, or `None` if it failed or still runs.
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.outcome.flatten()
     }
 
     /// Samples from this step's logits and releases text. Returns true when
@@ -84,8 +111,11 @@ impl Sequence {
         let token = self.sampler.sample(logits);
         self.generated.push(token);
         if !self.ignore_eos && eos.contains(&token) {
-            let rest = self.decoder.finish(tokenizer);
-            let text = rest + &self.stops.finish();
+            // The decoder's tail still passes the stop matcher, after the
+            // text it holds back.
+            let tail = self.decoder.finish(tokenizer);
+            let released = self.stops.push(&tail);
+            let text = if released.stopped { released.text } else { released.text + &self.stops.finish() };
             self.finish(text, FinishReason::Stop);
             return true;
         }
@@ -109,7 +139,7 @@ impl Sequence {
     }
 
     pub fn fail(&mut self, message: String) {
-        self.finished = true;
+        self.outcome = Some(None);
         let _ = self.events.send(Event::Failed(message));
     }
 
@@ -122,8 +152,64 @@ impl Sequence {
 
     fn finish(&mut self, text: String, reason: FinishReason) {
         self.send_text(text);
-        self.finished = true;
+        self.outcome = Some(Some(reason));
         let usage = Usage { prompt_tokens: self.prompt.len(), completion_tokens: self.generated.len() };
         let _ = self.events.send(Event::Finished { reason, usage });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::queue::Line;
+    use crate::engine::{GenerationRequest, SamplingParams};
+
+    /// Feeds `tokens` as if the model had chosen them (greedy on one-hot
+    /// logits) and returns the released text and how it ended.
+    fn run(tokens: &[u32], stop: &[&str]) -> (String, Option<FinishReason>) {
+        let tokenizer = Tokenizer::bytes().expect("byte tokenizer");
+        let ticket = Line::new(1).take(1).expect("a place").remove(0);
+        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let request = GenerationRequest {
+            prompt: vec![1],
+            adapter: None,
+            sampling: SamplingParams { temperature: 0.0, ..Default::default() },
+            max_tokens: 100,
+            stop: stop.iter().map(|s| s.to_string()).collect(),
+            ignore_eos: false,
+            tags: RequestTags::default(),
+            span: tracing::Span::none(),
+        };
+        let queued = Queued { request, events, ticket, arrived: Instant::now() };
+        let mut seq = Sequence::new(queued, KvCache::new(1, 1, 1, 8));
+        for &token in tokens {
+            let mut logits = vec![0.0f32; 257];
+            logits[token as usize] = 10.0;
+            if seq.accept(&mut logits, &tokenizer, &[256], 1000) {
+                break;
+            }
+        }
+        let mut text = String::new();
+        while let Ok(event) = rx.try_recv() {
+            if let Event::Text(t) = event {
+                text.push_str(&t);
+            }
+        }
+        (text, seq.finish_reason())
+    }
+
+    #[test]
+    fn text_held_for_a_stop_string_comes_before_the_decoders_tail_at_eos() {
+        // "x" may begin "xy" and is held; 0xE2 begins a character that never
+        // completes; EOS releases both, in order.
+        assert_eq!(run(&[b'x' as u32, 0xE2, 256], &["xy"]), ("x\u{FFFD}".to_string(), Some(FinishReason::Stop)));
+    }
+
+    #[test]
+    fn the_decoders_tail_at_eos_can_complete_a_stop_string() {
+        assert_eq!(
+            run(&[b'a' as u32, b'x' as u32, 0xE2, 256], &["x\u{FFFD}"]),
+            ("a".to_string(), Some(FinishReason::Stop))
+        );
     }
 }

@@ -6,12 +6,10 @@ use std::path::Path;
 use candle_core::{DType, Device};
 
 use super::config::{AdapterConfig, Module};
+use super::files::{AdapterFiles, MAX_WEIGHTS_BYTES};
 use super::LoraError;
 use crate::model::lora::{AdapterWeights, LoraWeights};
 use crate::model::ModelConfig;
-
-/// Largest adapter file read (a rank-64 adapter on every module of an 8B model is ~650 MB).
-const MAX_WEIGHTS_BYTES: u64 = 2 << 30;
 
 /// `(out_features, in_features)` of every projection of the base, and
 /// whether its checkpoint fuses q/k/v and gate/up (Phi-3).
@@ -57,30 +55,25 @@ impl BaseShapes {
 
 /// Reads and checks an adapter folder. Every failure names what is wrong.
 pub fn load(dir: &Path, base: &BaseShapes, max_rank: usize) -> Result<AdapterWeights, LoraError> {
-    let config_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&config_path)
-        .map_err(|e| LoraError::Io(format!("cannot read {}: {e}", config_path.display())))?;
+    load_files(&AdapterFiles::trusted(dir), base, max_rank)
+}
+
+/// Loads an adapter whose files are read through `files` (which checks each).
+pub fn load_files(files: &AdapterFiles, base: &BaseShapes, max_rank: usize) -> Result<AdapterWeights, LoraError> {
+    let text = files
+        .read_text("adapter_config.json")?
+        .ok_or_else(|| LoraError::Io(format!("{} has no adapter_config.json", files.dir().display())))?;
     let config = AdapterConfig::parse(&text)?;
-    let weights_path = dir.join("adapter_model.safetensors");
-    if !weights_path.is_file() {
-        if dir.join("adapter_model.bin").is_file() {
+    let Some(bytes) = files.read("adapter_model.safetensors", MAX_WEIGHTS_BYTES)? else {
+        if std::fs::symlink_metadata(files.dir().join("adapter_model.bin")).is_ok() {
             return Err(LoraError::Unsupported(
                 "pickled adapter_model.bin (never unpickled); convert it to adapter_model.safetensors".into(),
             ));
         }
-        return Err(LoraError::Io(format!("{} is missing", weights_path.display())));
-    }
-    let size = std::fs::metadata(&weights_path).map_err(|e| LoraError::Io(e.to_string()))?.len();
-    if size > MAX_WEIGHTS_BYTES {
-        return Err(LoraError::Weights(format!(
-            "{} is {size} bytes, over the {MAX_WEIGHTS_BYTES} limit",
-            weights_path.display()
-        )));
-    }
-    let bytes = std::fs::read(&weights_path)
-        .map_err(|e| LoraError::Io(format!("cannot read {}: {e}", weights_path.display())))?;
+        return Err(LoraError::Io(format!("{} has no adapter_model.safetensors", files.dir().display())));
+    };
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .map_err(|e| LoraError::Weights(format!("{}: {e}", weights_path.display())))?;
+        .map_err(|e| LoraError::Weights(format!("adapter_model.safetensors: {e}")))?;
     from_tensors(&config, tensors, base, max_rank)
 }
 

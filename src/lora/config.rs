@@ -145,8 +145,19 @@ fn pattern_regex(key: &str) -> Result<Regex, LoraError> {
 
 impl AdapterConfig {
     pub fn parse(text: &str) -> Result<Self, LoraError> {
-        let raw: AdapterConfigFile =
-            serde_json::from_str(text).map_err(|e| LoraError::Config(format!("adapter_config.json: {e}")))?;
+        let raw: AdapterConfigFile = serde_json::from_str(text).map_err(|e| {
+            // serde quotes offending values; only a missing field (a name
+            // from our schema) is safe to repeat.
+            let what = match e.to_string() {
+                m if m.starts_with("missing field") => m.split(" at line").next().unwrap_or("").to_string(),
+                _ => format!("{:?} error", e.classify()).to_lowercase(),
+            };
+            LoraError::Config(format!(
+                "adapter_config.json is not a valid adapter config ({what} at line {}, column {})",
+                e.line(),
+                e.column()
+            ))
+        })?;
         Self::from_file(raw)
     }
 

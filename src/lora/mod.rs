@@ -4,10 +4,12 @@
 //! Layout:
 //! - `config`: `adapter_config.json` (targets, rank, scale, unsupported features);
 //! - `adapter`: a PEFT folder → `model::lora::AdapterWeights`, checked against the base;
+//! - `files`: each file of a folder checked (root, regular file, size) before it is read;
 //! - `registry`: names → folders, runtime load/unload, LRU of resident weights.
 
 pub mod adapter;
 pub mod config;
+pub mod files;
 pub mod registry;
 
 pub use adapter::BaseShapes;
@@ -34,4 +36,6 @@ pub enum LoraError {
     NameTaken(String),
     #[error("no adapter named `{0}`")]
     NotFound(String),
+    #[error("{0} adapters are registered, the most --max-adapters allows; unload one first")]
+    Full(usize),
 }

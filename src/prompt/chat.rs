@@ -14,6 +14,10 @@ use super::PromptError;
 const TEMPLATE_NAME: &str = "chat";
 const CONTINUE_TAG: &str = "CONTINUE_FINAL_MESSAGE_TAG ";
 
+/// Largest rendered conversation: twice the default body limit, far past
+/// any context window, small enough that a runaway template cannot fill memory.
+pub const MAX_CHAT_OUTPUT_BYTES: usize = 16 << 20;
+
 /// What a chat template is rendered with.
 #[derive(Debug, Clone, Default)]
 pub struct ChatRequest {
@@ -117,7 +121,7 @@ impl ChatTemplate {
             ctx.insert(key.clone(), Value::from_serde(value));
         }
         let template = self.env.get_template(TEMPLATE_NAME)?;
-        Ok(template.render(ctx)?)
+        super::jinja::render_limited(&template, ctx, MAX_CHAT_OUTPUT_BYTES, "the chat template")
     }
 }
 

@@ -39,6 +39,45 @@ impl fmt::Display for Raised {
 impl std::error::Error for Raised {}
 
 /// The message a template passed to `raise_exception`, if that is what failed.
+/// Renders into a string that may not grow past `max_bytes`: fuel bounds
+/// the steps a template takes, this bounds the memory one step can fill.
+pub fn render_limited(
+    template: &minijinja::Template<'_, '_>,
+    ctx: impl Into<Value>,
+    max_bytes: usize,
+    what: &str,
+) -> Result<String, super::PromptError> {
+    let mut out = LimitedString { text: String::new(), max_bytes, overflowed: false };
+    match template.render_captured_to(ctx, &mut out) {
+        Ok(_) => Ok(out.text),
+        Err(_) if out.overflowed => {
+            Err(super::PromptError::Invalid(format!("{what} produced more than {max_bytes} bytes")))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+struct LimitedString {
+    text: String,
+    max_bytes: usize,
+    overflowed: bool,
+}
+
+impl std::io::Write for LimitedString {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > self.max_bytes {
+            self.overflowed = true;
+            return Err(std::io::Error::other("template output too large"));
+        }
+        self.text.push_str(&String::from_utf8_lossy(buf));
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 pub fn raised_message(e: &Error) -> Option<String> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = source {

@@ -54,19 +54,24 @@ pub fn parse(text: &str, origin: &str) -> Result<Vec<Preset>, PromptError> {
 
 /// Adapter defaults: an optional `tailor.toml` beside `adapter_config.json`,
 /// with the same fields as a preset (no `adapter`).
-pub fn adapter_defaults(adapter_dir: &Path) -> Result<Defaults, PromptError> {
-    let path = adapter_dir.join("tailor.toml");
-    match std::fs::read_to_string(&path) {
-        Ok(text) => toml::from_str(&text).map_err(|e| PromptError::Invalid(format!("{}: {e}", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Defaults::default()),
-        Err(e) => Err(PromptError::Invalid(format!("{}: {e}", path.display()))),
-    }
+pub fn adapter_defaults(text: &str) -> Result<Defaults, PromptError> {
+    // toml's messages quote the offending line: say where, not what.
+    toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+        PromptError::Invalid(match line {
+            Some(line) => format!("tailor.toml is invalid at line {line}"),
+            None => "tailor.toml is invalid".to_string(),
+        })
+    })
 }
+
+type PresetsByFile = BTreeMap<PathBuf, Vec<Preset>>;
 
 /// Every preset of a file or folder, reloaded when files change.
 pub struct PresetStore {
     location: PathBuf,
-    state: RwLock<(BTreeMap<String, Preset>, FileStamps)>,
+    /// (presets by name, the files' stamps, each file's last good presets).
+    state: RwLock<(BTreeMap<String, Preset>, FileStamps, PresetsByFile)>,
 }
 
 impl PresetStore {
@@ -91,38 +96,40 @@ impl PresetStore {
         self.reload()
     }
 
-    /// Re-reads every file; a file that fails keeps its presets' last good
-    /// versions, and its error is logged and returned.
+    /// Re-reads every file; a file that fails keeps its own last good
+    /// presets (and only those), and its error is logged and returned.
+    /// Presets of deleted files go with them.
     pub fn reload(&self) -> Vec<String> {
         let seen = self.scan();
-        let previous = self.list();
-        let mut presets = BTreeMap::new();
+        let last_good = self.state.read().unwrap_or_else(|p| p.into_inner()).2.clone();
+        let mut by_file = BTreeMap::new();
         let mut errors = Vec::new();
         for path in seen.keys() {
             let origin = path.display().to_string();
             let parsed = std::fs::read_to_string(path)
                 .map_err(|e| PromptError::Invalid(format!("{origin}: {e}")))
                 .and_then(|text| parse(&text, &origin));
-            match parsed {
-                Ok(list) => {
-                    for preset in list {
-                        if presets.contains_key(&preset.name) {
-                            errors.push(format!("{origin}: preset `{}` is defined twice", preset.name));
-                            continue;
-                        }
-                        presets.insert(preset.name.clone(), preset);
-                    }
-                }
+            let list = match parsed {
+                Ok(list) => list,
                 Err(e) => {
-                    tracing::error!(file = %origin, error = %e, "presets not (re)loaded; keeping the last good versions");
+                    tracing::error!(file = %origin, error = %e, "presets not (re)loaded; keeping this file's last good ones");
                     errors.push(e.to_string());
-                    for old in &previous {
-                        presets.entry(old.name.clone()).or_insert_with(|| old.clone());
-                    }
+                    last_good.get(path).cloned().unwrap_or_default()
                 }
+            };
+            by_file.insert(path.clone(), list);
+        }
+        let mut presets = BTreeMap::new();
+        for (path, list) in &by_file {
+            for preset in list {
+                if presets.contains_key(&preset.name) {
+                    errors.push(format!("{}: preset `{}` is defined twice", path.display(), preset.name));
+                    continue;
+                }
+                presets.insert(preset.name.clone(), preset.clone());
             }
         }
-        *self.state.write().unwrap_or_else(|p| p.into_inner()) = (presets, seen);
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = (presets, seen, by_file);
         errors
     }
 
@@ -134,6 +141,30 @@ impl PresetStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_broken_file_keeps_only_its_own_last_good_presets() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let (a, b) = (dir.path().join("a.toml"), dir.path().join("b.toml"));
+        std::fs::write(&a, "[a1]\ntemperature = 0.1\n[a2]\ntemperature = 0.2\n")?;
+        std::fs::write(&b, "[b1]\ntemperature = 0.3\n")?;
+        let store = PresetStore::open(dir.path());
+        let names = |store: &PresetStore| store.list().into_iter().map(|p| p.name).collect::<Vec<_>>();
+        assert_eq!(names(&store), ["a1", "a2", "b1"]);
+        std::fs::write(&a, "[a1]\ntemperature = 0.1\n")?;
+        assert!(store.reload().is_empty());
+        assert_eq!(names(&store), ["a1", "b1"]);
+        // b breaks while a gains a preset: b keeps b1, a2 stays deleted, a3 arrives.
+        std::fs::write(&b, "[b1\n")?;
+        std::fs::write(&a, "[a1]\ntemperature = 0.1\n[a3]\ntemperature = 0.4\n")?;
+        let errors = store.reload();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(names(&store), ["a1", "a3", "b1"]);
+        std::fs::remove_file(&b)?;
+        store.reload();
+        assert_eq!(names(&store), ["a1", "a3"]);
+        Ok(())
+    }
 
     #[test]
     fn presets_parse_with_defaults() -> Result<(), PromptError> {

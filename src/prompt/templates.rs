@@ -139,36 +139,7 @@ impl NamedTemplate {
             }
         }
         let template = self.env.get_template(&self.name)?;
-        let mut out = LimitedString::default();
-        template.render_captured_to(ctx, &mut out).map(|_| ()).map_err(|e| match out.overflowed {
-            true => {
-                PromptError::Invalid(format!("template `{}` produced more than {MAX_OUTPUT_BYTES} bytes", self.name))
-            }
-            false => PromptError::from(e),
-        })?;
-        Ok(out.text)
-    }
-}
-
-/// A writer that refuses to grow past `MAX_OUTPUT_BYTES`.
-#[derive(Default)]
-struct LimitedString {
-    text: String,
-    overflowed: bool,
-}
-
-impl std::io::Write for LimitedString {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.text.len() + buf.len() > MAX_OUTPUT_BYTES {
-            self.overflowed = true;
-            return Err(std::io::Error::other("template output too large"));
-        }
-        self.text.push_str(&String::from_utf8_lossy(buf));
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+        super::jinja::render_limited(&template, ctx, MAX_OUTPUT_BYTES, &format!("template `{}`", self.name))
     }
 }
 
@@ -331,9 +302,12 @@ Summarize in {{ sentences }} sentences: {{ text }}"#;
             "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
         )?;
         assert!(looping.render(&vars("{}")).is_err());
-        let huge = NamedTemplate::parse("huge", "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}")?;
+        // One expression, almost no fuel: only the output cap can stop it.
+        let huge = NamedTemplate::parse("huge", "{{ 'x' * 2000000 }}")?;
         let err = huge.render(&vars("{}")).expect_err("too large").to_string();
-        assert!(err.contains("bytes") || err.contains("fuel"), "{err}");
+        assert!(err.contains("more than 1048576 bytes"), "{err}");
+        let just_under = NamedTemplate::parse("fits", "{{ 'x' * 1048576 }}")?;
+        assert_eq!(just_under.render(&vars("{}"))?.len(), 1 << 20);
         let include = NamedTemplate::parse("include", "{% include '/etc/passwd' %}")?;
         assert!(include.render(&vars("{}")).is_err(), "no file access");
         Ok(())

@@ -354,11 +354,17 @@ async fn full_queue_is_refused_at_once_and_disconnect_cancels() -> TestResult {
     assert!(c.headers().contains_key("retry-after"));
     let body: Value = c.json().await?;
     assert_error(429, &body, 429, None);
-    // Dropping A (client gone) frees the slot: B then finishes long before
-    // A's 4000 tokens could have.
+    // Dropping A (client gone) frees the slot: A is cancelled, not run to
+    // its 4000 tokens, and B runs.
     drop(a_body);
-    let b = tokio::time::timeout(Duration::from_secs(60), b).await???;
+    let b = tokio::time::timeout(Duration::from_secs(120), b).await???;
     assert_eq!(b.status(), 200);
+    let metrics = crate::common::scrape(addr).await?;
+    let model = [("model_name", MODEL_ID)];
+    let finished = crate::common::value(&metrics, "vllm:request_success_total", &model);
+    assert_eq!(finished, 1.0, "only B finished; A was cancelled");
+    let generated = crate::common::value(&metrics, "vllm:generation_tokens_total", &model);
+    assert!(generated < 1000.0, "A ran on after its client left: {generated} tokens");
     Ok(())
 }
 

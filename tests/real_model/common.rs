@@ -39,38 +39,8 @@ pub fn ids(v: &Value) -> Vec<u32> {
 /// Starts a server on an ephemeral port in its own thread and runtime (so it
 /// outlives any one test's runtime) and waits until it is healthy.
 pub fn start_server(extra_args: &[&str]) -> SocketAddr {
-    use clap::Parser;
-    #[derive(Parser)]
-    struct Wrapper {
-        #[command(flatten)]
-        args: ServeArgs,
-    }
-    let model = model_path();
-    let mut argv =
-        vec!["tailor".to_string(), "--port".into(), "0".into(), "--model".into(), model.display().to_string()];
-    argv.extend(extra_args.iter().map(|s| s.to_string()));
-    let config = Wrapper::parse_from(argv).args.into_config().expect("valid test config");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let runtime =
-            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-        runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::bind(config.addr).await.expect("bind");
-            tx.send(listener.local_addr().expect("addr")).expect("send addr");
-            tailor::run(config, listener, std::future::pending()).await.expect("server");
-        });
-    });
-    let addr = rx.recv().expect("server address");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Ok(resp) = reqwest::blocking_get_status(&format!("http://{addr}/health")) {
-            if resp == 200 {
-                return addr;
-            }
-        }
-        assert!(Instant::now() < deadline, "server did not become healthy");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (done, _) = std::sync::mpsc::channel();
+    spawn_server(extra_args, std::future::pending(), done)
 }
 
 /// The default quantized server shared by the API tests.
@@ -96,4 +66,115 @@ mod reqwest {
         let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
         Ok(code)
     }
+}
+
+/// A server whose shutdown the test triggers: (address, trigger, what `run` returned).
+pub fn start_server_with_shutdown(
+    extra_args: &[&str],
+) -> (SocketAddr, tokio::sync::oneshot::Sender<()>, std::sync::mpsc::Receiver<std::io::Result<()>>) {
+    let (trigger, shutdown) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let addr = spawn_server(
+        extra_args,
+        async move {
+            let _ = shutdown.await;
+        },
+        done_tx,
+    );
+    (addr, trigger, done)
+}
+
+fn spawn_server(
+    extra_args: &[&str],
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    done: std::sync::mpsc::Sender<std::io::Result<()>>,
+) -> SocketAddr {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+    let model = model_path();
+    let mut argv =
+        vec!["tailor".to_string(), "--port".into(), "0".into(), "--model".into(), model.display().to_string()];
+    argv.extend(extra_args.iter().map(|s| s.to_string()));
+    let config = Wrapper::parse_from(argv).args.into_config().expect("valid test config");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(config.addr).await.expect("bind");
+            tx.send(listener.local_addr().expect("addr")).expect("send addr");
+            let _ = done.send(tailor::run(config, listener, shutdown).await);
+        });
+    });
+    let addr = rx.recv().expect("server address");
+    wait_healthy(addr);
+    addr
+}
+
+/// `/health`'s status code, or None if nothing answers.
+pub fn health_status(addr: SocketAddr) -> Option<u16> {
+    reqwest::blocking_get_status(&format!("http://{addr}/health")).ok()
+}
+
+fn wait_healthy(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(200) = reqwest::blocking_get_status(&format!("http://{addr}/health")) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "server did not become healthy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One sample of a scrape: (sample name, labels, value).
+pub type Sample = (String, std::collections::BTreeMap<String, String>, f64);
+
+/// A metric family as Prometheus' own parser (`prometheus_client`) reads it.
+#[derive(Debug, serde::Deserialize)]
+pub struct Family {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub samples: Vec<Sample>,
+}
+
+/// `/metrics`, parsed by the reference Python parser (a malformed exposition fails here).
+pub async fn scrape(addr: SocketAddr) -> Result<Vec<Family>, Box<dyn std::error::Error>> {
+    use std::io::Write;
+    let text = ::reqwest::get(format!("http://{addr}/metrics")).await?.text().await?;
+    let python = std::env::var("TAILOR_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = "import sys, json\nfrom prometheus_client.parser import text_string_to_metric_families as parse\n\
+                  print(json.dumps([{'name': f.name, 'type': f.type, 'samples': [[s.name, s.labels, s.value] for s in f.samples]} for f in parse(sys.stdin.read())]))";
+    let mut child = std::process::Command::new(&python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {python}: {e}"))?;
+    child.stdin.take().ok_or("stdin")?.write_all(text.as_bytes())?;
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        return Err(format!(
+            "prometheus_client cannot parse /metrics (scripts/test.sh installs it): {}\n{text}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
+    }
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+/// The summed value of the samples named `sample` whose labels include `labels`.
+pub fn value(families: &[Family], sample: &str, labels: &[(&str, &str)]) -> f64 {
+    families
+        .iter()
+        .flat_map(|f| &f.samples)
+        .filter(|(name, l, _)| name == sample && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+        .map(|(_, _, v)| v)
+        .sum()
 }

@@ -192,23 +192,58 @@ async fn runtime_load_and_unload_with_every_refusal() -> TestResult {
     let (s, body) = load("parrot", &root_path.join("truncated").display().to_string()).await?;
     assert_eq!(s, 400, "{body}");
 
+    // An adapter folder inside the root whose files lead outside it.
+    let secret = tempfile::tempdir()?;
+    std::fs::write(secret.path().join("secret.toml"), "SECRET_TOKEN = \"hunter2\"\n")?;
+    let leaky = root_path.join("leaky");
+    copy_dir(&project_adapter("pirate"), &leaky)?;
+    std::os::unix::fs::symlink(secret.path().join("secret.toml"), leaky.join("tailor.toml"))?;
+    let linked = root_path.join("linked-weights");
+    std::fs::create_dir_all(&linked)?;
+    std::fs::copy(project_adapter("pirate").join("adapter_config.json"), linked.join("adapter_config.json"))?;
+    std::os::unix::fs::symlink(
+        project_adapter("pirate").join("adapter_model.safetensors"),
+        linked.join("adapter_model.safetensors"),
+    )?;
+
     let traversal = format!("{}/parrot/../../../etc", root_path.display());
     let outside = project_adapter("json").display().to_string();
+    const OUTSIDE: &str = "not under an allowed adapter root";
     let refusals = [
-        ("x", traversal.as_str(), "outside the roots via .."),
-        ("../x", parrot.as_str(), "a name with a path"),
-        ("x", "/etc", "an absolute path outside the roots"),
-        ("json2", outside.as_str(), "a real adapter outside the roots"),
-        ("broken", &root_path.join("truncated").display().to_string(), "a truncated safetensors file"),
-        ("other", &other.display().to_string(), "an adapter for another base shape"),
-        ("ghost", &root_path.join("missing").display().to_string(), "a folder that does not exist"),
+        ("x", traversal.as_str(), "outside the roots via ..", OUTSIDE),
+        ("../x", parrot.as_str(), "a name with a path", "invalid adapter name"),
+        ("x", "/etc", "an absolute path outside the roots", OUTSIDE),
+        ("json2", outside.as_str(), "a real adapter outside the roots", OUTSIDE),
+        ("leaky", &leaky.display().to_string(), "a tailor.toml linked outside the roots", OUTSIDE),
+        ("linked", &linked.display().to_string(), "weights linked outside the roots", OUTSIDE),
+        (
+            "broken",
+            &root_path.join("truncated").display().to_string(),
+            "a truncated safetensors file",
+            "adapter weights",
+        ),
+        ("other", &other.display().to_string(), "an adapter for another base shape", "does not fit the base model"),
+        ("ghost", &root_path.join("missing").display().to_string(), "a folder that does not exist", "cannot open"),
     ];
-    for (name, path, what) in refusals {
+    for (name, path, what, why) in refusals {
         let (s, body) = load(name, path).await?;
-        assert!((400..500).contains(&s), "{what}: {s} {body}");
+        assert_eq!(s, 400, "{what}: {body}");
         let error: Value = serde_json::from_str(&body).map_err(|e| format!("{what}: {e}: {body}"))?;
-        assert!(error["error"]["message"].is_string(), "{what}: {body}");
+        let message = error["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(why), "{what}: {message}");
+        assert!(!message.contains("hunter2"), "{what}: a file's contents leaked: {message}");
     }
+    // One folder under two names is read once and held once.
+    let (s, body) = load("parrot-too", &parrot).await?;
+    assert_eq!(s, 200, "{body}");
+    let metrics = crate::common::scrape(addr).await?;
+    assert_eq!(crate::common::value(&metrics, "tailor_adapters_registered", &[]), 2.0);
+    assert_eq!(crate::common::value(&metrics, "tailor_adapters_resident", &[]), 1.0);
+    assert_eq!(crate::common::value(&metrics, "tailor_adapter_loads_total", &[]), 1.0);
+    assert_eq!(
+        post_json(&format!("{base_url}/v1/unload_lora_adapter"), json!({"lora_name": "parrot-too"})).await?.0,
+        200
+    );
     // Still serving.
     assert_eq!(chat(&base_url, MODEL_ID, "Hi", 4).await?.0, 200);
 

@@ -5,6 +5,7 @@ mod api;
 mod common;
 mod lora;
 mod openai_sdk;
+mod operations;
 mod reference;
 mod templates;
 mod zoo;

@@ -1,0 +1,107 @@
+//! API keys. With `--api-key`, every route but `/health` and `/metrics`
+//! needs `Authorization: Bearer <key>`. With `--admin-api-key`, the routes
+//! that change the server's state need the admin key (which also opens
+//! every other route). Keys are compared in constant time.
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+use super::AppState;
+
+#[derive(Clone, Default)]
+pub struct Keys {
+    pub api: Vec<String>,
+    pub admin: Vec<String>,
+}
+
+impl std::fmt::Debug for Keys {
+    /// Counts, never the keys (configs are logged).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Keys {{ api: {} key(s), admin: {} key(s) }}", self.api.len(), self.admin.len())
+    }
+}
+
+/// Routes that change what the server serves.
+fn is_admin_route(method: &Method, path: &str) -> bool {
+    method == Method::POST
+        && matches!(path, "/v1/load_lora_adapter" | "/v1/unload_lora_adapter" | "/v1/templates/reload")
+}
+
+fn is_open_route(path: &str) -> bool {
+    matches!(path, "/health" | "/metrics")
+}
+
+fn matches_any(given: &str, keys: &[String]) -> bool {
+    // Every key is compared, so the time does not tell which one matched.
+    keys.iter().fold(false, |found, key| found | bool::from(given.as_bytes().ct_eq(key.as_bytes())))
+}
+
+/// The bearer token, with the scheme matched case-insensitively.
+fn bearer(request: &Request) -> Option<&str> {
+    let value = request.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+fn unauthorized(message: &str) -> Response {
+    let mut response = ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        message: message.to_string(),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("invalid_api_key"),
+    }
+    .into_response();
+    response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+pub async fn require_keys(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let keys = &state.keys;
+    let path = request.uri().path();
+    if is_open_route(path) || request.method() == Method::OPTIONS {
+        return next.run(request).await;
+    }
+    let admin_route = is_admin_route(request.method(), path);
+    let needed = if admin_route && !keys.admin.is_empty() { &keys.admin } else { &keys.api };
+    if needed.is_empty() {
+        return next.run(request).await;
+    }
+    let Some(token) = bearer(&request) else {
+        return unauthorized("missing API key: send `Authorization: Bearer <key>`");
+    };
+    let is_admin = matches_any(token, &keys.admin);
+    if is_admin || matches_any(token, needed) {
+        return next.run(request).await;
+    }
+    if admin_route && matches_any(token, &keys.api) {
+        return ApiError {
+            status: StatusCode::FORBIDDEN,
+            message: "this route changes the server's state and needs the admin API key".into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("admin_key_required"),
+        }
+        .into_response();
+    }
+    unauthorized("incorrect API key provided")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_match_whole_and_only_whole() {
+        let keys = vec!["sk-one".to_string(), "sk-two".to_string()];
+        assert!(matches_any("sk-two", &keys));
+        assert!(!matches_any("sk-tw", &keys));
+        assert!(!matches_any("sk-two ", &keys));
+        assert!(!matches_any("", &keys));
+        assert!(!matches_any("sk-one", &[]));
+    }
+}
