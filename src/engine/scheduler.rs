@@ -179,6 +179,9 @@ impl Engine<'_> {
                 }
                 !s.is_cancelled()
             });
+            // Published before the step too: a client that sees its first
+            // token also sees itself running.
+            self.publish(&running, &waiting, steps);
             if !running.is_empty() {
                 let started = Instant::now();
                 let (sequences, tokens) = self.step(&mut running);

@@ -506,3 +506,25 @@ async fn request_ids_are_echoed_or_made() -> TestResult {
     assert_eq!(made.len(), 36, "a UUID: {made}");
     Ok(())
 }
+
+#[tokio::test]
+async fn concurrent_requests_for_an_evicted_adapter_read_it_once() -> TestResult {
+    // Three adapters in the folder, one resident at a time: json and pirate
+    // were evicted at start, shout (registered last) stays.
+    let addr = start_server(&["--max-loaded-adapters", "1"]);
+    let before = scrape(addr).await?;
+    assert_eq!(value(&before, "tailor_adapters_resident", &[]), 1.0);
+    let loads = value(&before, "tailor_adapter_loads_total", &[]);
+    let requests = (0..4).map(|i| {
+        let body = json!({"model": "json", "prompt": format!("Item {i}:"), "max_tokens": 2});
+        send(addr, "POST", "/v1/completions", None, Some(body))
+    });
+    for reply in futures::future::join_all(requests).await {
+        let (s, _, text) = reply?;
+        assert_eq!(s, 200, "{text}");
+    }
+    let after = scrape(addr).await?;
+    assert_eq!(value(&after, "tailor_adapter_loads_total", &[]) - loads, 1.0, "four requests, one read");
+    assert_eq!(value(&after, "tailor_adapters_resident", &[]), 1.0);
+    Ok(())
+}
