@@ -21,6 +21,8 @@ use crate::engine::{Event, EventStream, FinishReason, GenerationRequest, Request
 /// (client gone) cancels the sequence in the engine.
 pub struct Submitted {
     pub index: usize,
+    /// The first choice of its prompt: usage counts a prompt once, however many choices it has.
+    counts_prompt: bool,
     events: EventStream,
 }
 
@@ -32,21 +34,32 @@ pub fn submit_all(
     prompts: Vec<(Vec<u32>, usize)>,
     params: &Validated,
 ) -> Result<Vec<Submitted>, ApiError> {
-    let requests = prompts
-        .into_iter()
-        .map(|(prompt, max_tokens)| GenerationRequest {
-            prompt,
-            adapter: target.adapter.clone(),
-            sampling: params.sampling.clone(),
-            max_tokens,
-            stop: params.stop.clone(),
-            ignore_eos: params.ignore_eos,
-            tags: RequestTags { model: target.requested.clone(), adapter: target.adapter_name.clone() },
-            span: tracing::Span::current(),
-        })
-        .collect();
+    // `n` choices per prompt, prompt-major (choice index = prompt × n + j);
+    // a seeded request gives each choice its own seed.
+    let n = params.n;
+    let mut requests = Vec::with_capacity(prompts.len() * n);
+    for (prompt, max_tokens) in prompts {
+        for j in 0..n {
+            let mut sampling = params.sampling.clone();
+            sampling.seed = sampling.seed.map(|s| s.wrapping_add(j as u64));
+            requests.push(GenerationRequest {
+                prompt: prompt.clone(),
+                adapter: target.adapter.clone(),
+                sampling,
+                max_tokens,
+                stop: params.stop.clone(),
+                ignore_eos: params.ignore_eos,
+                tags: RequestTags { model: target.requested.clone(), adapter: target.adapter_name.clone() },
+                span: tracing::Span::current(),
+            });
+        }
+    }
     let streams = state.engine.submit_all(requests)?;
-    Ok(streams.into_iter().enumerate().map(|(index, events)| Submitted { index, events }).collect())
+    Ok(streams
+        .into_iter()
+        .enumerate()
+        .map(|(index, events)| Submitted { index, counts_prompt: index % n == 0, events })
+        .collect())
 }
 
 /// What a streaming endpoint turns into one SSE `data:` line.
@@ -82,8 +95,14 @@ fn shutting_down() -> ApiError {
 
 fn merged(subs: Vec<Submitted>) -> impl Stream<Item = (usize, Event)> {
     futures::stream::select_all(subs.into_iter().map(|s| {
-        let index = s.index;
-        s.events.map(move |e| (index, e))
+        let (index, counts_prompt) = (s.index, s.counts_prompt);
+        s.events.map(move |e| match e {
+            Event::Finished { reason, mut usage } if !counts_prompt => {
+                usage.prompt_tokens = 0;
+                (index, Event::Finished { reason, usage })
+            }
+            e => (index, e),
+        })
     }))
 }
 

@@ -10,11 +10,17 @@ use crate::engine::SamplingParams;
 /// At most this many stop strings, each at most this long (bytes).
 pub const MAX_STOP_STRINGS: usize = 16;
 pub const MAX_STOP_LEN: usize = 256;
+/// Choices per prompt at most (`n`).
+pub const MAX_N: usize = 16;
+/// Entries of `logit_bias` at most (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: usize = 300;
 
 /// Validated settings shared by both endpoints.
 #[derive(Debug, Clone)]
 pub struct Validated {
     pub sampling: SamplingParams,
+    /// Choices per prompt.
+    pub n: usize,
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
@@ -51,19 +57,28 @@ pub fn validate_sampling(f: &SamplingFields) -> Result<Validated, ApiError> {
     };
     let presence_penalty = penalty("presence_penalty", f.presence_penalty)?;
     let frequency_penalty = penalty("frequency_penalty", f.frequency_penalty)?;
-    match f.n {
-        None | Some(1) => {}
-        Some(n) if n < 1 => return Err(ApiError::invalid("n", format!("`n` must be at least 1, got {n}"))),
-        Some(n) => return Err(ApiError::unsupported("n", &format!("greater than 1 (got {n})"))),
-    }
+    let n = match f.n.unwrap_or(1) {
+        n if (1..=MAX_N as i64).contains(&n) => n as usize,
+        n => return Err(ApiError::invalid("n", format!("`n` must be between 1 and {MAX_N}, got {n}"))),
+    };
     match f.best_of {
         None | Some(1) => {}
         Some(b) => return Err(ApiError::unsupported("best_of", &format!("other than 1 (got {b})"))),
     }
-    if let Some(bias) = &f.logit_bias {
-        if !is_empty_json(bias) {
-            return Err(ApiError::unsupported("logit_bias", "yet"));
-        }
+    let logit_bias = match &f.logit_bias {
+        Some(bias) if !is_empty_json(bias) => parse_logit_bias(bias)?,
+        _ => Vec::new(),
+    };
+    let min_p = f.min_p.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(ApiError::invalid("min_p", format!("`min_p` must be between 0 and 1, got {min_p}")));
+    }
+    let repetition_penalty = f.repetition_penalty.unwrap_or(1.0);
+    if !(repetition_penalty > 0.0 && repetition_penalty <= 2.0) {
+        return Err(ApiError::invalid(
+            "repetition_penalty",
+            format!("`repetition_penalty` must be in (0, 2], got {repetition_penalty}"),
+        ));
     }
     let stop = match &f.stop {
         None => Vec::new(),
@@ -84,12 +99,52 @@ pub fn validate_sampling(f: &SamplingFields) -> Result<Validated, ApiError> {
         return Err(ApiError::invalid("stream_options", "`stream_options` is only allowed when `stream` is true"));
     }
     Ok(Validated {
-        sampling: SamplingParams { temperature, top_p, top_k, seed, presence_penalty, frequency_penalty },
+        sampling: SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            presence_penalty,
+            frequency_penalty,
+            logit_bias,
+            min_p,
+            repetition_penalty,
+        },
+        n,
         stop,
         stream: f.stream,
         include_usage,
         ignore_eos: f.ignore_eos,
     })
+}
+
+/// `{"token id": bias}` with biases in [-100, 100], as OpenAI takes it.
+fn parse_logit_bias(bias: &Json) -> Result<Vec<(u32, f32)>, ApiError> {
+    let invalid = |message: String| ApiError::invalid("logit_bias", message);
+    let map = bias.as_object().ok_or_else(|| invalid("`logit_bias` must map token ids to biases".into()))?;
+    if map.len() > MAX_LOGIT_BIAS {
+        return Err(invalid(format!("`logit_bias` takes at most {MAX_LOGIT_BIAS} tokens, got {}", map.len())));
+    }
+    map.iter()
+        .map(|(id, value)| {
+            let id: u32 = id.parse().map_err(|_| invalid(format!("`logit_bias` key {id:?} is not a token id")))?;
+            match value.as_f64() {
+                Some(b) if (-100.0..=100.0).contains(&b) => Ok((id, b as f32)),
+                _ => Err(invalid(format!("`logit_bias` for token {id} must be between -100 and 100, got {value}"))),
+            }
+        })
+        .collect()
+}
+
+/// Token ids in `logit_bias` must exist in the model's vocabulary.
+pub fn check_logit_bias(params: &Validated, vocab: usize) -> Result<(), ApiError> {
+    match params.sampling.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
+        Some((id, _)) => Err(ApiError::invalid(
+            "logit_bias",
+            format!("token id {id} in `logit_bias` is outside the vocabulary (size {vocab})"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// `max_tokens`: positive, and the prompt plus it must fit the context.

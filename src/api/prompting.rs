@@ -34,6 +34,7 @@ pub async fn prepare(state: &AppState, req: &mut impl HasSampling) -> Result<(Ta
         sampling.stop = d.stop.clone().map(StringOrList::Many);
     }
     let params = validate_sampling(sampling)?;
+    super::params::check_logit_bias(&params, target.info.embedding_rows)?;
     Ok((target, params))
 }
 

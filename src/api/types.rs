@@ -48,6 +48,9 @@ pub struct SamplingFields {
     pub n: Option<i64>,
     pub logit_bias: Option<Json>,
     pub best_of: Option<i64>,
+    /// vLLM's extensions.
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

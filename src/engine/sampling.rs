@@ -1,7 +1,8 @@
-//! Turning logits into the next token: greedy at temperature 0, otherwise
-//! temperature, top-k and top-p over a per-sequence seeded RNG.
+//! Turning logits into the next token: logit bias and penalties first, then
+//! greedy at temperature 0, otherwise temperature, min-p, top-k and top-p
+//! over a per-sequence seeded RNG.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -18,11 +19,27 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
+    /// Added to the logits of these ids before anything else (-100 bans, 100 forces).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Tokens less likely than `min_p` × the most likely one are dropped (0 disables).
+    pub min_p: f32,
+    /// Hugging Face's repetition penalty over prompt and generated tokens (1 disables).
+    pub repetition_penalty: f32,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 1.0, top_p: 1.0, top_k: 0, seed: None, presence_penalty: 0.0, frequency_penalty: 0.0 }
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+        }
     }
 }
 
@@ -31,19 +48,35 @@ pub struct Sampler {
     rng: StdRng,
     /// How often each token was generated so far (for the penalties).
     counts: HashMap<u32, u32>,
+    /// Prompt tokens (the repetition penalty covers them too).
+    prompt: HashSet<u32>,
 }
 
 impl Sampler {
-    pub fn new(params: SamplingParams) -> Self {
+    pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
         let rng = match params.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
         };
-        Self { params, rng, counts: HashMap::new() }
+        let prompt = if params.repetition_penalty != 1.0 { prompt.iter().copied().collect() } else { HashSet::new() };
+        Self { params, rng, counts: HashMap::new(), prompt }
     }
 
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         let p = &self.params;
+        for &(id, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
+        if p.repetition_penalty != 1.0 {
+            let seen = self.prompt.iter().chain(self.counts.keys().filter(|id| !self.prompt.contains(id)));
+            for &id in seen {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = repetition_penalized(*l, p.repetition_penalty);
+                }
+            }
+        }
         if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
             for (&id, &n) in &self.counts {
                 if let Some(l) = logits.get_mut(id as usize) {
@@ -82,6 +115,11 @@ impl Sampler {
             c.2 = (c.1 - max).exp();
             total += c.2;
         }
+        if p.min_p > 0.0 {
+            // The most likely candidate weighs exp(0) = 1.
+            candidates.retain(|c| c.2 >= p.min_p);
+            total = candidates.iter().map(|c| c.2).sum();
+        }
         let mut order = SortedPrefix::new(candidates);
         let mut keep = order.len();
         if p.top_p < 1.0 {
@@ -106,6 +144,16 @@ impl Sampler {
             x -= weight;
         }
         order.get(keep - 1).0
+    }
+}
+
+/// Hugging Face's rule: positive logits are divided by the penalty, negative
+/// ones multiplied, so a penalty above 1 always makes the token less likely.
+fn repetition_penalized(logit: f32, penalty: f32) -> f32 {
+    if logit > 0.0 {
+        logit / penalty
+    } else {
+        logit * penalty
     }
 }
 
@@ -170,14 +218,14 @@ mod tests {
         let logits: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 * 0.1).collect();
         let best = argmax(&logits);
         for t in [1e-45f32, 1e-30, 9.9e-6] {
-            let mut s = Sampler::new(SamplingParams { temperature: t, seed: Some(1), ..Default::default() });
+            let mut s = Sampler::new(SamplingParams { temperature: t, seed: Some(1), ..Default::default() }, &[]);
             assert_eq!(s.sample(&mut logits.clone()), best, "temperature {t}");
         }
     }
 
     #[test]
     fn greedy_takes_the_first_maximum() {
-        let mut s = Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() }, &[]);
         assert_eq!(s.sample(&mut [0.1, 3.0, 3.0, -1.0]), 1);
     }
 
@@ -186,7 +234,7 @@ mod tests {
         let params = SamplingParams { seed: Some(7), ..Default::default() };
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
         let draw = |p: &SamplingParams| {
-            let mut s = Sampler::new(p.clone());
+            let mut s = Sampler::new(p.clone(), &[]);
             (0..20).map(|_| s.sample(&mut logits.clone())).collect::<Vec<_>>()
         };
         assert_eq!(draw(&params), draw(&params));
@@ -196,7 +244,7 @@ mod tests {
 
     #[test]
     fn top_p_keeps_only_the_nucleus() {
-        let mut s = Sampler::new(SamplingParams { top_p: 0.5, seed: Some(1), ..Default::default() });
+        let mut s = Sampler::new(SamplingParams { top_p: 0.5, seed: Some(1), ..Default::default() }, &[]);
         // token 2 holds ~0.84 of the mass: with top_p 0.5 it is the only candidate.
         for _ in 0..50 {
             assert_eq!(s.sample(&mut [0.0, 1.0, 3.0, 0.5]), 2);
@@ -211,9 +259,9 @@ mod tests {
         for i in 0..10 {
             logits[100 + i] = 8.0;
         }
-        let mut nucleus = Sampler::new(SamplingParams { top_p: 0.3, seed: Some(3), ..Default::default() });
-        let mut top3 = Sampler::new(SamplingParams { top_k: 3, seed: Some(3), ..Default::default() });
-        let mut free = Sampler::new(SamplingParams { seed: Some(3), ..Default::default() });
+        let mut nucleus = Sampler::new(SamplingParams { top_p: 0.3, seed: Some(3), ..Default::default() }, &[]);
+        let mut top3 = Sampler::new(SamplingParams { top_k: 3, seed: Some(3), ..Default::default() }, &[]);
+        let mut free = Sampler::new(SamplingParams { seed: Some(3), ..Default::default() }, &[]);
         let mut seen = std::collections::HashSet::new();
         for _ in 0..300 {
             assert_eq!(nucleus.sample(&mut logits.clone()), 40_000);
@@ -227,8 +275,50 @@ mod tests {
 
     #[test]
     fn penalties_push_repeated_tokens_down() {
-        let mut s = Sampler::new(SamplingParams { temperature: 0.0, frequency_penalty: 2.0, ..Default::default() });
+        let mut s =
+            Sampler::new(SamplingParams { temperature: 0.0, frequency_penalty: 2.0, ..Default::default() }, &[]);
         assert_eq!(s.sample(&mut [1.0, 0.0]), 0);
         assert_eq!(s.sample(&mut [1.0, 0.0]), 1);
+    }
+
+    #[test]
+    fn logit_bias_bans_and_forces() {
+        let logits = vec![3.0f32, 1.0, 0.5, -1.0];
+        let greedy = |bias: Vec<(u32, f32)>| {
+            let mut s = Sampler::new(SamplingParams { temperature: 0.0, logit_bias: bias, ..Default::default() }, &[]);
+            s.sample(&mut logits.clone())
+        };
+        assert_eq!(greedy(vec![]), 0);
+        assert_eq!(greedy(vec![(0, -100.0)]), 1);
+        assert_eq!(greedy(vec![(3, 100.0)]), 3);
+        assert_eq!(greedy(vec![(99, 100.0)]), 0, "an id past the logits is ignored, not a panic");
+    }
+
+    #[test]
+    fn repetition_penalty_covers_prompt_and_output_the_hugging_face_way() {
+        let params = SamplingParams { temperature: 0.0, repetition_penalty: 2.0, ..Default::default() };
+        let mut s = Sampler::new(params, &[0, 2]);
+        let mut logits = vec![3.0f32, 2.0, -1.0, 1.0];
+        assert_eq!(s.sample(&mut logits), 1, "token 0 is in the prompt: 3 / 2 < 2");
+        assert_eq!(logits, [1.5, 2.0, -2.0, 1.0]);
+        // Token 1 was generated: penalized on the next step too.
+        let mut logits = vec![2.0f32, 2.0, -1.0, 1.2];
+        assert_eq!(s.sample(&mut logits), 3);
+        assert_eq!(logits, [1.0, 1.0, -2.0, 1.2]);
+    }
+
+    #[test]
+    fn min_p_one_keeps_only_the_most_likely() {
+        let logits = vec![0.5f32, 2.0, 1.9, -3.0];
+        for seed in 0..50 {
+            let params = SamplingParams { temperature: 1.5, min_p: 1.0, seed: Some(seed), ..Default::default() };
+            assert_eq!(Sampler::new(params, &[]).sample(&mut logits.clone()), 1);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for seed in 0..200 {
+            let params = SamplingParams { temperature: 1.5, min_p: 0.5, seed: Some(seed), ..Default::default() };
+            seen.insert(Sampler::new(params, &[]).sample(&mut logits.clone()));
+        }
+        assert_eq!(seen, [1, 2].into_iter().collect(), "0.5 keeps the two near the top, drops the rest");
     }
 }

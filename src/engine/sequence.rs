@@ -43,12 +43,13 @@ pub struct Timing {
 impl Sequence {
     pub(super) fn new(queued: Queued, cache: KvCache) -> Self {
         let Queued { request, events, ticket, arrived } = queued;
+        let sampler = Sampler::new(request.sampling, &request.prompt);
         Self {
             prompt: request.prompt,
             adapter: request.adapter,
             generated: Vec::new(),
             cache,
-            sampler: Sampler::new(request.sampling),
+            sampler,
             decoder: IncrementalDecoder::new(),
             stops: StopMatcher::new(request.stop),
             max_tokens: request.max_tokens,

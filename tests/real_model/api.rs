@@ -245,7 +245,13 @@ async fn bad_requests_get_openai_errors() -> TestResult {
         (json!({"max_tokens": 0}), "max_tokens"),
         (json!({"max_tokens": 9000}), "max_tokens"),
         (json!({"max_completion_tokens": -1}), "max_completion_tokens"),
-        (json!({"n": 2}), "n"),
+        (json!({"n": 0}), "n"),
+        (json!({"n": 17}), "n"),
+        (json!({"logit_bias": {"50000": 5}}), "logit_bias"),
+        (json!({"logit_bias": {"12": 101}}), "logit_bias"),
+        (json!({"logit_bias": {"twelve": 1}}), "logit_bias"),
+        (json!({"min_p": 1.5}), "min_p"),
+        (json!({"repetition_penalty": 0}), "repetition_penalty"),
         (json!({"logprobs": true}), "logprobs"),
         (json!({"tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f"}}]}), "tool_choice"),
         (json!({"tools": "not a list"}), "tools"),
@@ -386,6 +392,72 @@ fn incremental_detokenizer_never_splits_characters() -> TestResult {
         }
         out.push_str(&decoder.finish(tokenizer));
         assert_eq!(out, text);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn logit_bias_min_p_and_n_shape_the_sample() -> TestResult {
+    let prompt = "The capital of France is";
+    let first = |reply: &Value| reply["choices"][0]["text"].as_str().unwrap_or_default().to_string();
+    let (s, plain) = post("/v1/completions", greedy(json!({"prompt": prompt, "max_tokens": 1}))).await?;
+    assert_eq!(s, 200, "{plain}");
+    let top = first(&plain);
+    let (_, ids) = post("/tokenize", json!({"prompt": top, "add_special_tokens": false})).await?;
+    let top_id = ids["tokens"][0].as_u64().ok_or("an id")?;
+    // -100 bans the greedy token; +100 forces another one.
+    let (s, banned) = post(
+        "/v1/completions",
+        greedy(json!({"prompt": prompt, "max_tokens": 1, "logit_bias": {top_id.to_string(): -100}})),
+    )
+    .await?;
+    assert_eq!(s, 200, "{banned}");
+    assert_ne!(first(&banned), top);
+    let (_, banana) = post("/tokenize", json!({"prompt": " banana", "add_special_tokens": false})).await?;
+    let banana_id = banana["tokens"][0].as_u64().ok_or("an id")?;
+    let (_, forced) = post(
+        "/v1/completions",
+        json!({"model": MODEL_ID, "prompt": prompt, "max_tokens": 1, "seed": 3, "logit_bias": {banana_id.to_string(): 100}}),
+    )
+    .await?;
+    assert_eq!(first(&forced), " banana", "{forced}");
+    // min_p = 1 keeps only the most likely token: any temperature is greedy.
+    let (_, greedy_text) = post("/v1/completions", greedy(json!({"prompt": prompt, "max_tokens": 12}))).await?;
+    for seed in 0..3 {
+        let (_, sampled) = post(
+            "/v1/completions",
+            json!({"model": MODEL_ID, "prompt": prompt, "max_tokens": 12, "temperature": 1.5, "min_p": 1.0, "seed": seed}),
+        )
+        .await?;
+        assert_eq!(first(&sampled), first(&greedy_text));
+    }
+    // n choices: indices 0..n, the prompt counted once, every choice's tokens counted.
+    let body = json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "Name a color."}], "n": 3,
+        "max_tokens": 8, "temperature": 1.0, "seed": 11, "ignore_eos": true});
+    let (s, reply) = post("/v1/chat/completions", body.clone()).await?;
+    assert_eq!(s, 200, "{reply}");
+    let choices = reply["choices"].as_array().ok_or("choices")?;
+    let indices: Vec<u64> = choices.iter().filter_map(|c| c["index"].as_u64()).collect();
+    assert_eq!(indices, [0, 1, 2]);
+    let (_, one) = post(
+        "/v1/chat/completions",
+        json!({"model": MODEL_ID, "messages": body["messages"], "max_tokens": 8, "ignore_eos": true}),
+    )
+    .await?;
+    assert_eq!(reply["usage"]["prompt_tokens"], one["usage"]["prompt_tokens"]);
+    assert_eq!(reply["usage"]["completion_tokens"], 24);
+    let texts: std::collections::HashSet<&str> =
+        choices.iter().filter_map(|c| c["message"]["content"].as_str()).collect();
+    assert!(texts.len() > 1, "three seeded samples were all equal: {texts:?}");
+    // Streamed: every index starts (with the role) and finishes.
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let events = stream("/v1/chat/completions", streamed).await?;
+    let parsed = chunks(&events);
+    for index in 0..3 {
+        let of = |c: &&Value| c["choices"][0]["index"] == index;
+        assert_eq!(parsed.iter().filter(of).filter(|c| c["choices"][0]["delta"]["role"] == "assistant").count(), 1);
+        assert_eq!(parsed.iter().filter(of).filter(|c| c["choices"][0]["finish_reason"] == "length").count(), 1);
     }
     Ok(())
 }
