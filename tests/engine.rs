@@ -60,6 +60,7 @@ async fn collect(mut rx: EventStream) -> (String, Option<FinishReason>, usize) {
     while let Some(event) = rx.recv().await {
         match event {
             Event::Text(t) => text.push_str(&t),
+            Event::Logprob(_) => {}
             Event::Finished { reason, usage } => return (text, Some(reason), usage.completion_tokens),
             Event::Failed(e) => panic!("generation failed: {e}"),
         }

@@ -8,12 +8,14 @@ use serde_json::Value as Json_;
 use super::error::ApiError;
 use super::generate::{self, Piece};
 use super::json::WithSampling;
+use super::logprobs;
 use super::observe::Facts;
 use super::params;
 use super::types::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, Delta,
 };
 use super::{prompting, response_id, unix_now, AppState, Target};
+use crate::engine::TokenLogprob;
 use crate::loader::ModelInfo;
 use crate::prompt::ChatRequest;
 
@@ -27,10 +29,11 @@ async fn chat_completions(
     WithSampling(req): WithSampling<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let mut req = req;
-    let (target, params) = prompting::prepare(&state, &mut req).await?;
+    let (target, mut params) = prompting::prepare(&state, &mut req).await?;
     facts.resolved(&target);
     let info = target.info.clone();
     refuse_unsupported(&req)?;
+    params.sampling.logprobs = logprobs::chat_request(req.logprobs, req.top_logprobs.as_ref())?;
     let kwargs = merged_kwargs(&state, &target, req.chat_template_kwargs.as_ref());
     let (target, req, ids) = state
         .blocking(move || {
@@ -67,19 +70,30 @@ async fn chat_completions(
             })
             .ok()
         };
-        let delta_choice =
-            |index, delta, finish_reason| ChatChunkChoice { index, delta, logprobs: None, finish_reason };
+        let tokenizer = info.clone();
+        let wants_logprobs = params.sampling.logprobs.is_some();
+        let delta_choice = move |index, delta, finish_reason, tokens: Vec<TokenLogprob>| ChatChunkChoice {
+            index,
+            delta,
+            logprobs: wants_logprobs.then(|| logprobs::chat(&tokenizer.tokenizer, &tokens)),
+            finish_reason,
+        };
         let delivery = generate::Delivery::new(&state, facts);
         let sse = generate::sse(submitted, delivery, params.include_usage, move |piece| match piece {
             Piece::Start(index) => chunk(
-                vec![delta_choice(index, Delta { role: Some("assistant"), content: Some(String::new()) }, None)],
+                vec![delta_choice(
+                    index,
+                    Delta { role: Some("assistant"), content: Some(String::new()) },
+                    None,
+                    Vec::new(),
+                )],
                 None,
             ),
-            Piece::Text(index, text) => {
-                chunk(vec![delta_choice(index, Delta { role: None, content: Some(text) }, None)], None)
+            Piece::Text(index, text, tokens) => {
+                chunk(vec![delta_choice(index, Delta { role: None, content: Some(text) }, None, tokens)], None)
             }
-            Piece::Finish(index, reason) => {
-                chunk(vec![delta_choice(index, Delta::default(), Some(reason.as_str()))], None)
+            Piece::Finish(index, reason, tokens) => {
+                chunk(vec![delta_choice(index, Delta::default(), Some(reason.as_str()), tokens)], None)
             }
             Piece::Usage(usage) => chunk(Vec::new(), Some(usage)),
         });
@@ -90,11 +104,11 @@ async fn chat_completions(
         .choices
         .into_iter()
         .enumerate()
-        .map(|(index, (content, reason))| ChatChoice {
+        .map(|(index, choice)| ChatChoice {
             index,
-            message: ChatMessage { role: "assistant", content },
-            logprobs: None,
-            finish_reason: Some(reason.as_str()),
+            logprobs: params.sampling.logprobs.map(|_| logprobs::chat(&info.tokenizer, &choice.logprobs)),
+            message: ChatMessage { role: "assistant", content: choice.text },
+            finish_reason: Some(choice.reason.as_str()),
         })
         .collect();
     Ok(Json(ChatCompletionResponse {
@@ -140,10 +154,6 @@ pub fn merged_kwargs(
 }
 
 fn refuse_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
-    if req.logprobs == Some(true) {
-        return Err(ApiError::unsupported("logprobs", ""));
-    }
-    params::refuse_if_set("top_logprobs", req.top_logprobs.as_ref())?;
     // `tools` reach the chat template (the model sees them); tool calls come
     // back as text in `content`. Forcing a call needs constrained decoding.
     if let Some(tools) = &req.tools {

@@ -7,10 +7,12 @@ use axum::{extract::State, Extension, Json, Router};
 use super::error::ApiError;
 use super::generate::{self, Piece};
 use super::json::WithSampling;
+use super::logprobs;
 use super::observe::Facts;
 use super::params;
 use super::types::{CompletionChoice, CompletionRequest, CompletionResponse};
 use super::{prompting, response_id, unix_now, AppState};
+use crate::engine::TokenLogprob;
 
 /// OpenAI's default for `/v1/completions`.
 const DEFAULT_MAX_TOKENS: i64 = 16;
@@ -25,10 +27,10 @@ async fn completions(
     WithSampling(req): WithSampling<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let mut req = req;
-    let (target, params) = prompting::prepare(&state, &mut req).await?;
+    let (target, mut params) = prompting::prepare(&state, &mut req).await?;
     facts.resolved(&target);
     let info = target.info.clone();
-    params::refuse_if_set("logprobs", req.logprobs.as_ref())?;
+    params.sampling.logprobs = logprobs::completion_request(req.logprobs.as_ref())?;
     if req.echo == Some(true) {
         return Err(ApiError::unsupported("echo", ""));
     }
@@ -66,11 +68,31 @@ async fn completions(
             })
             .ok()
         };
+        // Each choice's `text_offset` continues from its previous chunk.
+        let wants_logprobs = params.sampling.logprobs.is_some();
+        let offsets = std::sync::Mutex::new(vec![0usize; submitted.len()]);
+        let tokenizer = info.clone();
+        let stream_logprobs = move |index: usize, tokens: &[TokenLogprob]| {
+            if !wants_logprobs {
+                return None;
+            }
+            let mut offsets = offsets.lock().unwrap_or_else(|p| p.into_inner());
+            let offset = offsets.get_mut(index)?;
+            let start = *offset;
+            *offset += logprobs::text_len(&tokenizer.tokenizer, tokens);
+            Some(logprobs::completion(&tokenizer.tokenizer, tokens, start))
+        };
         let delivery = generate::Delivery::new(&state, facts);
         let sse = generate::sse(submitted, delivery, params.include_usage, move |piece| match piece {
             Piece::Start(_) => None,
-            Piece::Text(index, text) => chunk(vec![choice(index, text, None)], None),
-            Piece::Finish(index, reason) => chunk(vec![choice(index, String::new(), Some(reason.as_str()))], None),
+            Piece::Text(index, text, tokens) => {
+                let logprobs = stream_logprobs(index, &tokens);
+                chunk(vec![choice(index, text, None, logprobs)], None)
+            }
+            Piece::Finish(index, reason, tokens) => {
+                let logprobs = stream_logprobs(index, &tokens);
+                chunk(vec![choice(index, String::new(), Some(reason.as_str()), logprobs)], None)
+            }
             Piece::Usage(usage) => chunk(Vec::new(), Some(usage)),
         });
         return Ok(sse.into_response());
@@ -80,7 +102,10 @@ async fn completions(
         .choices
         .into_iter()
         .enumerate()
-        .map(|(index, (text, reason))| choice(index, text, Some(reason.as_str())))
+        .map(|(index, c)| {
+            let logprobs = params.sampling.logprobs.map(|_| logprobs::completion(&info.tokenizer, &c.logprobs, 0));
+            choice(index, c.text, Some(c.reason.as_str()), logprobs)
+        })
         .collect();
     Ok(Json(CompletionResponse {
         id,
@@ -93,6 +118,11 @@ async fn completions(
     .into_response())
 }
 
-fn choice(index: usize, text: String, finish_reason: Option<&'static str>) -> CompletionChoice {
-    CompletionChoice { index, text, logprobs: None, finish_reason }
+fn choice(
+    index: usize,
+    text: String,
+    finish_reason: Option<&'static str>,
+    logprobs: Option<serde_json::Value>,
+) -> CompletionChoice {
+    CompletionChoice { index, text, logprobs, finish_reason }
 }

@@ -15,7 +15,7 @@ use super::params::Validated;
 use super::stall::Watched;
 use super::types::UsageBody;
 use super::{AppState, Target};
-use crate::engine::{Event, EventStream, FinishReason, GenerationRequest, RequestTags};
+use crate::engine::{Event, EventStream, FinishReason, GenerationRequest, RequestTags, TokenLogprob};
 
 /// One submitted prompt: its choice index and its events. Dropping it
 /// (client gone) cancels the sequence in the engine.
@@ -66,8 +66,9 @@ pub fn submit_all(
 pub enum Piece {
     /// Before any text of choice `index` (chat sends the role here).
     Start(usize),
-    Text(usize, String),
-    Finish(usize, FinishReason),
+    /// Text, with the log-probabilities of the tokens since the last piece.
+    Text(usize, String, Vec<TokenLogprob>),
+    Finish(usize, FinishReason, Vec<TokenLogprob>),
     /// The usage chunk, after every choice finished (`include_usage`).
     Usage(UsageBody),
 }
@@ -135,6 +136,7 @@ where
         }
         let mut usage = UsageBody::default();
         let mut finished = 0;
+        let mut pending: Vec<Vec<TokenLogprob>> = vec![Vec::new(); choices];
         let aborted = lifecycle.aborted();
         tokio::pin!(aborted);
         loop {
@@ -152,9 +154,10 @@ where
             };
             let Some((index, event)) = next else { break };
             match event {
+                Event::Logprob(lp) => pending[index].push(lp),
                 Event::Text(text) => {
                     facts.text_arrived();
-                    if let Some(data) = render(Piece::Text(index, text)) {
+                    if let Some(data) = render(Piece::Text(index, text, std::mem::take(&mut pending[index]))) {
                         yield Ok(SseEvent::default().data(data));
                     }
                 }
@@ -162,7 +165,7 @@ where
                     facts.finished(reason.as_str(), u.prompt_tokens, u.completion_tokens);
                     usage += u.into();
                     finished += 1;
-                    if let Some(data) = render(Piece::Finish(index, reason)) {
+                    if let Some(data) = render(Piece::Finish(index, reason, std::mem::take(&mut pending[index]))) {
                         yield Ok(SseEvent::default().data(data));
                     }
                 }
@@ -191,9 +194,17 @@ where
     Sse::new(Watched::new(stream, tickets, write_timeout)).keep_alive(KeepAlive::default())
 }
 
-/// Every choice's full text and finish reason, and the summed usage.
+/// One choice of a finished request.
+pub struct Choice {
+    pub text: String,
+    pub reason: FinishReason,
+    /// Per generated token, when the request asked for log-probabilities.
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+/// Every choice, and the summed usage.
 pub struct Collected {
-    pub choices: Vec<(String, FinishReason)>,
+    pub choices: Vec<Choice>,
     pub usage: UsageBody,
 }
 
@@ -201,6 +212,7 @@ pub async fn collect(subs: Vec<Submitted>, delivery: Delivery) -> Result<Collect
     let n = subs.len();
     let mut texts = vec![String::new(); n];
     let mut reasons: Vec<Option<FinishReason>> = vec![None; n];
+    let mut logprobs: Vec<Vec<TokenLogprob>> = vec![Vec::new(); n];
     let mut usage = UsageBody::default();
     let mut events = merged(subs);
     let facts = &delivery.facts;
@@ -214,6 +226,7 @@ pub async fn collect(subs: Vec<Submitted>, delivery: Delivery) -> Result<Collect
         };
         let Some((index, event)) = next else { break };
         match event {
+            Event::Logprob(lp) => logprobs[index].push(lp),
             Event::Text(text) => {
                 facts.text_arrived();
                 texts[index].push_str(&text);
@@ -229,8 +242,11 @@ pub async fn collect(subs: Vec<Submitted>, delivery: Delivery) -> Result<Collect
     let choices = texts
         .into_iter()
         .zip(reasons)
-        .map(|(text, reason)| {
-            reason.map(|r| (text, r)).ok_or_else(|| engine_failure("the generation ended before it finished".into()))
+        .zip(logprobs)
+        .map(|((text, reason), logprobs)| {
+            reason
+                .map(|reason| Choice { text, reason, logprobs })
+                .ok_or_else(|| engine_failure("the generation ended before it finished".into()))
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Collected { choices, usage })

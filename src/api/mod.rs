@@ -11,6 +11,7 @@ pub mod error;
 pub mod generate;
 pub mod json;
 pub mod lifecycle;
+pub mod logprobs;
 pub mod metrics;
 pub mod models;
 pub mod observe;

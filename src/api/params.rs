@@ -109,6 +109,8 @@ pub fn validate_sampling(f: &SamplingFields) -> Result<Validated, ApiError> {
             logit_bias,
             min_p,
             repetition_penalty,
+            // Set by each endpoint, whose fields differ.
+            logprobs: None,
         },
         n,
         stop,
@@ -212,7 +214,8 @@ mod tests {
         bad(SamplingFields { temperature: Some(2.5), ..Default::default() }, "temperature");
         bad(SamplingFields { top_p: Some(0.0), ..Default::default() }, "top_p");
         bad(SamplingFields { top_k: Some(-3), ..Default::default() }, "top_k");
-        bad(SamplingFields { n: Some(2), ..Default::default() }, "n");
+        bad(SamplingFields { n: Some(17), ..Default::default() }, "n");
+        bad(SamplingFields { min_p: Some(-0.1), ..Default::default() }, "min_p");
         bad(SamplingFields { presence_penalty: Some(3.0), ..Default::default() }, "presence_penalty");
     }
 

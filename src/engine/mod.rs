@@ -30,7 +30,7 @@ use queue::{Line, Queued};
 
 pub use queue::{EventStream, SubmitError, Ticket};
 pub use request::{Event, FinishReason, GenerationRequest, RequestTags, Usage};
-pub use sampling::SamplingParams;
+pub use sampling::{SamplingParams, TokenLogprob};
 
 use crate::loader::{self, LoadOptions, Loaded, ModelInfo};
 use crate::metrics::Metrics;

@@ -58,6 +58,9 @@ pub struct Usage {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// A sampled token's log-probabilities (requests that asked), sent
+    /// before the text that token releases; end-of-sequence tokens have none.
+    Logprob(super::sampling::TokenLogprob),
     /// Newly released text (never half a character, never part of a stop string).
     Text(String),
     Finished {

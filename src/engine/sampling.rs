@@ -25,6 +25,8 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// Hugging Face's repetition penalty over prompt and generated tokens (1 disables).
     pub repetition_penalty: f32,
+    /// Report each sampled token's log-probability and this many alternatives.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -39,8 +41,20 @@ impl Default for SamplingParams {
             logit_bias: Vec::new(),
             min_p: 0.0,
             repetition_penalty: 1.0,
+            logprobs: None,
         }
     }
+}
+
+/// A sampled token's log-probability and the most likely alternatives, in
+/// the distribution it was drawn from (after bias, penalties and temperature,
+/// before top-k / top-p / min-p truncation), as vLLM reports them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    /// Most likely first (ties by id).
+    pub top: Vec<(u32, f32)>,
 }
 
 pub struct Sampler {
@@ -87,6 +101,27 @@ impl Sampler {
         let id = if p.temperature < GREEDY_BELOW { argmax(logits) } else { self.sample_random(logits) };
         *self.counts.entry(id).or_default() += 1;
         id
+    }
+
+    /// The log-probabilities of the step `sample` just took (`logits` as it
+    /// left them), if this request asked for them.
+    pub fn logprobs(&self, logits: &[f32], id: u32) -> Option<TokenLogprob> {
+        let k = self.params.logprobs?;
+        // Greedy requests report the unscaled distribution (temperature 1).
+        let t = if self.params.temperature < GREEDY_BELOW { 1.0 } else { self.params.temperature };
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l / t));
+        let sum: f64 = logits.iter().map(|&l| ((l / t - max) as f64).exp()).sum();
+        let log_norm = max + sum.ln() as f32;
+        let logprob = |i: u32| logits.get(i as usize).map_or(f32::NEG_INFINITY, |&l| l / t - log_norm);
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        let k = k.min(order.len());
+        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        if k > 0 && k < order.len() {
+            order.select_nth_unstable_by(k - 1, by_logit);
+        }
+        order.truncate(k);
+        order.sort_by(by_logit);
+        Some(TokenLogprob { id, logprob: logprob(id), top: order.into_iter().map(|i| (i, logprob(i))).collect() })
     }
 
     /// Temperature, then top-k, then top-p, then a draw — walking the
@@ -320,5 +355,27 @@ mod tests {
             seen.insert(Sampler::new(params, &[]).sample(&mut logits.clone()));
         }
         assert_eq!(seen, [1, 2].into_iter().collect(), "0.5 keeps the two near the top, drops the rest");
+    }
+
+    #[test]
+    fn logprobs_are_of_the_tempered_distribution_most_likely_first() {
+        let params = SamplingParams { temperature: 0.0, logprobs: Some(2), ..Default::default() };
+        let mut s = Sampler::new(params, &[]);
+        let mut logits = vec![1.0f32, 3.0, 2.0];
+        let id = s.sample(&mut logits);
+        let lp = s.logprobs(&logits, id).expect("asked for");
+        let norm = (1f32.exp() + 3f32.exp() + 2f32.exp()).ln();
+        assert_eq!(lp.id, 1);
+        assert!((lp.logprob - (3.0 - norm)).abs() < 1e-5);
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 2]);
+        assert!((lp.top[1].1 - (2.0 - norm)).abs() < 1e-5);
+        let tempered = Sampler::new(
+            SamplingParams { temperature: 2.0, logprobs: Some(0), seed: Some(1), ..Default::default() },
+            &[],
+        );
+        let lp = tempered.logprobs(&logits, 0).expect("asked for");
+        let norm = (0.5f32.exp() + 1.5f32.exp() + 1f32.exp()).ln();
+        assert!((lp.logprob - (0.5 - norm)).abs() < 1e-5 && lp.top.is_empty());
+        assert!(Sampler::new(SamplingParams::default(), &[]).logprobs(&logits, 0).is_none());
     }
 }

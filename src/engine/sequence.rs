@@ -111,7 +111,13 @@ impl Sequence {
     pub fn accept(&mut self, logits: &mut [f32], tokenizer: &Tokenizer, eos: &[u32], max_model_len: usize) -> bool {
         let token = self.sampler.sample(logits);
         self.generated.push(token);
-        if !self.ignore_eos && eos.contains(&token) {
+        let ends = !self.ignore_eos && eos.contains(&token);
+        if !ends {
+            if let Some(logprob) = self.sampler.logprobs(logits, token) {
+                let _ = self.events.send(Event::Logprob(logprob));
+            }
+        }
+        if ends {
             // The decoder's tail still passes the stop matcher, after the
             // text it holds back.
             let tail = self.decoder.finish(tokenizer);

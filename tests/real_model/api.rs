@@ -252,7 +252,8 @@ async fn bad_requests_get_openai_errors() -> TestResult {
         (json!({"logit_bias": {"twelve": 1}}), "logit_bias"),
         (json!({"min_p": 1.5}), "min_p"),
         (json!({"repetition_penalty": 0}), "repetition_penalty"),
-        (json!({"logprobs": true}), "logprobs"),
+        (json!({"logprobs": true, "top_logprobs": 21}), "top_logprobs"),
+        (json!({"top_logprobs": 2}), "top_logprobs"),
         (json!({"tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f"}}]}), "tool_choice"),
         (json!({"tools": "not a list"}), "tools"),
         (json!({"response_format": {"type": "json_object"}}), "response_format"),
@@ -281,7 +282,7 @@ async fn bad_requests_get_openai_errors() -> TestResult {
         (json!({"prompt": [999999]}), "prompt"),
         (json!({"prompt": [-1]}), "prompt"),
         (json!({"echo": true}), "echo"),
-        (json!({"logprobs": 2}), "logprobs"),
+        (json!({"logprobs": 6}), "logprobs"),
         (json!({"best_of": 3}), "best_of"),
         (json!({"stop": vec!["a"; 17]}), "stop"),
         (json!({"stream_options": {"include_usage": true}}), "stream_options"),
@@ -458,6 +459,71 @@ async fn logit_bias_min_p_and_n_shape_the_sample() -> TestResult {
         let of = |c: &&Value| c["choices"][0]["index"] == index;
         assert_eq!(parsed.iter().filter(of).filter(|c| c["choices"][0]["delta"]["role"] == "assistant").count(), 1);
         assert_eq!(parsed.iter().filter(of).filter(|c| c["choices"][0]["finish_reason"] == "length").count(), 1);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn logprobs_describe_each_generated_token() -> TestResult {
+    let messages = json!([{"role": "user", "content": "Describe the sea in one sentence."}]);
+    let body = greedy(
+        json!({"messages": messages, "max_tokens": 12, "ignore_eos": true, "logprobs": true, "top_logprobs": 3}),
+    );
+    let (s, reply) = post("/v1/chat/completions", body.clone()).await?;
+    assert_eq!(s, 200, "{reply}");
+    let content = reply["choices"][0]["message"]["content"].as_str().ok_or("content")?;
+    let entries = reply["choices"][0]["logprobs"]["content"].as_array().ok_or("logprobs.content")?;
+    assert_eq!(entries.len(), 12);
+    let mut joined = String::new();
+    for e in entries {
+        let top = e["top_logprobs"].as_array().ok_or("top_logprobs")?;
+        assert_eq!(top.len(), 3);
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(e["token"], top[0]["token"]);
+        assert_eq!(e["logprob"], top[0]["logprob"]);
+        let lp = e["logprob"].as_f64().ok_or("logprob")?;
+        assert!(lp <= 0.0 && top[1]["logprob"].as_f64().is_some_and(|l| l <= lp));
+        assert_eq!(e["bytes"].as_array().map(|b| b.len()), e["token"].as_str().map(str::len));
+        joined.push_str(e["token"].as_str().ok_or("token")?);
+    }
+    assert_eq!(joined, content);
+    // Streamed: the same entries, spread over the chunks.
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let events = stream("/v1/chat/completions", streamed).await?;
+    let streamed_entries: Vec<Value> = chunks(&events)
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(&streamed_entries, entries);
+
+    let (s, reply) = post(
+        "/v1/completions",
+        greedy(json!({"prompt": "The sea is", "max_tokens": 6, "ignore_eos": true, "logprobs": 2})),
+    )
+    .await?;
+    assert_eq!(s, 200, "{reply}");
+    let text = reply["choices"][0]["text"].as_str().ok_or("text")?;
+    let lp = &reply["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"].as_array().ok_or("tokens")?.iter().filter_map(Value::as_str).collect();
+    assert_eq!(tokens.len(), 6);
+    assert_eq!(tokens.concat(), text);
+    assert_eq!(lp["token_logprobs"].as_array().map(Vec::len), Some(6));
+    let offsets: Vec<u64> =
+        lp["text_offset"].as_array().ok_or("text_offset")?.iter().filter_map(Value::as_u64).collect();
+    let expected: Vec<u64> = tokens
+        .iter()
+        .scan(0u64, |o, t| {
+            let here = *o;
+            *o += t.len() as u64;
+            Some(here)
+        })
+        .collect();
+    assert_eq!(offsets, expected);
+    for top in lp["top_logprobs"].as_array().ok_or("top_logprobs")? {
+        let n = top.as_object().map(|m| m.len()).unwrap_or(0);
+        assert!((1..=2).contains(&n), "{top}");
     }
     Ok(())
 }
