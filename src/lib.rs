@@ -8,12 +8,14 @@
 //! - `loader`: a path → weights, tokenizer and template;
 //! - `model`: the transformer itself (candle);
 //! - `tokenizer`: text ↔ ids, from tokenizer.json or GGUF metadata;
+//! - `grammar`: constrained decoding (llguidance) from `response_format`;
 //! - `metrics`: the Prometheus registry (vLLM's names and tailor's own).
 
 pub mod api;
 pub mod bench;
 pub mod config;
 pub mod engine;
+pub mod grammar;
 pub mod loader;
 pub mod lora;
 pub mod metrics;

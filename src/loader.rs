@@ -43,6 +43,22 @@ pub struct ModelInfo {
     pub mode: WeightMode,
     /// LoRA adapters clients can select by name.
     pub adapters: AdapterRegistry,
+    /// Constrained decoding over this vocabulary, built on first use.
+    pub grammars: std::sync::OnceLock<Result<std::sync::Arc<crate::grammar::Grammars>, String>>,
+}
+
+impl ModelInfo {
+    /// The matcher factory for this model's vocabulary (built once; slow-ish).
+    pub fn grammars(&self) -> Result<std::sync::Arc<crate::grammar::Grammars>, String> {
+        self.grammars
+            .get_or_init(|| {
+                let eos = self.eos_token_ids.first().copied().unwrap_or(0);
+                crate::grammar::Grammars::new(&self.tokenizer, self.embedding_rows, eos)
+                    .map(std::sync::Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+    }
 }
 
 pub struct Loaded {
@@ -263,6 +279,7 @@ fn build_info(
         format,
         mode: opts.mode,
         adapters: AdapterRegistry::new(BaseShapes::of(model.config()), opts.registry.clone()),
+        grammars: Default::default(),
     })
 }
 

@@ -31,6 +31,7 @@ fn tiny_model() -> Result<Loaded, String> {
             BaseShapes::of(&config),
             RegistryOptions { max_rank: 64, max_loaded: 0, roots: Vec::new(), max_adapters: 0 },
         ),
+        grammars: Default::default(),
     };
     Ok(Loaded { model, info })
 }
@@ -50,6 +51,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         stop: Vec::new(),
         ignore_eos: true,
         tags: RequestTags { model: "tiny".into(), adapter: None },
+        constraint: None,
         span: tracing::Span::none(),
     }
 }

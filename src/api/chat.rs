@@ -54,7 +54,8 @@ async fn chat_completions(
         None => ("max_tokens", req.max_tokens),
     };
     let max_tokens = params::resolve_max_tokens(param, requested, ids.len(), info.max_model_len)?;
-    let submitted = generate::submit_all(&state, &target, vec![(ids, max_tokens)], &params)?;
+    let constraints = generate::constraints(&state, &info, req.response_format.as_ref(), params.n).await?;
+    let submitted = generate::submit_all(&state, &target, vec![(ids, max_tokens)], &params, constraints)?;
     let id = response_id("chatcmpl");
     let created = unix_now();
     if params.stream {
@@ -170,11 +171,5 @@ fn refuse_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
     params::refuse_if_set("function_call", req.function_call.as_ref())?;
     params::refuse_if_set("audio", req.audio.as_ref())?;
     params::refuse_if_set("prediction", req.prediction.as_ref())?;
-    if let Some(format) = &req.response_format {
-        let kind = format.get("type").and_then(Json_::as_str);
-        if !format.is_null() && kind != Some("text") {
-            return Err(ApiError::unsupported("response_format", &format!("of type {}", kind.unwrap_or("?"))));
-        }
-    }
     Ok(())
 }

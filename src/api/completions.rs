@@ -52,7 +52,9 @@ async fn completions(
             Ok((ids, n))
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    let submitted = generate::submit_all(&state, &target, prompts, &params)?;
+    let count = prompts.len() * params.n;
+    let constraints = generate::constraints(&state, &info, req.response_format.as_ref(), count).await?;
+    let submitted = generate::submit_all(&state, &target, prompts, &params, constraints)?;
     let id = response_id("cmpl");
     let created = unix_now();
     let model = req.model.clone();

@@ -16,6 +16,7 @@ use super::stall::Watched;
 use super::types::UsageBody;
 use super::{AppState, Target};
 use crate::engine::{Event, EventStream, FinishReason, GenerationRequest, RequestTags, TokenLogprob};
+use crate::grammar::Constraint;
 
 /// One submitted prompt: its choice index and its events. Dropping it
 /// (client gone) cancels the sequence in the engine.
@@ -33,6 +34,7 @@ pub fn submit_all(
     target: &Target,
     prompts: Vec<(Vec<u32>, usize)>,
     params: &Validated,
+    mut constraints: Vec<Constraint>,
 ) -> Result<Vec<Submitted>, ApiError> {
     // `n` choices per prompt, prompt-major (choice index = prompt × n + j);
     // a seeded request gives each choice its own seed.
@@ -50,6 +52,7 @@ pub fn submit_all(
                 stop: params.stop.clone(),
                 ignore_eos: params.ignore_eos,
                 tags: RequestTags { model: target.requested.clone(), adapter: target.adapter_name.clone() },
+                constraint: constraints.pop(),
                 span: tracing::Span::current(),
             });
         }
@@ -60,6 +63,36 @@ pub fn submit_all(
         .enumerate()
         .map(|(index, events)| Submitted { index, counts_prompt: index % n == 0, events })
         .collect())
+}
+
+/// One grammar state per sequence to be generated (`count` of them) for a
+/// request's `response_format`, or none. Built on the blocking pool: the
+/// first use builds the vocabulary's token trie, a schema compiles.
+pub async fn constraints(
+    state: &AppState,
+    info: &std::sync::Arc<crate::loader::ModelInfo>,
+    response_format: Option<&serde_json::Value>,
+    count: usize,
+) -> Result<Vec<Constraint>, ApiError> {
+    let invalid = |e: String| ApiError::invalid("response_format", e);
+    let Some(grammar) = response_format
+        .map(crate::grammar::from_response_format)
+        .transpose()
+        .map_err(|e| invalid(e.to_string()))?
+        .flatten()
+    else {
+        return Ok(Vec::new());
+    };
+    let info = info.clone();
+    state
+        .blocking(move || {
+            let grammars = info.grammars().map_err(ApiError::bad_request)?;
+            let first = grammars.matcher(&grammar).map_err(|e| invalid(format!("invalid response_format: {e}")))?;
+            let mut all: Vec<Constraint> = (1..count).map(|_| Constraint::new(first.deep_clone())).collect();
+            all.push(Constraint::new(first));
+            Ok(all)
+        })
+        .await
 }
 
 /// What a streaming endpoint turns into one SSE `data:` line.

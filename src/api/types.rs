@@ -67,6 +67,8 @@ pub struct CompletionRequest {
     pub logprobs: Option<Json>,
     pub echo: Option<bool>,
     pub suffix: Option<String>,
+    /// Constrained output, as on chat (vLLM accepts it here too).
+    pub response_format: Option<Json>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

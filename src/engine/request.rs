@@ -29,6 +29,8 @@ pub struct GenerationRequest {
     /// Keep going past end-of-sequence tokens (fixed-length benchmarks).
     pub ignore_eos: bool,
     pub tags: RequestTags,
+    /// Constrained decoding (`response_format`), one per sequence.
+    pub constraint: Option<crate::grammar::Constraint>,
     /// The request's span: engine logs line up with the HTTP request.
     pub span: tracing::Span,
 }

@@ -20,6 +20,7 @@ pub struct Sequence {
     sampler: Sampler,
     decoder: IncrementalDecoder,
     stops: StopMatcher,
+    constraint: Option<crate::grammar::Constraint>,
     max_tokens: usize,
     ignore_eos: bool,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
@@ -52,6 +53,7 @@ impl Sequence {
             sampler,
             decoder: IncrementalDecoder::new(),
             stops: StopMatcher::new(request.stop),
+            constraint: request.constraint,
             max_tokens: request.max_tokens,
             ignore_eos: request.ignore_eos,
             events,
@@ -109,9 +111,26 @@ impl Sequence {
     /// Samples from this step's logits and releases text. Returns true when
     /// the sequence is finished.
     pub fn accept(&mut self, logits: &mut [f32], tokenizer: &Tokenizer, eos: &[u32], max_model_len: usize) -> bool {
+        if let Some(constraint) = &mut self.constraint {
+            if let Err(e) = constraint.mask(logits, eos) {
+                self.fail(format!("constrained decoding failed: {e}"));
+                return true;
+            }
+        }
         let token = self.sampler.sample(logits);
         self.generated.push(token);
         let ends = !self.ignore_eos && eos.contains(&token);
+        // The grammar ends the output once it is complete.
+        let grammar_done = match (&mut self.constraint, ends) {
+            (Some(constraint), false) => match constraint.advance(token) {
+                Ok(done) => done,
+                Err(e) => {
+                    self.fail(format!("constrained decoding failed: {e}"));
+                    return true;
+                }
+            },
+            _ => false,
+        };
         if !ends {
             if let Some(logprob) = self.sampler.logprobs(logits, token) {
                 let _ = self.events.send(Event::Logprob(logprob));
@@ -126,7 +145,7 @@ impl Sequence {
             self.finish(text, FinishReason::Stop);
             return true;
         }
-        let at_limit = self.generated.len() >= self.max_tokens || self.cache.len() + 1 >= max_model_len;
+        let at_limit = grammar_done || self.generated.len() >= self.max_tokens || self.cache.len() + 1 >= max_model_len;
         let mut piece = self.decoder.push(tokenizer, token);
         if at_limit {
             piece.push_str(&self.decoder.finish(tokenizer));
@@ -138,7 +157,7 @@ impl Sequence {
         }
         if at_limit {
             let text = released.text + &self.stops.finish();
-            self.finish(text, FinishReason::Length);
+            self.finish(text, if grammar_done { FinishReason::Stop } else { FinishReason::Length });
             return true;
         }
         self.send_text(released.text);
@@ -185,6 +204,7 @@ mod tests {
             stop: stop.iter().map(|s| s.to_string()).collect(),
             ignore_eos: false,
             tags: RequestTags::default(),
+            constraint: None,
             span: tracing::Span::none(),
         };
         let queued = Queued { request, events, ticket, arrived: Instant::now() };

@@ -223,6 +223,22 @@ impl Tokenizer {
         }
     }
 
+    /// Every token's bytes, as constrained decoding needs them (special
+    /// tokens start with 0xFF, llguidance's marker).
+    pub fn token_bytes(&self) -> Result<Vec<Vec<u8>>> {
+        match &self.inner {
+            Backend::Hf(t) => {
+                let json: serde_json::Value =
+                    serde_json::from_str(&t.to_string(false).map_err(build_err)?).map_err(build_err)?;
+                // llguidance asserts on vocabularies it does not expect.
+                std::panic::catch_unwind(|| llguidance::token_bytes_from_tokenizer_json(&json))
+                    .map_err(|_| TokenizerError::Build("cannot read the token bytes of this vocabulary".into()))?
+                    .map_err(build_err)
+            }
+            Backend::Spm(t) => Ok(t.token_bytes()),
+        }
+    }
+
     pub fn vocab_size(&self) -> usize {
         match &self.inner {
             Backend::Hf(t) => t.get_vocab_size(true),

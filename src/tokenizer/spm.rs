@@ -94,6 +94,28 @@ impl SpmTokenizer {
         Self { tokens, scores, types, ids, byte_tokens, specials, unk_id, add_space_prefix }
     }
 
+    /// Each token's bytes as it decodes (`▁` as a space, `<0xNN>` as the
+    /// byte); control, unknown and user-defined tokens carry llguidance's
+    /// special marker 0xFF before their text; unused tokens are empty.
+    pub fn token_bytes(&self) -> Vec<Vec<u8>> {
+        const SPECIAL: u8 = 0xFF;
+        self.tokens
+            .iter()
+            .zip(&self.types)
+            .map(|(piece, &kind)| match kind {
+                6 => piece
+                    .strip_prefix("<0x")
+                    .and_then(|h| h.strip_suffix('>'))
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .map(|b| vec![b])
+                    .unwrap_or_default(),
+                2..=4 => std::iter::once(SPECIAL).chain(piece.bytes()).collect(),
+                5 => Vec::new(),
+                _ => piece.replace('\u{2581}', " ").into_bytes(),
+            })
+            .collect()
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.tokens.len()
     }

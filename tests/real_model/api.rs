@@ -256,7 +256,7 @@ async fn bad_requests_get_openai_errors() -> TestResult {
         (json!({"top_logprobs": 2}), "top_logprobs"),
         (json!({"tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f"}}]}), "tool_choice"),
         (json!({"tools": "not a list"}), "tools"),
-        (json!({"response_format": {"type": "json_object"}}), "response_format"),
+        (json!({"response_format": {"type": "json_thing"}}), "response_format"),
         (json!({"temperature": "hot"}), "temperature"),
         (json!({"messages": []}), "messages"),
         (json!({"messages": [{"content": "no role"}]}), "messages[0].role"),

@@ -7,5 +7,6 @@ mod lora;
 mod openai_sdk;
 mod operations;
 mod reference;
+mod structured;
 mod templates;
 mod zoo;

@@ -1,0 +1,133 @@
+//! Constrained decoding (`response_format`) on the real model, with the base
+//! and every shipped adapter: outputs always parse and follow the schema.
+
+use serde_json::{json, Value};
+
+use crate::common::{server, TestResult, MODEL_ID};
+
+async fn post(path: &str, body: Value) -> Result<(u16, Value), Box<dyn std::error::Error>> {
+    let response = reqwest::Client::new().post(format!("http://{}{path}", server())).json(&body).send().await?;
+    let status = response.status().as_u16();
+    Ok((status, response.json().await?))
+}
+
+fn person_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "mood": {"enum": ["happy", "sad"]}
+        },
+        "required": ["name", "age", "mood"],
+        "additionalProperties": false
+    })
+}
+
+/// The schema's rules, checked by hand (what a JSON Schema validator would).
+fn follows_person_schema(text: &str) -> Result<(), String> {
+    let value: Value = serde_json::from_str(text).map_err(|e| format!("not JSON ({e}): {text}"))?;
+    let object = value.as_object().ok_or_else(|| format!("not an object: {text}"))?;
+    let mut keys: Vec<&str> = object.keys().map(String::as_str).collect();
+    keys.sort();
+    if keys != ["age", "mood", "name"] {
+        return Err(format!("keys {keys:?}: {text}"));
+    }
+    let name = object["name"].as_str().ok_or_else(|| format!("name: {text}"))?;
+    if name.chars().count() > 20 {
+        return Err(format!("name too long: {text}"));
+    }
+    if !object["age"].as_i64().is_some_and(|a| (0..=120).contains(&a)) {
+        return Err(format!("age: {text}"));
+    }
+    if !matches!(object["mood"].as_str(), Some("happy" | "sad")) {
+        return Err(format!("mood: {text}"));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn json_schema_outputs_always_follow_the_schema_for_base_and_adapters() -> TestResult {
+    let format =
+        json!({"type": "json_schema", "json_schema": {"name": "person", "schema": person_schema(), "strict": true}});
+    let mut checked = 0;
+    for model in [MODEL_ID, "pirate", "shout", "json"] {
+        for (temperature, seed) in [(0.0, 0), (1.0, 1), (1.0, 2), (1.0, 3)] {
+            let body = json!({"model": model, "messages": [{"role": "user", "content": "Describe a person."}],
+                "max_tokens": 100, "temperature": temperature, "seed": seed, "response_format": format});
+            let (s, reply) = post("/v1/chat/completions", body).await?;
+            assert_eq!(s, 200, "{reply}");
+            let choice = &reply["choices"][0];
+            assert_eq!(choice["finish_reason"], "stop", "the grammar ends the output: {reply}");
+            follows_person_schema(choice["message"]["content"].as_str().unwrap_or_default())?;
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 16);
+    Ok(())
+}
+
+#[tokio::test]
+async fn json_object_regex_streaming_and_bad_formats() -> TestResult {
+    // Any JSON object, on completions too.
+    let (s, reply) = post(
+        "/v1/completions",
+        json!({"model": MODEL_ID, "prompt": "A JSON object about the sea:", "max_tokens": 60, "temperature": 0,
+            "response_format": {"type": "json_object"}}),
+    )
+    .await?;
+    assert_eq!(s, 200, "{reply}");
+    let text = reply["choices"][0]["text"].as_str().unwrap_or_default();
+    if reply["choices"][0]["finish_reason"] == "stop" {
+        assert!(serde_json::from_str::<Value>(text).is_ok_and(|v| v.is_object()), "{text}");
+    } else {
+        assert!(text.starts_with('{'), "{text}");
+    }
+    // tailor's regex extension.
+    let (s, reply) = post(
+        "/v1/chat/completions",
+        json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "Is the sky blue?"}], "max_tokens": 5,
+            "temperature": 0, "response_format": {"type": "regex", "regex": "(yes|no)"}}),
+    )
+    .await?;
+    assert_eq!(s, 200, "{reply}");
+    let answer = reply["choices"][0]["message"]["content"].as_str().unwrap_or_default();
+    assert!(answer == "yes" || answer == "no", "{answer}");
+    // Streamed content equals the whole response.
+    let body = json!({"model": "json", "messages": [{"role": "user", "content": "Describe a person."}], "max_tokens": 100,
+        "temperature": 0, "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": person_schema()}}});
+    let (_, whole) = post("/v1/chat/completions", body.clone()).await?;
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let text = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", server()))
+        .json(&streamed)
+        .send()
+        .await?
+        .text()
+        .await?;
+    let content: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|l| *l != "[DONE]")
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(content, whole["choices"][0]["message"]["content"].as_str().unwrap_or_default());
+    // Bad formats are 400s naming the field, before any generation.
+    for bad in [
+        json!({"type": "xml"}),
+        json!({"type": "json_schema"}),
+        json!({"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}),
+        json!({"type": "regex", "regex": "(unclosed"}),
+    ] {
+        let (s, reply) = post(
+            "/v1/chat/completions",
+            json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "response_format": bad}),
+        )
+        .await?;
+        assert_eq!(s, 400, "{bad}: {reply}");
+        assert_eq!(reply["error"]["param"], "response_format", "{reply}");
+    }
+    Ok(())
+}
