@@ -56,6 +56,10 @@ pub struct BenchArgs {
     /// llama-server with the adapters in --model order and --lora-init-without-apply).
     #[arg(long)]
     pub llama_cpp_lora: bool,
+    /// A JSON file holding a `response_format` object sent with every
+    /// request (constrained decoding against free generation).
+    #[arg(long, value_parser = json_file)]
+    pub response_format: Option<Value>,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -167,6 +171,11 @@ pub async fn run(args: BenchArgs) -> Result<Summary, BenchError> {
     Ok(summarize(&args, &results, started.elapsed()))
 }
 
+fn json_file(path: &str) -> Result<Value, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    serde_json::from_str(&text).map_err(|e| format!("{path} is not JSON: {e}"))
+}
+
 fn body(args: &BenchArgs, model: &str, index: usize) -> (String, Value) {
     let common = json!({
         "model": model,
@@ -178,6 +187,9 @@ fn body(args: &BenchArgs, model: &str, index: usize) -> (String, Value) {
     let mut body = common.as_object().cloned().unwrap_or_default();
     if args.stream {
         body.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    if let Some(format) = &args.response_format {
+        body.insert("response_format".into(), format.clone());
     }
     if args.llama_cpp_lora {
         body.insert("lora".into(), json!([{"id": index % args.model.len(), "scale": 1.0}]));

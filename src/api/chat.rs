@@ -54,7 +54,13 @@ async fn chat_completions(
         None => ("max_tokens", req.max_tokens),
     };
     let max_tokens = params::resolve_max_tokens(param, requested, ids.len(), info.max_model_len)?;
-    let constraints = generate::constraints(&state, &info, req.response_format.as_ref(), params.n).await?;
+    let constraints = generate::constraints(
+        &state,
+        &info,
+        req.response_format.as_ref().or(target.defaults.response_format.as_ref()),
+        params.n,
+    )
+    .await?;
     let submitted = generate::submit_all(&state, &target, vec![(ids, max_tokens)], &params, constraints)?;
     let id = response_id("chatcmpl");
     let created = unix_now();

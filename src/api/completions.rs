@@ -53,7 +53,13 @@ async fn completions(
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
     let count = prompts.len() * params.n;
-    let constraints = generate::constraints(&state, &info, req.response_format.as_ref(), count).await?;
+    let constraints = generate::constraints(
+        &state,
+        &info,
+        req.response_format.as_ref().or(target.defaults.response_format.as_ref()),
+        count,
+    )
+    .await?;
     let submitted = generate::submit_all(&state, &target, prompts, &params, constraints)?;
     let id = response_id("cmpl");
     let created = unix_now();

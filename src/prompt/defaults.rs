@@ -34,6 +34,9 @@ pub struct Defaults {
     pub seed: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stop: Option<Vec<String>>,
+    /// Constrained output, as the request's `response_format` (a JSON schema...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<Json>,
 }
 
 impl Defaults {
@@ -58,6 +61,7 @@ impl Defaults {
             frequency_penalty: self.frequency_penalty.or(lower.frequency_penalty),
             seed: self.seed.or(lower.seed),
             stop: self.stop.clone().or_else(|| lower.stop.clone()),
+            response_format: self.response_format.clone().or_else(|| lower.response_format.clone()),
         }
     }
 }

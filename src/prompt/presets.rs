@@ -47,6 +47,10 @@ pub fn parse(text: &str, origin: &str) -> Result<Vec<Preset>, PromptError> {
             let defaults: Defaults = toml::Value::Table(fields)
                 .try_into()
                 .map_err(|e| PromptError::Invalid(format!("{origin}: [{name}]: {e}")))?;
+            if let Some(format) = &defaults.response_format {
+                crate::grammar::from_response_format(format)
+                    .map_err(|e| PromptError::Invalid(format!("{origin}: [{name}] response_format: {e}")))?;
+            }
             Ok(Preset { name, adapter, defaults })
         })
         .collect()
@@ -189,6 +193,14 @@ system = "Be terse."
         assert_eq!(bot.defaults.temperature, Some(0.2));
         assert_eq!(bot.defaults.stop, Some(vec!["END".to_string()]));
         Ok(())
+    }
+
+    #[test]
+    fn a_preset_may_carry_a_response_format_checked_at_load() {
+        let ok = parse("[p]\nresponse_format = { type = \"json_object\" }\n", "t").expect("valid");
+        assert_eq!(ok[0].defaults.response_format, Some(serde_json::json!({"type": "json_object"})));
+        let bad = parse("[p]\nresponse_format = { type = \"xml\" }\n", "t").expect_err("unknown type");
+        assert!(bad.to_string().contains("response_format"), "{bad}");
     }
 
     #[test]

@@ -131,3 +131,31 @@ async fn json_object_regex_streaming_and_bad_formats() -> TestResult {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_preset_binds_an_adapter_a_schema_and_defaults_under_one_id() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let preset = json!({"extract-person": {
+        "adapter": "json",
+        "temperature": 0.0,
+        "max_tokens": 100,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": person_schema()}},
+    }});
+    std::fs::write(dir.path().join("presets.toml"), toml::to_string(&preset)?)?;
+    let addr = crate::common::start_server(&["--presets", &dir.path().display().to_string()]);
+    let ask = |body: Value| async move {
+        let response =
+            reqwest::Client::new().post(format!("http://{addr}/v1/chat/completions")).json(&body).send().await?;
+        Ok::<Value, Box<dyn std::error::Error>>(response.json().await?)
+    };
+    let messages = json!([{"role": "user", "content": "Ann is 31 and cheerful."}]);
+    let reply = ask(json!({"model": "extract-person", "messages": messages})).await?;
+    follows_person_schema(reply["choices"][0]["message"]["content"].as_str().unwrap_or_default())?;
+    // The request's own response_format wins over the preset's.
+    let reply = ask(json!({"model": "extract-person", "messages": messages,
+        "response_format": {"type": "regex", "regex": "(yes|no)"}}))
+    .await?;
+    let answer = reply["choices"][0]["message"]["content"].as_str().unwrap_or_default();
+    assert!(answer == "yes" || answer == "no", "{reply}");
+    Ok(())
+}
