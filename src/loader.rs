@@ -43,6 +43,8 @@ pub struct ModelInfo {
     pub mode: WeightMode,
     /// LoRA adapters clients can select by name.
     pub adapters: AdapterRegistry,
+    /// Identifies the weights and chat template served (`system_fingerprint`).
+    pub fingerprint: String,
     /// Constrained decoding over this vocabulary, built on first use.
     pub grammars: std::sync::OnceLock<Result<std::sync::Arc<crate::grammar::Grammars>, String>>,
 }
@@ -95,6 +97,25 @@ impl Default for LoadOptions {
     }
 }
 
+/// `fp_` and 16 hex digits of a hash of what decides the outputs: the
+/// weights' file (path, size, modification time), the weight mode, the chat
+/// template, and (for an adapter) its name and load generation.
+pub fn fingerprint(parts: &[&str]) -> String {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same inputs give the same id across restarts.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    parts.hash(&mut hasher);
+    format!("fp_{:016x}", hasher.finish())
+}
+
+fn base_fingerprint(path: &Path, opts: &LoadOptions, template: Option<&str>) -> String {
+    let meta = std::fs::metadata(path).ok();
+    let modified =
+        meta.as_ref().and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+    let stamp = format!("{:?} {:?}", meta.map(|m| m.len()), modified);
+    fingerprint(&[&path.display().to_string(), &stamp, &format!("{:?}", opts.mode), template.unwrap_or("")])
+}
+
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, LoadError> {
     let path_err = |message: String| LoadError::Path { path: path.display().to_string(), message };
     let resolved = resolve(path).map_err(path_err)?;
@@ -112,6 +133,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, LoadError> {
     if let Some(name) = &opts.served_model_name {
         info.id = name.clone();
     }
+    info.fingerprint = base_fingerprint(path, opts, info.chat_template.as_ref().map(ChatTemplate::source));
     let found = opts.found_adapters.iter().map(|a| (a, true));
     for ((name, path), found) in found.chain(opts.adapters.iter().map(|a| (a, false))) {
         let adapter_err = |source| LoadError::Adapter { name: name.clone(), path: path.display().to_string(), source };
@@ -279,6 +301,7 @@ fn build_info(
         format,
         mode: opts.mode,
         adapters: AdapterRegistry::new(BaseShapes::of(model.config()), opts.registry.clone()),
+        fingerprint: String::new(),
         grammars: Default::default(),
     })
 }

@@ -31,6 +31,7 @@ fn tiny_model() -> Result<Loaded, String> {
             BaseShapes::of(&config),
             RegistryOptions { max_rank: 64, max_loaded: 0, roots: Vec::new(), max_adapters: 0 },
         ),
+        fingerprint: String::new(),
         grammars: Default::default(),
     };
     Ok(Loaded { model, info })

@@ -66,12 +66,14 @@ async fn chat_completions(
     let created = unix_now();
     if params.stream {
         let model = req.model.clone();
+        let fingerprint = target.fingerprint.clone();
         let chunk = move |choices: Vec<ChatChunkChoice>, usage| {
             serde_json::to_string(&ChatCompletionChunk {
                 id: id.clone(),
                 object: "chat.completion.chunk",
                 created,
                 model: model.clone(),
+                system_fingerprint: fingerprint.clone(),
                 choices,
                 usage,
             })
@@ -123,6 +125,7 @@ async fn chat_completions(
         object: "chat.completion",
         created,
         model: req.model,
+        system_fingerprint: target.fingerprint.clone(),
         choices,
         usage: collected.usage,
     })

@@ -65,12 +65,14 @@ async fn completions(
     let created = unix_now();
     let model = req.model.clone();
     if params.stream {
+        let fingerprint = target.fingerprint.clone();
         let chunk = move |choices: Vec<CompletionChoice>, usage| {
             serde_json::to_string(&CompletionResponse {
                 id: id.clone(),
                 object: "text_completion",
                 created,
                 model: model.clone(),
+                system_fingerprint: fingerprint.clone(),
                 choices,
                 usage,
             })
@@ -120,6 +122,7 @@ async fn completions(
         object: "text_completion",
         created,
         model: req.model,
+        system_fingerprint: target.fingerprint.clone(),
         choices,
         usage: Some(collected.usage),
     })

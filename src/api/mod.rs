@@ -74,6 +74,8 @@ pub struct Target {
     pub adapter_name: Option<String>,
     /// The preset the id named, if it named one.
     pub preset: Option<String>,
+    /// `system_fingerprint`: the base's, and the adapter's generation.
+    pub fingerprint: String,
     pub template: Option<Arc<NamedTemplate>>,
     /// Preset over adapter over template; the request still wins over these.
     pub defaults: Defaults,
@@ -181,7 +183,15 @@ impl AppState {
             Some(t) => layered.over(&t.defaults),
             None => layered,
         };
+        let fingerprint = match &adapter_name {
+            None => info.fingerprint.clone(),
+            Some(name) => {
+                let generation = info.adapters.generation(name).unwrap_or(0).to_string();
+                crate::loader::fingerprint(&[&info.fingerprint, name, &generation])
+            }
+        };
         Ok(Target {
+            fingerprint,
             info,
             requested: requested.to_string(),
             adapter,

@@ -219,6 +219,7 @@ mod tests {
                 BaseShapes::of(&config),
                 RegistryOptions { max_rank: 8, max_loaded: 0, roots: Vec::new(), max_adapters: 0 },
             ),
+            fingerprint: String::new(),
             grammars: Default::default(),
         };
         assert!(prompt_ids(&info, &Prompt::Tokens(vec![1, 199])).is_ok());

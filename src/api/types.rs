@@ -139,6 +139,7 @@ pub struct CompletionResponse {
     pub object: &'static str,
     pub created: u64,
     pub model: String,
+    pub system_fingerprint: String,
     pub choices: Vec<CompletionChoice>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageBody>,
@@ -164,6 +165,7 @@ pub struct ChatCompletionResponse {
     pub object: &'static str,
     pub created: u64,
     pub model: String,
+    pub system_fingerprint: String,
     pub choices: Vec<ChatChoice>,
     pub usage: UsageBody,
 }
@@ -190,6 +192,7 @@ pub struct ChatCompletionChunk {
     pub object: &'static str,
     pub created: u64,
     pub model: String,
+    pub system_fingerprint: String,
     pub choices: Vec<ChatChunkChoice>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageBody>,

@@ -45,6 +45,8 @@ pub struct AdapterCounts {
 
 struct Entry {
     path: PathBuf,
+    /// Distinct for every registration (a reload is a new adapter).
+    generation: u64,
     /// The adapter's own request defaults (`tailor.toml` beside its config).
     defaults: Defaults,
     created: u64,
@@ -145,7 +147,8 @@ impl AdapterRegistry {
         slot.trusted |= trusted;
         slot.last_used = clock;
         slot.resident.get_or_insert(weights);
-        inner.entries.insert(name.to_string(), Entry { path, defaults, created: crate::api::unix_now() });
+        let generation = clock;
+        inner.entries.insert(name.to_string(), Entry { path, generation, defaults, created: crate::api::unix_now() });
         self.evict(&mut inner);
         Ok(())
     }
@@ -184,6 +187,11 @@ impl AdapterRegistry {
     /// The adapter's `tailor.toml` defaults (empty when it has none).
     pub fn defaults(&self, name: &str) -> Option<Defaults> {
         lock(&self.inner).entries.get(name).map(|e| e.defaults.clone())
+    }
+
+    /// Changes whenever `name` is registered anew.
+    pub fn generation(&self, name: &str) -> Option<u64> {
+        lock(&self.inner).entries.get(name).map(|e| e.generation)
     }
 
     pub fn contains(&self, name: &str) -> bool {

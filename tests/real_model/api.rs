@@ -49,7 +49,10 @@ fn chunks(events: &[String]) -> Vec<Value> {
         .collect();
     let id = &chunks[0]["id"];
     let created = &chunks[0]["created"];
+    let fingerprint = &chunks[0]["system_fingerprint"];
+    assert!(fingerprint.as_str().is_some_and(|f| f.starts_with("fp_")), "{fingerprint}");
     for c in &chunks {
+        assert_eq!(&c["system_fingerprint"], fingerprint, "same fingerprint on every chunk");
         assert_eq!(&c["id"], id, "same id on every chunk");
         assert_eq!(&c["created"], created, "same created on every chunk");
         assert_eq!(c["model"], MODEL_ID);
@@ -422,6 +425,11 @@ async fn logit_bias_min_p_and_n_shape_the_sample() -> TestResult {
     )
     .await?;
     assert_eq!(first(&forced), " banana", "{forced}");
+    // system_fingerprint: stable for the base, another for an adapter.
+    let (_, pirate) = post("/v1/completions", json!({"model": "pirate", "prompt": prompt, "max_tokens": 1})).await?;
+    assert_eq!(plain["system_fingerprint"], banned["system_fingerprint"]);
+    assert!(plain["system_fingerprint"].as_str().is_some_and(|f| f.starts_with("fp_")));
+    assert_ne!(plain["system_fingerprint"], pirate["system_fingerprint"]);
     // min_p = 1 keeps only the most likely token: any temperature is greedy.
     let (_, greedy_text) = post("/v1/completions", greedy(json!({"prompt": prompt, "max_tokens": 12}))).await?;
     for seed in 0..3 {

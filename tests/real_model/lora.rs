@@ -255,6 +255,7 @@ async fn runtime_load_and_unload_with_every_refusal() -> TestResult {
         .await?;
     let mut body = streaming.bytes_stream();
     let mut text = String::from_utf8(body.next().await.expect("first chunk")?.to_vec())?;
+    let (_, before) = chat(&base_url, "parrot", "Hi", 2).await?;
     let (s, unload_body) =
         post_json(&format!("{base_url}/v1/unload_lora_adapter"), json!({"lora_name": "parrot"})).await?;
     assert_eq!(s, 200, "{unload_body}");
@@ -268,6 +269,11 @@ async fn runtime_load_and_unload_with_every_refusal() -> TestResult {
     assert_eq!(gone["error"]["code"], "model_not_found");
     let (s, _) = post_json(&format!("{base_url}/v1/unload_lora_adapter"), json!({"lora_name": "parrot"})).await?;
     assert_eq!(s, 404);
+    // Loaded again, it is a new adapter: a new system_fingerprint.
+    assert_eq!(load("parrot", &parrot).await?.0, 200);
+    let (_, after) = chat(&base_url, "parrot", "Hi", 2).await?;
+    assert!(before["system_fingerprint"].as_str().is_some_and(|f| f.starts_with("fp_")));
+    assert_ne!(before["system_fingerprint"], after["system_fingerprint"]);
     Ok(())
 }
 
