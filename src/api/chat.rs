@@ -11,6 +11,7 @@ use super::json::WithSampling;
 use super::logprobs;
 use super::observe::Facts;
 use super::params;
+use super::tools;
 use super::types::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, Delta,
 };
@@ -34,10 +35,12 @@ async fn chat_completions(
     let info = target.info.clone();
     refuse_unsupported(&req)?;
     params.sampling.logprobs = logprobs::chat_request(req.logprobs, req.top_logprobs.as_ref())?;
+    let forced = tools::forced(req.tools.as_ref(), req.tool_choice.as_ref())?;
+    let instructions = forced.as_ref().map(|f| f.instructions.clone());
     let kwargs = merged_kwargs(&state, &target, req.chat_template_kwargs.as_ref());
     let (target, req, ids) = state
         .blocking(move || {
-            let chat = ChatRequest {
+            let mut chat = ChatRequest {
                 messages: prompting::chat_messages(&target, &req.messages, req.template_vars.as_ref())?,
                 tools: req.tools.clone(),
                 documents: req.documents.clone(),
@@ -45,7 +48,16 @@ async fn chat_completions(
                 continue_final_message: req.continue_final_message,
                 kwargs,
             };
-            let ids = render_chat(&target.info, &chat)?;
+            let mut ids = render_chat(&target.info, &chat)?;
+            if let Some(instructions) = instructions {
+                // A template that renders the same with and without tools
+                // ignores them: describe them in a system message.
+                let without = ChatRequest { tools: None, ..chat.clone() };
+                if render_chat(&target.info, &without)? == ids {
+                    tools::describe_in_system_message(&mut chat.messages, &instructions);
+                    ids = render_chat(&target.info, &chat)?;
+                }
+            }
             Ok((target, req, ids))
         })
         .await?;
@@ -54,17 +66,15 @@ async fn chat_completions(
         None => ("max_tokens", req.max_tokens),
     };
     let max_tokens = params::resolve_max_tokens(param, requested, ids.len(), info.max_model_len)?;
-    let constraints = generate::constraints(
-        &state,
-        &info,
-        req.response_format.as_ref().or(target.defaults.response_format.as_ref()),
-        params.n,
-    )
-    .await?;
+    let response_format = match &forced {
+        Some(f) => Some(&f.response_format),
+        None => req.response_format.as_ref().or(target.defaults.response_format.as_ref()),
+    };
+    let constraints = generate::constraints(&state, &info, response_format, params.n).await?;
     let submitted = generate::submit_all(&state, &target, vec![(ids, max_tokens)], &params, constraints)?;
     let id = response_id("chatcmpl");
     let created = unix_now();
-    if params.stream {
+    if params.stream && forced.is_none() {
         let model = req.model.clone();
         let fingerprint = target.fingerprint.clone();
         let chunk = move |choices: Vec<ChatChunkChoice>, usage| {
@@ -92,15 +102,16 @@ async fn chat_completions(
             Piece::Start(index) => chunk(
                 vec![delta_choice(
                     index,
-                    Delta { role: Some("assistant"), content: Some(String::new()) },
+                    Delta { role: Some("assistant"), content: Some(String::new()), tool_calls: None },
                     None,
                     Vec::new(),
                 )],
                 None,
             ),
-            Piece::Text(index, text, tokens) => {
-                chunk(vec![delta_choice(index, Delta { role: None, content: Some(text) }, None, tokens)], None)
-            }
+            Piece::Text(index, text, tokens) => chunk(
+                vec![delta_choice(index, Delta { role: None, content: Some(text), tool_calls: None }, None, tokens)],
+                None,
+            ),
             Piece::Finish(index, reason, tokens) => {
                 chunk(vec![delta_choice(index, Delta::default(), Some(reason.as_str()), tokens)], None)
             }
@@ -109,17 +120,82 @@ async fn chat_completions(
         return Ok(sse.into_response());
     }
     let collected = generate::collect(submitted, generate::Delivery::new(&state, facts)).await?;
-    let choices = collected
+    let choices: Vec<ChatChoice> = collected
         .choices
         .into_iter()
         .enumerate()
-        .map(|(index, choice)| ChatChoice {
-            index,
-            logprobs: params.sampling.logprobs.map(|_| logprobs::chat(&info.tokenizer, &choice.logprobs)),
-            message: ChatMessage { role: "assistant", content: choice.text },
-            finish_reason: Some(choice.reason.as_str()),
+        .map(|(index, choice)| {
+            let logprobs = params.sampling.logprobs.map(|_| logprobs::chat(&info.tokenizer, &choice.logprobs));
+            let calls = forced.as_ref().and_then(|_| tools::tool_calls(&choice.text));
+            match calls {
+                Some(calls) => ChatChoice {
+                    index,
+                    logprobs,
+                    message: ChatMessage { role: "assistant", content: None, tool_calls: Some(calls) },
+                    finish_reason: Some("tool_calls"),
+                },
+                None => ChatChoice {
+                    index,
+                    logprobs,
+                    message: ChatMessage { role: "assistant", content: Some(choice.text), tool_calls: None },
+                    finish_reason: Some(choice.reason.as_str()),
+                },
+            }
         })
         .collect();
+    if params.stream {
+        // A forced call streams whole: the role, then each call in one delta.
+        let chunk = |choices: Vec<ChatChunkChoice>, usage: Option<super::types::UsageBody>| {
+            serde_json::to_string(&ChatCompletionChunk {
+                id: id.clone(),
+                object: "chat.completion.chunk",
+                created,
+                model: req.model.clone(),
+                system_fingerprint: target.fingerprint.clone(),
+                choices,
+                usage,
+            })
+            .unwrap_or_default()
+        };
+        let mut events = Vec::new();
+        for c in &choices {
+            let role = Delta { role: Some("assistant"), content: Some(String::new()), tool_calls: None };
+            events.push(chunk(
+                vec![ChatChunkChoice { index: c.index, delta: role, logprobs: None, finish_reason: None }],
+                None,
+            ));
+            let calls = c.message.tool_calls.clone().map(|calls| {
+                calls
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, mut call)| {
+                        call["index"] = serde_json::json!(i);
+                        call
+                    })
+                    .collect()
+            });
+            let delta = Delta { role: None, content: c.message.content.clone(), tool_calls: calls };
+            events.push(chunk(
+                vec![ChatChunkChoice {
+                    index: c.index,
+                    delta,
+                    logprobs: c.logprobs.clone(),
+                    finish_reason: c.finish_reason,
+                }],
+                None,
+            ));
+        }
+        if params.include_usage {
+            events.push(chunk(Vec::new(), Some(collected.usage)));
+        }
+        events.push("[DONE]".to_string());
+        let stream = futures::stream::iter(
+            events
+                .into_iter()
+                .map(|data| Ok::<_, std::convert::Infallible>(axum::response::sse::Event::default().data(data))),
+        );
+        return Ok(axum::response::sse::Sse::new(stream).into_response());
+    }
     Ok(Json(ChatCompletionResponse {
         id,
         object: "chat.completion",
@@ -164,16 +240,11 @@ pub fn merged_kwargs(
 }
 
 fn refuse_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
-    // `tools` reach the chat template (the model sees them); tool calls come
-    // back as text in `content`. Forcing a call needs constrained decoding.
+    // `tools` reach the chat template (the model sees them); with `auto` a
+    // call comes back as text in `content`; `required` / named force one.
     if let Some(tools) = &req.tools {
         if !tools.is_array() && !tools.is_null() {
             return Err(ApiError::invalid("tools", "`tools` must be a list"));
-        }
-    }
-    if let Some(choice) = &req.tool_choice {
-        if !matches!(choice.as_str(), Some("none") | Some("auto")) && !choice.is_null() {
-            return Err(ApiError::unsupported("tool_choice", "other than \"none\" or \"auto\""));
         }
     }
     params::refuse_if_set("functions", req.functions.as_ref())?;

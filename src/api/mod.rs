@@ -20,6 +20,7 @@ pub mod prompting;
 pub mod stall;
 pub mod templates;
 pub mod tokenize;
+pub mod tools;
 pub mod types;
 
 use std::sync::Arc;

@@ -148,7 +148,10 @@ pub struct CompletionResponse {
 #[derive(Debug, Serialize)]
 pub struct ChatMessage {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the reply is a tool call.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<Json>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -176,6 +179,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<Json>>,
 }
 
 #[derive(Debug, Serialize)]

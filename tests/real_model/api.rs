@@ -257,7 +257,11 @@ async fn bad_requests_get_openai_errors() -> TestResult {
         (json!({"repetition_penalty": 0}), "repetition_penalty"),
         (json!({"logprobs": true, "top_logprobs": 21}), "top_logprobs"),
         (json!({"top_logprobs": 2}), "top_logprobs"),
-        (json!({"tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f"}}]}), "tool_choice"),
+        (
+            json!({"tool_choice": {"type": "function", "function": {"name": "g"}}, "tools": [{"type": "function", "function": {"name": "f"}}]}),
+            "tool_choice",
+        ),
+        (json!({"tool_choice": "required"}), "tool_choice"),
         (json!({"tools": "not a list"}), "tools"),
         (json!({"response_format": {"type": "json_thing"}}), "response_format"),
         (json!({"temperature": "hot"}), "temperature"),

@@ -159,3 +159,72 @@ async fn a_preset_binds_an_adapter_a_schema_and_defaults_under_one_id() -> TestR
     assert!(answer == "yes" || answer == "no", "{reply}");
     Ok(())
 }
+
+#[tokio::test]
+async fn forced_tool_calls_follow_the_functions_schema() -> TestResult {
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                "required": ["city"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "get_time", "description": "The current time",
+            "parameters": {"type": "object", "properties": {}, "additionalProperties": false}}}
+    ]);
+    let messages = json!([{"role": "user", "content": "What is the weather in Paris?"}]);
+    for (choice, expect) in [
+        (json!("required"), None),
+        (json!({"type": "function", "function": {"name": "get_weather"}}), Some("get_weather")),
+        (json!({"type": "function", "function": {"name": "get_time"}}), Some("get_time")),
+    ] {
+        let (s, reply) = post(
+            "/v1/chat/completions",
+            json!({"model": MODEL_ID, "messages": messages, "tools": tools, "tool_choice": choice, "max_tokens": 60, "temperature": 0}),
+        )
+        .await?;
+        assert_eq!(s, 200, "{reply}");
+        let c = &reply["choices"][0];
+        assert_eq!(c["finish_reason"], "tool_calls", "{reply}");
+        assert!(c["message"]["content"].is_null(), "{reply}");
+        let call = &c["message"]["tool_calls"][0];
+        assert_eq!(call["type"], "function");
+        assert!(call["id"].as_str().is_some_and(|id| id.starts_with("call_")));
+        let name = call["function"]["name"].as_str().unwrap_or_default();
+        if let Some(expect) = expect {
+            assert_eq!(name, expect);
+        }
+        let arguments: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap_or_default())?;
+        match name {
+            "get_weather" => {
+                let city = arguments["city"].as_str().ok_or_else(|| format!("city: {arguments}"))?;
+                assert!(city.chars().count() <= 20 && arguments.as_object().map(|o| o.len()) == Some(1));
+            }
+            "get_time" => assert_eq!(arguments, json!({})),
+            other => panic!("not a listed function: {other}"),
+        }
+    }
+    // Streamed: the role, then the call in one delta with finish_reason tool_calls.
+    let body = json!({"model": MODEL_ID, "messages": messages, "tools": tools, "stream": true, "max_tokens": 60,
+        "temperature": 0, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}});
+    let text = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", server()))
+        .json(&body)
+        .send()
+        .await?
+        .text()
+        .await?;
+    let chunks: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|l| *l != "[DONE]")
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let last = chunks.last().ok_or("chunks")?;
+    assert_eq!(last["choices"][0]["finish_reason"], "tool_calls", "{text}");
+    let call = &last["choices"][0]["delta"]["tool_calls"][0];
+    assert_eq!(call["index"], 0);
+    assert_eq!(call["function"]["name"], "get_weather");
+    assert!(
+        serde_json::from_str::<Value>(call["function"]["arguments"].as_str().unwrap_or_default())?["city"].is_string()
+    );
+    Ok(())
+}
