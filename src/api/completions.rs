@@ -88,9 +88,9 @@ async fn completions(
             }
             let mut offsets = offsets.lock().unwrap_or_else(|p| p.into_inner());
             let offset = offsets.get_mut(index)?;
-            let start = *offset;
-            *offset += logprobs::text_len(&tokenizer.tokenizer, tokens);
-            Some(logprobs::completion(&tokenizer.tokenizer, tokens, start))
+            let (json, end) = logprobs::completion(&tokenizer.tokenizer, tokens, *offset);
+            *offset = end;
+            Some(json)
         };
         let delivery = generate::Delivery::new(&state, facts);
         let sse = generate::sse(submitted, delivery, params.include_usage, move |piece| match piece {
@@ -113,7 +113,7 @@ async fn completions(
         .into_iter()
         .enumerate()
         .map(|(index, c)| {
-            let logprobs = params.sampling.logprobs.map(|_| logprobs::completion(&info.tokenizer, &c.logprobs, 0));
+            let logprobs = params.sampling.logprobs.map(|_| logprobs::completion(&info.tokenizer, &c.logprobs, 0).0);
             choice(index, c.text, Some(c.reason.as_str()), logprobs)
         })
         .collect();

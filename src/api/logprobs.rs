@@ -70,8 +70,9 @@ pub fn chat(tokenizer: &Tokenizer, tokens: &[TokenLogprob]) -> Json {
     json!({ "content": content })
 }
 
-/// The legacy shape; `offset` is where these tokens start in the choice's text.
-pub fn completion(tokenizer: &Tokenizer, tokens: &[TokenLogprob], mut offset: usize) -> Json {
+/// The legacy shape; `offset` is where these tokens start in the choice's
+/// text. Also returns where they end (the next chunk's start).
+pub fn completion(tokenizer: &Tokenizer, tokens: &[TokenLogprob], mut offset: usize) -> (Json, usize) {
     let (mut texts, mut logprobs, mut tops, mut offsets) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for t in tokens {
         let text = token_text(tokenizer, t.id);
@@ -82,10 +83,5 @@ pub fn completion(tokenizer: &Tokenizer, tokens: &[TokenLogprob], mut offset: us
         let top: Map<String, Json> = t.top.iter().map(|&(id, lp)| (token_text(tokenizer, id), json!(lp))).collect();
         tops.push(Json::Object(top));
     }
-    json!({"tokens": texts, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets})
-}
-
-/// Bytes of text the tokens add (for the next chunk's `text_offset`).
-pub fn text_len(tokenizer: &Tokenizer, tokens: &[TokenLogprob]) -> usize {
-    tokens.iter().map(|t| token_text(tokenizer, t.id).len()).sum()
+    (json!({"tokens": texts, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}), offset)
 }

@@ -171,7 +171,8 @@ impl Engine<'_> {
                 waiting.push_back(q);
             }
             waiting.retain(|q| !q.is_abandoned());
-            self.admit(&mut waiting, &mut running);
+            let before = running.len();
+            let admitted = self.admit(&mut waiting, &mut running);
             running.retain(|s| {
                 if s.is_cancelled() {
                     tracing::debug!(parent: &s.span, generated = s.generated.len(), "client gone, sequence cancelled");
@@ -179,9 +180,11 @@ impl Engine<'_> {
                 }
                 !s.is_cancelled()
             });
-            // Published before the step too: a client that sees its first
-            // token also sees itself running.
-            self.publish(&running, &waiting, steps);
+            // Published before the step too when the running set changed: a
+            // client that sees its first token also sees itself running.
+            if admitted > 0 || running.len() < before {
+                self.publish(&running, &waiting, steps);
+            }
             if !running.is_empty() {
                 let started = Instant::now();
                 let (sequences, tokens) = self.step(&mut running);
@@ -199,16 +202,17 @@ impl Engine<'_> {
     }
 
     /// FIFO admission: the head joins while a slot and its KV reservation
-    /// fit; nobody behind it overtakes.
-    fn admit(&self, waiting: &mut VecDeque<Queued>, running: &mut Vec<Sequence>) {
+    /// fit; nobody behind it overtakes. Returns how many joined.
+    fn admit(&self, waiting: &mut VecDeque<Queued>, running: &mut Vec<Sequence>) -> usize {
+        let before = running.len();
         while running.len() < self.admission.max_num_seqs {
-            let Some(head) = waiting.front() else { return };
+            let Some(head) = waiting.front() else { break };
             let reserved: usize = running.iter().map(Sequence::reservation).sum();
             let need = head.request.prompt.len() + head.request.max_tokens;
             if !self.admission.admits(running.len(), reserved, need) {
-                return;
+                break;
             }
-            let Some(next) = waiting.pop_front() else { return };
+            let Some(next) = waiting.pop_front() else { break };
             #[cfg(feature = "fault-injection")]
             inject(self.faults.engine_panic_token, &next.request.prompt, "engine loop");
             if !next.ticket.admit() {
@@ -218,6 +222,7 @@ impl Engine<'_> {
             self.telemetry.admitted(&seq);
             running.push(seq);
         }
+        running.len() - before
     }
 
     fn publish(&self, running: &[Sequence], waiting: &VecDeque<Queued>, steps: u64) {

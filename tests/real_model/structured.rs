@@ -11,6 +11,24 @@ async fn post(path: &str, body: Value) -> Result<(u16, Value), Box<dyn std::erro
     Ok((status, response.json().await?))
 }
 
+/// A streamed chat reply: the raw SSE text and its JSON chunks.
+async fn stream_chat(body: Value) -> Result<(String, Vec<Value>), Box<dyn std::error::Error>> {
+    let text = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", server()))
+        .json(&body)
+        .send()
+        .await?
+        .text()
+        .await?;
+    let chunks = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|l| *l != "[DONE]")
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    Ok((text, chunks))
+}
+
 fn person_schema() -> Value {
     json!({
         "type": "object",
@@ -99,20 +117,9 @@ async fn json_object_regex_streaming_and_bad_formats() -> TestResult {
     let (_, whole) = post("/v1/chat/completions", body.clone()).await?;
     let mut streamed = body;
     streamed["stream"] = json!(true);
-    let text = reqwest::Client::new()
-        .post(format!("http://{}/v1/chat/completions", server()))
-        .json(&streamed)
-        .send()
-        .await?
-        .text()
-        .await?;
-    let content: String = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|l| *l != "[DONE]")
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_string))
-        .collect();
+    let (_, chunks) = stream_chat(streamed).await?;
+    let content: String =
+        chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_string)).collect();
     assert_eq!(content, whole["choices"][0]["message"]["content"].as_str().unwrap_or_default());
     // Bad formats are 400s naming the field, before any generation.
     for bad in [
@@ -204,19 +211,7 @@ async fn forced_tool_calls_follow_the_functions_schema() -> TestResult {
     // Streamed: the role, then the call in one delta with finish_reason tool_calls.
     let body = json!({"model": MODEL_ID, "messages": messages, "tools": tools, "stream": true, "max_tokens": 60,
         "temperature": 0, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}});
-    let text = reqwest::Client::new()
-        .post(format!("http://{}/v1/chat/completions", server()))
-        .json(&body)
-        .send()
-        .await?
-        .text()
-        .await?;
-    let chunks: Vec<Value> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|l| *l != "[DONE]")
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let (text, chunks) = stream_chat(body).await?;
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     let last = chunks.last().ok_or("chunks")?;
     assert_eq!(last["choices"][0]["finish_reason"], "tool_calls", "{text}");
