@@ -58,6 +58,11 @@ pub struct ServeArgs {
     /// (e.g. '{"enable_thinking": false}'); a request's `chat_template_kwargs` win.
     #[arg(long, env = "TAILOR_CHAT_TEMPLATE_KWARGS")]
     pub chat_template_kwargs: Option<String>,
+    /// How models write tool calls with `tool_choice: auto`: hermes (`<tool_call>`), llama3_json,
+    /// mistral (`[TOOL_CALLS]`) or generic (tools described, replies constrained to JSON).
+    /// Default: read from the chat template; generic when it ignores tools.
+    #[arg(long, env = "TAILOR_TOOL_CALL_PARSER", value_enum)]
+    pub tool_call_parser: Option<crate::api::tools::ToolFormat>,
     /// Sequences decoded together in one engine step.
     #[arg(long, env = "TAILOR_MAX_NUM_SEQS", default_value_t = 8)]
     pub max_num_seqs: usize,
@@ -140,6 +145,7 @@ pub struct ServeConfig {
     pub engine: EngineConfig,
     pub threads: Option<usize>,
     pub chat_template_kwargs: serde_json::Map<String, serde_json::Value>,
+    pub tool_call_parser: Option<crate::api::tools::ToolFormat>,
     pub enable_lora_loading: bool,
     pub templates_dir: PathBuf,
     pub presets: PathBuf,
@@ -294,6 +300,7 @@ impl ServeArgs {
             },
             threads: self.threads,
             chat_template_kwargs,
+            tool_call_parser: self.tool_call_parser,
             enable_lora_loading: self.enable_lora_loading,
             templates_dir: self.templates_dir,
             presets: self.presets,

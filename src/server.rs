@@ -34,6 +34,7 @@ pub async fn run(
         engine,
         created: api::unix_now(),
         default_chat_template_kwargs: Arc::new(config.chat_template_kwargs.clone()),
+        tool_call_parser: config.tool_call_parser,
         enable_lora_loading: config.enable_lora_loading,
         templates: Arc::new(TemplateStore::open(&config.templates_dir)),
         presets: Arc::new(PresetStore::open(&config.presets)),

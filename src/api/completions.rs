@@ -10,7 +10,7 @@ use super::json::WithSampling;
 use super::logprobs;
 use super::observe::Facts;
 use super::params;
-use super::types::{CompletionChoice, CompletionRequest, CompletionResponse};
+use super::types::{ChunkHeader, CompletionChoice, CompletionRequest, CompletionResponse};
 use super::{prompting, response_id, unix_now, AppState};
 use crate::engine::TokenLogprob;
 
@@ -63,21 +63,15 @@ async fn completions(
     let submitted = generate::submit_all(&state, &target, prompts, &params, constraints)?;
     let id = response_id("cmpl");
     let created = unix_now();
-    let model = req.model.clone();
     if params.stream {
-        let fingerprint = target.fingerprint.clone();
-        let chunk = move |choices: Vec<CompletionChoice>, usage| {
-            serde_json::to_string(&CompletionResponse {
-                id: id.clone(),
-                object: "text_completion",
-                created,
-                model: model.clone(),
-                system_fingerprint: fingerprint.clone(),
-                choices,
-                usage,
-            })
-            .ok()
+        let header = ChunkHeader {
+            id,
+            object: "text_completion",
+            created,
+            model: req.model.clone(),
+            system_fingerprint: target.fingerprint.clone(),
         };
+        let chunk = move |choices: Vec<CompletionChoice>, usage| header.chunk(choices, usage);
         // Each choice's `text_offset` continues from its previous chunk.
         let wants_logprobs = params.sampling.logprobs.is_some();
         let offsets = std::sync::Mutex::new(vec![0usize; submitted.len()]);

@@ -51,6 +51,7 @@ pub fn submit_all(
                 max_tokens,
                 stop: params.stop.clone(),
                 ignore_eos: params.ignore_eos,
+                skip_special_tokens: params.skip_special_tokens,
                 tags: RequestTags { model: target.requested.clone(), adapter: target.adapter_name.clone() },
                 constraint: constraints.pop(),
                 span: tracing::Span::current(),
@@ -152,10 +153,10 @@ pub fn sse<F>(
     subs: Vec<Submitted>,
     delivery: Delivery,
     include_usage: bool,
-    render: F,
+    mut render: F,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>>
 where
-    F: Fn(Piece) -> Option<String> + Send + 'static,
+    F: FnMut(Piece) -> Option<String> + Send + 'static,
 {
     let choices = subs.len();
     let tickets: Vec<Arc<crate::engine::Ticket>> = subs.iter().map(|s| s.events.ticket()).collect();

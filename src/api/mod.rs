@@ -51,6 +51,8 @@ pub struct AppState {
     pub created: u64,
     /// `chat_template_kwargs` applied to every chat request; the request's win.
     pub default_chat_template_kwargs: Arc<serde_json::Map<String, serde_json::Value>>,
+    /// `--tool-call-parser`: how replies are read for calls (None: from the template).
+    pub tool_call_parser: Option<tools::ToolFormat>,
     /// Whether clients may load and unload adapters at run time.
     pub enable_lora_loading: bool,
     pub templates: Arc<TemplateStore>,

@@ -25,6 +25,8 @@ pub struct Validated {
     pub stream: bool,
     pub include_usage: bool,
     pub ignore_eos: bool,
+    /// Leave special tokens out of the generated text.
+    pub skip_special_tokens: bool,
 }
 
 pub fn validate_sampling(f: &SamplingFields) -> Result<Validated, ApiError> {
@@ -117,6 +119,7 @@ pub fn validate_sampling(f: &SamplingFields) -> Result<Validated, ApiError> {
         stream: f.stream,
         include_usage,
         ignore_eos: f.ignore_eos,
+        skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
     })
 }
 

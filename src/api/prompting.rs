@@ -168,6 +168,7 @@ pub fn normalize_messages(messages: &[Json]) -> Result<Vec<Json>, ApiError> {
                 return Err(ApiError::invalid(format!("{param}.role"), "each message needs a string `role`"));
             }
             let mut fields = fields.clone();
+            super::tools::history::arguments_as_objects(&mut fields);
             if let Some(Json::Array(parts)) = fields.get("content") {
                 let mut texts = Vec::with_capacity(parts.len());
                 for part in parts {

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 
-use super::chat::render_chat;
+use super::chat::chat_prompt;
 use super::error::ApiError;
 use super::json::AppJson;
 use super::prompting::normalize_messages;
@@ -25,10 +25,11 @@ async fn tokenize(State(state): State<AppState>, AppJson(req): AppJson<TokenizeR
         None => state.model()?,
     };
     let defaults = state.default_chat_template_kwargs.clone();
+    let parser = state.tool_call_parser;
     // A big prompt's id list is megabytes of JSON: written off the async workers too.
     let body = state
         .blocking(move || {
-            let tokens = tokenize_request(&info, &defaults, &req)?;
+            let tokens = tokenize_request(&info, &defaults, parser, &req)?;
             let response = TokenizeResponse { count: tokens.len(), tokens, max_model_len: info.max_model_len };
             serde_json::to_vec(&response).map_err(|e| ApiError::internal(format!("cannot write the response: {e}")))
         })
@@ -39,6 +40,7 @@ async fn tokenize(State(state): State<AppState>, AppJson(req): AppJson<TokenizeR
 fn tokenize_request(
     info: &ModelInfo,
     default_kwargs: &serde_json::Map<String, serde_json::Value>,
+    tool_call_parser: Option<super::tools::ToolFormat>,
     req: &TokenizeRequest,
 ) -> Result<Vec<u32>, ApiError> {
     Ok(match (&req.prompt, &req.messages) {
@@ -51,8 +53,10 @@ fn tokenize_request(
             result.map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize: {e}")))?
         }
         (None, Some(messages)) => {
+            let tools = super::tools::requested(req.tools.as_ref(), req.tool_choice.as_ref())?;
             let chat = ChatRequest {
                 messages: normalize_messages(messages)?,
+                tools: req.tools.clone(),
                 add_generation_prompt: req.add_generation_prompt.unwrap_or(!req.continue_final_message),
                 continue_final_message: req.continue_final_message,
                 kwargs: {
@@ -62,7 +66,7 @@ fn tokenize_request(
                 },
                 ..Default::default()
             };
-            render_chat(info, &chat)?
+            chat_prompt(info, chat, tools.as_ref(), tool_call_parser)?.0
         }
         _ => return Err(ApiError::bad_request("give exactly one of `prompt` and `messages`")),
     })

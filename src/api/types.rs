@@ -51,6 +51,8 @@ pub struct SamplingFields {
     /// vLLM's extensions.
     pub min_p: Option<f32>,
     pub repetition_penalty: Option<f32>,
+    /// Leave special tokens out of the text (vLLM's extension; default true).
+    pub skip_special_tokens: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -133,16 +135,47 @@ pub struct CompletionChoice {
     pub finish_reason: Option<&'static str>,
 }
 
+/// A completions response, or a streamed chunk of either endpoint.
 #[derive(Debug, Serialize)]
-pub struct CompletionResponse {
+pub struct Envelope<C> {
     pub id: String,
     pub object: &'static str,
     pub created: u64,
     pub model: String,
     pub system_fingerprint: String,
-    pub choices: Vec<CompletionChoice>,
+    pub choices: Vec<C>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageBody>,
+}
+
+pub type CompletionResponse = Envelope<CompletionChoice>;
+pub type ChatCompletionChunk = Envelope<ChatChunkChoice>;
+
+/// The fields every chunk of one response repeats.
+#[derive(Debug, Clone)]
+pub struct ChunkHeader {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
+}
+
+impl ChunkHeader {
+    /// One SSE `data:` payload.
+    pub fn chunk<C: Serialize>(&self, choices: Vec<C>, usage: Option<UsageBody>) -> Option<String> {
+        let h = self.clone();
+        serde_json::to_string(&Envelope {
+            id: h.id,
+            object: h.object,
+            created: h.created,
+            model: h.model,
+            system_fingerprint: h.system_fingerprint,
+            choices,
+            usage,
+        })
+        .ok()
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -192,18 +225,6 @@ pub struct ChatChunkChoice {
 }
 
 #[derive(Debug, Serialize)]
-pub struct ChatCompletionChunk {
-    pub id: String,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: String,
-    pub system_fingerprint: String,
-    pub choices: Vec<ChatChunkChoice>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<UsageBody>,
-}
-
-#[derive(Debug, Serialize)]
 pub struct ModelCard {
     pub id: String,
     pub object: &'static str,
@@ -230,6 +251,9 @@ pub struct TokenizeRequest {
     pub continue_final_message: bool,
     pub add_special_tokens: Option<bool>,
     pub chat_template_kwargs: Option<serde_json::Map<String, Json>>,
+    /// The tools a chat request would send: the count is then what the model sees.
+    pub tools: Option<Json>,
+    pub tool_choice: Option<Json>,
 }
 
 #[derive(Debug, Serialize)]

@@ -11,11 +11,12 @@ pub struct IncrementalDecoder {
     prefix_offset: usize,
     /// End of the tokens whose text has already been released.
     read_offset: usize,
+    skip_special_tokens: bool,
 }
 
 impl IncrementalDecoder {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(skip_special_tokens: bool) -> Self {
+        Self { skip_special_tokens, ..Self::default() }
     }
 
     /// Adds a generated token; returns the newly stable text (maybe empty).
@@ -48,6 +49,6 @@ impl IncrementalDecoder {
     }
 
     fn decode(&self, tokenizer: &Tokenizer, from: usize, to: usize) -> String {
-        tokenizer.decode(&self.ids[from..to], true).unwrap_or_default()
+        tokenizer.decode(&self.ids[from..to], self.skip_special_tokens).unwrap_or_default()
     }
 }

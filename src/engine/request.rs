@@ -28,6 +28,8 @@ pub struct GenerationRequest {
     pub stop: Vec<String>,
     /// Keep going past end-of-sequence tokens (fixed-length benchmarks).
     pub ignore_eos: bool,
+    /// Leave special tokens out of the text (false when a tool parser reads them).
+    pub skip_special_tokens: bool,
     pub tags: RequestTags,
     /// Constrained decoding (`response_format`), one per sequence.
     pub constraint: Option<crate::grammar::Constraint>,

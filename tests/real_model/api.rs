@@ -391,7 +391,7 @@ fn incremental_detokenizer_never_splits_characters() -> TestResult {
     for text in ["你好，世界！今天天气很好。", "emoji 🌍🚀 and 👩‍👩‍👧 family", "café naïve — ½ “quotes”"]
     {
         let ids = tokenizer.encode(text)?;
-        let mut decoder = IncrementalDecoder::new();
+        let mut decoder = IncrementalDecoder::new(true);
         let mut out = String::new();
         for &id in &ids {
             let piece = decoder.push(tokenizer, id);

@@ -178,3 +178,26 @@ pub fn value(families: &[Family], sample: &str, labels: &[(&str, &str)]) -> f64 
         .map(|(_, _, v)| v)
         .sum()
 }
+
+/// POSTs JSON to the server at `addr`: the status and the JSON body.
+pub async fn post_at(addr: SocketAddr, path: &str, body: Value) -> Result<(u16, Value), Box<dyn std::error::Error>> {
+    let response = ::reqwest::Client::new().post(format!("http://{addr}{path}")).json(&body).send().await?;
+    let status = response.status().as_u16();
+    Ok((status, response.json().await?))
+}
+
+/// A streamed reply from the server at `addr`: the raw SSE text and its JSON chunks.
+pub async fn stream_at(
+    addr: SocketAddr,
+    path: &str,
+    body: Value,
+) -> Result<(String, Vec<Value>), Box<dyn std::error::Error>> {
+    let text = ::reqwest::Client::new().post(format!("http://{addr}{path}")).json(&body).send().await?.text().await?;
+    let chunks = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|l| *l != "[DONE]")
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    Ok((text, chunks))
+}

@@ -9,4 +9,5 @@ mod operations;
 mod reference;
 mod structured;
 mod templates;
+mod tools;
 mod zoo;

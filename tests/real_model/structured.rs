@@ -3,30 +3,15 @@
 
 use serde_json::{json, Value};
 
-use crate::common::{server, TestResult, MODEL_ID};
+use crate::common::{post_at, server, stream_at, TestResult, MODEL_ID};
 
 async fn post(path: &str, body: Value) -> Result<(u16, Value), Box<dyn std::error::Error>> {
-    let response = reqwest::Client::new().post(format!("http://{}{path}", server())).json(&body).send().await?;
-    let status = response.status().as_u16();
-    Ok((status, response.json().await?))
+    post_at(server(), path, body).await
 }
 
 /// A streamed chat reply: the raw SSE text and its JSON chunks.
 async fn stream_chat(body: Value) -> Result<(String, Vec<Value>), Box<dyn std::error::Error>> {
-    let text = reqwest::Client::new()
-        .post(format!("http://{}/v1/chat/completions", server()))
-        .json(&body)
-        .send()
-        .await?
-        .text()
-        .await?;
-    let chunks = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|l| *l != "[DONE]")
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    Ok((text, chunks))
+    stream_at(server(), "/v1/chat/completions", body).await
 }
 
 fn person_schema() -> Value {
