@@ -51,6 +51,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         max_tokens,
         stop: Vec::new(),
         ignore_eos: true,
+        prompt_logprobs: None,
         skip_special_tokens: true,
         tags: RequestTags { model: "tiny".into(), adapter: None },
         constraint: None,

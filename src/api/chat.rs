@@ -126,6 +126,7 @@ async fn chat_completions(
                 chunk(vec![delta_choice(index, delta, Some(finish_reason(reason, called)), all)], None)
             }
             Piece::Usage(usage) => chunk(Vec::new(), Some(usage)),
+            Piece::Prompt(..) => None,
         });
         return Ok(sse.into_response());
     }

@@ -10,7 +10,7 @@ use super::json::WithSampling;
 use super::logprobs;
 use super::observe::Facts;
 use super::params;
-use super::types::{ChunkHeader, CompletionChoice, CompletionRequest, CompletionResponse};
+use super::types::{ChunkHeader, CompletionChoice, CompletionRequest, CompletionResponse, Prompt};
 use super::{prompting, response_id, unix_now, AppState};
 use crate::engine::TokenLogprob;
 
@@ -31,19 +31,25 @@ async fn completions(
     facts.resolved(&target);
     let info = target.info.clone();
     params.sampling.logprobs = logprobs::completion_request(req.logprobs.as_ref())?;
-    if req.echo == Some(true) {
-        return Err(ApiError::unsupported("echo", ""));
+    let echo = req.echo == Some(true);
+    if echo {
+        params.prompt_logprobs = params.sampling.logprobs;
     }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::unsupported("suffix", ""));
     }
     let (prompt, vars) = (req.prompt.take(), req.template_vars.take());
-    let (target, prompts) = state
+    let (target, prompts, echoes) = state
         .blocking(move || {
             let prompts = prompting::completion_prompts(&target, prompt.as_ref(), vars.as_ref())?;
-            Ok((target, prompts))
+            let echoes = if echo { echo_texts(&target, prompt.as_ref(), &prompts) } else { Vec::new() };
+            Ok((target, prompts, echoes))
         })
         .await?;
+    // Per choice (prompt-major): the echoed text and the prompt's first token.
+    let n = params.n;
+    let firsts: Vec<u32> = prompts.iter().flat_map(|ids| std::iter::repeat_n(ids[0], n)).collect();
+    let echoes: Vec<String> = echoes.iter().flat_map(|t| std::iter::repeat_n(t.clone(), n)).collect();
     let max_tokens = req.max_tokens.or(Some(DEFAULT_MAX_TOKENS));
     let prompts = prompts
         .into_iter()
@@ -74,27 +80,36 @@ async fn completions(
         let chunk = move |choices: Vec<CompletionChoice>, usage| header.chunk(choices, usage);
         // Each choice's `text_offset` continues from its previous chunk.
         let wants_logprobs = params.sampling.logprobs.is_some();
-        let offsets = std::sync::Mutex::new(vec![0usize; submitted.len()]);
+        let mut offsets = vec![0usize; submitted.len()];
         let tokenizer = info.clone();
-        let stream_logprobs = move |index: usize, tokens: &[TokenLogprob]| {
-            if !wants_logprobs {
-                return None;
-            }
-            let mut offsets = offsets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stream_logprobs = move |index: usize, tokens: &[TokenLogprob], prompt: Option<u32>| {
             let offset = offsets.get_mut(index)?;
-            let (json, end) = logprobs::completion(&tokenizer.tokenizer, tokens, *offset);
+            let (json, end) = match prompt {
+                Some(first) => logprobs::echoed_prompt(&tokenizer.tokenizer, first, tokens),
+                None if wants_logprobs => logprobs::completion(&tokenizer.tokenizer, tokens, *offset),
+                None => return None,
+            };
             *offset = end;
             Some(json)
         };
         let delivery = generate::Delivery::new(&state, facts);
         let sse = generate::sse(submitted, delivery, params.include_usage, move |piece| match piece {
+            // The echoed prompt comes first: with its log-probabilities
+            // once the prefill sends them, else at once.
+            Piece::Start(index) if echo && !wants_logprobs => {
+                chunk(vec![choice(index, echoes[index].clone(), None, None)], None)
+            }
             Piece::Start(_) => None,
+            Piece::Prompt(index, entries) => {
+                let logprobs = stream_logprobs(index, &entries, Some(firsts[index]));
+                chunk(vec![choice(index, echoes.get(index).cloned().unwrap_or_default(), None, logprobs)], None)
+            }
             Piece::Text(index, text, tokens) => {
-                let logprobs = stream_logprobs(index, &tokens);
+                let logprobs = stream_logprobs(index, &tokens, None);
                 chunk(vec![choice(index, text, None, logprobs)], None)
             }
             Piece::Finish(index, reason, tokens) => {
-                let logprobs = stream_logprobs(index, &tokens);
+                let logprobs = stream_logprobs(index, &tokens, None);
                 chunk(vec![choice(index, String::new(), Some(reason.as_str()), logprobs)], None)
             }
             Piece::Usage(usage) => chunk(Vec::new(), Some(usage)),
@@ -107,8 +122,15 @@ async fn completions(
         .into_iter()
         .enumerate()
         .map(|(index, c)| {
-            let logprobs = params.sampling.logprobs.map(|_| logprobs::completion(&info.tokenizer, &c.logprobs, 0).0);
-            choice(index, c.text, Some(c.reason.as_str()), logprobs)
+            let logprobs = params.sampling.logprobs.map(|_| {
+                if !echo {
+                    return logprobs::completion(&info.tokenizer, &c.logprobs, 0).0;
+                }
+                let (prompt, end) = logprobs::echoed_prompt(&info.tokenizer, firsts[index], &c.prompt_logprobs);
+                logprobs::concat(prompt, logprobs::completion(&info.tokenizer, &c.logprobs, end).0)
+            });
+            let text = if echo { echoes[index].clone() + &c.text } else { c.text };
+            choice(index, text, Some(c.reason.as_str()), logprobs)
         })
         .collect();
     Ok(Json(CompletionResponse {
@@ -121,6 +143,16 @@ async fn completions(
         usage: Some(collected.usage),
     })
     .into_response())
+}
+
+/// The text `echo` repeats for each prompt: the prompt as sent, or (token
+/// ids, a template's rendering) its decoding.
+fn echo_texts(target: &super::Target, prompt: Option<&Prompt>, prompts: &[Vec<u32>]) -> Vec<String> {
+    match (prompt, &target.template) {
+        (Some(Prompt::Text(text)), None) => vec![text.clone()],
+        (Some(Prompt::Texts(texts)), None) => texts.clone(),
+        _ => prompts.iter().map(|ids| target.info.tokenizer.decode(ids, false).unwrap_or_default()).collect(),
+    }
 }
 
 fn choice(

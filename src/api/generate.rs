@@ -52,6 +52,7 @@ pub fn submit_all(
                 stop: params.stop.clone(),
                 ignore_eos: params.ignore_eos,
                 skip_special_tokens: params.skip_special_tokens,
+                prompt_logprobs: params.prompt_logprobs,
                 tags: RequestTags { model: target.requested.clone(), adapter: target.adapter_name.clone() },
                 constraint: constraints.pop(),
                 span: tracing::Span::current(),
@@ -100,6 +101,8 @@ pub async fn constraints(
 pub enum Piece {
     /// Before any text of choice `index` (chat sends the role here).
     Start(usize),
+    /// The prompt's log-probabilities (requests that asked: `echo`), before its text.
+    Prompt(usize, Vec<TokenLogprob>),
     /// Text, with the log-probabilities of the tokens since the last piece.
     Text(usize, String, Vec<TokenLogprob>),
     Finish(usize, FinishReason, Vec<TokenLogprob>),
@@ -189,6 +192,11 @@ where
             let Some((index, event)) = next else { break };
             match event {
                 Event::Logprob(lp) => pending[index].push(lp),
+                Event::PromptLogprobs(entries) => {
+                    if let Some(data) = render(Piece::Prompt(index, entries)) {
+                        yield Ok(SseEvent::default().data(data));
+                    }
+                }
                 Event::Text(text) => {
                     facts.text_arrived();
                     if let Some(data) = render(Piece::Text(index, text, std::mem::take(&mut pending[index]))) {
@@ -234,6 +242,8 @@ pub struct Choice {
     pub reason: FinishReason,
     /// Per generated token, when the request asked for log-probabilities.
     pub logprobs: Vec<TokenLogprob>,
+    /// Per prompt token after the first, when the request asked (`echo`).
+    pub prompt_logprobs: Vec<TokenLogprob>,
 }
 
 /// Every choice, and the summed usage.
@@ -247,6 +257,7 @@ pub async fn collect(subs: Vec<Submitted>, delivery: Delivery) -> Result<Collect
     let mut texts = vec![String::new(); n];
     let mut reasons: Vec<Option<FinishReason>> = vec![None; n];
     let mut logprobs: Vec<Vec<TokenLogprob>> = vec![Vec::new(); n];
+    let mut prompt_logprobs: Vec<Vec<TokenLogprob>> = vec![Vec::new(); n];
     let mut usage = UsageBody::default();
     let mut events = merged(subs);
     let facts = &delivery.facts;
@@ -261,6 +272,7 @@ pub async fn collect(subs: Vec<Submitted>, delivery: Delivery) -> Result<Collect
         let Some((index, event)) = next else { break };
         match event {
             Event::Logprob(lp) => logprobs[index].push(lp),
+            Event::PromptLogprobs(entries) => prompt_logprobs[index] = entries,
             Event::Text(text) => {
                 facts.text_arrived();
                 texts[index].push_str(&text);
@@ -277,9 +289,10 @@ pub async fn collect(subs: Vec<Submitted>, delivery: Delivery) -> Result<Collect
         .into_iter()
         .zip(reasons)
         .zip(logprobs)
-        .map(|((text, reason), logprobs)| {
+        .zip(prompt_logprobs)
+        .map(|(((text, reason), logprobs), prompt_logprobs)| {
             reason
-                .map(|reason| Choice { text, reason, logprobs })
+                .map(|reason| Choice { text, reason, logprobs, prompt_logprobs })
                 .ok_or_else(|| engine_failure("the generation ended before it finished".into()))
         })
         .collect::<Result<Vec<_>, _>>()?;

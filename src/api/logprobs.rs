@@ -85,3 +85,27 @@ pub fn completion(tokenizer: &Tokenizer, tokens: &[TokenLogprob], mut offset: us
     }
     (json!({"tokens": texts, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}), offset)
 }
+
+/// The legacy shape for an echoed prompt: its first token (no
+/// log-probability: nothing predicts it), then `entries` for the rest.
+/// Returns where the prompt's text ends.
+pub fn echoed_prompt(tokenizer: &Tokenizer, first: u32, entries: &[TokenLogprob]) -> (Json, usize) {
+    let head = token_text(tokenizer, first);
+    let (mut rest, end) = completion(tokenizer, entries, head.len());
+    for (key, value) in [("tokens", json!(head)), ("token_logprobs", Json::Null), ("top_logprobs", Json::Null), ("text_offset", json!(0))] {
+        if let Some(list) = rest[key].as_array_mut() {
+            list.insert(0, value);
+        }
+    }
+    (rest, end)
+}
+
+/// Two runs of the legacy shape, one after the other.
+pub fn concat(mut first: Json, second: Json) -> Json {
+    for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        if let (Some(a), Some(b)) = (first[key].as_array_mut(), second[key].as_array()) {
+            a.extend(b.iter().cloned());
+        }
+    }
+    first
+}

@@ -27,6 +27,8 @@ pub struct Validated {
     pub ignore_eos: bool,
     /// Leave special tokens out of the generated text.
     pub skip_special_tokens: bool,
+    /// Log-probabilities of the prompt's tokens, with this many alternatives (`echo`).
+    pub prompt_logprobs: Option<usize>,
 }
 
 pub fn validate_sampling(f: &SamplingFields) -> Result<Validated, ApiError> {
@@ -120,6 +122,8 @@ pub fn validate_sampling(f: &SamplingFields) -> Result<Validated, ApiError> {
         include_usage,
         ignore_eos: f.ignore_eos,
         skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
+        // Set by completions with `echo`.
+        prompt_logprobs: None,
     })
 }
 

@@ -28,6 +28,9 @@ pub struct GenerationRequest {
     pub stop: Vec<String>,
     /// Keep going past end-of-sequence tokens (fixed-length benchmarks).
     pub ignore_eos: bool,
+    /// Report each prompt token's log-probability (after the first) and this
+    /// many alternatives, under the model's own distribution (`echo`).
+    pub prompt_logprobs: Option<usize>,
     /// Leave special tokens out of the text (false when a tool parser reads them).
     pub skip_special_tokens: bool,
     pub tags: RequestTags,
@@ -65,6 +68,9 @@ pub enum Event {
     /// A sampled token's log-probabilities (requests that asked), sent
     /// before the text that token releases; end-of-sequence tokens have none.
     Logprob(super::sampling::TokenLogprob),
+    /// The prompt's tokens after the first, with their log-probabilities
+    /// (requests that asked), sent once the prompt is prefilled.
+    PromptLogprobs(Vec<super::sampling::TokenLogprob>),
     /// Newly released text (never half a character, never part of a stop string).
     Text(String),
     Finished {

@@ -109,19 +109,7 @@ impl Sampler {
         let k = self.params.logprobs?;
         // Greedy requests report the unscaled distribution (temperature 1).
         let t = if self.params.temperature < GREEDY_BELOW { 1.0 } else { self.params.temperature };
-        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l / t));
-        let sum: f64 = logits.iter().map(|&l| ((l / t - max) as f64).exp()).sum();
-        let log_norm = max + sum.ln() as f32;
-        let logprob = |i: u32| logits.get(i as usize).map_or(f32::NEG_INFINITY, |&l| l / t - log_norm);
-        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-        let k = k.min(order.len());
-        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
-        if k > 0 && k < order.len() {
-            order.select_nth_unstable_by(k - 1, by_logit);
-        }
-        order.truncate(k);
-        order.sort_by(by_logit);
-        Some(TokenLogprob { id, logprob: logprob(id), top: order.into_iter().map(|i| (i, logprob(i))).collect() })
+        Some(token_logprob(logits, id, k, t))
     }
 
     /// Temperature, then top-k, then top-p, then a draw — walking the
@@ -243,6 +231,24 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// Temperatures below this are greedy: dividing logits by a tinier one
 /// overflows to ±inf and the draw picks nonsense (vLLM uses the same bound).
 pub const GREEDY_BELOW: f32 = 1e-5;
+
+/// `id`'s log-probability and the `k` most likely tokens' under
+/// softmax(logits / t).
+pub fn token_logprob(logits: &[f32], id: u32, k: usize, t: f32) -> TokenLogprob {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l / t));
+    let sum: f64 = logits.iter().map(|&l| ((l / t - max) as f64).exp()).sum();
+    let log_norm = max + sum.ln() as f32;
+    let logprob = |i: u32| logits.get(i as usize).map_or(f32::NEG_INFINITY, |&l| l / t - log_norm);
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(order.len());
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    if k > 0 && k < order.len() {
+        order.select_nth_unstable_by(k - 1, by_logit);
+    }
+    order.truncate(k);
+    order.sort_by(by_logit);
+    TokenLogprob { id, logprob: logprob(id), top: order.into_iter().map(|i| (i, logprob(i))).collect() }
+}
 
 #[cfg(test)]
 mod tests {

@@ -268,15 +268,22 @@ impl Engine<'_> {
         for (i, _) in plan {
             inject(self.faults.step_panic_token, &running[*i].prompt, "engine step");
         }
+        // Where each row's tokens start: prompt log-probabilities need it.
+        let starts: Vec<usize> = plan.iter().map(|(i, _)| running[*i].cache.len()).collect();
         let mut rows: Vec<BatchRow> = Vec::with_capacity(plan.len());
         let mut in_plan = plan.iter().peekable();
         for (i, s) in running.iter_mut().enumerate() {
             let Some((_, tokens)) = in_plan.next_if(|(j, _)| *j == i) else { continue };
             let completes_prompt = !s.is_prefilling() || s.prefilled() + tokens.len() == s.prompt.len();
+            let logits = match (s.is_prefilling() && s.wants_prompt_logprobs(), completes_prompt) {
+                (true, _) => Logits::All,
+                (false, true) => Logits::Last,
+                (false, false) => Logits::None,
+            };
             rows.push(BatchRow {
                 tokens,
                 cache: &mut s.cache,
-                logits: if completes_prompt { Logits::Last } else { Logits::None },
+                logits,
                 adapter: s.adapter.as_ref(),
             });
         }
@@ -290,8 +297,29 @@ impl Engine<'_> {
                 return;
             }
         };
-        for ((i, _), logits) in plan.iter().zip(logits) {
+        for (((i, tokens), logits), start) in plan.iter().zip(logits).zip(starts) {
             let seq = &mut running[*i];
+            let logits = if start < seq.prompt.len() && seq.wants_prompt_logprobs() {
+                // Every position of a prompt chunk: the prompt's
+                // log-probabilities, then the last row samples.
+                let vocab = logits.dim(1).unwrap_or(1).max(1);
+                match logits.flatten_all().and_then(|l| l.to_vec1::<f32>()) {
+                    Ok(all) => seq.record_prompt_logprobs(start, &all, vocab),
+                    Err(e) => {
+                        seq.fail(format!("generation failed: {e}"));
+                        continue;
+                    }
+                }
+                match logits.narrow(0, tokens.len() - 1, 1) {
+                    Ok(last) => last,
+                    Err(e) => {
+                        seq.fail(format!("generation failed: {e}"));
+                        continue;
+                    }
+                }
+            } else {
+                logits
+            };
             if seq.is_prefilling() {
                 continue; // a prompt chunk: no token yet
             }

@@ -23,6 +23,10 @@ pub struct Sequence {
     constraint: Option<crate::grammar::Constraint>,
     max_tokens: usize,
     ignore_eos: bool,
+    /// Alternatives per prompt token when the request wants prompt log-probabilities.
+    prompt_logprobs: Option<usize>,
+    /// Prompt log-probabilities gathered over the prefill's chunks.
+    prompt_entries: Vec<super::sampling::TokenLogprob>,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
     ticket: Arc<Ticket>,
     pub tags: RequestTags,
@@ -56,6 +60,8 @@ impl Sequence {
             constraint: request.constraint,
             max_tokens: request.max_tokens,
             ignore_eos: request.ignore_eos,
+            prompt_logprobs: request.prompt_logprobs,
+            prompt_entries: Vec::new(),
             events,
             ticket,
             tags: request.tags,
@@ -97,6 +103,27 @@ impl Sequence {
     /// watchdog ended the request.
     pub fn is_cancelled(&self) -> bool {
         self.events.is_closed() || self.ticket.is_cancelled()
+    }
+
+    /// Whether a prefill step must return logits for every position.
+    pub fn wants_prompt_logprobs(&self) -> bool {
+        self.prompt_logprobs.is_some()
+    }
+
+    /// Records the prompt log-probabilities of a prefill chunk that started
+    /// at position `start`: row r of `logits` (one row per chunk position)
+    /// predicts prompt token start + r + 1. Sends them all once the prompt
+    /// is done.
+    pub fn record_prompt_logprobs(&mut self, start: usize, logits: &[f32], vocab: usize) {
+        let Some(k) = self.prompt_logprobs else { return };
+        for (r, row) in logits.chunks_exact(vocab).enumerate() {
+            if let Some(&next) = self.prompt.get(start + r + 1) {
+                self.prompt_entries.push(super::sampling::token_logprob(row, next, k, 1.0));
+            }
+        }
+        if !self.is_prefilling() {
+            let _ = self.events.send(Event::PromptLogprobs(std::mem::take(&mut self.prompt_entries)));
+        }
     }
 
     pub fn is_finished(&self) -> bool {
@@ -203,6 +230,7 @@ mod tests {
             max_tokens: 100,
             stop: stop.iter().map(|s| s.to_string()).collect(),
             ignore_eos: false,
+            prompt_logprobs: None,
             skip_special_tokens: true,
             tags: RequestTags::default(),
             constraint: None,

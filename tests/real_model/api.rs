@@ -288,7 +288,6 @@ async fn bad_requests_get_openai_errors() -> TestResult {
         (json!({"prompt": []}), "prompt"),
         (json!({"prompt": [999999]}), "prompt"),
         (json!({"prompt": [-1]}), "prompt"),
-        (json!({"echo": true}), "echo"),
         (json!({"logprobs": 6}), "logprobs"),
         (json!({"best_of": 3}), "best_of"),
         (json!({"stop": vec!["a"; 17]}), "stop"),
@@ -537,5 +536,71 @@ async fn logprobs_describe_each_generated_token() -> TestResult {
         let n = top.as_object().map(|m| m.len()).unwrap_or(0);
         assert!((1..=2).contains(&n), "{top}");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn echo_repeats_the_prompt_with_its_log_probabilities() -> TestResult {
+    let plain = greedy(json!({"prompt": "The sea is", "max_tokens": 5, "ignore_eos": true, "logprobs": 2}));
+    let (_, reply) = post("/v1/completions", plain.clone()).await?;
+    let generated = reply["choices"][0]["text"].as_str().ok_or("text")?.to_string();
+    let generated_lp = reply["choices"][0]["logprobs"].clone();
+
+    // Without logprobs: the prompt, then the same continuation.
+    let mut echo = plain.clone();
+    echo["echo"] = json!(true);
+    echo.as_object_mut().ok_or("body")?.remove("logprobs");
+    let (s, reply) = post("/v1/completions", echo).await?;
+    assert_eq!(s, 200, "{reply}");
+    assert_eq!(reply["choices"][0]["text"], format!("The sea is{generated}"));
+
+    // With logprobs: the prompt's tokens first, the first without a value.
+    let mut echo = plain;
+    echo["echo"] = json!(true);
+    let (s, reply) = post("/v1/completions", echo.clone()).await?;
+    assert_eq!(s, 200, "{reply}");
+    let (_, ids) = post("/tokenize", json!({"model": MODEL_ID, "prompt": "The sea is"})).await?;
+    let prompt_len = ids["count"].as_u64().ok_or("count")? as usize;
+    let lp = &reply["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"].as_array().ok_or("tokens")?.iter().filter_map(Value::as_str).collect();
+    assert_eq!(tokens.len(), prompt_len + 5, "{lp}");
+    assert_eq!(tokens.concat(), reply["choices"][0]["text"].as_str().unwrap_or_default());
+    let values = lp["token_logprobs"].as_array().ok_or("token_logprobs")?;
+    assert!(values[0].is_null() && lp["top_logprobs"][0].is_null(), "{lp}");
+    assert!(values[1..].iter().all(|v| v.as_f64().is_some_and(|v| v <= 0.0)), "{lp}");
+    assert_eq!(lp["text_offset"][0], 0);
+    // The generated part is what the same request without echo reports.
+    for key in ["tokens", "token_logprobs", "top_logprobs"] {
+        assert_eq!(lp[key].as_array().map(|a| a[prompt_len..].to_vec()), generated_lp[key].as_array().cloned(), "{key}");
+    }
+
+    // A prompt token's log-probability is the model's: append the greedy
+    // next token to the prompt and it is scored as the generation saw it.
+    let first = &generated_lp["top_logprobs"][0];
+    let (top_token, top_value) = first.as_object().and_then(|m| m.iter().next()).ok_or("a top entry")?;
+    let (_, longer) = post("/tokenize", json!({"model": MODEL_ID, "prompt": format!("The sea is{top_token}")})).await?;
+    assert_eq!(longer["count"].as_u64(), Some(prompt_len as u64 + 1), "the prompt and its greedy next token: {longer}");
+    let (_, scored) = post(
+        "/v1/completions",
+        greedy(json!({"prompt": longer["tokens"], "max_tokens": 1, "echo": true, "logprobs": 1})),
+    )
+    .await?;
+    let value = scored["choices"][0]["logprobs"]["token_logprobs"][prompt_len].as_f64().ok_or("value")?;
+    let expected = top_value.as_f64().ok_or("top value")?;
+    assert!((value - expected).abs() < 1e-3, "scored {value}, generated {expected}");
+
+    // Streamed: the echoed chunk first, then the rest; the same in sum.
+    echo["stream"] = json!(true);
+    let events = stream("/v1/completions", echo).await?;
+    let chunks = chunks(&events);
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    assert_eq!(text, reply["choices"][0]["text"].as_str().unwrap_or_default());
+    assert!(chunks[0]["choices"][0]["text"].as_str().is_some_and(|t| t.starts_with("The sea is")), "{events:?}");
+    let streamed: Vec<Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["token_logprobs"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(&streamed, values);
     Ok(())
 }
