@@ -52,6 +52,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         stop: Vec::new(),
         ignore_eos: true,
         prompt_logprobs: None,
+        prefill_group: None,
         skip_special_tokens: true,
         tags: RequestTags { model: "tiny".into(), adapter: None },
         constraint: None,
@@ -65,7 +66,7 @@ async fn collect(mut rx: EventStream) -> (String, Option<FinishReason>, usize) {
     while let Some(event) = rx.recv().await {
         match event {
             Event::Text(t) => text.push_str(&t),
-            Event::Logprob(_) => {}
+            Event::Logprob(_) | Event::PromptLogprobs(_) => {}
             Event::Finished { reason, usage } => return (text, Some(reason), usage.completion_tokens),
             Event::Failed(e) => panic!("generation failed: {e}"),
         }
@@ -241,4 +242,24 @@ async fn the_kv_budget_makes_requests_wait_their_turn() {
         "budget exceeded: {:?}",
         stats.iter().max_by_key(|s| s.reserved_tokens)
     );
+}
+
+#[tokio::test]
+async fn choices_of_one_prompt_prefill_it_once_and_match_a_lone_run() {
+    let config = EngineConfig { max_num_seqs: 8, max_batch_tokens: 16, ..Default::default() };
+    let handle = engine(config.clone()).await;
+    let processed = || {
+        config.metrics.batch_tokens.get_metric_with_label_values(&["tiny"]).map(|h| h.get_sample_sum()).unwrap_or(0.0)
+    };
+    let prompt: Vec<u32> = (0..60u32).map(|k| k * 13 % 256).collect();
+    let alone = collect(handle.submit(request(prompt.clone(), 12)).expect("queued")).await;
+    let before = processed();
+    let siblings: Vec<GenerationRequest> =
+        (0..3).map(|_| GenerationRequest { prefill_group: Some(7), ..request(prompt.clone(), 12) }).collect();
+    let streams = handle.submit_all(siblings).expect("queued");
+    let outputs = futures::future::join_all(streams.into_iter().map(collect)).await;
+    assert!(outputs.iter().all(|o| *o == alone), "{outputs:?} vs {alone:?}");
+    // The prompt once (60), each other choice its last prompt token (2),
+    // then 11 decode steps each: not three prefills (213).
+    assert_eq!(processed() - before, (60 + 2 + 3 * 11) as f64);
 }

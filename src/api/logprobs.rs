@@ -92,7 +92,12 @@ pub fn completion(tokenizer: &Tokenizer, tokens: &[TokenLogprob], mut offset: us
 pub fn echoed_prompt(tokenizer: &Tokenizer, first: u32, entries: &[TokenLogprob]) -> (Json, usize) {
     let head = token_text(tokenizer, first);
     let (mut rest, end) = completion(tokenizer, entries, head.len());
-    for (key, value) in [("tokens", json!(head)), ("token_logprobs", Json::Null), ("top_logprobs", Json::Null), ("text_offset", json!(0))] {
+    for (key, value) in [
+        ("tokens", json!(head)),
+        ("token_logprobs", Json::Null),
+        ("top_logprobs", Json::Null),
+        ("text_offset", json!(0)),
+    ] {
         if let Some(list) = rest[key].as_array_mut() {
             list.insert(0, value);
         }

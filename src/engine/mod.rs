@@ -18,6 +18,7 @@ pub mod request;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
+mod siblings;
 pub mod stop;
 mod telemetry;
 

@@ -248,19 +248,29 @@ impl Engine<'_> {
     /// is read-only, and their KV caches leave with them). Returns how many
     /// sequences and tokens the step ran.
     fn step(&self, running: &mut [Sequence]) -> (usize, usize) {
-        let plan = plan(&self.admission, running);
-        let tokens = plan.iter().map(|(_, t)| t.len()).sum();
-        let outcome = catch_unwind(AssertUnwindSafe(|| self.execute(&plan, running)));
-        if let Err(panic) = outcome {
-            self.telemetry.panics.inc();
-            tracing::error!(panic = %panic_message(&*panic), "an engine step panicked; its sequences end with an error");
-            for (i, _) in &plan {
-                if !running[*i].is_finished() {
-                    running[*i].fail("internal error: the engine step running this request failed".into());
+        // The step's sequences (all running ones if planning itself failed).
+        let mut planned: Option<Vec<usize>> = None;
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            let wait = super::siblings::share_prefills(running);
+            let plan = plan(&self.admission, running, &wait);
+            planned = Some(plan.iter().map(|(i, _)| *i).collect());
+            self.execute(&plan, running);
+            plan.iter().map(|(_, t)| t.len()).sum()
+        }));
+        let planned = planned.unwrap_or_else(|| (0..running.len()).collect());
+        match outcome {
+            Ok(tokens) => (planned.len(), tokens),
+            Err(panic) => {
+                self.telemetry.panics.inc();
+                tracing::error!(panic = %panic_message(&*panic), "an engine step panicked; its sequences end with an error");
+                for i in &planned {
+                    if !running[*i].is_finished() {
+                        running[*i].fail("internal error: the engine step running this request failed".into());
+                    }
                 }
+                (planned.len(), 0)
             }
         }
-        (plan.len(), tokens)
     }
 
     fn execute(&self, plan: &[(usize, Vec<u32>)], running: &mut [Sequence]) {
@@ -280,12 +290,7 @@ impl Engine<'_> {
                 (false, true) => Logits::Last,
                 (false, false) => Logits::None,
             };
-            rows.push(BatchRow {
-                tokens,
-                cache: &mut s.cache,
-                logits,
-                adapter: s.adapter.as_ref(),
-            });
+            rows.push(BatchRow { tokens, cache: &mut s.cache, logits, adapter: s.adapter.as_ref() });
         }
         let logits = match self.model.forward(&mut rows) {
             Ok(l) => l,
@@ -338,7 +343,7 @@ impl Engine<'_> {
 
 /// What each sequence feeds this step, in `running` order: decoding ones
 /// one token each, then prompt chunks in arrival order within the budget.
-fn plan(admission: &Admission, running: &[Sequence]) -> Vec<(usize, Vec<u32>)> {
+fn plan(admission: &Admission, running: &[Sequence], wait: &[bool]) -> Vec<(usize, Vec<u32>)> {
     let mut budget = admission.max_batch_tokens;
     let mut inputs: Vec<Option<Vec<u32>>> = vec![None; running.len()];
     for (i, s) in running.iter().enumerate() {
@@ -348,7 +353,7 @@ fn plan(admission: &Admission, running: &[Sequence]) -> Vec<(usize, Vec<u32>)> {
         }
     }
     for (i, s) in running.iter().enumerate() {
-        if s.is_prefilling() && budget > 0 {
+        if s.is_prefilling() && budget > 0 && !wait[i] {
             let chunk = s.next_input(budget).to_vec();
             budget -= chunk.len();
             inputs[i] = Some(chunk);

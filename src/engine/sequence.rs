@@ -32,6 +32,8 @@ pub struct Sequence {
     pub tags: RequestTags,
     pub span: tracing::Span,
     pub timing: Timing,
+    /// Siblings (`n` choices of one prompt) prefill once (see `siblings`).
+    pub prefill_group: Option<u64>,
     /// Set once the sequence ends: how (None when it failed).
     outcome: Option<Option<FinishReason>>,
 }
@@ -67,6 +69,7 @@ impl Sequence {
             tags: request.tags,
             span: request.span,
             timing: Timing { arrived, admitted: Instant::now(), first_token: None, last_token: None },
+            prefill_group: request.prefill_group,
             outcome: None,
         }
     }
@@ -231,6 +234,7 @@ mod tests {
             stop: stop.iter().map(|s| s.to_string()).collect(),
             ignore_eos: false,
             prompt_logprobs: None,
+            prefill_group: None,
             skip_special_tokens: true,
             tags: RequestTags::default(),
             constraint: None,

@@ -51,6 +51,11 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Forgets every token from position `len` on (they are overwritten next).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Writes the keys and values of `new` tokens (`[new, kv_heads · head_dim]`,
     /// token-major, as the projections produce them) to `layer` after the
     /// cached ones.

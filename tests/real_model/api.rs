@@ -571,7 +571,11 @@ async fn echo_repeats_the_prompt_with_its_log_probabilities() -> TestResult {
     assert_eq!(lp["text_offset"][0], 0);
     // The generated part is what the same request without echo reports.
     for key in ["tokens", "token_logprobs", "top_logprobs"] {
-        assert_eq!(lp[key].as_array().map(|a| a[prompt_len..].to_vec()), generated_lp[key].as_array().cloned(), "{key}");
+        assert_eq!(
+            lp[key].as_array().map(|a| a[prompt_len..].to_vec()),
+            generated_lp[key].as_array().cloned(),
+            "{key}"
+        );
     }
 
     // A prompt token's log-probability is the model's: append the greedy
