@@ -63,6 +63,11 @@ pub struct ServeArgs {
     /// Default: read from the chat template; generic when it ignores tools.
     #[arg(long, env = "TAILOR_TOOL_CALL_PARSER", value_enum)]
     pub tool_call_parser: Option<crate::api::tools::ToolFormat>,
+    /// Tokens of KV the prefix cache keeps from finished requests, so a prompt
+    /// that starts like an earlier one (a template's preamble, a chat's history)
+    /// prefills only the rest; within --max-kv-tokens, given up first. 0 turns it off.
+    #[arg(long, env = "TAILOR_PREFIX_CACHE_TOKENS", default_value_t = 8192)]
+    pub prefix_cache_tokens: usize,
     /// Sequences decoded together in one engine step.
     #[arg(long, env = "TAILOR_MAX_NUM_SEQS", default_value_t = 8)]
     pub max_num_seqs: usize,
@@ -291,6 +296,7 @@ impl ServeArgs {
                     .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
                 max_kv_tokens: self.max_kv_tokens,
                 max_batch_tokens: self.max_batch_tokens,
+                prefix_cache_tokens: self.prefix_cache_tokens,
                 metrics: std::sync::Arc::new(crate::metrics::Metrics::new()),
                 #[cfg(feature = "fault-injection")]
                 faults: crate::engine::faults::Faults {

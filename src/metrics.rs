@@ -38,6 +38,8 @@ pub struct Metrics {
     pub kv_cache_usage: GaugeVec,
     pub lora_info: GaugeVec,
     pub prompt_tokens: IntCounterVec,
+    pub prefix_cache_queries: IntCounterVec,
+    pub prefix_cache_hits: IntCounterVec,
     pub generation_tokens: IntCounterVec,
     pub request_success: IntCounterVec,
     pub time_to_first_token: HistogramVec,
@@ -103,6 +105,16 @@ impl Metrics {
                 ),
             ),
             prompt_tokens: counter("vllm:prompt_tokens_total", "Number of prefill tokens processed.", MODEL),
+            prefix_cache_queries: counter(
+                "vllm:prefix_cache_queries_total",
+                "Prefix cache queries, in terms of number of queried tokens.",
+                MODEL,
+            ),
+            prefix_cache_hits: counter(
+                "vllm:prefix_cache_hits_total",
+                "Prefix cache hits, in terms of number of cached tokens.",
+                MODEL,
+            ),
             generation_tokens: counter("vllm:generation_tokens_total", "Number of generation tokens processed.", MODEL),
             request_success: counter(
                 "vllm:request_success_total",

@@ -246,7 +246,8 @@ async fn the_kv_budget_makes_requests_wait_their_turn() {
 
 #[tokio::test]
 async fn choices_of_one_prompt_prefill_it_once_and_match_a_lone_run() {
-    let config = EngineConfig { max_num_seqs: 8, max_batch_tokens: 16, ..Default::default() };
+    // No prefix cache: the lone run would leave the prompt cached.
+    let config = EngineConfig { max_num_seqs: 8, max_batch_tokens: 16, prefix_cache_tokens: 0, ..Default::default() };
     let handle = engine(config.clone()).await;
     let processed = || {
         config.metrics.batch_tokens.get_metric_with_label_values(&["tiny"]).map(|h| h.get_sample_sum()).unwrap_or(0.0)
@@ -261,5 +262,66 @@ async fn choices_of_one_prompt_prefill_it_once_and_match_a_lone_run() {
     assert!(outputs.iter().all(|o| *o == alone), "{outputs:?} vs {alone:?}");
     // The prompt once (60), each other choice its last prompt token (2),
     // then 11 decode steps each: not three prefills (213).
-    assert_eq!(processed() - before, (60 + 2 + 3 * 11) as f64);
+    assert_eq!(processed() - before, (60 + 2 + 3 * 11) as f64, "a step's tokens are counted before its events go out");
+}
+
+/// Tokens the engine has run through the model so far.
+fn processed(config: &EngineConfig) -> f64 {
+    config.metrics.batch_tokens.get_metric_with_label_values(&["tiny"]).map(|h| h.get_sample_sum()).unwrap_or(0.0)
+}
+
+async fn usage_of(mut rx: EventStream) -> (String, tailor::engine::Usage) {
+    let mut text = String::new();
+    while let Some(event) = rx.recv().await {
+        match event {
+            Event::Text(t) => text.push_str(&t),
+            Event::Finished { usage, .. } => return (text, usage),
+            Event::Failed(e) => panic!("generation failed: {e}"),
+            _ => {}
+        }
+    }
+    panic!("no end")
+}
+
+#[tokio::test]
+async fn a_cached_prefix_is_reused_exactly_and_gives_way_to_running_requests() {
+    let cold = engine(EngineConfig { prefix_cache_tokens: 0, max_batch_tokens: 16, ..Default::default() }).await;
+    let config = EngineConfig { max_batch_tokens: 16, ..Default::default() };
+    let warm = engine(config.clone()).await;
+    let preamble: Vec<u32> = (0..48u32).map(|k| k * 7 % 256).collect();
+    let prompt =
+        |suffix: u32| -> Vec<u32> { preamble.iter().copied().chain((0..12).map(|k| (k + suffix) % 256)).collect() };
+
+    let first = usage_of(warm.submit(request(prompt(1), 10)).expect("queued")).await;
+    assert_eq!(first.1.cached_tokens, 0);
+    // The same prompt again: all but its last token from the cache.
+    let before = processed(&config);
+    let again = usage_of(warm.submit(request(prompt(1), 10)).expect("queued")).await;
+    assert_eq!(again.0, first.0);
+    assert_eq!(again.1.cached_tokens, 59);
+    assert_eq!(processed(&config) - before, (1 + 9) as f64, "a step's tokens are counted before its events go out");
+    // Another suffix: the preamble (and as much of the old suffix as matches) is reused.
+    let before = processed(&config);
+    let other = usage_of(warm.submit(request(prompt(5), 10)).expect("queued")).await;
+    assert_eq!(other.1.cached_tokens, 48);
+    assert_eq!(processed(&config) - before, (12 + 9) as f64, "a step's tokens are counted before its events go out");
+    // Exact: what an engine without the cache generates.
+    for (suffix, text) in [(1, &again.0), (5, &other.0)] {
+        let fresh = usage_of(cold.submit(request(prompt(suffix), 10)).expect("queued")).await;
+        assert_eq!(&fresh.0, text, "suffix {suffix}");
+    }
+    // A sequence generated past its prompt: its continuation is cached too.
+    let mut continued = prompt(1);
+    continued.extend(first.0.bytes().map(u32::from).take(5));
+    let hit = usage_of(warm.submit(request(continued.clone(), 4)).expect("queued")).await;
+    assert_eq!(hit.1.cached_tokens, continued.len() - 1);
+
+    // Within the KV budget: a request that needs the room evicts the cache.
+    let tight = EngineConfig { max_kv_tokens: 100, max_batch_tokens: 16, ..Default::default() };
+    let small = engine(tight.clone()).await;
+    usage_of(small.submit(request(prompt(1), 10)).expect("queued")).await;
+    let evicted = usage_of(small.submit(request(prompt(1), 40)).expect("queued")).await;
+    assert_eq!(evicted.1.cached_tokens, 59, "reused, then the cache made room");
+    let after = usage_of(small.submit(request(prompt(1), 10)).expect("queued")).await;
+    assert!(after.1.cached_tokens > 0, "the last finished request is cached again");
 }

@@ -145,6 +145,7 @@ fn merged(subs: Vec<Submitted>) -> impl Stream<Item = (usize, Event)> {
         s.events.map(move |e| match e {
             Event::Finished { reason, mut usage } if !counts_prompt => {
                 usage.prompt_tokens = 0;
+                usage.cached_tokens = 0;
                 (index, Event::Finished { reason, usage })
             }
             e => (index, e),

@@ -13,6 +13,7 @@
 pub mod detokenizer;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
+mod prefix_cache;
 pub mod queue;
 pub mod request;
 pub mod sampling;
@@ -49,6 +50,8 @@ pub struct EngineConfig {
     pub max_kv_tokens: usize,
     /// Tokens one step may process: bounds how much prompt a step prefills.
     pub max_batch_tokens: usize,
+    /// Tokens of KV the prefix cache may keep from finished sequences (0: off).
+    pub prefix_cache_tokens: usize,
     /// Where the engine records per-request and per-step metrics.
     pub metrics: Arc<Metrics>,
     /// Test-only: panics on cue.
@@ -80,6 +83,7 @@ impl Default for EngineConfig {
             threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             max_kv_tokens: 65_536,
             max_batch_tokens: 512,
+            prefix_cache_tokens: 8192,
             metrics: Arc::new(Metrics::new()),
             #[cfg(feature = "fault-injection")]
             faults: faults::Faults::default(),

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, watch};
 
+use super::prefix_cache::PrefixCache;
 use super::queue::{Line, Queued};
 use super::sequence::Sequence;
 use super::telemetry::Telemetry;
@@ -28,6 +29,8 @@ pub struct Admission {
     pub max_kv_tokens: usize,
     /// Tokens one step may process (decode tokens count one each).
     pub max_batch_tokens: usize,
+    /// Tokens of KV the prefix cache may keep (0: off).
+    pub prefix_cache_tokens: usize,
 }
 
 impl Admission {
@@ -36,6 +39,7 @@ impl Admission {
             max_num_seqs: config.max_num_seqs.max(1),
             max_kv_tokens: config.max_kv_tokens,
             max_batch_tokens: config.max_batch_tokens.max(1),
+            prefix_cache_tokens: config.prefix_cache_tokens,
         }
     }
 
@@ -84,6 +88,7 @@ pub(super) fn run(
         telemetry: Telemetry::new(config.metrics.clone(), &info.id),
         line,
         stats: &stats,
+        prefixes: std::sync::Mutex::new(PrefixCache::new(config.prefix_cache_tokens)),
         #[cfg(feature = "fault-injection")]
         faults: config.faults.clone(),
     };
@@ -149,6 +154,9 @@ struct Engine<'a> {
     telemetry: Telemetry,
     line: Line,
     stats: &'a watch::Sender<EngineStats>,
+    /// KV of finished sequences, for prompts that start the same way (the
+    /// engine thread alone uses it; the lock is for the pool's `Sync`).
+    prefixes: std::sync::Mutex<PrefixCache>,
     #[cfg(feature = "fault-injection")]
     faults: super::faults::Faults,
 }
@@ -173,12 +181,12 @@ impl Engine<'_> {
             waiting.retain(|q| !q.is_abandoned());
             let before = running.len();
             let admitted = self.admit(&mut waiting, &mut running);
-            running.retain(|s| {
-                if s.is_cancelled() {
+            self.retire(&mut running, |s| {
+                let gone = s.is_cancelled();
+                if gone {
                     tracing::debug!(parent: &s.span, generated = s.generated.len(), "client gone, sequence cancelled");
-                    self.telemetry.left(s);
                 }
-                !s.is_cancelled()
+                gone
             });
             // Published before the step too when the running set changed: a
             // client that sees its first token also sees itself running.
@@ -187,14 +195,9 @@ impl Engine<'_> {
             }
             if !running.is_empty() {
                 let started = Instant::now();
-                let (sequences, tokens) = self.step(&mut running);
-                self.telemetry.step(started.elapsed(), sequences, tokens);
-                running.retain(|s| {
-                    if s.is_finished() {
-                        self.telemetry.left(s);
-                    }
-                    !s.is_finished()
-                });
+                self.step(&mut running);
+                self.telemetry.step(started.elapsed());
+                self.retire(&mut running, Sequence::is_finished);
                 steps += 1;
             }
             self.publish(&running, &waiting, steps);
@@ -205,11 +208,16 @@ impl Engine<'_> {
     /// fit; nobody behind it overtakes. Returns how many joined.
     fn admit(&self, waiting: &mut VecDeque<Queued>, running: &mut Vec<Sequence>) -> usize {
         let before = running.len();
+        let mut prefixes = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
         while running.len() < self.admission.max_num_seqs {
             let Some(head) = waiting.front() else { break };
-            let reserved: usize = running.iter().map(Sequence::reservation).sum();
+            // The prefix cache lives inside the KV budget: it gives way first.
+            let reserved: usize = running.iter().map(Sequence::reservation).sum::<usize>() + prefixes.held();
             let need = head.request.prompt.len() + head.request.max_tokens;
             if !self.admission.admits(running.len(), reserved, need) {
+                if prefixes.evict_one() {
+                    continue;
+                }
                 break;
             }
             let Some(next) = waiting.pop_front() else { break };
@@ -218,11 +226,42 @@ impl Engine<'_> {
             if !next.ticket.admit() {
                 continue; // its client left meanwhile
             }
-            let seq = Sequence::new(next, self.model.new_cache(need));
-            self.telemetry.admitted(&seq);
+            let mut seq = Sequence::new(next, self.model.new_cache(need));
+            // Prompt log-probabilities need every position computed.
+            if self.prefix_caching() && !seq.wants_prompt_logprobs() {
+                if let Some(hit) = prefixes.reuse(seq.adapter.as_ref(), &seq.prompt, need) {
+                    seq.cache = hit.cache;
+                    seq.cached = hit.tokens;
+                }
+            }
+            self.telemetry.admitted(&seq, self.prefix_caching());
+            let reserved = reserved - prefixes.held() + seq.reservation();
+            while reserved + prefixes.held() > self.admission.max_kv_tokens && prefixes.evict_one() {}
             running.push(seq);
         }
         running.len() - before
+    }
+
+    fn prefix_caching(&self) -> bool {
+        self.admission.prefix_cache_tokens > 0
+    }
+
+    /// Takes the sequences `gone` picks out of `running`; a cache that
+    /// ended whole goes to the prefix cache.
+    fn retire(&self, running: &mut Vec<Sequence>, gone: impl Fn(&Sequence) -> bool) {
+        let mut i = 0;
+        while i < running.len() {
+            if !gone(&running[i]) {
+                i += 1;
+                continue;
+            }
+            let mut seq = running.remove(i);
+            self.telemetry.left(&seq);
+            if self.prefix_caching() && seq.cache_is_whole() {
+                let cache = std::mem::take(&mut seq.cache);
+                self.prefixes.lock().unwrap_or_else(|p| p.into_inner()).keep(seq.adapter.clone(), seq.tokens(), cache);
+            }
+        }
     }
 
     fn publish(&self, running: &[Sequence], waiting: &VecDeque<Queued>, steps: u64) {
@@ -245,30 +284,24 @@ impl Engine<'_> {
 
     /// One forward over all running sequences. A panic inside it ends the
     /// sequences of this step with an error; the engine goes on (the model
-    /// is read-only, and their KV caches leave with them). Returns how many
-    /// sequences and tokens the step ran.
-    fn step(&self, running: &mut [Sequence]) -> (usize, usize) {
+    /// is read-only, and their KV caches leave with them).
+    fn step(&self, running: &mut [Sequence]) {
         // The step's sequences (all running ones if planning itself failed).
         let mut planned: Option<Vec<usize>> = None;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             let wait = super::siblings::share_prefills(running);
             let plan = plan(&self.admission, running, &wait);
             planned = Some(plan.iter().map(|(i, _)| *i).collect());
+            self.telemetry.batch(plan.len(), plan.iter().map(|(_, t)| t.len()).sum());
             self.execute(&plan, running);
-            plan.iter().map(|(_, t)| t.len()).sum()
         }));
-        let planned = planned.unwrap_or_else(|| (0..running.len()).collect());
-        match outcome {
-            Ok(tokens) => (planned.len(), tokens),
-            Err(panic) => {
-                self.telemetry.panics.inc();
-                tracing::error!(panic = %panic_message(&*panic), "an engine step panicked; its sequences end with an error");
-                for i in &planned {
-                    if !running[*i].is_finished() {
-                        running[*i].fail("internal error: the engine step running this request failed".into());
-                    }
+        if let Err(panic) = outcome {
+            self.telemetry.panics.inc();
+            tracing::error!(panic = %panic_message(&*panic), "an engine step panicked; its sequences end with an error");
+            for i in planned.unwrap_or_else(|| (0..running.len()).collect()) {
+                if !running[i].is_finished() {
+                    running[i].fail("internal error: the engine step running this request failed".into());
                 }
-                (planned.len(), 0)
             }
         }
     }

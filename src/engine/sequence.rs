@@ -34,6 +34,8 @@ pub struct Sequence {
     pub timing: Timing,
     /// Siblings (`n` choices of one prompt) prefill once (see `siblings`).
     pub prefill_group: Option<u64>,
+    /// Prompt tokens taken from the prefix cache at admission.
+    pub cached: usize,
     /// Set once the sequence ends: how (None when it failed).
     outcome: Option<Option<FinishReason>>,
 }
@@ -70,6 +72,7 @@ impl Sequence {
             span: request.span,
             timing: Timing { arrived, admitted: Instant::now(), first_token: None, last_token: None },
             prefill_group: request.prefill_group,
+            cached: 0,
             outcome: None,
         }
     }
@@ -106,6 +109,16 @@ impl Sequence {
     /// watchdog ended the request.
     pub fn is_cancelled(&self) -> bool {
         self.events.is_closed() || self.ticket.is_cancelled()
+    }
+
+    /// Every token fed or generated so far, in order (what the cache holds, and one more).
+    pub fn tokens(&self) -> Vec<u32> {
+        self.prompt.iter().chain(&self.generated).copied().collect()
+    }
+
+    /// Whether it ended well (finished or left), so its cache is whole.
+    pub fn cache_is_whole(&self) -> bool {
+        !matches!(self.outcome, Some(None))
     }
 
     /// Whether a prefill step must return logits for every position.
@@ -209,7 +222,11 @@ impl Sequence {
     fn finish(&mut self, text: String, reason: FinishReason) {
         self.send_text(text);
         self.outcome = Some(Some(reason));
-        let usage = Usage { prompt_tokens: self.prompt.len(), completion_tokens: self.generated.len() };
+        let usage = Usage {
+            prompt_tokens: self.prompt.len(),
+            cached_tokens: self.cached,
+            completion_tokens: self.generated.len(),
+        };
         let _ = self.events.send(Event::Finished { reason, usage });
     }
 }

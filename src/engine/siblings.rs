@@ -20,9 +20,8 @@ pub fn share_prefills(running: &mut [Sequence]) -> Vec<bool> {
             wait[i] = true;
             continue;
         }
-        let mut cache = running[first].cache.clone();
-        cache.truncate(keep);
-        running[i].cache = cache;
+        let max_tokens = running[i].reservation();
+        running[i].cache = running[first].cache.prefix(keep, max_tokens);
     }
     wait
 }

@@ -19,6 +19,8 @@ pub(super) struct Telemetry {
     e2e: Histogram,
     queue: Histogram,
     prompt_tokens: IntCounter,
+    prefix_queries: IntCounter,
+    prefix_hits: IntCounter,
     generation_tokens: IntCounter,
     step: Histogram,
     batch_size: Histogram,
@@ -35,6 +37,8 @@ impl Telemetry {
             e2e: metrics.e2e_latency.with_label_values(&label),
             queue: metrics.queue_time.with_label_values(&label),
             prompt_tokens: metrics.prompt_tokens.with_label_values(&label),
+            prefix_queries: metrics.prefix_cache_queries.with_label_values(&label),
+            prefix_hits: metrics.prefix_cache_hits.with_label_values(&label),
             generation_tokens: metrics.generation_tokens.with_label_values(&label),
             step: metrics.step_seconds.with_label_values(&label),
             batch_size: metrics.batch_size.with_label_values(&label),
@@ -45,8 +49,12 @@ impl Telemetry {
         }
     }
 
-    pub fn admitted(&self, seq: &Sequence) {
+    pub fn admitted(&self, seq: &Sequence, prefix_cache: bool) {
         self.queue.observe(seconds(seq.timing.admitted - seq.timing.arrived));
+        if prefix_cache {
+            self.prefix_queries.inc_by(seq.prompt.len() as u64);
+            self.prefix_hits.inc_by(seq.cached as u64);
+        }
     }
 
     /// A token was sampled for `seq` just now.
@@ -77,10 +85,15 @@ impl Telemetry {
         }
     }
 
-    pub fn step(&self, elapsed: Duration, sequences: usize, tokens: usize) {
-        self.step.observe(seconds(elapsed));
+    /// A step's batch, recorded before it runs: whoever sees its tokens'
+    /// events also sees them counted.
+    pub fn batch(&self, sequences: usize, tokens: usize) {
         self.batch_size.observe(sequences as f64);
         self.batch_tokens.observe(tokens as f64);
+    }
+
+    pub fn step(&self, elapsed: Duration) {
+        self.step.observe(seconds(elapsed));
     }
 }
 

@@ -6,7 +6,7 @@
 pub(crate) const KEY_BLOCK: usize = 32;
 
 /// Keys and values of every layer for one sequence.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<LayerCache>,
     len: usize,
@@ -51,9 +51,27 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Forgets every token from position `len` on (they are overwritten next).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+    /// The first `len` tokens in a new cache that may grow to `max_tokens`
+    /// (a sequence starting from a shared prefix).
+    pub fn prefix(&self, len: usize, max_tokens: usize) -> KvCache {
+        let len = len.min(self.len);
+        let (heads, d) = (self.kv_heads, self.head_dim);
+        let capacity = len.next_multiple_of(KEY_BLOCK);
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| LayerCache {
+                k: regrow(&layer.k, heads * d, layer.capacity, capacity, len),
+                v: regrow(&layer.v, heads, layer.capacity * d, capacity * d, len * d),
+                capacity,
+            })
+            .collect();
+        KvCache { layers, len, kv_heads: heads, head_dim: d, max_tokens }
+    }
+
+    /// Tokens the buffers have room for (what the cache costs in memory).
+    pub fn capacity_tokens(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.capacity)
     }
 
     /// Writes the keys and values of `new` tokens (`[new, kv_heads · head_dim]`,
@@ -69,15 +87,8 @@ impl KvCache {
             let doubled = (cache.capacity * 2).min(self.max_tokens);
             let capacity = (start + new).max(doubled).next_multiple_of(KEY_BLOCK);
             // Keys: heads·d rows of `capacity`; values: heads rows of `capacity · d`.
-            let grow = |old: &[f32], rows: usize, old_row: usize, new_row: usize, used: usize| {
-                let mut buf = vec![0f32; rows * new_row];
-                for r in 0..rows {
-                    buf[r * new_row..][..used].copy_from_slice(&old[r * old_row..][..used]);
-                }
-                buf
-            };
-            cache.k = grow(&cache.k, heads * d, cache.capacity, capacity, start);
-            cache.v = grow(&cache.v, heads, cache.capacity * d, capacity * d, start * d);
+            cache.k = regrow(&cache.k, heads * d, cache.capacity, capacity, start);
+            cache.v = regrow(&cache.v, heads, cache.capacity * d, capacity * d, start * d);
             cache.capacity = capacity;
         }
         let capacity = cache.capacity;
@@ -102,6 +113,15 @@ impl KvCache {
     pub(crate) fn advance(&mut self, new: usize) {
         self.len += new;
     }
+}
+
+/// `rows` rows of `old_row` values, the first `used` of each kept, in rows of `new_row`.
+fn regrow(old: &[f32], rows: usize, old_row: usize, new_row: usize, used: usize) -> Vec<f32> {
+    let mut buf = vec![0f32; rows * new_row];
+    for r in 0..rows {
+        buf[r * new_row..][..used].copy_from_slice(&old[r * old_row..][..used]);
+    }
+    buf
 }
 
 #[cfg(test)]
