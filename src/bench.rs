@@ -51,6 +51,10 @@ pub struct BenchArgs {
     /// First token id of the synthetic prompts (ids start..start+prompt_tokens).
     #[arg(long, default_value_t = 1000)]
     pub prompt_token_start: u32,
+    /// Tokens every completions prompt starts with (a template's fixed
+    /// preamble) before its distinct part: measures prefix caching.
+    #[arg(long, default_value_t = 0)]
+    pub shared_prefix_tokens: usize,
     /// llama.cpp's per-request adapters: request i also sends
     /// `"lora": [{"id": i mod (number of --model), "scale": 1}]` (start
     /// llama-server with the adapters in --model order and --lora-init-without-apply).
@@ -199,9 +203,11 @@ fn body(args: &BenchArgs, model: &str, index: usize) -> (String, Value) {
         body.insert("messages".into(), json!([{"role": "user", "content": words.join(" ")}]));
         (format!("{}/v1/chat/completions", args.url), Value::Object(body))
     } else {
-        // Distinct per request, so no server can answer from a prefix cache alone.
-        let ids: Vec<u32> = (0..args.prompt_tokens as u32)
-            .map(|k| args.prompt_token_start + (k * 7 + index as u32 * 13) % 5000)
+        // Distinct per request, so no server can answer from a prefix cache
+        // alone, after the shared preamble if one is asked for.
+        let shared = (0..args.shared_prefix_tokens as u32).map(|k| args.prompt_token_start + (k * 11) % 5000);
+        let ids: Vec<u32> = shared
+            .chain((0..args.prompt_tokens as u32).map(|k| args.prompt_token_start + (k * 7 + index as u32 * 13) % 5000))
             .collect();
         body.insert("prompt".into(), json!(ids));
         (format!("{}/v1/completions", args.url), Value::Object(body))
