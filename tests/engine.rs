@@ -52,7 +52,6 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         stop: Vec::new(),
         ignore_eos: true,
         prompt_logprobs: None,
-        prefill_group: None,
         skip_special_tokens: true,
         tags: RequestTags { model: "tiny".into(), adapter: None },
         constraint: None,
@@ -255,8 +254,7 @@ async fn choices_of_one_prompt_prefill_it_once_and_match_a_lone_run() {
     let prompt: Vec<u32> = (0..60u32).map(|k| k * 13 % 256).collect();
     let alone = collect(handle.submit(request(prompt.clone(), 12)).expect("queued")).await;
     let before = processed();
-    let siblings: Vec<GenerationRequest> =
-        (0..3).map(|_| GenerationRequest { prefill_group: Some(7), ..request(prompt.clone(), 12) }).collect();
+    let siblings: Vec<GenerationRequest> = (0..3).map(|_| request(prompt.clone(), 12)).collect();
     let streams = handle.submit_all(siblings).expect("queued");
     let outputs = futures::future::join_all(streams.into_iter().map(collect)).await;
     assert!(outputs.iter().all(|o| *o == alone), "{outputs:?} vs {alone:?}");
@@ -324,4 +322,30 @@ async fn a_cached_prefix_is_reused_exactly_and_gives_way_to_running_requests() {
     assert_eq!(evicted.1.cached_tokens, 59, "reused, then the cache made room");
     let after = usage_of(small.submit(request(prompt(1), 10)).expect("queued")).await;
     assert!(after.1.cached_tokens > 0, "the last finished request is cached again");
+}
+
+#[tokio::test]
+async fn prompts_running_together_compute_a_shared_preamble_once() {
+    let config = EngineConfig { max_batch_tokens: 16, prefix_cache_tokens: 0, ..Default::default() };
+    let handle = engine(config.clone()).await;
+    let preamble: Vec<u32> = (0..48u32).map(|k| k * 5 % 256).collect();
+    let prompt =
+        |tail: u32| -> Vec<u32> { preamble.iter().copied().chain((0..12).map(|k| (k * 3 + tail) % 256)).collect() };
+    let mut alone = Vec::new();
+    for tail in [1, 2] {
+        alone.push(usage_of(handle.submit(request(prompt(tail), 10)).expect("queued")).await);
+    }
+    let before = processed(&config);
+    let streams = handle.submit_all(vec![request(prompt(1), 10), request(prompt(2), 10)]).expect("queued");
+    let together = futures::future::join_all(streams.into_iter().map(usage_of)).await;
+    assert_eq!(together[0].0, alone[0].0);
+    assert_eq!(together[1].0, alone[1].0);
+    assert_eq!((together[0].1.cached_tokens, together[1].1.cached_tokens), (0, 48));
+    // The first computes its 60 prompt tokens, the second only its 12-token
+    // tail; then 9 decode steps each.
+    assert_eq!(
+        processed(&config) - before,
+        (60 + 12 + 2 * 9) as f64,
+        "a step's tokens are counted before its events go out"
+    );
 }

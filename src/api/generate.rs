@@ -2,7 +2,6 @@
 //! the events as SSE or collect the same events into one response.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,9 +27,6 @@ pub struct Submitted {
     events: EventStream,
 }
 
-/// Names each prompt's group of `n` choices for the engine.
-static PREFILL_GROUPS: AtomicU64 = AtomicU64::new(0);
-
 /// Queues every prompt, all or none (a request with more prompts than may
 /// wait is a 400; a full line a 429).
 pub fn submit_all(
@@ -45,9 +41,6 @@ pub fn submit_all(
     let n = params.n;
     let mut requests = Vec::with_capacity(prompts.len() * n);
     for (prompt, max_tokens) in prompts {
-        // The choices of one prompt prefill it once; prompt log-probabilities
-        // come from each one's own prefill.
-        let group = (n > 1 && params.prompt_logprobs.is_none()).then(|| PREFILL_GROUPS.fetch_add(1, Ordering::Relaxed));
         for j in 0..n {
             let mut sampling = params.sampling.clone();
             sampling.seed = sampling.seed.map(|s| s.wrapping_add(j as u64));
@@ -60,7 +53,6 @@ pub fn submit_all(
                 ignore_eos: params.ignore_eos,
                 skip_special_tokens: params.skip_special_tokens,
                 prompt_logprobs: params.prompt_logprobs,
-                prefill_group: group,
                 tags: RequestTags { model: target.requested.clone(), adapter: target.adapter_name.clone() },
                 constraint: constraints.pop(),
                 span: tracing::Span::current(),

@@ -28,9 +28,6 @@ pub struct GenerationRequest {
     pub stop: Vec<String>,
     /// Keep going past end-of-sequence tokens (fixed-length benchmarks).
     pub ignore_eos: bool,
-    /// The choices of one prompt (`n`) share a group: its first member
-    /// prefills the prompt for all of them.
-    pub prefill_group: Option<u64>,
     /// Report each prompt token's log-probability (after the first) and this
     /// many alternatives, under the model's own distribution (`echo`).
     pub prompt_logprobs: Option<usize>,

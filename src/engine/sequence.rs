@@ -32,9 +32,8 @@ pub struct Sequence {
     pub tags: RequestTags,
     pub span: tracing::Span,
     pub timing: Timing,
-    /// Siblings (`n` choices of one prompt) prefill once (see `siblings`).
-    pub prefill_group: Option<u64>,
-    /// Prompt tokens taken from the prefix cache at admission.
+    /// Prompt tokens whose KV was copied rather than computed (the prefix
+    /// cache, or a running sequence whose prompt starts alike).
     pub cached: usize,
     /// Set once the sequence ends: how (None when it failed).
     outcome: Option<Option<FinishReason>>,
@@ -71,7 +70,6 @@ impl Sequence {
             tags: request.tags,
             span: request.span,
             timing: Timing { arrived, admitted: Instant::now(), first_token: None, last_token: None },
-            prefill_group: request.prefill_group,
             cached: 0,
             outcome: None,
         }
@@ -119,6 +117,15 @@ impl Sequence {
     /// Whether it ended well (finished or left), so its cache is whole.
     pub fn cache_is_whole(&self) -> bool {
         !matches!(self.outcome, Some(None))
+    }
+
+    /// Whether both run on the same adapter (or both on the base).
+    pub fn same_adapter(&self, other: &Sequence) -> bool {
+        match (&self.adapter, &other.adapter) {
+            (None, None) => true,
+            (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+            _ => false,
+        }
     }
 
     /// Whether a prefill step must return logits for every position.
@@ -251,7 +258,6 @@ mod tests {
             stop: stop.iter().map(|s| s.to_string()).collect(),
             ignore_eos: false,
             prompt_logprobs: None,
-            prefill_group: None,
             skip_special_tokens: true,
             tags: RequestTags::default(),
             constraint: None,

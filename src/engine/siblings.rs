@@ -1,27 +1,43 @@
-//! The `n` choices of one prompt prefill it once: the group's first member
-//! prefills, the others wait for it, then start from a copy of its cache
-//! holding all but the prompt's last token, which each feeds itself to get
-//! its own first logits (one token instead of the whole prompt).
+//! Prompts that start alike, running together, compute the shared part once:
+//! a sequence that has not started waits for an earlier one on the same
+//! adapter whose prompt shares at least `MIN_SHARED` leading tokens with its
+//! own, then starts from a copy of that much of its cache (never its own
+//! last prompt token, which it feeds itself for its own first logits). The
+//! `n` choices of one request are the plainest case: the whole prompt.
 
 use super::sequence::Sequence;
 
-/// Gives waiting siblings a copy of a finished prefill; returns, per running
-/// sequence, whether it must sit this step out for its group's first member.
+/// Shorter common prefixes are computed again rather than waited for (every
+/// chat prompt starts with the same few template tokens).
+pub const MIN_SHARED: usize = 16;
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Gives sequences that have not started a copy of an earlier sequence's
+/// shared prefix once it is computed; returns, per running sequence, whether
+/// it must sit this step out waiting for one.
 pub fn share_prefills(running: &mut [Sequence]) -> Vec<bool> {
     let mut wait = vec![false; running.len()];
     for i in 0..running.len() {
-        let (Some(group), true) = (running[i].prefill_group, running[i].cache.is_empty()) else { continue };
-        let keep = running[i].prompt.len().saturating_sub(1);
-        let Some(first) = (0..i).find(|&j| running[j].prefill_group == Some(group)) else { continue };
-        if keep == 0 {
+        if !running[i].cache.is_empty() || running[i].wants_prompt_logprobs() {
             continue;
         }
-        if running[first].is_prefilling() {
+        let limit = running[i].prompt.len().saturating_sub(1);
+        let best = (0..i)
+            .filter(|&j| running[j].same_adapter(&running[i]))
+            .map(|j| (j, common_prefix(&running[j].prompt, &running[i].prompt).min(limit)))
+            .filter(|&(_, shared)| shared >= MIN_SHARED)
+            .max_by_key(|&(j, shared)| (shared, std::cmp::Reverse(j)));
+        let Some((source, shared)) = best else { continue };
+        if running[source].cache.len() < shared {
             wait[i] = true;
             continue;
         }
         let max_tokens = running[i].reservation();
-        running[i].cache = running[first].cache.prefix(keep, max_tokens);
+        running[i].cache = running[source].cache.prefix(shared, max_tokens);
+        running[i].cached = shared;
     }
     wait
 }
