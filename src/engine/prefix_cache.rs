@@ -35,7 +35,8 @@ pub struct PrefixCache {
     clock: u64,
 }
 
-fn same_adapter(a: Option<&Arc<AdapterWeights>>, b: Option<&Arc<AdapterWeights>>) -> bool {
+/// Whether two sequences' adapters are the same weights (or both the base).
+pub(super) fn same_adapter(a: Option<&Arc<AdapterWeights>>, b: Option<&Arc<AdapterWeights>>) -> bool {
     match (a, b) {
         (None, None) => true,
         (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -43,7 +44,7 @@ fn same_adapter(a: Option<&Arc<AdapterWeights>>, b: Option<&Arc<AdapterWeights>>
     }
 }
 
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+pub(super) fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 

@@ -121,11 +121,7 @@ impl Sequence {
 
     /// Whether both run on the same adapter (or both on the base).
     pub fn same_adapter(&self, other: &Sequence) -> bool {
-        match (&self.adapter, &other.adapter) {
-            (None, None) => true,
-            (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
-            _ => false,
-        }
+        super::prefix_cache::same_adapter(self.adapter.as_ref(), other.adapter.as_ref())
     }
 
     /// Whether a prefill step must return logits for every position.

@@ -5,15 +5,12 @@
 //! last prompt token, which it feeds itself for its own first logits). The
 //! `n` choices of one request are the plainest case: the whole prompt.
 
+use super::prefix_cache::common_prefix;
 use super::sequence::Sequence;
 
 /// Shorter common prefixes are computed again rather than waited for (every
 /// chat prompt starts with the same few template tokens).
 pub const MIN_SHARED: usize = 16;
-
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}
 
 /// Gives sequences that have not started a copy of an earlier sequence's
 /// shared prefix once it is computed; returns, per running sequence, whether

@@ -5,42 +5,32 @@ use std::process::Command;
 
 use crate::common::{server, TestResult, MODEL_ID};
 
-#[test]
-fn official_openai_python_client_works() -> TestResult {
+/// Runs one of the SDK scripts against the shared server; its output on failure.
+fn run_script(script: &str, args: &[&str]) -> TestResult {
     let python = std::env::var("TAILOR_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_sdk.py");
+    let script = format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR"));
     let output = Command::new(&python)
-        .arg(script)
+        .arg(&script)
         .arg(format!("http://{}/v1", server()))
-        .arg(MODEL_ID)
+        .args(args)
         .output()
         .map_err(|e| format!("cannot run {python}: {e}"))?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
-        "openai SDK script failed (is `openai` installed? scripts/test.sh installs it)\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        "{script} failed (are `openai` and `jsonschema` installed? scripts/test.sh installs them)\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
     println!("{stdout}");
     Ok(())
 }
 
 #[test]
+fn official_openai_python_client_works() -> TestResult {
+    run_script("openai_sdk.py", &[MODEL_ID])
+}
+
+#[test]
 fn structured_output_and_tools_through_the_openai_client() -> TestResult {
-    let python = std::env::var("TAILOR_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_sdk_structured.py");
-    let output = Command::new(&python)
-        .arg(script)
-        .arg(format!("http://{}/v1", server()))
-        .args([MODEL_ID, "pirate", "shout", "json"])
-        .output()
-        .map_err(|e| format!("cannot run {python}: {e}"))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "structured SDK script failed (are `openai` and `jsonschema` installed? scripts/test.sh installs them)\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
-    println!("{stdout}");
-    Ok(())
+    run_script("openai_sdk_structured.py", &[MODEL_ID, "pirate", "shout", "json"])
 }
