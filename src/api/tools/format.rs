@@ -269,11 +269,8 @@ fn mistral_calls(text: &str) -> Option<Vec<Call>> {
         .collect()
 }
 
-/// A whole reply read at once.
-pub fn read_reply(format: ToolFormat, text: &str) -> (Option<String>, Vec<Call>) {
-    let mut stream = ToolStream::new(format);
-    let mut outs = stream.push(text);
-    outs.extend(stream.finish());
+/// The content and the calls of a run of outputs, each in order.
+pub fn joined(outs: Vec<Out>) -> (String, Vec<Call>) {
     let (mut content, mut calls) = (String::new(), Vec::new());
     for out in outs {
         match out {
@@ -281,6 +278,15 @@ pub fn read_reply(format: ToolFormat, text: &str) -> (Option<String>, Vec<Call>)
             Out::Calls(found) => calls.extend(found),
         }
     }
+    (content, calls)
+}
+
+/// A whole reply read at once.
+pub fn read_reply(format: ToolFormat, text: &str) -> (Option<String>, Vec<Call>) {
+    let mut stream = ToolStream::new(format);
+    let mut outs = stream.push(text);
+    outs.extend(stream.finish());
+    let (content, calls) = joined(outs);
     let content =
         if calls.is_empty() { Some(content) } else { Some(content.trim().to_string()).filter(|c| !c.is_empty()) };
     (content, calls)

@@ -208,13 +208,7 @@ impl StreamedCalls {
     }
 
     fn parts(&mut self, index: usize, outs: Vec<Out>) -> DeltaParts {
-        let (mut content, mut calls) = (String::new(), Vec::new());
-        for out in outs {
-            match out {
-                Out::Content(text) => content.push_str(&text),
-                Out::Calls(found) => calls.extend(found),
-            }
-        }
+        let (mut content, calls) = format::joined(outs);
         let first = self.sent[index];
         self.sent[index] += calls.len();
         if self.sent[index] > 0 && content.trim().is_empty() {
