@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use candle_core::{Device, Module, Tensor};
 
-use super::kernels::{self, q8::Q8Row, QuantMatrix};
+use super::kernels::{self, q8::Q8Row, q8k::Q8KRow, Activations, Format, QuantMatrix};
 use super::lora::{self, LoraGroup, Slot};
 use super::Result;
 
@@ -81,7 +81,7 @@ impl Linear {
         let y = match &self.weight {
             Weight::Quantized(w) => w.forward(x)?.flatten_all()?.to_vec1::<f32>()?,
             Weight::Dense(w) => x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?,
-            Weight::Kernel(w) => kernels::matmul(w.as_ref(), input.q8()?, kernels::isa()),
+            Weight::Kernel(w) => kernels::matmul(w.as_ref(), &input.activations(&[w.as_ref()])?, kernels::isa()),
             Weight::Half(w) => super::ops::with_f32(x, |x| w.matmul(x, kernels::isa()))?,
         };
         self.finish(y, input, adapters)
@@ -101,8 +101,7 @@ impl Linear {
         let Some(matrices) = kernels else {
             return linears.iter().map(|l| l.forward(input, adapters)).collect();
         };
-        let rows = input.q8()?;
-        let outputs = kernels::matmul_many(&matrices, rows, kernels::isa());
+        let outputs = kernels::matmul_many(&matrices, &input.activations(&matrices)?, kernels::isa());
         linears.iter().zip(outputs).map(|(l, y)| l.finish(y, input, adapters)).collect()
     }
 
@@ -127,24 +126,39 @@ impl Linear {
 }
 
 /// A projection's input, `[tokens, in_features]`: projections that read the
-/// same activations (q/k/v, gate/up) share one 8-bit quantization of them.
+/// same activations (q/k/v, gate/up) share one 8-bit quantization of them
+/// per activation format.
 pub struct Input {
     x: Tensor,
     q8: OnceLock<Vec<Q8Row>>,
+    q8k: OnceLock<Vec<Q8KRow>>,
 }
 
 impl Input {
     pub fn new(x: Tensor) -> Self {
-        Self { x, q8: OnceLock::new() }
+        Self { x, q8: OnceLock::new(), q8k: OnceLock::new() }
     }
 
-    /// The rows as Q8 blocks, what the integer kernels consume (made once).
-    fn q8(&self) -> Result<&[Q8Row]> {
-        if let Some(rows) = self.q8.get() {
-            return Ok(rows);
+    /// The rows in every format `matrices` read (each made once).
+    fn activations(&self, matrices: &[&dyn QuantMatrix]) -> Result<Activations<'_>> {
+        let needs = |format| matrices.iter().any(|m| m.format() == format);
+        let mut acts = Activations::default();
+        if needs(Format::Q8) {
+            acts.q8 = quantized(&self.q8, &self.x, Q8Row::quantize_rows)?;
         }
-        let cols = self.x.dim(1)?;
-        let rows = super::ops::with_f32(&self.x, |x| Q8Row::quantize_rows(x, cols))?;
-        Ok(self.q8.get_or_init(|| rows))
+        if needs(Format::Q8K) {
+            acts.q8k = quantized(&self.q8k, &self.x, Q8KRow::quantize_rows)?;
+        }
+        Ok(acts)
     }
+}
+
+/// `x` quantized by `quantize` (rows, cols), kept in `cell` after the first call.
+fn quantized<'a, T>(cell: &'a OnceLock<Vec<T>>, x: &Tensor, quantize: fn(&[f32], usize) -> Vec<T>) -> Result<&'a [T]> {
+    if let Some(rows) = cell.get() {
+        return Ok(rows);
+    }
+    let cols = x.dim(1)?;
+    let rows = super::ops::with_f32(x, |x| quantize(x, cols))?;
+    Ok(cell.get_or_init(|| rows))
 }

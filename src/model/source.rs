@@ -118,10 +118,9 @@ impl QuantType {
     }
 }
 
-/// A dense `[out, in]` weight quantized to `to`, on our kernels where the
-/// type has one (K-quants run through candle); rows too narrow for a K-quant
-/// super-block take llama.cpp's fallback type, rows that are not whole
-/// blocks of 32 stay dense.
+/// A dense `[out, in]` weight quantized to `to` on our kernels; rows too
+/// narrow for a K-quant super-block take llama.cpp's fallback type, rows
+/// that are not whole blocks of 32 stay dense.
 pub fn quantize_dense(w: &Tensor, to: QuantType) -> Result<Weight> {
     let (rows, cols) = w.dims2()?;
     if !cols.is_multiple_of(to.block()) {

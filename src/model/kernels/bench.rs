@@ -3,17 +3,19 @@
 
 use std::time::Instant;
 
-use half::f16;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use super::offset::{Q4Matrix, Q4_1_BLOCK_BYTES};
-use super::q8::{Q8Row, BLOCK};
-use super::q8_0::{self, Q8_0Matrix};
-use super::{available, Isa};
+use super::q8::Q8Row;
+use super::q8k::Q8KRow;
+use super::{available, Activations, Isa, QuantMatrix};
 
 #[derive(Debug, Serialize)]
 pub struct KernelResult {
-    pub kernel: &'static str,
+    pub kernel: String,
     pub rows: usize,
     pub cols: usize,
     pub tokens: usize,
@@ -30,24 +32,12 @@ pub struct KernelResult {
     pub speedup_vs_scalar: f64,
 }
 
-fn q4_1_matrix(rows: usize, cols: usize) -> Q4Matrix {
-    let mut bytes = Vec::with_capacity(rows * cols / BLOCK * Q4_1_BLOCK_BYTES);
-    for b in 0..rows * cols / BLOCK {
-        bytes.extend_from_slice(&f16::from_f32(0.01).to_le_bytes());
-        bytes.extend_from_slice(&f16::from_f32(-0.05).to_le_bytes());
-        bytes.extend((0..16).map(|j| ((b * 31 + j * 17) % 256) as u8));
-    }
-    Q4Matrix::from_gguf(candle_core::quantized::GgmlDType::Q4_1, &bytes, rows, cols)
-        .unwrap_or_else(|| unreachable!("sizes are block multiples"))
-}
-
-fn q8_0_matrix(rows: usize, cols: usize) -> Q8_0Matrix {
-    let mut bytes = Vec::with_capacity(rows * cols / BLOCK * q8_0::BLOCK_BYTES);
-    for b in 0..rows * cols / BLOCK {
-        bytes.extend_from_slice(&f16::from_f32(0.003).to_le_bytes());
-        bytes.extend((0..BLOCK).map(|j| ((b * 37 + j * 11) % 256) as u8));
-    }
-    Q8_0Matrix::from_gguf_bytes(&bytes, rows, cols).unwrap_or_else(|| unreachable!("sizes are block multiples"))
+/// A `rows × cols` matrix of `dtype` as ggml quantizes it.
+fn matrix(dtype: GgmlDType, rows: usize, cols: usize) -> Option<Arc<dyn QuantMatrix>> {
+    let dense: Vec<f32> = (0..rows * cols).map(|i| ((i as f32) * 0.731).sin() * 0.05).collect();
+    let t = Tensor::from_vec(dense, (rows, cols), &Device::Cpu).ok()?;
+    let q = QTensor::quantize(&t, dtype).ok()?;
+    super::from_gguf(dtype, &q.data().ok()?, rows, cols)
 }
 
 /// (median, best) milliseconds over `reps` runs after one warm-up.
@@ -65,42 +55,46 @@ fn time_ms(mut run: impl FnMut(), reps: usize) -> (f64, f64) {
 }
 
 pub fn run(reps: usize) -> Vec<KernelResult> {
-    let shapes: [(&str, usize, usize, f64); 4] = [
-        ("q4_1", 576, 576, 0.625),    // q/o projections
-        ("q4_1", 1536, 576, 0.625),   // gate/up
-        ("q4_1", 576, 1536, 0.625),   // down
-        ("q8_0", 49152, 576, 1.0625), // tied output head
+    use GgmlDType::*;
+    let shapes: [(GgmlDType, usize, usize); 9] = [
+        // SmolLM2-135M: q/o, gate/up, down (Q4_1; Q5_0 in Q4_K_M files), the tied head.
+        (Q4_1, 576, 576),
+        (Q4_1, 1536, 576),
+        (Q5_0, 576, 1536),
+        (Q8_0, 49152, 576),
+        // Llama-3.2-1B shapes in Q4_K_M: q/o and gate/up (Q4_K), down (Q6_K), Q5_K_M.
+        (Q4K, 2048, 2048),
+        (Q4K, 8192, 2048),
+        (Q6K, 2048, 8192),
+        (Q5K, 8192, 2048),
+        (Q8_0, 8192, 2048),
     ];
     let mut results = Vec::new();
-    for (kernel, rows, cols, bytes_per_weight) in shapes {
-        let (w4, w8) = match kernel {
-            "q4_1" => (Some(q4_1_matrix(rows, cols)), None),
-            _ => (None, Some(q8_0_matrix(rows, cols))),
-        };
+    for (dtype, rows, cols) in shapes {
+        let Some(w) = matrix(dtype, rows, cols) else { continue };
+        let bytes_per_weight = w.bytes() as f64 / (rows * cols) as f64;
         for tokens in [1usize, 8, 128] {
-            if kernel == "q8_0" && tokens == 128 {
+            if rows == 49152 && tokens == 128 {
                 continue; // the head only sees last positions
             }
-            let x: Vec<Q8Row> = (0..tokens)
-                .map(|t| Q8Row::quantize(&(0..cols).map(|k| ((t * cols + k) as f32 * 0.37).sin()).collect::<Vec<_>>()))
-                .collect();
+            let x: Vec<f32> = (0..tokens * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+            let q8 = Q8Row::quantize_rows(&x, cols);
+            let q8k = if cols % 256 == 0 { Q8KRow::quantize_rows(&x, cols) } else { Vec::new() };
+            let acts = Activations { q8: &q8, q8k: &q8k };
             let mut scalar_ms = None;
             for isa in available() {
+                if isa == Isa::Scalar && tokens == 128 && rows * cols > 1 << 22 {
+                    continue; // minutes of scalar work say nothing new
+                }
                 let (ms, best_ms) = time_ms(
                     || {
-                        let y = match (&w4, &w8) {
-                            (Some(w), _) => w.matmul(&x, isa),
-                            (_, Some(w)) => w.matmul(&x, isa),
-                            _ => Vec::new(),
-                        };
-                        std::hint::black_box(y);
+                        std::hint::black_box(super::matmul(w.as_ref(), &acts, isa));
                     },
                     if isa == Isa::Scalar { reps.div_ceil(4).max(3) } else { reps },
                 );
-                let scalar = *scalar_ms.get_or_insert(ms);
                 let macs = (rows * cols * tokens) as f64;
                 results.push(KernelResult {
-                    kernel,
+                    kernel: format!("{dtype:?}").to_lowercase(),
                     rows,
                     cols,
                     tokens,
@@ -109,8 +103,11 @@ pub fn run(reps: usize) -> Vec<KernelResult> {
                     best_ms,
                     gmacs: macs / ms / 1e6,
                     weight_gbs: rows as f64 * cols as f64 * bytes_per_weight / ms / 1e6,
-                    speedup_vs_scalar: scalar / ms,
+                    speedup_vs_scalar: scalar_ms.map_or(f64::NAN, |s: f64| s / ms),
                 });
+                if isa == Isa::Scalar {
+                    scalar_ms = Some(ms);
+                }
             }
         }
     }

@@ -88,7 +88,7 @@ impl HalfMatrix {
     /// `y[t][o] = Σ_k w[o][k] · x[t][k]` for `x` `[tokens, cols]`, row-major.
     pub fn matmul(&self, x: &[f32], isa: Isa) -> Vec<f32> {
         let rows: Vec<Row> = x.chunks_exact(self.cols).map(Row).collect();
-        super::matmul_rows(self.rows, &rows, |o, xs, out| self.dot_row(o, xs, out, isa))
+        super::matmul_rows(self.rows, rows.len(), |o, range, out| self.dot_row(o, &rows[range], out, isa))
     }
 
     fn dot_row(&self, o: usize, xs: &[Row], out: &mut [f32], isa: Isa) {

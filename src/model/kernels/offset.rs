@@ -13,7 +13,7 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 
 use super::q8::{Q8Row, BLOCK};
-use super::{Isa, QuantMatrix};
+use super::{Isa, QuantMatrix, Rows};
 
 /// How the 32 `q` values of a block are packed.
 pub trait Packing: Send + Sync + std::fmt::Debug + 'static {
@@ -94,7 +94,7 @@ impl<P: Packing> OffsetMatrix<P> {
 
     /// `y[t][o] = Σ_k w[o][k] · x[t][k]` for every activation row `t`.
     pub fn matmul(&self, x: &[Q8Row], isa: Isa) -> Vec<f32> {
-        super::matmul(self, x, isa)
+        super::matmul(self, &super::Activations::q8(x), isa)
     }
 }
 
@@ -116,7 +116,8 @@ impl<P: Packing> QuantMatrix for OffsetMatrix<P> {
         out
     }
 
-    fn dot_row(&self, o: usize, xs: &[Q8Row], out: &mut [f32], isa: Isa) {
+    fn dot_row(&self, o: usize, xs: Rows<'_>, out: &mut [f32], isa: Isa) {
+        let xs = xs.q8();
         let blocks = self.cols / BLOCK;
         let first = o * blocks;
         let d = &self.d[first..first + blocks];

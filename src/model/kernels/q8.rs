@@ -14,6 +14,9 @@ pub struct Q8Row {
     pub d: Vec<f32>,
     /// Per block: `d · Σ qs`, what a weight block's offset `m` multiplies.
     pub s: Vec<f32>,
+    /// Per 16 values: `Σ qs`, for weights whose offsets change every 16
+    /// values (Q6_K's `−32·sc`).
+    pub sums: Vec<i16>,
 }
 
 impl Q8Row {
@@ -21,7 +24,8 @@ impl Q8Row {
     pub fn quantize(x: &[f32]) -> Self {
         debug_assert_eq!(x.len() % BLOCK, 0);
         let blocks = x.len() / BLOCK;
-        let mut row = Q8Row { qs: vec![0; x.len()], d: vec![0.0; blocks], s: vec![0.0; blocks] };
+        let mut row =
+            Q8Row { qs: vec![0; x.len()], d: vec![0.0; blocks], s: vec![0.0; blocks], sums: vec![0; x.len() / 16] };
         let isa = super::isa();
         for b in 0..blocks {
             let src = &x[b * BLOCK..(b + 1) * BLOCK];
@@ -42,6 +46,9 @@ impl Q8Row {
             row.d[b] = d;
             row.s[b] = d * sum as f32;
         }
+        for (sum, span) in row.sums.iter_mut().zip(row.qs.chunks_exact(16)) {
+            *sum = span.iter().map(|&q| q as i16).sum();
+        }
         row
     }
 
@@ -49,10 +56,15 @@ impl Q8Row {
     pub fn quantize_rows(x: &[f32], cols: usize) -> Vec<Q8Row> {
         x.chunks_exact(cols).map(Q8Row::quantize).collect()
     }
+
+    /// The values this row stands for (tests).
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.qs.iter().enumerate().map(|(i, &q)| q as f32 * self.d[i / BLOCK]).collect()
+    }
 }
 
 /// `q = round_ties_even(x · id)`; returns `Σ q`.
-fn round_block(src: &[f32], id: f32, dst: &mut [i8]) -> i32 {
+pub(super) fn round_block(src: &[f32], id: f32, dst: &mut [i8]) -> i32 {
     let mut sum = 0i32;
     for (q, v) in dst.iter_mut().zip(src) {
         let r = (v * id).round_ties_even() as i32;
@@ -64,7 +76,7 @@ fn round_block(src: &[f32], id: f32, dst: &mut [i8]) -> i32 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn abs_max_avx2(src: &[f32]) -> f32 {
+pub(super) unsafe fn abs_max_avx2(src: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     debug_assert_eq!(src.len(), BLOCK);
     let sign = _mm256_set1_ps(-0.0);
@@ -80,7 +92,7 @@ unsafe fn abs_max_avx2(src: &[f32]) -> f32 {
 /// the default rounding mode, as `round_ties_even` does.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn round_block_avx2(src: &[f32], id: f32, dst: &mut [i8]) -> i32 {
+pub(super) unsafe fn round_block_avx2(src: &[f32], id: f32, dst: &mut [i8]) -> i32 {
     use std::arch::x86_64::*;
     debug_assert!(src.len() == BLOCK && dst.len() == BLOCK);
     let scale = _mm256_set1_ps(id);

@@ -4,7 +4,7 @@
 use half::f16;
 
 use super::q8::{Q8Row, BLOCK};
-use super::{Isa, QuantMatrix};
+use super::{Isa, QuantMatrix, Rows};
 
 /// Bytes of one GGUF Q8_0 block: d (f16), 32 signed bytes.
 pub const BLOCK_BYTES: usize = 34;
@@ -34,7 +34,7 @@ impl Q8_0Matrix {
 
     /// `y[t][o] = Σ_k w[o][k] · x[t][k]`, weight rows split over the rayon pool.
     pub fn matmul(&self, x: &[Q8Row], isa: Isa) -> Vec<f32> {
-        super::matmul(self, x, isa)
+        super::matmul(self, &super::Activations::q8(x), isa)
     }
 }
 
@@ -51,7 +51,8 @@ impl QuantMatrix for Q8_0Matrix {
         self.qs.iter().enumerate().map(|(i, &q)| self.d[i / BLOCK] * q as f32).collect()
     }
 
-    fn dot_row(&self, o: usize, xs: &[Q8Row], out: &mut [f32], isa: Isa) {
+    fn dot_row(&self, o: usize, xs: Rows<'_>, out: &mut [f32], isa: Isa) {
+        let xs = xs.q8();
         let blocks = self.cols / BLOCK;
         let d = &self.d[o * blocks..(o + 1) * blocks];
         let qs = &self.qs[o * self.cols..(o + 1) * self.cols];
