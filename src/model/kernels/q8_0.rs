@@ -59,9 +59,9 @@ impl QuantMatrix for Q8_0Matrix {
         match isa {
             // SAFETY: each ISA is only chosen when the CPU reports its features.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => super::by_count!(xs.len(), |R| unsafe { dot_avx2::<R>(d, &[], qs, xs, out) }),
+            Isa::Avx2 => super::by_count!(xs.len(), |R| unsafe { dot_avx2::<R>(d, qs, xs, out) }),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => super::by_count!(xs.len(), |R| unsafe { dot_vnni::<R>(d, &[], qs, xs, out) }),
+            Isa::Avx512Vnni => super::by_count!(xs.len(), |R| unsafe { dot_vnni::<R>(d, qs, xs, out) }),
             Isa::Scalar => {
                 for (xr, o) in xs.iter().zip(out.iter_mut()) {
                     *o = dot_scalar(d, qs, xr);
@@ -84,6 +84,68 @@ pub fn dot_scalar(d: &[f32], qs: &[i8], x: &Q8Row) -> f32 {
     sum
 }
 
+/// One weight row against `R` activation rows (1 ≤ R ≤ 8), each weight block
+/// loaded (`|p| unpack`, `p` = the block's first byte) once for all of them
+/// and multiplied into i32 lanes by `|w, v| dot`. Every activation row gets
+/// exactly the same operations in the same order whatever `R` is: its own
+/// two vector accumulators (even and odd blocks, so consecutive fused
+/// multiply-adds do not wait on each other) and one final horizontal sum —
+/// so a row gives the same bits alone or in any batch.
+macro_rules! row_kernel {
+    ($name:ident, $features:literal, $elem:ty, $block_bytes:expr, |$p:ident| $unpack:expr, |$w:ident, $v:ident| $dot:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const R: usize>(d: &[f32], qs: &[$elem], xs: &[Q8Row], out: &mut [f32]) {
+            use std::arch::x86_64::*;
+            debug_assert!(xs.len() == R && out.len() >= R && qs.len() >= d.len() * $block_bytes);
+            let blocks = d.len();
+            let q8: [*const i8; R] = std::array::from_fn(|t| xs[t].qs.as_ptr());
+            let dx: [*const f32; R] = std::array::from_fn(|t| xs[t].d.as_ptr());
+            let mut even = [_mm256_setzero_ps(); R];
+            let mut odd = [_mm256_setzero_ps(); R];
+            let mut b = 0;
+            while b < blocks {
+                let pair = b + 1 < blocks;
+                let w0: __m256i = {
+                    let $p = qs.as_ptr().add(b * $block_bytes);
+                    $unpack
+                };
+                let w1: __m256i = if pair {
+                    let $p = qs.as_ptr().add((b + 1) * $block_bytes);
+                    $unpack
+                } else {
+                    _mm256_setzero_si256()
+                };
+                // The weight scales, once per block for every activation row.
+                let d0 = _mm256_set1_ps(d[b]);
+                let d1 = if pair { _mm256_set1_ps(d[b + 1]) } else { _mm256_setzero_ps() };
+                for t in 0..R {
+                    let v = _mm256_loadu_si256(q8[t].add(b * super::q8::BLOCK) as *const __m256i);
+                    let dot: __m256i = {
+                        let ($w, $v) = (w0, v);
+                        $dot
+                    };
+                    let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), d0);
+                    even[t] = _mm256_fmadd_ps(scaled, _mm256_broadcast_ss(&*dx[t].add(b)), even[t]);
+                    if pair {
+                        let v = _mm256_loadu_si256(q8[t].add((b + 1) * super::q8::BLOCK) as *const __m256i);
+                        let dot: __m256i = {
+                            let ($w, $v) = (w1, v);
+                            $dot
+                        };
+                        let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), d1);
+                        odd[t] = _mm256_fmadd_ps(scaled, _mm256_broadcast_ss(&*dx[t].add(b + 1)), odd[t]);
+                    }
+                }
+                b += 2;
+            }
+            for t in 0..R {
+                out[t] = super::hsum(_mm256_add_ps(even[t], odd[t]));
+            }
+        }
+    };
+}
+
 // Signed × signed through the unsigned × signed instructions: |w| times x
 // carrying w's sign (activations stay within ±127, so negation is exact).
 macro_rules! load_q8 {
@@ -91,11 +153,11 @@ macro_rules! load_q8 {
         _mm256_loadu_si256($p as *const __m256i)
     };
 }
-super::row_kernel!(dot_avx2, "avx2,fma", i8, BLOCK, |p| load_q8!(p), |w, v| super::udot_avx2(
+row_kernel!(dot_avx2, "avx2,fma", i8, BLOCK, |p| load_q8!(p), |w, v| super::udot_avx2(
     _mm256_sign_epi8(w, w),
     _mm256_sign_epi8(v, w)
 ));
-super::row_kernel!(dot_vnni, "avx2,fma,avx512vnni,avx512vl", i8, BLOCK, |p| load_q8!(p), |w, v| super::udot_vnni(
+row_kernel!(dot_vnni, "avx2,fma,avx512vnni,avx512vl", i8, BLOCK, |p| load_q8!(p), |w, v| super::udot_vnni(
     _mm256_sign_epi8(w, w),
     _mm256_sign_epi8(v, w)
 ));
