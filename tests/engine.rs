@@ -349,3 +349,48 @@ async fn prompts_running_together_compute_a_shared_preamble_once() {
         "a step's tokens are counted before its events go out"
     );
 }
+
+/// Every weight type's kernels in a whole forward pass: a random model whose
+/// projections run on the kernel against its twin holding the same quantized
+/// weights as float32 (so only the kernels and their 8-bit activations
+/// differ). Widths are multiples of 256, so the K-quants apply.
+#[test]
+fn each_kernel_in_a_forward_pass_agrees_with_its_weights_in_float32() -> Result<(), String> {
+    use tailor::model::llama::Logits;
+    use tailor::model::BatchRow;
+    let mut config = RandomSource::tiny_config(300);
+    config.hidden_size = 256;
+    config.intermediate_size = 512;
+    config.head_dim = 64;
+    let prompt: Vec<u32> = (0..40).map(|i| (i * 37 % 300) as u32).collect();
+    let logits = |dtype, dequantized| -> Result<Vec<Vec<f32>>, String> {
+        let source = RandomSource::new(config.clone(), 11).with_projections(dtype, dequantized);
+        let model = Llama::load(&mut { source }).map_err(|e| e.to_string())?;
+        let mut cache = model.new_cache(prompt.len());
+        let out = model
+            .forward(&mut [BatchRow { tokens: &prompt, cache: &mut cache, logits: Logits::All, adapter: None }])
+            .map_err(|e| e.to_string())?;
+        out[0].to_vec2::<f32>().map_err(|e| e.to_string())
+    };
+    let top2 = |row: &[f32]| {
+        let mut sorted: Vec<(usize, f32)> = row.iter().copied().enumerate().collect();
+        sorted.sort_by(|a, b| b.1.total_cmp(&a.1));
+        (sorted[0].0, sorted[0].1 - sorted[1].1)
+    };
+    for dtype in tailor::model::kernels::KERNEL_TYPES {
+        let (kernel, float) = (logits(dtype, false)?, logits(dtype, true)?);
+        let (mut compared, mut drift) = (0, 0f32);
+        for (k, f) in kernel.iter().zip(&float) {
+            drift = k.iter().zip(f).map(|(a, b)| (a - b).abs()).fold(drift, f32::max);
+            let (want, margin) = top2(f);
+            if margin > 0.5 {
+                compared += 1;
+                assert_eq!(top2(k).0, want, "{dtype:?}: top-1 where the float32 margin is {margin}");
+            }
+        }
+        println!("{dtype:?}: max |Δ| logit {drift:.4}, top-1 kept at {compared} of {} positions", prompt.len());
+        assert!(compared >= prompt.len() / 4, "{dtype:?}: too few clear positions ({compared})");
+        assert!(drift < 0.5, "{dtype:?}: logits drift by {drift}");
+    }
+    Ok(())
+}

@@ -1,6 +1,8 @@
 //! A tiny Llama with seeded random weights, built in-process: fast engine
-//! and scheduler tests without the real model. Projections are Q4_1 and the
-//! tied head Q8_0, so the tests run the production kernels.
+//! and scheduler tests without the real model. Projections are Q4_1 (or any
+//! type with a kernel) and the tied head Q8_0, so the tests run the
+//! production kernels; a twin with the same weights dequantized to float32
+//! is the reference for each kernel in a whole forward pass.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Tensor};
@@ -12,11 +14,23 @@ use super::{ModelConfig, Result};
 pub struct RandomSource {
     config: ModelConfig,
     seed: u64,
+    /// The projections' weight type.
+    dtype: GgmlDType,
+    /// Whether projections are those quantized weights widened to float32.
+    dequantized: bool,
 }
 
 impl RandomSource {
     pub fn new(config: ModelConfig, seed: u64) -> Self {
-        Self { config, seed }
+        Self { config, seed, dtype: GgmlDType::Q4_1, dequantized: false }
+    }
+
+    /// Projections of `dtype` (on our kernels), or, with `dequantized`, the
+    /// same quantized values as dense float32 weights.
+    pub fn with_projections(mut self, dtype: GgmlDType, dequantized: bool) -> Self {
+        self.dtype = dtype;
+        self.dequantized = dequantized;
+        self
     }
 
     /// A small config: every width a multiple of the 32-wide quant blocks.
@@ -82,9 +96,12 @@ impl WeightSource for RandomSource {
             (out_features, in_features),
             &Device::Cpu,
         )?;
-        let q = QTensor::quantize(&dense, GgmlDType::Q4_1)?;
-        let matrix = super::kernels::from_gguf(GgmlDType::Q4_1, &q.data()?, out_features, in_features)
-            .ok_or_else(|| super::ModelError::Invalid("random Q4_1".into()))?;
+        let q = QTensor::quantize(&dense, self.dtype)?;
+        if self.dequantized {
+            return Ok(Linear::new(Weight::Dense(q.dequantize(&Device::Cpu)?), None, out_features, in_features));
+        }
+        let matrix = super::kernels::from_gguf(self.dtype, &q.data()?, out_features, in_features)
+            .ok_or_else(|| super::ModelError::Invalid(format!("random {:?}", self.dtype)))?;
         Ok(Linear::new(Weight::Kernel(matrix), None, out_features, in_features))
     }
 
