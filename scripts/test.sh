@@ -9,10 +9,11 @@ scripts/fetch-model.sh
 TAILOR_VOCABS="$(scripts/fetch-vocabs.sh)"
 export TAILOR_VOCABS
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
-# The official OpenAI client, Prometheus' own text-format parser, and the
-# reference JSON Schema validator.
-if ! "$PYTHON" -c "import openai, prometheus_client, jsonschema" 2>/dev/null; then
-  "$PYTHON" -m pip install --quiet --disable-pip-version-check "openai>=1.50,<3" "prometheus_client>=0.20,<1" "jsonschema>=4,<5"
+# The official OpenAI and Anthropic clients, Prometheus' own text-format
+# parser, and the reference JSON Schema validator.
+if ! "$PYTHON" -c "import openai, anthropic, prometheus_client, jsonschema" 2>/dev/null; then
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check "openai>=1.50,<3" "anthropic>=0.40,<1" \
+    "prometheus_client>=0.20,<1" "jsonschema>=4,<5"
 fi
 export TAILOR_TEST_PYTHON="$PYTHON"
 cargo test --locked --all-targets "$@"

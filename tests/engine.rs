@@ -66,7 +66,7 @@ async fn collect(mut rx: EventStream) -> (String, Option<FinishReason>, usize) {
         match event {
             Event::Text(t) => text.push_str(&t),
             Event::Logprob(_) | Event::PromptLogprobs(_) => {}
-            Event::Finished { reason, usage } => return (text, Some(reason), usage.completion_tokens),
+            Event::Finished { reason, usage, .. } => return (text, Some(reason), usage.completion_tokens),
             Event::Failed(e) => panic!("generation failed: {e}"),
         }
     }

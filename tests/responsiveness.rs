@@ -59,7 +59,16 @@ async fn health_answers_fast_while_four_big_prompts_tokenize() -> TestResult {
         assert!(body["count"].as_u64().is_some_and(|n| n > 500_000), "{}", body["count"]);
     }
     assert!(latencies.len() >= 5, "tokenizing took {busy:?}: too short to probe");
-    let worst = latencies.iter().max().copied().unwrap_or_default();
-    assert!(worst < Duration::from_millis(100), "slowest /health {worst:?} over {} probes", latencies.len());
+    // Work on the event loop would hold /health for the seconds a 4 MB prompt
+    // takes to tokenize, so most probes would be slow; a single stall of the
+    // machine (the kernel reclaiming memory after an earlier test binary:
+    // seen at 200 ms once in a few runs) is not the server's, so the bound is
+    // on the 95th percentile, with a ceiling on the worst.
+    latencies.sort();
+    let p95 = latencies[latencies.len() * 95 / 100];
+    let worst = latencies[latencies.len() - 1];
+    let probes = latencies.len();
+    assert!(p95 < Duration::from_millis(100), "/health p95 {p95:?} (worst {worst:?}) over {probes} probes");
+    assert!(worst < Duration::from_secs(1), "slowest /health {worst:?} over {probes} probes");
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! API keys. With `--api-key`, every route but `/health` and `/metrics`
-//! needs `Authorization: Bearer <key>`. With `--admin-api-key`, the routes
+//! needs `Authorization: Bearer <key>` (or Anthropic's `x-api-key: <key>`). With `--admin-api-key`, the routes
 //! that change the server's state need the admin key (which also opens
 //! every other route). Keys are compared in constant time.
 
@@ -40,11 +40,18 @@ fn matches_any(given: &str, keys: &[String]) -> bool {
     keys.iter().fold(false, |found, key| found | bool::from(given.as_bytes().ct_eq(key.as_bytes())))
 }
 
-/// The bearer token, with the scheme matched case-insensitively.
-fn bearer(request: &Request) -> Option<&str> {
-    let value = request.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.trim().split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+/// Anthropic's clients send their key in this header.
+pub const X_API_KEY: &str = "x-api-key";
+
+/// The key presented: the bearer token (scheme matched case-insensitively),
+/// else `x-api-key`.
+fn presented_key(request: &Request) -> Option<&str> {
+    let bearer = || {
+        let value = request.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+        let (scheme, token) = value.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    };
+    bearer().or_else(|| request.headers().get(X_API_KEY)?.to_str().ok().map(str::trim))
 }
 
 fn unauthorized(message: &str) -> Response {
@@ -71,8 +78,8 @@ pub async fn require_keys(State(state): State<AppState>, request: Request, next:
     if needed.is_empty() {
         return next.run(request).await;
     }
-    let Some(token) = bearer(&request) else {
-        return unauthorized("missing API key: send `Authorization: Bearer <key>`");
+    let Some(token) = presented_key(&request) else {
+        return unauthorized("missing API key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`)");
     };
     let is_admin = matches_any(token, &keys.admin);
     if is_admin || matches_any(token, needed) {

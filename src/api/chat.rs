@@ -1,19 +1,24 @@
 //! `POST /v1/chat/completions`: messages rendered through the chat template.
+//! The Responses and Messages APIs run through the same [`ChatRun`].
 
+use std::sync::Arc;
+
+use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{extract::State, Extension, Json, Router};
 use serde_json::Value as Json_;
 
 use super::error::ApiError;
-use super::generate::{self, Piece};
+use super::generate::{self, Piece, Submitted, Wire};
 use super::json::WithSampling;
 use super::logprobs;
 use super::observe::Facts;
-use super::params;
+use super::params::{self, Validated};
 use super::tools::{self, ToolFormat};
 use super::types::{
-    ChatChoice, ChatChunkChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChunkHeader, Delta,
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
+    ChunkHeader, Delta,
 };
 use super::{prompting, response_id, unix_now, AppState, Target};
 use crate::engine::{FinishReason, TokenLogprob};
@@ -29,142 +34,111 @@ async fn chat_completions(
     Extension(facts): Extension<Facts>,
     WithSampling(req): WithSampling<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let mut req = req;
-    let (target, mut params) = prompting::prepare(&state, &mut req).await?;
-    facts.resolved(&target);
-    let info = target.info.clone();
-    refuse_unsupported(&req)?;
-    params.sampling.logprobs = logprobs::chat_request(req.logprobs, req.top_logprobs.as_ref())?;
-    let tools = tools::requested(req.tools.as_ref(), req.tool_choice.as_ref())?;
-    let kwargs = merged_kwargs(&state, &target, req.chat_template_kwargs.as_ref());
-    let parser = state.tool_call_parser;
-    let (target, req, ids, plan) = state
-        .blocking(move || {
-            let chat = ChatRequest {
-                messages: prompting::chat_messages(&target, &req.messages, req.template_vars.as_ref())?,
-                tools: req.tools.clone(),
-                documents: req.documents.clone(),
-                add_generation_prompt: req.add_generation_prompt.unwrap_or(!req.continue_final_message),
-                continue_final_message: req.continue_final_message,
-                kwargs,
-            };
-            let (ids, plan) = chat_prompt(&target.info, chat, tools.as_ref(), parser)?;
-            Ok((target, req, ids, plan))
-        })
-        .await?;
-    let (param, requested) = match req.max_completion_tokens {
-        Some(n) => ("max_completion_tokens", Some(n)),
-        None => ("max_tokens", req.max_tokens),
-    };
-    let max_tokens = params::resolve_max_tokens(param, requested, ids.len(), info.max_model_len)?;
-    if plan.as_ref().is_some_and(|p| p.format.needs_special_tokens()) {
-        params.skip_special_tokens = false;
+    let run = ChatRun::start(&state, facts, req).await?;
+    if run.streams() {
+        return run.stream(OpenAiChunks).await;
     }
-    let response_format = match plan.as_ref().and_then(|p| p.response_format.as_ref()) {
-        Some(tool_format) => Some(tool_format),
-        None => req.response_format.as_ref().or(target.defaults.response_format.as_ref()),
-    };
-    let constraints = generate::constraints(&state, &info, response_format, params.n).await?;
-    let submitted = generate::submit_all(&state, &target, vec![(ids, max_tokens)], &params, constraints)?;
-    let id = response_id("chatcmpl");
-    let created = unix_now();
-    let header = ChunkHeader {
-        id: id.clone(),
-        object: "chat.completion.chunk",
-        created,
-        model: req.model.clone(),
-        system_fingerprint: target.fingerprint.clone(),
-    };
-    let chunk = move |choices: Vec<ChatChunkChoice>, usage| header.chunk(choices, usage);
-    if params.stream && !plan.as_ref().is_some_and(tools::Plan::buffered) {
-        let choices = submitted.len();
-        let tokenizer = info.clone();
-        let wants_logprobs = params.sampling.logprobs.is_some();
-        let delta_choice = move |index, delta, finish_reason, tokens: Vec<TokenLogprob>| ChatChunkChoice {
-            index,
-            delta,
-            logprobs: wants_logprobs.then(|| logprobs::chat(&tokenizer.tokenizer, &tokens)),
-            finish_reason,
+    Ok(Json(run.complete().await?).into_response())
+}
+
+/// A chat request submitted to the engine. Chat completions, the Responses
+/// API and the Messages API all run through it; only their wire formats differ.
+pub struct ChatRun {
+    state: AppState,
+    facts: Facts,
+    info: Arc<ModelInfo>,
+    params: Validated,
+    plan: Option<tools::Plan>,
+    submitted: Vec<Submitted>,
+    header: ChunkHeader,
+    /// The rendered conversation's length.
+    pub prompt_tokens: usize,
+}
+
+impl ChatRun {
+    /// Resolves the target, renders and tokenizes the conversation, validates
+    /// everything, and queues the generation.
+    pub async fn start(state: &AppState, facts: Facts, req: ChatCompletionRequest) -> Result<Self, ApiError> {
+        let mut req = req;
+        let (target, mut params) = prompting::prepare(state, &mut req).await?;
+        facts.resolved(&target);
+        let info = target.info.clone();
+        refuse_unsupported(&req)?;
+        params.sampling.logprobs = logprobs::chat_request(req.logprobs, req.top_logprobs.as_ref())?;
+        let tools = tools::requested(req.tools.as_ref(), req.tool_choice.as_ref())?;
+        let kwargs = merged_kwargs(state, &target, req.chat_template_kwargs.as_ref());
+        let parser = state.tool_call_parser;
+        let (target, req, ids, plan) = state
+            .blocking(move || {
+                let chat = ChatRequest {
+                    messages: prompting::chat_messages(&target, &req.messages, req.template_vars.as_ref())?,
+                    tools: req.tools.clone(),
+                    documents: req.documents.clone(),
+                    add_generation_prompt: req.add_generation_prompt.unwrap_or(!req.continue_final_message),
+                    continue_final_message: req.continue_final_message,
+                    kwargs,
+                };
+                let (ids, plan) = chat_prompt(&target.info, chat, tools.as_ref(), parser)?;
+                Ok((target, req, ids, plan))
+            })
+            .await?;
+        let (param, requested) = match req.max_completion_tokens {
+            Some(n) => ("max_completion_tokens", Some(n)),
+            None => ("max_tokens", req.max_tokens),
         };
-        let mut calls = plan.map(|p| tools::StreamedCalls::new(p.format, choices));
-        // Log-probabilities of tokens whose text a tool parser holds back.
-        let mut held: Vec<Vec<TokenLogprob>> = vec![Vec::new(); choices];
-        let delivery = generate::Delivery::new(&state, facts);
-        let sse = generate::sse(submitted, delivery, params.include_usage, move |piece| match piece {
-            Piece::Start(index) => chunk(
-                vec![delta_choice(
-                    index,
-                    Delta { role: Some("assistant"), content: Some(String::new()), tool_calls: None },
-                    None,
-                    Vec::new(),
-                )],
-                None,
-            ),
-            Piece::Text(index, text, mut tokens) => {
-                let (content, tool_calls) = match &mut calls {
-                    Some(calls) => calls.push(index, &text),
-                    None => (Some(text), None),
-                };
-                if content.is_none() && tool_calls.is_none() {
-                    held[index].append(&mut tokens);
-                    return None;
-                }
-                let mut all = std::mem::take(&mut held[index]);
-                all.append(&mut tokens);
-                let delta = Delta { role: None, content, tool_calls };
-                chunk(vec![delta_choice(index, delta, None, all)], None)
-            }
-            Piece::Finish(index, reason, mut tokens) => {
-                let (content, tool_calls) = match &mut calls {
-                    Some(calls) => calls.finish(index),
-                    None => (None, None),
-                };
-                let called = calls.as_ref().is_some_and(|c| c.called(index));
-                let mut all = std::mem::take(&mut held[index]);
-                all.append(&mut tokens);
-                let delta = Delta { role: None, content, tool_calls };
-                chunk(vec![delta_choice(index, delta, Some(finish_reason(reason, called)), all)], None)
-            }
-            Piece::Usage(usage) => chunk(Vec::new(), Some(usage)),
-            Piece::Prompt(..) => None,
-        });
-        return Ok(sse.into_response());
+        let max_tokens = params::resolve_max_tokens(param, requested, ids.len(), info.max_model_len)?;
+        if plan.as_ref().is_some_and(|p| p.format.needs_special_tokens()) {
+            params.skip_special_tokens = false;
+        }
+        let response_format = match plan.as_ref().and_then(|p| p.response_format.as_ref()) {
+            Some(tool_format) => Some(tool_format),
+            None => req.response_format.as_ref().or(target.defaults.response_format.as_ref()),
+        };
+        let constraints = generate::constraints(state, &info, response_format, params.n).await?;
+        let prompt_tokens = ids.len();
+        let submitted = generate::submit_all(state, &target, vec![(ids, max_tokens)], &params, constraints)?;
+        let header = ChunkHeader {
+            id: response_id("chatcmpl"),
+            object: "chat.completion.chunk",
+            created: unix_now(),
+            model: req.model,
+            system_fingerprint: target.fingerprint.clone(),
+        };
+        Ok(Self { state: state.clone(), facts, info, params, plan, submitted, header, prompt_tokens })
     }
-    let collected = generate::collect(submitted, generate::Delivery::new(&state, facts)).await?;
-    let choices: Vec<ChatChoice> = collected
-        .choices
-        .into_iter()
-        .enumerate()
-        .map(|(index, choice)| {
-            let logprobs = params.sampling.logprobs.map(|_| logprobs::chat(&info.tokenizer, &choice.logprobs));
-            let (content, calls) = match &plan {
-                Some(plan) => {
-                    let (content, calls) = tools::read_reply(plan.format, &choice.text);
-                    let calls: Vec<_> = calls.iter().map(|c| c.to_openai(plan.format)).collect();
-                    (content, Some(calls).filter(|c| !c.is_empty()))
-                }
-                None => (Some(choice.text), None),
+
+    /// Whether the client asked for a stream.
+    pub fn streams(&self) -> bool {
+        self.params.stream
+    }
+
+    /// Streams the reply as chat chunks, each written by `wire`. A reply that
+    /// is read whole (tailor's JSON tool calls) streams whole: the role, then
+    /// its content or calls in one delta.
+    pub async fn stream(self, mut wire: impl Wire<ChatCompletionChunk>) -> Result<Response, ApiError> {
+        if !self.plan.as_ref().is_some_and(tools::Plan::buffered) {
+            let choices = self.submitted.len();
+            let chunks = ChatChunks {
+                header: self.header,
+                info: self.info,
+                wants_logprobs: self.params.sampling.logprobs.is_some(),
+                calls: self.plan.map(|p| tools::StreamedCalls::new(p.format, choices)),
+                held: vec![Vec::new(); choices],
+                wire,
             };
-            let finish = finish_reason(choice.reason, calls.is_some());
-            ChatChoice {
-                index,
-                logprobs,
-                message: ChatMessage { role: "assistant", content, tool_calls: calls },
-                finish_reason: Some(finish),
-            }
-        })
-        .collect();
-    if params.stream {
-        // A reply read whole (tailor's JSON) streams whole: the role, then
-        // its content or calls in one delta.
+            let delivery = generate::Delivery::new(&self.state, self.facts);
+            return Ok(generate::sse(self.submitted, delivery, self.params.include_usage, chunks).into_response());
+        }
+        let include_usage = self.params.include_usage;
+        let header = self.header.clone();
+        let whole = self.complete().await?;
         let mut events = Vec::new();
-        for c in &choices {
+        for c in whole.choices {
             let role = Delta { role: Some("assistant"), content: Some(String::new()), tool_calls: None };
-            events.extend(chunk(
-                vec![ChatChunkChoice { index: c.index, delta: role, logprobs: None, finish_reason: None }],
-                None,
-            ));
-            let calls = c.message.tool_calls.clone().map(|calls| {
+            let start =
+                ChatChunkChoice { index: c.index, delta: role, logprobs: None, finish_reason: None, stop_reason: None };
+            events.extend(wire.piece(header.envelope(vec![start], None)));
+            let calls = c.message.tool_calls.map(|calls| {
                 calls
                     .into_iter()
                     .enumerate()
@@ -174,38 +148,162 @@ async fn chat_completions(
                     })
                     .collect()
             });
-            let delta = Delta { role: None, content: c.message.content.clone(), tool_calls: calls };
-            events.extend(chunk(
-                vec![ChatChunkChoice {
-                    index: c.index,
-                    delta,
-                    logprobs: c.logprobs.clone(),
-                    finish_reason: c.finish_reason,
-                }],
-                None,
-            ));
+            let delta = Delta { role: None, content: c.message.content, tool_calls: calls };
+            let body = ChatChunkChoice {
+                index: c.index,
+                delta,
+                logprobs: c.logprobs,
+                finish_reason: c.finish_reason,
+                stop_reason: c.stop_reason,
+            };
+            events.extend(wire.piece(header.envelope(vec![body], None)));
         }
-        if params.include_usage {
-            events.extend(chunk(Vec::new(), Some(collected.usage)));
+        if include_usage {
+            events.extend(wire.piece(header.envelope(Vec::new(), Some(whole.usage))));
         }
-        events.push("[DONE]".to_string());
-        let stream = futures::stream::iter(
-            events
-                .into_iter()
-                .map(|data| Ok::<_, std::convert::Infallible>(axum::response::sse::Event::default().data(data))),
-        );
-        return Ok(axum::response::sse::Sse::new(stream).into_response());
+        events.extend(wire.done());
+        Ok(generate::sse_of(events).into_response())
     }
-    Ok(Json(ChatCompletionResponse {
-        id,
-        object: "chat.completion",
-        created,
-        model: req.model,
-        system_fingerprint: target.fingerprint.clone(),
-        choices,
-        usage: collected.usage,
-    })
-    .into_response())
+
+    /// Waits for the whole reply.
+    pub async fn complete(self) -> Result<ChatCompletionResponse, ApiError> {
+        let collected = generate::collect(self.submitted, generate::Delivery::new(&self.state, self.facts)).await?;
+        let info = &self.info;
+        let plan = &self.plan;
+        let wants_logprobs = self.params.sampling.logprobs.is_some();
+        let choices: Vec<ChatChoice> = collected
+            .choices
+            .into_iter()
+            .enumerate()
+            .map(|(index, choice)| {
+                let logprobs = wants_logprobs.then(|| logprobs::chat(&info.tokenizer, &choice.logprobs));
+                let (content, calls) = match plan {
+                    Some(plan) => {
+                        let (content, calls) = tools::read_reply(plan.format, &choice.text);
+                        let calls: Vec<_> = calls.iter().map(|c| c.to_openai(plan.format)).collect();
+                        (content, Some(calls).filter(|c| !c.is_empty()))
+                    }
+                    None => (Some(choice.text), None),
+                };
+                let finish = finish_reason(choice.ending.reason, calls.is_some());
+                ChatChoice {
+                    index,
+                    logprobs,
+                    message: ChatMessage { role: "assistant", content, tool_calls: calls },
+                    finish_reason: Some(finish),
+                    stop_reason: choice.ending.stop,
+                }
+            })
+            .collect();
+        let h = self.header;
+        Ok(ChatCompletionResponse {
+            id: h.id,
+            object: "chat.completion",
+            created: h.created,
+            model: h.model,
+            system_fingerprint: h.system_fingerprint,
+            choices,
+            usage: collected.usage,
+        })
+    }
+}
+
+/// Turns a generation's pieces into chat chunks, read for tool calls when
+/// the request has tools, and hands them to a wire format.
+struct ChatChunks<W> {
+    header: ChunkHeader,
+    info: Arc<ModelInfo>,
+    wants_logprobs: bool,
+    calls: Option<tools::StreamedCalls>,
+    /// Log-probabilities of tokens whose text a tool parser holds back.
+    held: Vec<Vec<TokenLogprob>>,
+    wire: W,
+}
+
+impl<W> ChatChunks<W> {
+    fn choice(
+        &self,
+        index: usize,
+        delta: Delta,
+        ending: Option<(&'static str, Option<String>)>,
+        tokens: Vec<TokenLogprob>,
+    ) -> ChatCompletionChunk {
+        let (finish_reason, stop_reason) = match ending {
+            Some((reason, stop)) => (Some(reason), stop),
+            None => (None, None),
+        };
+        let logprobs = self.wants_logprobs.then(|| logprobs::chat(&self.info.tokenizer, &tokens));
+        self.header.envelope(vec![ChatChunkChoice { index, delta, logprobs, finish_reason, stop_reason }], None)
+    }
+
+    fn chunk(&mut self, piece: Piece) -> Option<ChatCompletionChunk> {
+        match piece {
+            Piece::Start(index) => {
+                let role = Delta { role: Some("assistant"), content: Some(String::new()), tool_calls: None };
+                Some(self.choice(index, role, None, Vec::new()))
+            }
+            Piece::Text(index, text, mut tokens) => {
+                let (content, tool_calls) = match &mut self.calls {
+                    Some(calls) => calls.push(index, &text),
+                    None => (Some(text), None),
+                };
+                if content.is_none() && tool_calls.is_none() {
+                    self.held[index].append(&mut tokens);
+                    return None;
+                }
+                let mut all = std::mem::take(&mut self.held[index]);
+                all.append(&mut tokens);
+                Some(self.choice(index, Delta { role: None, content, tool_calls }, None, all))
+            }
+            Piece::Finish(index, ending, mut tokens) => {
+                let (content, tool_calls) = match &mut self.calls {
+                    Some(calls) => calls.finish(index),
+                    None => (None, None),
+                };
+                let called = self.calls.as_ref().is_some_and(|c| c.called(index));
+                let mut all = std::mem::take(&mut self.held[index]);
+                all.append(&mut tokens);
+                let finish = (finish_reason(ending.reason, called), ending.stop);
+                Some(self.choice(index, Delta { role: None, content, tool_calls }, Some(finish), all))
+            }
+            Piece::Usage(usage) => Some(self.header.envelope(Vec::new(), Some(usage))),
+            Piece::Prompt(..) => None,
+        }
+    }
+}
+
+impl<W: Wire<ChatCompletionChunk>> Wire<Piece> for ChatChunks<W> {
+    fn piece(&mut self, piece: Piece) -> Vec<SseEvent> {
+        match self.chunk(piece) {
+            Some(chunk) => self.wire.piece(chunk),
+            None => Vec::new(),
+        }
+    }
+
+    fn failed(&mut self, error: &ApiError) -> Vec<SseEvent> {
+        self.wire.failed(error)
+    }
+
+    fn done(&mut self) -> Vec<SseEvent> {
+        self.wire.done()
+    }
+}
+
+/// OpenAI's chat stream: each chunk as a `data:` line, then `[DONE]`.
+struct OpenAiChunks;
+
+impl Wire<ChatCompletionChunk> for OpenAiChunks {
+    fn piece(&mut self, chunk: ChatCompletionChunk) -> Vec<SseEvent> {
+        serde_json::to_string(&chunk).map(|data| SseEvent::default().data(data)).into_iter().collect()
+    }
+
+    fn failed(&mut self, error: &ApiError) -> Vec<SseEvent> {
+        generate::openai_failed(error)
+    }
+
+    fn done(&mut self) -> Vec<SseEvent> {
+        generate::openai_done()
+    }
 }
 
 /// `tool_calls` when the reply ended on its own after making calls.

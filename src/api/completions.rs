@@ -5,7 +5,7 @@ use axum::routing::post;
 use axum::{extract::State, Extension, Json, Router};
 
 use super::error::ApiError;
-use super::generate::{self, Piece};
+use super::generate::{self, Ending, Piece};
 use super::json::WithSampling;
 use super::logprobs;
 use super::observe::Facts;
@@ -93,7 +93,7 @@ async fn completions(
             Some(json)
         };
         let delivery = generate::Delivery::new(&state, facts);
-        let sse = generate::sse(submitted, delivery, params.include_usage, move |piece| match piece {
+        let wire = generate::DataLines(move |piece| match piece {
             // The echoed prompt comes first: with its log-probabilities
             // once the prefill sends them, else at once.
             Piece::Start(index) if echo && !wants_logprobs => {
@@ -108,13 +108,13 @@ async fn completions(
                 let logprobs = stream_logprobs(index, &tokens, None);
                 chunk(vec![choice(index, text, None, logprobs)], None)
             }
-            Piece::Finish(index, reason, tokens) => {
+            Piece::Finish(index, ending, tokens) => {
                 let logprobs = stream_logprobs(index, &tokens, None);
-                chunk(vec![choice(index, String::new(), Some(reason.as_str()), logprobs)], None)
+                chunk(vec![choice(index, String::new(), Some(ending), logprobs)], None)
             }
             Piece::Usage(usage) => chunk(Vec::new(), Some(usage)),
         });
-        return Ok(sse.into_response());
+        return Ok(generate::sse(submitted, delivery, params.include_usage, wire).into_response());
     }
     let collected = generate::collect(submitted, generate::Delivery::new(&state, facts)).await?;
     let choices = collected
@@ -130,7 +130,7 @@ async fn completions(
                 logprobs::concat(prompt, logprobs::completion(&info.tokenizer, &c.logprobs, end).0)
             });
             let text = if echo { echoes[index].clone() + &c.text } else { c.text };
-            choice(index, text, Some(c.reason.as_str()), logprobs)
+            choice(index, text, Some(c.ending), logprobs)
         })
         .collect();
     Ok(Json(CompletionResponse {
@@ -155,11 +155,10 @@ fn echo_texts(target: &super::Target, prompt: Option<&Prompt>, prompts: &[Vec<u3
     }
 }
 
-fn choice(
-    index: usize,
-    text: String,
-    finish_reason: Option<&'static str>,
-    logprobs: Option<serde_json::Value>,
-) -> CompletionChoice {
-    CompletionChoice { index, text, logprobs, finish_reason }
+fn choice(index: usize, text: String, ending: Option<Ending>, logprobs: Option<serde_json::Value>) -> CompletionChoice {
+    let (finish_reason, stop_reason) = match ending {
+        Some(e) => (Some(e.reason.as_str()), e.stop),
+        None => (None, None),
+    };
+    CompletionChoice { index, text, logprobs, finish_reason, stop_reason }
 }

@@ -97,7 +97,15 @@ pub async fn constraints(
         .await
 }
 
-/// What a streaming endpoint turns into one SSE `data:` line.
+/// Why a choice ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ending {
+    pub reason: FinishReason,
+    /// The stop string that ended it, if one did.
+    pub stop: Option<String>,
+}
+
+/// What a streaming endpoint turns into its events.
 pub enum Piece {
     /// Before any text of choice `index` (chat sends the role here).
     Start(usize),
@@ -105,7 +113,7 @@ pub enum Piece {
     Prompt(usize, Vec<TokenLogprob>),
     /// Text, with the log-probabilities of the tokens since the last piece.
     Text(usize, String, Vec<TokenLogprob>),
-    Finish(usize, FinishReason, Vec<TokenLogprob>),
+    Finish(usize, Ending, Vec<TokenLogprob>),
     /// The usage chunk, after every choice finished (`include_usage`).
     Usage(UsageBody),
 }
@@ -135,10 +143,10 @@ fn merged(subs: Vec<Submitted>) -> impl Stream<Item = (usize, Event)> {
     futures::stream::select_all(subs.into_iter().map(|s| {
         let (index, counts_prompt) = (s.index, s.counts_prompt);
         s.events.map(move |e| match e {
-            Event::Finished { reason, mut usage } if !counts_prompt => {
+            Event::Finished { reason, stop, mut usage } if !counts_prompt => {
                 usage.prompt_tokens = 0;
                 usage.cached_tokens = 0;
-                (index, Event::Finished { reason, usage })
+                (index, Event::Finished { reason, stop, usage })
             }
             e => (index, e),
         })
@@ -150,26 +158,64 @@ fn engine_failure(message: String) -> ApiError {
     ApiError::internal(message)
 }
 
-/// Streams the events as SSE: `render` shapes each piece (None skips it),
-/// then `data: [DONE]`. After an error, one error event and `[DONE]` end the
-/// stream (as vLLM ends it).
-pub fn sse<F>(
+/// How one API dialect writes a stream: its events for each item (a
+/// generation's `Piece`, or a chat chunk made of them), for a failure (the
+/// last thing sent), and at the end.
+pub trait Wire<Item = Piece>: Send + 'static {
+    fn piece(&mut self, item: Item) -> Vec<SseEvent>;
+    fn failed(&mut self, error: &ApiError) -> Vec<SseEvent>;
+    fn done(&mut self) -> Vec<SseEvent>;
+}
+
+/// OpenAI's streams: one `data:` line per chunk (`render` shapes it, None
+/// skips it), then `data: [DONE]`; an error is one data line and `[DONE]`
+/// (as vLLM ends it).
+pub struct DataLines<F>(pub F);
+
+impl<F: FnMut(Piece) -> Option<String> + Send + 'static> Wire<Piece> for DataLines<F> {
+    fn piece(&mut self, piece: Piece) -> Vec<SseEvent> {
+        (self.0)(piece).map(|data| SseEvent::default().data(data)).into_iter().collect()
+    }
+
+    fn failed(&mut self, error: &ApiError) -> Vec<SseEvent> {
+        openai_failed(error)
+    }
+
+    fn done(&mut self) -> Vec<SseEvent> {
+        openai_done()
+    }
+}
+
+/// OpenAI's end of a failed stream: the error envelope, then `[DONE]`.
+pub fn openai_failed(error: &ApiError) -> Vec<SseEvent> {
+    vec![SseEvent::default().data(error.to_json()), SseEvent::default().data("[DONE]")]
+}
+
+/// OpenAI's end of a stream.
+pub fn openai_done() -> Vec<SseEvent> {
+    vec![SseEvent::default().data("[DONE]")]
+}
+
+/// An SSE response of events already made (a reply generated whole).
+pub fn sse_of(events: Vec<SseEvent>) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    Sse::new(futures::stream::iter(events.into_iter().map(Ok)))
+}
+
+/// Streams the events as SSE in `wire`'s dialect.
+pub fn sse(
     subs: Vec<Submitted>,
     delivery: Delivery,
     include_usage: bool,
-    mut render: F,
-) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>>
-where
-    F: FnMut(Piece) -> Option<String> + Send + 'static,
-{
+    mut wire: impl Wire<Piece>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let choices = subs.len();
     let tickets: Vec<Arc<crate::engine::Ticket>> = subs.iter().map(|s| s.events.ticket()).collect();
     let mut events = merged(subs);
     let Delivery { facts, lifecycle, write_timeout } = delivery;
     let stream = async_stream::stream! {
         for index in 0..choices {
-            if let Some(data) = render(Piece::Start(index)) {
-                yield Ok(SseEvent::default().data(data));
+            for event in wire.piece(Piece::Start(index)) {
+                yield Ok(event);
             }
         }
         let mut usage = UsageBody::default();
@@ -186,36 +232,39 @@ where
             let Some(next) = next else {
                 let error = shutting_down();
                 facts.failed(&error.message);
-                yield Ok(SseEvent::default().data(error.to_json()));
-                yield Ok(SseEvent::default().data("[DONE]"));
+                for event in wire.failed(&error) {
+                    yield Ok(event);
+                }
                 return;
             };
             let Some((index, event)) = next else { break };
             match event {
                 Event::Logprob(lp) => pending[index].push(lp),
                 Event::PromptLogprobs(entries) => {
-                    if let Some(data) = render(Piece::Prompt(index, entries)) {
-                        yield Ok(SseEvent::default().data(data));
+                    for event in wire.piece(Piece::Prompt(index, entries)) {
+                        yield Ok(event);
                     }
                 }
                 Event::Text(text) => {
                     facts.text_arrived();
-                    if let Some(data) = render(Piece::Text(index, text, std::mem::take(&mut pending[index]))) {
-                        yield Ok(SseEvent::default().data(data));
+                    for event in wire.piece(Piece::Text(index, text, std::mem::take(&mut pending[index]))) {
+                        yield Ok(event);
                     }
                 }
-                Event::Finished { reason, usage: u } => {
+                Event::Finished { reason, stop, usage: u } => {
                     facts.finished(reason.as_str(), u.prompt_tokens, u.completion_tokens);
                     usage += u.into();
                     finished += 1;
-                    if let Some(data) = render(Piece::Finish(index, reason, std::mem::take(&mut pending[index]))) {
-                        yield Ok(SseEvent::default().data(data));
+                    let ending = Ending { reason, stop };
+                    for event in wire.piece(Piece::Finish(index, ending, std::mem::take(&mut pending[index]))) {
+                        yield Ok(event);
                     }
                 }
                 Event::Failed(message) => {
                     facts.failed(&message);
-                    yield Ok(SseEvent::default().data(engine_failure(message).to_json()));
-                    yield Ok(SseEvent::default().data("[DONE]"));
+                    for event in wire.failed(&engine_failure(message)) {
+                        yield Ok(event);
+                    }
                     return;
                 }
             }
@@ -223,16 +272,19 @@ where
         if finished < choices {
             let error = engine_failure("the generation ended before it finished".into());
             facts.failed(&error.message);
-            yield Ok(SseEvent::default().data(error.to_json()));
-            yield Ok(SseEvent::default().data("[DONE]"));
+            for event in wire.failed(&error) {
+                yield Ok(event);
+            }
             return;
         }
         if include_usage {
-            if let Some(data) = render(Piece::Usage(usage)) {
-                yield Ok(SseEvent::default().data(data));
+            for event in wire.piece(Piece::Usage(usage)) {
+                yield Ok(event);
             }
         }
-        yield Ok(SseEvent::default().data("[DONE]"));
+        for event in wire.done() {
+            yield Ok(event);
+        }
     };
     Sse::new(Watched::new(stream, tickets, write_timeout)).keep_alive(KeepAlive::default())
 }
@@ -240,7 +292,7 @@ where
 /// One choice of a finished request.
 pub struct Choice {
     pub text: String,
-    pub reason: FinishReason,
+    pub ending: Ending,
     /// Per generated token, when the request asked for log-probabilities.
     pub logprobs: Vec<TokenLogprob>,
     /// Per prompt token after the first, when the request asked (`echo`).
@@ -256,7 +308,7 @@ pub struct Collected {
 pub async fn collect(subs: Vec<Submitted>, delivery: Delivery) -> Result<Collected, ApiError> {
     let n = subs.len();
     let mut texts = vec![String::new(); n];
-    let mut reasons: Vec<Option<FinishReason>> = vec![None; n];
+    let mut endings: Vec<Option<Ending>> = vec![None; n];
     let mut logprobs: Vec<Vec<TokenLogprob>> = vec![Vec::new(); n];
     let mut prompt_logprobs: Vec<Vec<TokenLogprob>> = vec![Vec::new(); n];
     let mut usage = UsageBody::default();
@@ -278,9 +330,9 @@ pub async fn collect(subs: Vec<Submitted>, delivery: Delivery) -> Result<Collect
                 facts.text_arrived();
                 texts[index].push_str(&text);
             }
-            Event::Finished { reason, usage: u } => {
+            Event::Finished { reason, stop, usage: u } => {
                 facts.finished(reason.as_str(), u.prompt_tokens, u.completion_tokens);
-                reasons[index] = Some(reason);
+                endings[index] = Some(Ending { reason, stop });
                 usage += u.into();
             }
             Event::Failed(message) => return Err(engine_failure(message)),
@@ -288,12 +340,12 @@ pub async fn collect(subs: Vec<Submitted>, delivery: Delivery) -> Result<Collect
     }
     let choices = texts
         .into_iter()
-        .zip(reasons)
+        .zip(endings)
         .zip(logprobs)
         .zip(prompt_logprobs)
-        .map(|(((text, reason), logprobs), prompt_logprobs)| {
-            reason
-                .map(|reason| Choice { text, reason, logprobs, prompt_logprobs })
+        .map(|(((text, ending), logprobs), prompt_logprobs)| {
+            ending
+                .map(|ending| Choice { text, ending, logprobs, prompt_logprobs })
                 .ok_or_else(|| engine_failure("the generation ended before it finished".into()))
         })
         .collect::<Result<Vec<_>, _>>()?;

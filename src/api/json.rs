@@ -73,19 +73,27 @@ async fn off_workers<T: Send + 'static>(
 
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
-            ApiError::bad_request(format!("malformed JSON body: {inner}"))
-        } else if path == "." || path.is_empty() {
-            ApiError::bad_request(format!("invalid request body: {inner}"))
-        } else {
-            ApiError::invalid(path.clone(), format!("invalid value for `{path}`: {inner}"))
-        }
-    })?;
+    let value = serde_path_to_error::deserialize(&mut de).map_err(path_error)?;
     de.end().map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
     Ok(value)
+}
+
+/// A request type read from a body already parsed as a JSON object.
+pub fn from_map<T: DeserializeOwned>(body: &serde_json::Map<String, serde_json::Value>) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(serde_json::Value::Object(body.clone())).map_err(path_error)
+}
+
+/// A body that does not fit its type, with the offending field as `param`.
+fn path_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    if inner.is_syntax() || inner.is_eof() {
+        ApiError::bad_request(format!("malformed JSON body: {inner}"))
+    } else if path == "." || path.is_empty() {
+        ApiError::bad_request(format!("invalid request body: {inner}"))
+    } else {
+        ApiError::invalid(path.clone(), format!("invalid value for `{path}`: {inner}"))
+    }
 }
 
 /// A request body with the shared sampling fields: parsed twice from the same

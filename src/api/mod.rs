@@ -7,16 +7,19 @@ pub mod adapters;
 pub mod auth;
 pub mod chat;
 pub mod completions;
+pub mod dialect;
 pub mod error;
 pub mod generate;
 pub mod json;
 pub mod lifecycle;
 pub mod logprobs;
+pub mod messages;
 pub mod metrics;
 pub mod models;
 pub mod observe;
 pub mod params;
 pub mod prompting;
+pub mod responses;
 pub mod stall;
 pub mod templates;
 pub mod tokenize;
@@ -218,6 +221,8 @@ pub fn router(state: AppState, options: &HttpOptions) -> Router {
     let app = Router::new()
         .merge(completions::router())
         .merge(chat::router())
+        .merge(responses::router())
+        .merge(messages::router())
         .merge(models::router())
         .merge(tokenize::router())
         .merge(adapters::router())
@@ -230,10 +235,12 @@ pub fn router(state: AppState, options: &HttpOptions) -> Router {
                 ..ApiError::not_found("method not allowed on this route")
             }
         })
-        // Layers run outermost last: CORS, request id, logging, draining, keys, body limit.
+        // Layers run outermost last: CORS, request id, logging, Anthropic's
+        // error shape, draining, keys, body limit.
         .layer(DefaultBodyLimit::max(options.max_body_bytes))
         .layer(from_fn_with_state(state.clone(), auth::require_keys))
         .layer(from_fn_with_state(state.clone(), lifecycle::refuse_while_draining))
+        .layer(axum::middleware::from_fn(messages::errors::anthropic_shape))
         .layer(from_fn_with_state(state.clone(), observe::observe))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
@@ -258,7 +265,13 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
         CorsLayer::new()
             .allow_origin(allow)
             .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
-            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, HeaderName::from_static(observe::REQUEST_ID)])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static(observe::REQUEST_ID),
+                HeaderName::from_static(auth::X_API_KEY),
+                HeaderName::from_static("anthropic-version"),
+            ])
             .expose_headers([HeaderName::from_static(observe::REQUEST_ID)]),
     )
 }
@@ -271,4 +284,9 @@ pub fn unix_now() -> u64 {
 /// A fresh response id with OpenAI's prefixes (`cmpl-`, `chatcmpl-`).
 pub fn response_id(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A fresh id in the newer APIs' style (`resp_`, `msg_`, `fc_`).
+pub fn object_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }

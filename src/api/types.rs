@@ -143,6 +143,9 @@ pub struct CompletionChoice {
     pub text: String,
     pub logprobs: Option<Json>,
     pub finish_reason: Option<&'static str>,
+    /// The stop string that ended the choice (vLLM's field), when one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
 }
 
 /// A completions response, or a streamed chunk of either endpoint.
@@ -172,10 +175,10 @@ pub struct ChunkHeader {
 }
 
 impl ChunkHeader {
-    /// One SSE `data:` payload.
-    pub fn chunk<C: Serialize>(&self, choices: Vec<C>, usage: Option<UsageBody>) -> Option<String> {
+    /// One chunk.
+    pub fn envelope<C>(&self, choices: Vec<C>, usage: Option<UsageBody>) -> Envelope<C> {
         let h = self.clone();
-        serde_json::to_string(&Envelope {
+        Envelope {
             id: h.id,
             object: h.object,
             created: h.created,
@@ -183,8 +186,12 @@ impl ChunkHeader {
             system_fingerprint: h.system_fingerprint,
             choices,
             usage,
-        })
-        .ok()
+        }
+    }
+
+    /// One SSE `data:` payload.
+    pub fn chunk<C: Serialize>(&self, choices: Vec<C>, usage: Option<UsageBody>) -> Option<String> {
+        serde_json::to_string(&self.envelope(choices, usage)).ok()
     }
 }
 
@@ -203,6 +210,9 @@ pub struct ChatChoice {
     pub message: ChatMessage,
     pub logprobs: Option<Json>,
     pub finish_reason: Option<&'static str>,
+    /// The stop string that ended the choice (vLLM's field), when one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -232,6 +242,9 @@ pub struct ChatChunkChoice {
     pub delta: Delta,
     pub logprobs: Option<Json>,
     pub finish_reason: Option<&'static str>,
+    /// The stop string that ended the choice (vLLM's field), when one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
 }
 
 #[derive(Debug, Serialize)]

@@ -77,6 +77,8 @@ pub enum Event {
     Text(String),
     Finished {
         reason: FinishReason,
+        /// The stop string that ended it, if one did (vLLM's `stop_reason`).
+        stop: Option<String>,
         usage: Usage,
     },
     Failed(String),

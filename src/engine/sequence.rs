@@ -187,8 +187,8 @@ impl Sequence {
             // text it holds back.
             let tail = self.decoder.finish(tokenizer);
             let released = self.stops.push(&tail);
-            let text = if released.stopped { released.text } else { released.text + &self.stops.finish() };
-            self.finish(text, FinishReason::Stop);
+            let text = if released.stopped() { released.text } else { released.text + &self.stops.finish() };
+            self.finish(text, FinishReason::Stop, released.stop);
             return true;
         }
         let at_limit = grammar_done || self.generated.len() >= self.max_tokens || self.cache.len() + 1 >= max_model_len;
@@ -197,13 +197,13 @@ impl Sequence {
             piece.push_str(&self.decoder.finish(tokenizer));
         }
         let released = self.stops.push(&piece);
-        if released.stopped {
-            self.finish(released.text, FinishReason::Stop);
+        if released.stopped() {
+            self.finish(released.text, FinishReason::Stop, released.stop);
             return true;
         }
         if at_limit {
             let text = released.text + &self.stops.finish();
-            self.finish(text, if grammar_done { FinishReason::Stop } else { FinishReason::Length });
+            self.finish(text, if grammar_done { FinishReason::Stop } else { FinishReason::Length }, None);
             return true;
         }
         self.send_text(released.text);
@@ -222,7 +222,7 @@ impl Sequence {
         }
     }
 
-    fn finish(&mut self, text: String, reason: FinishReason) {
+    fn finish(&mut self, text: String, reason: FinishReason, stop: Option<String>) {
         self.send_text(text);
         self.outcome = Some(Some(reason));
         let usage = Usage {
@@ -230,7 +230,7 @@ impl Sequence {
             cached_tokens: self.cached,
             completion_tokens: self.generated.len(),
         };
-        let _ = self.events.send(Event::Finished { reason, usage });
+        let _ = self.events.send(Event::Finished { reason, stop, usage });
     }
 }
 

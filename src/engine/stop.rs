@@ -12,8 +12,14 @@ pub struct StopMatcher {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Released {
     pub text: String,
-    /// A stop string was found; nothing after it may be emitted.
-    pub stopped: bool,
+    /// The stop string found, if one was; nothing after it may be emitted.
+    pub stop: Option<String>,
+}
+
+impl Released {
+    pub fn stopped(&self) -> bool {
+        self.stop.is_some()
+    }
 }
 
 impl StopMatcher {
@@ -24,16 +30,16 @@ impl StopMatcher {
     /// Adds newly decoded text; returns what can safely be shown.
     pub fn push(&mut self, text: &str) -> Released {
         self.held.push_str(text);
-        let first_stop = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min();
-        if let Some(at) = first_stop {
+        let first_stop = self.stops.iter().filter_map(|s| self.held.find(s.as_str()).map(|at| (at, s))).min();
+        if let Some((at, stop)) = first_stop {
             let text = self.held[..at].to_string();
             self.held.clear();
-            return Released { text, stopped: true };
+            return Released { text, stop: Some(stop.clone()) };
         }
         let keep = self.longest_partial_suffix();
         let text = self.held[..self.held.len() - keep].to_string();
         self.held.drain(..self.held.len() - keep);
-        Released { text, stopped: false }
+        Released { text, stop: None }
     }
 
     /// The generation ended for another reason: release what was held.
@@ -70,7 +76,7 @@ mod tests {
         for p in pieces {
             let r = m.push(p);
             out.push_str(&r.text);
-            if r.stopped {
+            if r.stopped() {
                 return (out, true);
             }
         }
@@ -97,5 +103,13 @@ mod tests {
         assert_eq!(run(&["world", "lo"], &["hello world"]), ("hel".into(), true));
         assert_eq!(run(&["日本"], &["これは日", "本です"]), ("これは".into(), true));
         assert_eq!(run(&["é!"], &["caféé"]), ("caféé".into(), false));
+    }
+
+    #[test]
+    fn the_stop_that_matched_is_named() {
+        let mut m = StopMatcher::new(vec!["world".into(), "lo".into()]);
+        assert_eq!(m.push("hello world"), Released { text: "hel".into(), stop: Some("lo".into()) });
+        let mut m = StopMatcher::new(vec!["END".into()]);
+        assert_eq!(m.push("no stop here"), Released { text: "no stop here".into(), stop: None });
     }
 }

@@ -1,17 +1,21 @@
-//! The official `openai` Python SDK against the running server: a client that
-//! nobody here wrote. `scripts/test.sh` installs it.
+//! The official `openai` and `anthropic` Python SDKs against the running
+//! server: clients that nobody here wrote. `scripts/test.sh` installs them.
 
 use std::process::Command;
 
-use crate::common::{server, TestResult, MODEL_ID};
+use crate::common::{server, start_server, TestResult, MODEL_ID};
 
 /// Runs one of the SDK scripts against the shared server; its output on failure.
 fn run_script(script: &str, args: &[&str]) -> TestResult {
+    run_script_at(&format!("http://{}/v1", server()), script, args)
+}
+
+fn run_script_at(base_url: &str, script: &str, args: &[&str]) -> TestResult {
     let python = std::env::var("TAILOR_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR"));
     let output = Command::new(&python)
         .arg(&script)
-        .arg(format!("http://{}/v1", server()))
+        .arg(base_url)
         .args(args)
         .output()
         .map_err(|e| format!("cannot run {python}: {e}"))?;
@@ -19,7 +23,7 @@ fn run_script(script: &str, args: &[&str]) -> TestResult {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
-        "{script} failed (are `openai` and `jsonschema` installed? scripts/test.sh installs them)\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        "{script} failed (are `openai`, `anthropic` and `jsonschema` installed? scripts/test.sh installs them)\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
     println!("{stdout}");
     Ok(())
@@ -33,4 +37,20 @@ fn official_openai_python_client_works() -> TestResult {
 #[test]
 fn structured_output_and_tools_through_the_openai_client() -> TestResult {
     run_script("openai_sdk_structured.py", &[MODEL_ID, "pirate", "shout", "json"])
+}
+
+#[test]
+fn responses_api_through_the_openai_client_equals_chat() -> TestResult {
+    run_script("openai_responses.py", &[MODEL_ID, "pirate", "pirate-chat"])
+}
+
+#[test]
+fn messages_api_through_the_anthropic_client_equals_chat() -> TestResult {
+    // With a key: the anthropic SDK sends it as `x-api-key`.
+    let addr = start_server(&["--api-key", "sk-anthropic-test"]);
+    run_script_at(
+        &format!("http://{addr}"),
+        "anthropic_messages.py",
+        &[MODEL_ID, "pirate", "pirate-chat", "sk-anthropic-test"],
+    )
 }
