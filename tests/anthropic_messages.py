@@ -75,6 +75,7 @@ stopped = client.messages.create(
     model=adapter, max_tokens=24, temperature=0, stop_sequences=["\u2603", stop], messages=[{"role": "user", "content": QUESTION}]
 )
 choice, _ = chat(adapter, [{"role": "user", "content": QUESTION}], 24, stop=["\u2603", stop])
+assert getattr(choice, "stop_reason", None) == stop, choice  # vLLM's field on chat
 assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == stop, (stopped.stop_reason, stopped.stop_sequence, stop)
 assert text_of(stopped) == choice.message.content and stop not in text_of(stopped), (text_of(stopped), choice.message.content)
 short = client.messages.create(model=base, max_tokens=3, temperature=0, messages=[{"role": "user", "content": QUESTION}])

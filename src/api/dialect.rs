@@ -18,6 +18,12 @@ pub fn chat_request(body: Map<String, Json>) -> Result<ChatCompletionRequest, Ap
     Ok(chat)
 }
 
+/// A chat body holding the `keys` of `body` that it has (the extensions
+/// a dialect passes on to chat as they are).
+pub fn passed_on(body: &Map<String, Json>, keys: &[&str]) -> Map<String, Json> {
+    keys.iter().filter_map(|key| Some((key.to_string(), body.get(*key)?.clone()))).collect()
+}
+
 /// An error about a chat field, renamed to the field the client sent
 /// (`renames` maps chat's name to the dialect's).
 pub fn renamed(mut error: ApiError, renames: &[(&str, &'static str)]) -> ApiError {

@@ -63,6 +63,12 @@ async fn api_keys_guard_every_route_but_health_and_metrics() -> TestResult {
             Some(json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})),
             false,
         ),
+        (
+            "POST",
+            "/v1/responses".into(),
+            Some(json!({"model": MODEL_ID, "input": "Hi", "max_output_tokens": 1})),
+            false,
+        ),
         ("POST", "/tokenize".into(), Some(json!({"prompt": "Hi"})), false),
         ("POST", "/detokenize".into(), Some(json!({"tokens": [19556]})), false),
         ("GET", "/v1/templates".into(), None, false),

@@ -68,12 +68,7 @@ fn to_chat(req: &MessagesRequest, body: &Map<String, Json_>) -> Result<super::ty
     if req.thinking.as_ref().is_some_and(|t| t.get("type").and_then(Json_::as_str) == Some("enabled")) {
         return Err(ApiError::unsupported("thinking", "(extended thinking)"));
     }
-    let mut chat = Map::new();
-    for key in PASSED_ON {
-        if let Some(value) = body.get(*key) {
-            chat.insert(key.to_string(), value.clone());
-        }
-    }
+    let mut chat = dialect::passed_on(body, PASSED_ON);
     let messages = messages(req)?;
     // A final assistant turn is a prefill: the reply continues it.
     if messages.last().is_some_and(|m| m["role"] == "assistant") {

@@ -128,12 +128,7 @@ fn refuse_stateful(req: &ResponsesRequest) -> Result<(), ApiError> {
 
 /// The chat request this Responses request means.
 fn to_chat(req: &ResponsesRequest, body: &Map<String, Json_>) -> Result<super::types::ChatCompletionRequest, ApiError> {
-    let mut chat = Map::new();
-    for key in PASSED_ON {
-        if let Some(value) = body.get(*key) {
-            chat.insert(key.to_string(), value.clone());
-        }
-    }
+    let mut chat = dialect::passed_on(body, PASSED_ON);
     chat.insert("model".into(), json!(req.model));
     chat.insert("messages".into(), Json_::Array(messages(req)?));
     let copy = |chat: &mut Map<String, Json_>, key: &str, value: Option<Json_>| {
