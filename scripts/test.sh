@@ -17,3 +17,14 @@ if ! "$PYTHON" -c "import openai, anthropic, prometheus_client, jsonschema" 2>/d
 fi
 export TAILOR_TEST_PYTHON="$PYTHON"
 cargo test --locked --all-targets "$@"
+
+# The container, built and run for real, around the binary the tests just
+# built (needs Docker Engine with Compose; TAILOR_SKIP_CONTAINER=1 leaves it out).
+if [ "${TAILOR_SKIP_CONTAINER:-0}" = 1 ]; then
+  echo "container tests left out (TAILOR_SKIP_CONTAINER=1)"
+elif ! docker info >/dev/null 2>&1; then
+  echo "container tests need a running Docker Engine (or set TAILOR_SKIP_CONTAINER=1)" >&2
+  exit 1
+else
+  docker/test.sh --binary "${CARGO_TARGET_DIR:-target}/debug/tailor"
+fi

@@ -86,14 +86,15 @@ pub struct ServeArgs {
     /// adapter named after the folder.
     #[arg(long, env = "TAILOR_ADAPTERS_DIR", default_value = "adapters")]
     pub adapters_dir: PathBuf,
-    /// An extra adapter, NAME=PATH (repeatable).
-    #[arg(long = "lora", value_name = "NAME=PATH")]
+    /// An extra adapter, NAME=PATH (repeatable, or comma-separated in the environment).
+    #[arg(long = "lora", value_name = "NAME=PATH", env = "TAILOR_LORA", value_delimiter = ',')]
     pub lora: Vec<String>,
     /// Allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter.
     #[arg(long, env = "TAILOR_ENABLE_LORA_LOADING")]
     pub enable_lora_loading: bool,
-    /// Folders runtime loads may read adapters from (repeatable; default: the adapters dir).
-    #[arg(long = "lora-root", value_name = "DIR")]
+    /// Folders runtime loads may read adapters from (repeatable, or
+    /// comma-separated in the environment; default: the adapters dir).
+    #[arg(long = "lora-root", value_name = "DIR", env = "TAILOR_LORA_ROOTS", value_delimiter = ',')]
     pub lora_roots: Vec<PathBuf>,
     /// Largest LoRA rank accepted.
     #[arg(long, env = "TAILOR_MAX_LORA_RANK", default_value_t = 64)]
@@ -349,4 +350,31 @@ fn startup_adapters(
         named.push((name.to_string(), PathBuf::from(path)));
     }
     Ok((found, named))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::ServeArgs;
+
+    #[derive(clap::Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    /// Containers and Kubernetes configure through the environment.
+    #[test]
+    fn every_serve_flag_has_a_tailor_environment_variable() {
+        let command = Serve::command();
+        let mut flags = 0;
+        for arg in command.get_arguments().filter(|a| !a.is_hide_set()) {
+            let Some(long) = arg.get_long() else { continue };
+            let env = arg.get_env().and_then(|e| e.to_str());
+            assert!(env.is_some_and(|e| e.starts_with("TAILOR_")), "--{long} has no TAILOR_* variable");
+            flags += 1;
+        }
+        assert!(flags > 25, "only {flags} flags seen");
+    }
 }

@@ -120,3 +120,19 @@ fn tokenize_one_text() {
     // The same ids llama.cpp's vectors give for "Hello world".
     assert_eq!(String::from_utf8_lossy(&out.stdout), " 15043 3186\n");
 }
+
+/// The image built without a registry is the users' image: docker/Dockerfile
+/// and docker/Dockerfile.runtime share their runtime stage word for word.
+#[test]
+fn both_dockerfiles_share_one_runtime_stage() -> Result<(), Box<dyn std::error::Error>> {
+    let marker = "# ---- runtime stage";
+    let runtime = |file: &str| -> Result<String, Box<dyn std::error::Error>> {
+        let text = std::fs::read_to_string(format!("{}/docker/{file}", env!("CARGO_MANIFEST_DIR")))?;
+        let at = text.find(marker).ok_or(format!("{file} has no `{marker}` line"))?;
+        Ok(text[at..].to_string())
+    };
+    let (users, local) = (runtime("Dockerfile")?, runtime("Dockerfile.runtime")?);
+    assert!(users.contains("USER 10001") && users.contains("HEALTHCHECK"), "{users}");
+    assert_eq!(users, local, "the runtime stages differ");
+    Ok(())
+}
