@@ -1,7 +1,8 @@
-//! API keys. With `--api-key`, every route but `/health` and `/metrics`
-//! needs `Authorization: Bearer <key>` (or Anthropic's `x-api-key: <key>`). With `--admin-api-key`, the routes
-//! that change the server's state need the admin key (which also opens
-//! every other route). Keys are compared in constant time.
+//! API keys. With `--api-key`, every route but `/health`, `/metrics` and
+//! the playground's static files needs `Authorization: Bearer <key>` (or
+//! Anthropic's `x-api-key: <key>`). With `--admin-api-key`, the routes that
+//! change the server's state need the admin key (which also opens every
+//! other route). Keys are compared in constant time.
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
@@ -32,7 +33,7 @@ fn is_admin_route(method: &Method, path: &str) -> bool {
 }
 
 fn is_open_route(path: &str) -> bool {
-    matches!(path, "/health" | "/metrics")
+    matches!(path, "/health" | "/metrics") || super::playground::PATHS.contains(&path)
 }
 
 fn matches_any(given: &str, keys: &[String]) -> bool {

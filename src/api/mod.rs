@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod models;
 pub mod observe;
 pub mod params;
+pub mod playground;
 pub mod prompting;
 pub mod responses;
 pub mod stall;
@@ -228,6 +229,7 @@ pub fn router(state: AppState, options: &HttpOptions) -> Router {
         .merge(adapters::router())
         .merge(templates::router())
         .merge(metrics::router())
+        .merge(playground::router())
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError {

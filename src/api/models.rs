@@ -28,6 +28,7 @@ fn cards(state: &AppState) -> Result<Vec<ModelCard>, ApiError> {
         root: info.id.clone(),
         parent: None,
         max_model_len: info.max_model_len,
+        kind: "base",
     }];
     cards.extend(info.adapters.list().into_iter().map(|a| ModelCard {
         id: a.name,
@@ -37,6 +38,7 @@ fn cards(state: &AppState) -> Result<Vec<ModelCard>, ApiError> {
         root: a.path.display().to_string(),
         parent: Some(info.id.clone()),
         max_model_len: info.max_model_len,
+        kind: "adapter",
     }));
     cards.extend(state.presets.list().into_iter().map(|p| ModelCard {
         root: p.adapter.clone().unwrap_or_else(|| info.id.clone()),
@@ -46,6 +48,7 @@ fn cards(state: &AppState) -> Result<Vec<ModelCard>, ApiError> {
         owned_by: "tailor",
         parent: Some(info.id.clone()),
         max_model_len: info.max_model_len,
+        kind: "preset",
     }));
     Ok(cards)
 }

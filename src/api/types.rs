@@ -256,6 +256,8 @@ pub struct ModelCard {
     pub root: String,
     pub parent: Option<String>,
     pub max_model_len: usize,
+    /// tailor's: `base`, `adapter` or `preset`.
+    pub kind: &'static str,
 }
 
 #[derive(Debug, Serialize)]

@@ -201,3 +201,23 @@ pub async fn stream_at(
         .collect();
     Ok((text, chunks))
 }
+
+/// Runs `tests/<script>` with `args` under the test Python; its output on
+/// failure, naming the packages it `needs` (scripts/test.sh installs them).
+pub fn run_python_script(script: &str, args: &[&str], needs: &str) -> TestResult {
+    let python = std::env::var("TAILOR_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let path = format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR"));
+    let output = std::process::Command::new(&python)
+        .arg(&path)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {python}: {e}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{script} failed (are {needs} installed? scripts/test.sh installs them)\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    println!("{stdout}");
+    Ok(())
+}

@@ -6,6 +6,7 @@ mod common;
 mod lora;
 mod openai_sdk;
 mod operations;
+mod playground;
 mod prefix_cache;
 mod reference;
 mod structured;

@@ -1,32 +1,19 @@
 //! The official `openai` and `anthropic` Python SDKs against the running
 //! server: clients that nobody here wrote. `scripts/test.sh` installs them.
 
-use std::process::Command;
+use crate::common::{run_python_script, server, start_server, TestResult, MODEL_ID};
 
-use crate::common::{server, start_server, TestResult, MODEL_ID};
+const NEEDS: &str = "openai, anthropic and jsonschema";
 
-/// Runs one of the SDK scripts against the shared server; its output on failure.
+/// Runs one of the SDK scripts against the shared server.
 fn run_script(script: &str, args: &[&str]) -> TestResult {
     run_script_at(&format!("http://{}/v1", server()), script, args)
 }
 
 fn run_script_at(base_url: &str, script: &str, args: &[&str]) -> TestResult {
-    let python = std::env::var("TAILOR_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR"));
-    let output = Command::new(&python)
-        .arg(&script)
-        .arg(base_url)
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run {python}: {e}"))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "{script} failed (are `openai`, `anthropic` and `jsonschema` installed? scripts/test.sh installs them)\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
-    println!("{stdout}");
-    Ok(())
+    let mut all = vec![base_url];
+    all.extend_from_slice(args);
+    run_python_script(script, &all, NEEDS)
 }
 
 #[test]

@@ -98,7 +98,8 @@ async fn api_keys_guard_every_route_but_health_and_metrics() -> TestResult {
         let (s, _, text) = send(addr, method, path, Some("BEARER k-admin"), body.clone()).await?;
         assert!(s != 401 && s != 403, "{method} {path} with the admin key: {s} {text}");
     }
-    for path in ["/health", "/metrics"] {
+    // The playground's own files are open; the page asks for the key.
+    for path in ["/health", "/metrics", "/", "/playground/app.js", "/playground/style.css"] {
         assert_eq!(send(addr, "GET", path, None, None).await?.0, 200, "{path} is open");
     }
     Ok(())
