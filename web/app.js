@@ -632,7 +632,7 @@ function drawChart(canvas, now, series, unit) {
     ctx.beginPath();
     s.points.forEach(([t, v], j) => (j ? ctx.lineTo(x(t), y(v)) : ctx.moveTo(x(t), y(v))));
     ctx.stroke();
-    ctx.fillText(s.name, pad + 8 + (i % 4) * 200, 24 + Math.floor(i / 4) * 14);
+    ctx.fillText(s.name, pad + 120 + (i % 4) * 180, 24 + Math.floor(i / 4) * 14);
   });
 }
 
