@@ -23,6 +23,7 @@ pub mod model;
 pub mod prompt;
 pub mod server;
 pub mod tokenizer;
+pub mod train;
 
 pub use config::ServeConfig;
 pub use server::run;

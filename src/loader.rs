@@ -150,6 +150,16 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, LoadError> {
     Ok(Loaded { model, info })
 }
 
+/// The weights of a model alone, read in `mode` (training reads the frozen
+/// base through it, dense).
+pub fn open_weights(path: &Path, mode: WeightMode) -> Result<Box<dyn crate::model::source::WeightSource>, LoadError> {
+    let path_err = |message: String| LoadError::Path { path: path.display().to_string(), message };
+    Ok(match resolve(path).map_err(path_err)? {
+        Resolved::Gguf(file) => Box::new(GgufSource::open(&file, mode)?),
+        Resolved::HuggingFace(dir) => Box::new(SafetensorsSource::open(&dir, mode)?),
+    })
+}
+
 /// The tokenizer of a model alone (`tailor tokenize`): a GGUF's metadata is
 /// read without its tensors (a vocabulary-only GGUF is enough), a folder
 /// needs its tokenizer.json.

@@ -33,6 +33,8 @@ enum LogFormat {
 enum Command {
     /// Serve the model over the OpenAI-compatible HTTP API.
     Serve(ServeArgs),
+    /// Train a LoRA adapter on a frozen base (OpenAI fine-tuning JSONL in, PEFT folder out).
+    Train(tailor::train::run::TrainArgs),
     /// Load-test any OpenAI-compatible server (tailor, vLLM, llama.cpp, ...).
     Bench(tailor::bench::BenchArgs),
     /// Time the quantized matmul kernels alone (every ISA vs the scalar path).
@@ -103,6 +105,7 @@ fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Train(args) => train(args),
         Command::ChatTemplate(ChatTemplateCommand::Render(args)) => render(args),
         Command::Bench(args) => bench(args),
         Command::BenchKernels { reps, threads } => bench_kernels(reps, threads),
@@ -141,6 +144,24 @@ fn bench(args: tailor::bench::BenchArgs) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", serde_json::to_string_pretty(&summary)?)?;
     writeln!(stdout, "{}", summary.one_line())?;
+    Ok(())
+}
+
+fn train(args: tailor::train::run::TrainArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    tailor::server::set_compute_threads(args.threads);
+    let mut smoothed: Option<f64> = None;
+    let started = std::time::Instant::now();
+    let summary = tailor::train::run::train(&args, |step, total| {
+        let s = smoothed.map_or(step.loss, |m| 0.9 * m + 0.1 * step.loss);
+        smoothed = Some(s);
+        let eta = started.elapsed().as_secs_f64() / step.step as f64 * (total - step.step) as f64;
+        eprintln!(
+            "step {}/{total}  loss {:.4} (smoothed {s:.4})  lr {:.2e}  {:.0} tok/s  ETA {eta:.0}s",
+            step.step, step.loss, step.lr, step.tokens_per_second
+        );
+    })?;
+    writeln!(std::io::stdout(), "{}", tailor::train::run::describe(&summary))?;
     Ok(())
 }
 

@@ -69,6 +69,22 @@ impl Linear {
         self.in_features
     }
 
+    /// The weight as a dense float32 `[out, in]` tensor (training reads the
+    /// frozen base this way), and the bias if there is one.
+    pub fn dense_weight(&self) -> Result<(Tensor, Option<Tensor>)> {
+        let cpu = &candle_core::Device::Cpu;
+        let shape = (self.out_features, self.in_features);
+        let dense = match &self.weight {
+            Weight::Dense(t) | Weight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                t.to_dtype(candle_core::DType::F32)?
+            }
+            Weight::Quantized(QMatMul::QTensor(q)) => q.dequantize(cpu)?,
+            Weight::Kernel(w) => Tensor::from_vec(w.dequantize(), shape, cpu)?,
+            Weight::Half(w) => Tensor::from_vec(w.dequantize(), shape, cpu)?,
+        };
+        Ok((dense.reshape(shape)?, self.bias.clone()))
+    }
+
     pub fn out_features(&self) -> usize {
         self.out_features
     }

@@ -12,4 +12,5 @@ mod reference;
 mod structured;
 mod templates;
 mod tools;
+mod train;
 mod zoo;

@@ -1,0 +1,323 @@
+//! `tailor train`: data in, PEFT adapter out. Loads the base (dense, frozen),
+//! reads and checks the data, runs AdamW on the LoRA matrices for the steps
+//! asked, and writes the adapter with its training log, loss curve and
+//! model card.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::DType;
+use serde_json::json;
+
+use super::data::{self, DataError, Encoder, Example};
+use super::model::{Batch, Lora, TrainModel, MODULES};
+use super::optim::{AdamW, LearningRate, Schedule};
+use super::{peft, report};
+use crate::loader::{self, LoadError, LoadOptions};
+use crate::model::{ModelError, WeightMode};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// Base model: a GGUF file or a Hugging Face folder (default: the cached SmolLM2).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Training data: OpenAI fine-tuning JSONL (`messages`, or `prompt` + `completion`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Held-out data in the same format: its loss is reported.
+    #[arg(long)]
+    pub validation: Option<PathBuf>,
+    /// Folder the adapter is written to.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f64,
+    /// Projections to adapt (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
+    pub target_modules: Vec<String>,
+    /// Scale by alpha / √r instead of alpha / r.
+    #[arg(long)]
+    pub use_rslora: bool,
+    /// Optimizer steps (default: one epoch).
+    #[arg(long, conflicts_with = "epochs")]
+    pub steps: Option<usize>,
+    /// Passes over the data, instead of --steps.
+    #[arg(long)]
+    pub epochs: Option<f64>,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f64,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    #[arg(long, value_enum, default_value = "cosine")]
+    pub schedule: Schedule,
+    /// Steps the decay is planned over (default: the steps run).
+    #[arg(long)]
+    pub schedule_steps: Option<usize>,
+    /// The learning rate's floor, as a fraction of --lr.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_lr_ratio: f64,
+    /// Longer examples are left out (and counted).
+    #[arg(long, default_value_t = 512)]
+    pub max_seq_len: usize,
+    /// Batches whose gradients are summed per step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Gradients are clipped to this global norm (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// A chat template file to render conversations with, instead of the model's.
+    #[arg(long)]
+    pub template: Option<PathBuf>,
+    /// A JSON file {"prompts": [...]}: replies to them go in the model card.
+    #[arg(long)]
+    pub eval_prompts: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot write {path}: {message}")]
+    Write { path: String, message: String },
+}
+
+impl From<candle_core::Error> for TrainError {
+    fn from(e: candle_core::Error) -> Self {
+        TrainError::Model(e.into())
+    }
+}
+
+/// One optimizer step, as logged in `training.jsonl`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepLog {
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// Tokens of the step's examples (no padding) per second.
+    pub tokens_per_second: f64,
+    pub seconds: f64,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub steps: Vec<StepLog>,
+    pub validation_loss: Option<f64>,
+    pub examples: usize,
+    pub too_long: usize,
+    pub out: PathBuf,
+}
+
+fn write_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
+    move |e| TrainError::Write { path: path.display().to_string(), message: e.to_string() }
+}
+
+/// Runs the training; `progress` sees each step as it ends.
+pub fn train(args: &TrainArgs, mut progress: impl FnMut(&StepLog, usize)) -> Result<Summary, TrainError> {
+    check(args)?;
+    let model_path = args.model.clone().unwrap_or_else(crate::config::default_model_path);
+    let mut options = LoadOptions { mode: WeightMode::F32, ..Default::default() };
+    if let Some(file) = &args.template {
+        let source = std::fs::read_to_string(file)
+            .map_err(|e| TrainError::Invalid(format!("cannot read {}: {e}", file.display())))?;
+        options.chat_template_override = Some(source);
+    }
+    let loaded = loader::load(&model_path, &options)?;
+    let info = &loaded.info;
+    let encoder = Encoder {
+        tokenizer: &info.tokenizer,
+        template: info.chat_template.as_ref(),
+        eos: info.eos_token_ids.first().copied(),
+    };
+    let dataset = data::load(&args.data, &encoder, args.max_seq_len)?;
+    let validation = args.validation.as_ref().map(|p| data::load(p, &encoder, args.max_seq_len)).transpose()?;
+    let model = TrainModel::load(loader::open_weights(&model_path, WeightMode::F32)?.as_mut(), DType::F32)?;
+    let lora = Lora::new(&model, args.rank, args.alpha, args.use_rslora, &args.target_modules, args.seed)?;
+    let batches_per_epoch = dataset.examples.len().div_ceil(args.batch_size * args.grad_accum);
+    let total = match (args.steps, args.epochs) {
+        (Some(steps), _) => steps,
+        (None, Some(epochs)) => ((epochs * batches_per_epoch as f64).ceil() as usize).max(1),
+        (None, None) => batches_per_epoch,
+    };
+    let lr = LearningRate {
+        peak: args.lr,
+        warmup: args.warmup,
+        planned: args.schedule_steps.unwrap_or(total),
+        schedule: args.schedule,
+        min_ratio: args.min_lr_ratio,
+    };
+    std::fs::create_dir_all(&args.out).map_err(write_err(&args.out))?;
+    let log_path = args.out.join("training.jsonl");
+    let mut log = std::fs::File::create(&log_path).map_err(write_err(&log_path))?;
+    let mut optimizer = AdamW::new(lora.vars(), args.weight_decay)?;
+    let mut order = Order::new(dataset.examples.len(), args.seed);
+    let mut steps = Vec::with_capacity(total);
+    for step in 0..total {
+        let started = Instant::now();
+        let mut loss_sum = 0f64;
+        let mut tokens = 0usize;
+        let mut micro = Vec::with_capacity(args.grad_accum);
+        for _ in 0..args.grad_accum {
+            let picked: Vec<&Example> = order.take(args.batch_size).into_iter().map(|i| &dataset.examples[i]).collect();
+            tokens += picked.iter().map(|e| e.ids.len()).sum::<usize>();
+            let batch = Batch {
+                ids: picked.iter().map(|e| e.ids.clone()).collect(),
+                weights: picked.iter().map(|e| e.weights.clone()).collect(),
+            };
+            let (loss, _) = model.loss(&batch, Some(&lora))?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            micro.push(loss);
+        }
+        // The step's loss is the mean over its batches; one backward for all.
+        let mut joined = micro[0].clone();
+        for loss in &micro[1..] {
+            joined = (joined + loss)?;
+        }
+        let grads = (joined / args.grad_accum as f64)?.backward()?;
+        let norm = optimizer.grad_norm(&grads)?;
+        let clip = if args.max_grad_norm > 0.0 && norm > args.max_grad_norm { args.max_grad_norm / norm } else { 1.0 };
+        let rate = lr.at(step);
+        optimizer.step(&grads, rate, clip)?;
+        let seconds = started.elapsed().as_secs_f64();
+        let entry = StepLog {
+            step: step + 1,
+            loss: loss_sum / args.grad_accum as f64,
+            lr: rate,
+            grad_norm: norm,
+            tokens_per_second: tokens as f64 / seconds,
+            seconds,
+        };
+        let line = serde_json::to_string(&entry).map_err(|e| TrainError::Invalid(e.to_string()))?;
+        writeln!(log, "{line}").map_err(write_err(&log_path))?;
+        progress(&entry, total);
+        steps.push(entry);
+    }
+    let validation_loss =
+        validation.as_ref().map(|v| mean_loss(&model, &lora, &v.examples, args.batch_size)).transpose()?;
+    peft::save(&lora, &model_path.display().to_string(), &args.out)?;
+    let summary = Summary {
+        steps,
+        validation_loss,
+        examples: dataset.examples.len(),
+        too_long: dataset.too_long,
+        out: args.out.clone(),
+    };
+    let replies = match &args.eval_prompts {
+        Some(path) => report::eval_replies(&loaded, &args.out, path)?,
+        None => Vec::new(),
+    };
+    report::write(args, &summary, &dataset.sha256, &replies)?;
+    Ok(summary)
+}
+
+fn check(args: &TrainArgs) -> Result<(), TrainError> {
+    let invalid = |m: String| Err(TrainError::Invalid(m));
+    if args.rank == 0 || args.batch_size == 0 || args.grad_accum == 0 || args.max_seq_len < 2 {
+        return invalid("--rank, --batch-size, --grad-accum must be at least 1 and --max-seq-len at least 2".into());
+    }
+    if let Some(bad) = args.target_modules.iter().find(|m| !MODULES.contains(&m.as_str())) {
+        return invalid(format!("unknown target module `{bad}` (one of {})", MODULES.join(", ")));
+    }
+    let positive = |v: f64| v.is_finite() && v > 0.0;
+    if !positive(args.lr) || !(0.0..=1.0).contains(&args.min_lr_ratio) {
+        return invalid("--lr must be positive and --min-lr-ratio within 0..1".into());
+    }
+    if args.steps == Some(0) || args.epochs.is_some_and(|e| !positive(e)) {
+        return invalid("--steps and --epochs must be positive".into());
+    }
+    Ok(())
+}
+
+/// The mean loss over `examples` (no gradients kept).
+fn mean_loss(model: &TrainModel, lora: &Lora, examples: &[Example], batch_size: usize) -> Result<f64, TrainError> {
+    let (mut sum, mut weight) = (0f64, 0f64);
+    for chunk in examples.chunks(batch_size) {
+        let batch = Batch {
+            ids: chunk.iter().map(|e| e.ids.clone()).collect(),
+            weights: chunk.iter().map(|e| e.weights.clone()).collect(),
+        };
+        let (loss, total) = model.loss(&batch, Some(lora))?;
+        sum += loss.detach().to_scalar::<f32>()? as f64 * total;
+        weight += total;
+    }
+    Ok(sum / weight.max(1.0))
+}
+
+/// The examples in a seeded random order, reshuffled at each pass.
+struct Order {
+    indices: Vec<usize>,
+    at: usize,
+    state: u64,
+}
+
+impl Order {
+    fn new(n: usize, seed: u64) -> Self {
+        let mut order = Self { indices: (0..n).collect(), at: 0, state: seed ^ 0x5DEE_CE66_D1CE_4E5B };
+        order.shuffle();
+        order
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        self.state
+    }
+
+    fn shuffle(&mut self) {
+        for i in (1..self.indices.len()).rev() {
+            let j = (self.next_u64() % (i as u64 + 1)) as usize;
+            self.indices.swap(i, j);
+        }
+    }
+
+    fn take(&mut self, count: usize) -> Vec<usize> {
+        (0..count.min(self.indices.len()))
+            .map(|_| {
+                if self.at == self.indices.len() {
+                    self.shuffle();
+                    self.at = 0;
+                }
+                self.at += 1;
+                self.indices[self.at - 1]
+            })
+            .collect()
+    }
+}
+
+/// What `tailor train` prints at the end.
+pub fn describe(summary: &Summary) -> String {
+    let last = summary.steps.last();
+    let tps: Vec<f64> = summary.steps.iter().skip(1).map(|s| s.tokens_per_second).collect();
+    let median = report::median(&tps).unwrap_or(0.0);
+    json!({
+        "adapter": summary.out.display().to_string(),
+        "steps": summary.steps.len(),
+        "examples": summary.examples,
+        "too_long": summary.too_long,
+        "final_train_loss": last.map(|s| s.loss),
+        "validation_loss": summary.validation_loss,
+        "median_tokens_per_second": median,
+    })
+    .to_string()
+}
