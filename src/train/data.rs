@@ -237,6 +237,25 @@ mod tests {
     }
 
     #[test]
+    fn a_file_is_checked_whole_and_long_examples_are_counted() {
+        let (tokenizer, template) = encoder_parts();
+        let encoder = Encoder { tokenizer: &tokenizer, template: Some(&template), eos: Some(0) };
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("data.jsonl");
+        let good = r#"{"prompt": "Q", "completion": " A"}"#;
+        let long = format!(r#"{{"prompt": "{}", "completion": " A"}}"#, "x".repeat(50));
+        std::fs::write(&path, format!("{good}\n\n{long}\n{good}\n")).expect("write");
+        let data = load(&path, &encoder, 20).expect("loads");
+        assert_eq!((data.examples.len(), data.too_long, data.sha256.len()), (2, 1, 64));
+        std::fs::write(&path, format!("{good}\n{{\"prompt\": \"Q\"}}\n")).expect("write");
+        let error = load(&path, &encoder, 20).expect_err("refused").to_string();
+        assert!(error.contains("line 2") && error.contains("expected"), "{error}");
+        std::fs::write(&path, format!("{long}\n")).expect("write");
+        let error = load(&path, &encoder, 20).expect_err("refused").to_string();
+        assert!(error.contains("no examples within 20 tokens (1 longer)"), "{error}");
+    }
+
+    #[test]
     fn bad_lines_say_why() {
         let (tokenizer, template) = encoder_parts();
         let encoder = Encoder { tokenizer: &tokenizer, template: Some(&template), eos: None };

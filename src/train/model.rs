@@ -27,8 +27,8 @@ pub fn module_path(module: &str) -> &'static str {
 struct Layer {
     input_norm: Tensor,
     post_norm: Tensor,
-    /// `[out, in]` per module, in `MODULES` order.
-    proj: Vec<Tensor>,
+    /// `[in, out]` per module (transposed once, contiguous), in `MODULES` order.
+    proj_t: Vec<Tensor>,
 }
 
 /// The frozen base, dense.
@@ -37,7 +37,8 @@ pub struct TrainModel {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor,
+    /// `[hidden, vocab]`, contiguous.
+    lm_head_t: Tensor,
     inv_freq: Vec<f32>,
     dtype: DType,
 }
@@ -81,7 +82,7 @@ impl Lora {
         for layer in 0..model.layers.len() {
             for target in targets {
                 let index = module_index(target)?;
-                let (out, inp) = model.layers[layer].proj[index].dims2()?;
+                let (inp, out) = model.layers[layer].proj_t[index].dims2()?;
                 let bound = 1.0 / (inp as f64).sqrt();
                 let a: Vec<f64> = (0..rank * inp).map(|_| (rng.next_f64() * 2.0 - 1.0) * bound).collect();
                 let a = Tensor::from_vec(a, (rank, inp), &Device::Cpu)?.to_dtype(model.dtype)?;
@@ -136,29 +137,29 @@ impl TrainModel {
         let all: Vec<u32> = (0..config.vocab_size as u32).collect();
         let embed = table.lookup(&all)?.to_dtype(dtype)?;
         let linear = |src: &mut dyn WeightSource, name: &str| -> Result<Tensor> {
-            Ok(src.linear(name)?.dense_weight()?.0.to_dtype(dtype)?)
+            Ok(src.linear(name)?.dense_weight()?.0.to_dtype(dtype)?.t()?.contiguous()?)
         };
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let p = format!("model.layers.{i}");
-            let proj = MODULES
+            let proj_t = MODULES
                 .iter()
                 .map(|m| linear(src, &format!("{p}.{}.{m}", module_path(m))))
                 .collect::<Result<Vec<_>>>()?;
             layers.push(Layer {
                 input_norm: src.dense(&format!("{p}.input_layernorm.weight"))?.to_dtype(dtype)?,
                 post_norm: src.dense(&format!("{p}.post_attention_layernorm.weight"))?.to_dtype(dtype)?,
-                proj,
+                proj_t,
             });
         }
         let norm = src.dense("model.norm.weight")?.to_dtype(dtype)?;
-        let lm_head = if config.tie_word_embeddings || !src.contains("lm_head.weight") {
-            embed.clone()
+        let lm_head_t = if config.tie_word_embeddings || !src.contains("lm_head.weight") {
+            embed.t()?.contiguous()?
         } else {
             linear(src, "lm_head")?
         };
         let inv_freq = config.rope_scaling.inv_freq(config.head_dim, config.rope_theta);
-        Ok(Self { config, embed, layers, norm, lm_head, inv_freq, dtype })
+        Ok(Self { config, embed, layers, norm, lm_head_t, inv_freq, dtype })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -176,8 +177,7 @@ impl TrainModel {
     }
 
     fn linear(&self, x: &Tensor, layer: usize, module: usize, lora: Option<&Lora>) -> Result<Tensor> {
-        let w = &self.layers[layer].proj[module];
-        let mut y = x.matmul(&w.t()?)?;
+        let mut y = x.matmul(&self.layers[layer].proj_t[module])?;
         if let Some(lora) = lora {
             if let Some((a, b)) = lora.weights.get(&(layer, MODULES[module].to_string())) {
                 let delta = x.matmul(&a.as_tensor().t()?)?.matmul(&b.as_tensor().t()?)?;
@@ -200,6 +200,12 @@ impl TrainModel {
     /// Logits `[b, t, vocab]` of right-padded `ids` `[b, t]` (causal
     /// attention: a real token never sees the padding after it).
     pub fn logits(&self, ids: &Tensor, lora: Option<&Lora>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        Ok(self.hidden(ids, lora)?.matmul(&self.lm_head_t)?.reshape((b, t, self.config.vocab_size))?)
+    }
+
+    /// The final (normed) hidden states `[b · t, hidden]` of `ids` `[b, t]`.
+    fn hidden(&self, ids: &Tensor, lora: Option<&Lora>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let c = &self.config;
         let (heads, kv_heads, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
@@ -238,8 +244,7 @@ impl TrainModel {
             let up = self.linear(&h, i, 5, lora)?;
             x = (x + self.linear(&(gate.silu()? * up)?, i, 6, lora)?)?;
         }
-        let x = self.rms_norm(&x, &self.norm)?;
-        Ok(x.matmul(&self.lm_head.t()?)?.reshape((b, t, c.vocab_size))?)
+        self.rms_norm(&x, &self.norm)
     }
 
     /// The weighted mean cross-entropy of predicting each next token, and
@@ -250,14 +255,21 @@ impl TrainModel {
         if t < 2 {
             return Err(ModelError::Invalid("a batch needs examples of at least two tokens".into()));
         }
+        // Only positions that are learned reach the head (the largest
+        // matmul and the vocabulary-wide softmax).
         let mut ids = Vec::with_capacity(b * t);
-        let mut targets = Vec::with_capacity(b * t);
-        let mut weights = Vec::with_capacity(b * t);
-        for (example, w) in batch.ids.iter().zip(&batch.weights) {
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        let mut weights = Vec::new();
+        for (e, (example, w)) in batch.ids.iter().zip(&batch.weights).enumerate() {
             for pos in 0..t {
                 ids.push(example.get(pos).copied().unwrap_or(0));
-                targets.push(example.get(pos + 1).copied().unwrap_or(0));
-                weights.push(if pos + 1 < example.len() { w.get(pos).copied().unwrap_or(0.0) } else { 0.0 });
+                let weight = if pos + 1 < example.len() { w.get(pos).copied().unwrap_or(0.0) } else { 0.0 };
+                if weight > 0.0 {
+                    rows.push((e * t + pos) as u32);
+                    targets.push(example[pos + 1]);
+                    weights.push(weight);
+                }
             }
         }
         let total: f64 = weights.iter().map(|&w| w as f64).sum();
@@ -265,14 +277,16 @@ impl TrainModel {
             return Err(ModelError::Invalid("the batch has no tokens to learn from".into()));
         }
         let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
-        let logits = self.logits(&ids, lora)?.reshape((b * t, self.config.vocab_size))?;
+        let n = rows.len();
+        let rows = Tensor::from_vec(rows, n, &Device::Cpu)?;
+        let logits = self.hidden(&ids, lora)?.index_select(&rows, 0)?.matmul(&self.lm_head_t)?;
         let top = logits.max_keepdim(D::Minus1)?.detach();
         let shifted = logits.broadcast_sub(&top)?;
         let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-        let targets = Tensor::from_vec(targets, (b * t, 1), &Device::Cpu)?;
+        let targets = Tensor::from_vec(targets, (n, 1), &Device::Cpu)?;
         let picked = shifted.gather(&targets, D::Minus1)?;
         let nll = (log_z - picked)?.squeeze(D::Minus1)?;
-        let weights = Tensor::from_vec(weights, b * t, &Device::Cpu)?.to_dtype(self.dtype)?;
+        let weights = Tensor::from_vec(weights, n, &Device::Cpu)?.to_dtype(self.dtype)?;
         let loss = ((nll * weights)?.sum_all()? / total)?;
         Ok((loss, total))
     }

@@ -112,13 +112,9 @@ pub fn loss_svg(summary: &Summary) -> String {
 }
 
 /// Writes `loss.svg` and `README.md` into the adapter folder.
-pub fn write(
-    args: &TrainArgs,
-    summary: &Summary,
-    data_sha256: &str,
-    replies: &[(String, String)],
-) -> Result<(), TrainError> {
+pub fn write(args: &TrainArgs, summary: &Summary, data_sha256: &str) -> Result<(), TrainError> {
     let out = &summary.out;
+    let replies = &summary.replies;
     let put = |name: &str, text: &str| {
         let path = out.join(name);
         std::fs::write(&path, text)

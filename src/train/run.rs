@@ -126,6 +126,8 @@ pub struct Summary {
     pub examples: usize,
     pub too_long: usize,
     pub out: PathBuf,
+    /// (prompt, greedy reply of the trained adapter), for `--eval-prompts`.
+    pub replies: Vec<(String, String)>,
 }
 
 fn write_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
@@ -215,18 +217,19 @@ pub fn train(args: &TrainArgs, mut progress: impl FnMut(&StepLog, usize)) -> Res
     let validation_loss =
         validation.as_ref().map(|v| mean_loss(&model, &lora, &v.examples, args.batch_size)).transpose()?;
     peft::save(&lora, &model_path.display().to_string(), &args.out)?;
+    let replies = match &args.eval_prompts {
+        Some(path) => report::eval_replies(&loaded, &args.out, path)?,
+        None => Vec::new(),
+    };
     let summary = Summary {
         steps,
         validation_loss,
         examples: dataset.examples.len(),
         too_long: dataset.too_long,
         out: args.out.clone(),
+        replies,
     };
-    let replies = match &args.eval_prompts {
-        Some(path) => report::eval_replies(&loaded, &args.out, path)?,
-        None => Vec::new(),
-    };
-    report::write(args, &summary, &dataset.sha256, &replies)?;
+    report::write(args, &summary, &dataset.sha256)?;
     Ok(summary)
 }
 
