@@ -164,74 +164,67 @@ impl QuantMatrix for Q5KMatrix {
 /// One weight row against `R` activation rows: each super-block's values
 /// and scales are unpacked once for all of them, and every activation row
 /// gets the same operations in the same order whatever `R` is (so a row
-/// gives the same bits alone or batched). `$scaled_add(acc, p, sc)` adds the
-/// i16 pair sums `p` times the sub-block scale into i32 lanes.
-macro_rules! k_kernel {
-    ($name:ident, $features:literal, |$acc:ident, $p:ident, $sc:ident| $scaled_add:expr) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        unsafe fn $name<const R: usize>(
-            d: &[f32],
-            dmin: &[f32],
-            scales: &[u8],
-            qh: &[u8],
-            qs: &[u8],
-            xs: &[Q8KRow],
-            out: &mut [f32],
-        ) {
-            use std::arch::x86_64::*;
-            let supers = d.len();
-            debug_assert!(xs.len() == R && scales.len() == supers * 16 && qs.len() == supers * 128);
-            debug_assert!(qh.len() == supers * 32);
-            let low = _mm256_set1_epi8(0x0F);
-            let one = _mm256_set1_epi8(1);
-            let mut acc = [_mm256_setzero_ps(); R];
-            for s in 0..supers {
-                let sc = scales.as_ptr().add(s * 16);
-                // Lane k of the mins = mn[k / 2]: the sums come per 16 values.
-                let mn = _mm_cvtepu8_epi16(_mm_loadl_epi64(sc.add(SUB_BLOCKS) as *const __m128i));
-                let mins = _mm256_set_m128i(_mm_unpackhi_epi16(mn, mn), _mm_unpacklo_epi16(mn, mn));
-                let high = _mm256_loadu_si256(qh.as_ptr().add(s * 32) as *const __m256i);
-                let mut w = [_mm256_setzero_si256(); SUB_BLOCKS];
-                for j in 0..SUB_BLOCKS / 2 {
-                    let packed = _mm256_loadu_si256(qs.as_ptr().add(s * 128 + j * 32) as *const __m256i);
-                    let lo = _mm256_and_si256(packed, low);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-                    let bit = |k: usize| {
-                        let shifted = _mm256_srl_epi16(high, _mm_cvtsi32_si128(k as i32));
-                        _mm256_slli_epi16(_mm256_and_si256(shifted, one), 4)
-                    };
-                    let lo = _mm256_or_si256(lo, bit(2 * j));
-                    let hi = _mm256_or_si256(hi, bit(2 * j + 1));
-                    w[2 * j] = lo;
-                    w[2 * j + 1] = hi;
-                }
-                let scale: [__m256i; SUB_BLOCKS] = std::array::from_fn(|j| _mm256_set1_epi16(*sc.add(j) as i16));
-                for t in 0..R {
-                    let x = xs[t].qs.as_ptr().add(s * QK_K);
-                    let mut isum = _mm256_setzero_si256();
-                    for j in 0..SUB_BLOCKS {
-                        let v = _mm256_loadu_si256(x.add(j * SUB) as *const __m256i);
-                        let ($acc, $p, $sc) = (isum, _mm256_maddubs_epi16(w[j], v), scale[j]);
-                        isum = $scaled_add;
-                    }
-                    let sums = _mm256_loadu_si256(xs[t].sums.as_ptr().add(s * QK_K / SUM_SPAN) as *const __m256i);
-                    let msum = _mm256_madd_epi16(sums, mins);
-                    let dx = *xs[t].d.get_unchecked(s);
-                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d[s] * dx), acc[t]);
-                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_set1_ps(-dmin[s] * dx), acc[t]);
-                }
-            }
-            for t in 0..R {
-                out[t] = super::hsum(acc[t]);
-            }
+/// gives the same bits alone or batched); each 32 values' pair sums are
+/// multiplied by their sub-block scale into i32 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2<const R: usize>(
+    d: &[f32],
+    dmin: &[f32],
+    scales: &[u8],
+    qh: &[u8],
+    qs: &[u8],
+    xs: &[Q8KRow],
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let supers = d.len();
+    debug_assert!(xs.len() == R && scales.len() == supers * 16 && qs.len() == supers * 128);
+    debug_assert!(qh.len() == supers * 32);
+    let low = _mm256_set1_epi8(0x0F);
+    let one = _mm256_set1_epi8(1);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for s in 0..supers {
+        let sc = scales.as_ptr().add(s * 16);
+        // Lane k of the mins = mn[k / 2]: the sums come per 16 values.
+        let mn = _mm_cvtepu8_epi16(_mm_loadl_epi64(sc.add(SUB_BLOCKS) as *const __m128i));
+        let mins = _mm256_set_m128i(_mm_unpackhi_epi16(mn, mn), _mm_unpacklo_epi16(mn, mn));
+        let high = _mm256_loadu_si256(qh.as_ptr().add(s * 32) as *const __m256i);
+        let mut w = [_mm256_setzero_si256(); SUB_BLOCKS];
+        for j in 0..SUB_BLOCKS / 2 {
+            let packed = _mm256_loadu_si256(qs.as_ptr().add(s * 128 + j * 32) as *const __m256i);
+            let lo = _mm256_and_si256(packed, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+            let bit = |k: usize| {
+                let shifted = _mm256_srl_epi16(high, _mm_cvtsi32_si128(k as i32));
+                _mm256_slli_epi16(_mm256_and_si256(shifted, one), 4)
+            };
+            let lo = _mm256_or_si256(lo, bit(2 * j));
+            let hi = _mm256_or_si256(hi, bit(2 * j + 1));
+            w[2 * j] = lo;
+            w[2 * j + 1] = hi;
         }
-    };
+        let scale: [__m256i; SUB_BLOCKS] = std::array::from_fn(|j| _mm256_set1_epi16(*sc.add(j) as i16));
+        for t in 0..R {
+            let x = xs[t].qs.as_ptr().add(s * QK_K);
+            let mut isum = _mm256_setzero_si256();
+            for j in 0..SUB_BLOCKS {
+                let v = _mm256_loadu_si256(x.add(j * SUB) as *const __m256i);
+                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(w[j], v), scale[j]));
+            }
+            let sums = _mm256_loadu_si256(xs[t].sums.as_ptr().add(s * QK_K / SUM_SPAN) as *const __m256i);
+            let msum = _mm256_madd_epi16(sums, mins);
+            let dx = *xs[t].d.get_unchecked(s);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d[s] * dx), acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_set1_ps(-dmin[s] * dx), acc[t]);
+        }
+    }
+    for t in 0..R {
+        out[t] = super::hsum(acc[t]);
+    }
 }
 
-k_kernel!(dot_avx2, "avx2,fma", |acc, p, sc| _mm256_add_epi32(acc, _mm256_madd_epi16(p, sc)));
-
-/// The AVX-512 form of `k_kernel`: two sub-blocks (64 values, contiguous in
+/// The AVX-512 form of `dot_avx2`: two sub-blocks (64 values, contiguous in
 /// the activations) per instruction, `vpdpwssd` applying both scales.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
