@@ -11,7 +11,7 @@ use candle_core::DType;
 use serde_json::json;
 
 use super::data::{self, DataError, Encoder, Example};
-use super::model::{Batch, Lora, TrainModel, MODULES};
+use super::model::{Batch, Lora, SplitMix, TrainModel, MODULES};
 use super::optim::{AdamW, LearningRate, Schedule};
 use super::{peft, report};
 use crate::loader::{self, LoadError, LoadOptions};
@@ -270,26 +270,19 @@ fn mean_loss(model: &TrainModel, lora: &Lora, examples: &[Example], batch_size: 
 struct Order {
     indices: Vec<usize>,
     at: usize,
-    state: u64,
+    rng: SplitMix,
 }
 
 impl Order {
     fn new(n: usize, seed: u64) -> Self {
-        let mut order = Self { indices: (0..n).collect(), at: 0, state: seed ^ 0x5DEE_CE66_D1CE_4E5B };
+        let mut order = Self { indices: (0..n).collect(), at: 0, rng: SplitMix(seed ^ 0x5DEE_CE66_D1CE_4E5B) };
         order.shuffle();
         order
     }
 
-    fn next_u64(&mut self) -> u64 {
-        self.state ^= self.state << 13;
-        self.state ^= self.state >> 7;
-        self.state ^= self.state << 17;
-        self.state
-    }
-
     fn shuffle(&mut self) {
         for i in (1..self.indices.len()).rev() {
-            let j = (self.next_u64() % (i as u64 + 1)) as usize;
+            let j = (self.rng.next_u64() % (i as u64 + 1)) as usize;
             self.indices.swap(i, j);
         }
     }
