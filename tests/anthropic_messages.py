@@ -65,6 +65,11 @@ for model in [base, adapter, preset]:
         assert message.usage.output_tokens == usage.completion_tokens, (message.usage, usage)
 
 pirate = client.messages.create(model=adapter, max_tokens=24, temperature=0, messages=[{"role": "user", "content": QUESTION}])
+# count_tokens: the prompt as the model sees it, the preset's system prompt included.
+for model in [base, adapter, preset]:
+    counted = client.messages.count_tokens(model=model, system="Be brief.", messages=[{"role": "user", "content": QUESTION}])
+    _, usage = chat(model, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}], 1)
+    assert counted.input_tokens == usage.prompt_tokens, (model, counted, usage)
 assert text_of(pirate).startswith("Arr matey!"), text_of(pirate)
 print("messages: base, adapter and preset equal chat; pirate says", repr(text_of(pirate)))
 

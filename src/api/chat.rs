@@ -59,29 +59,8 @@ impl ChatRun {
     /// Resolves the target, renders and tokenizes the conversation, validates
     /// everything, and queues the generation.
     pub async fn start(state: &AppState, facts: Facts, req: ChatCompletionRequest) -> Result<Self, ApiError> {
-        let mut req = req;
-        let (target, mut params) = prompting::prepare(state, &mut req).await?;
-        facts.resolved(&target);
+        let ChatPrompt { target, mut params, req, ids, plan } = ChatPrompt::render(state, &facts, req).await?;
         let info = target.info.clone();
-        refuse_unsupported(&req)?;
-        params.sampling.logprobs = logprobs::chat_request(req.logprobs, req.top_logprobs.as_ref())?;
-        let tools = tools::requested(req.tools.as_ref(), req.tool_choice.as_ref())?;
-        let kwargs = merged_kwargs(state, &target, req.chat_template_kwargs.as_ref());
-        let parser = state.tool_call_parser;
-        let (target, req, ids, plan) = state
-            .blocking(move || {
-                let chat = ChatRequest {
-                    messages: prompting::chat_messages(&target, &req.messages, req.template_vars.as_ref())?,
-                    tools: req.tools.clone(),
-                    documents: req.documents.clone(),
-                    add_generation_prompt: req.add_generation_prompt.unwrap_or(!req.continue_final_message),
-                    continue_final_message: req.continue_final_message,
-                    kwargs,
-                };
-                let (ids, plan) = chat_prompt(&target.info, chat, tools.as_ref(), parser)?;
-                Ok((target, req, ids, plan))
-            })
-            .await?;
         let (param, requested) = match req.max_completion_tokens {
             Some(n) => ("max_completion_tokens", Some(n)),
             None => ("max_tokens", req.max_tokens),
@@ -205,6 +184,44 @@ impl ChatRun {
             choices,
             usage: collected.usage,
         })
+    }
+}
+
+/// A chat request resolved, validated and rendered: what the model will
+/// see, before anything is queued (`/v1/messages/count_tokens` stops here).
+pub struct ChatPrompt {
+    pub target: Target,
+    pub params: Validated,
+    pub req: ChatCompletionRequest,
+    pub ids: Vec<u32>,
+    pub plan: Option<tools::Plan>,
+}
+
+impl ChatPrompt {
+    pub async fn render(state: &AppState, facts: &Facts, req: ChatCompletionRequest) -> Result<Self, ApiError> {
+        let mut req = req;
+        let (target, mut params) = prompting::prepare(state, &mut req).await?;
+        facts.resolved(&target);
+        refuse_unsupported(&req)?;
+        params.sampling.logprobs = logprobs::chat_request(req.logprobs, req.top_logprobs.as_ref())?;
+        let tools = tools::requested(req.tools.as_ref(), req.tool_choice.as_ref())?;
+        let kwargs = merged_kwargs(state, &target, req.chat_template_kwargs.as_ref());
+        let parser = state.tool_call_parser;
+        let (target, req, ids, plan) = state
+            .blocking(move || {
+                let chat = ChatRequest {
+                    messages: prompting::chat_messages(&target, &req.messages, req.template_vars.as_ref())?,
+                    tools: req.tools.clone(),
+                    documents: req.documents.clone(),
+                    add_generation_prompt: req.add_generation_prompt.unwrap_or(!req.continue_final_message),
+                    continue_final_message: req.continue_final_message,
+                    kwargs,
+                };
+                let (ids, plan) = chat_prompt(&target.info, chat, tools.as_ref(), parser)?;
+                Ok((target, req, ids, plan))
+            })
+            .await?;
+        Ok(Self { target, params, req, ids, plan })
     }
 }
 

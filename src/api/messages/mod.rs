@@ -11,7 +11,7 @@ use axum::{extract::State, Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value as Json_};
 
-use super::chat::ChatRun;
+use super::chat::{ChatPrompt, ChatRun};
 use super::error::ApiError;
 use super::json::AppJson;
 use super::observe::Facts;
@@ -19,7 +19,7 @@ use super::{dialect, AppState};
 use output::{Reply, Streamed};
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/messages", post(create))
+    Router::new().route("/v1/messages", post(create)).route("/v1/messages/count_tokens", post(count_tokens))
 }
 
 #[derive(Debug, Deserialize)]
@@ -60,6 +60,21 @@ async fn create(
     }
     let whole = run.complete().await?;
     Ok(Json(reply.finished(&whole)).into_response())
+}
+
+/// `POST /v1/messages/count_tokens`: the prompt's length as the model will
+/// see it (same rendering as `/v1/messages`; `max_tokens` is not needed).
+async fn count_tokens(
+    State(state): State<AppState>,
+    Extension(facts): Extension<Facts>,
+    AppJson(mut body): AppJson<Map<String, Json_>>,
+) -> Result<Response, ApiError> {
+    body.entry("max_tokens").or_insert(json!(1));
+    body.remove("stream");
+    let req: MessagesRequest = super::json::from_map(&body)?;
+    let chat = to_chat(&req, &body)?;
+    let prompt = ChatPrompt::render(&state, &facts, chat).await.map_err(|e| dialect::renamed(e, PARAMS))?;
+    Ok(Json(json!({"input_tokens": prompt.ids.len()})).into_response())
 }
 
 /// The chat request this Messages request means.
