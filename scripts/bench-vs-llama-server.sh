@@ -16,14 +16,8 @@ gen="${MAX_TOKENS:-64}"
 port=18123
 id="$(basename "$model" .gguf)"
 
-wait_healthy() {
-  for _ in $(seq 300); do
-    curl -sf "http://127.0.0.1:$port/health" >/dev/null && return 0
-    sleep 0.5
-  done
-  echo "server did not become healthy" >&2
-  return 1
-}
+# shellcheck source=scripts/bench-common.sh
+source "$(dirname "$0")/bench-common.sh"
 
 run() { # name, then the server command
   local name="$1"; shift

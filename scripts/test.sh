@@ -11,19 +11,16 @@ export TAILOR_VOCABS
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 # The official OpenAI and Anthropic clients, Prometheus' own text-format
 # parser, and the reference JSON Schema validator.
-if ! "$PYTHON" -c "import openai, anthropic, prometheus_client, jsonschema" 2>/dev/null; then
-  "$PYTHON" -m pip install --quiet --disable-pip-version-check "openai>=1.50,<3" "anthropic>=0.40,<1" \
-    "prometheus_client>=0.20,<1" "jsonschema>=4,<5"
-fi
-# Headless Chromium and its WebDriver from Debian's packages, and selenium,
-# for the playground's browser test.
+# Always asked for with their pins: pip leaves versions that satisfy them alone
+# and replaces others (a newer major version already installed changes the SDKs' API).
+"$PYTHON" -m pip install --quiet --disable-pip-version-check "openai>=1.50,<3" "anthropic>=0.40,<1" \
+  "prometheus_client>=0.20,<1" "jsonschema>=4,<5" "selenium>=4.20,<5"
+# Headless Chromium and its WebDriver from Debian's packages (selenium drives
+# them) for the playground's browser test.
 if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
   echo "installing chromium and chromium-driver"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
-fi
-if ! "$PYTHON" -c "import selenium" 2>/dev/null; then
-  "$PYTHON" -m pip install --quiet --disable-pip-version-check "selenium>=4.20,<5"
 fi
 export TAILOR_TEST_PYTHON="$PYTHON"
 cargo test --locked --all-targets "$@"

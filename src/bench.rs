@@ -55,6 +55,10 @@ pub struct BenchArgs {
     /// preamble) before its distinct part: measures prefix caching.
     #[arg(long, default_value_t = 0)]
     pub shared_prefix_tokens: usize,
+    /// Number of the run's first request: its prompts are those of requests
+    /// `first_request..`, so a second run (a second wave) sends new ones.
+    #[arg(long, default_value_t = 0)]
+    pub first_request: usize,
     /// llama.cpp's per-request adapters: request i also sends
     /// `"lora": [{"id": i mod (number of --model), "scale": 1}]` (start
     /// llama-server with the adapters in --model order and --lora-init-without-apply).
@@ -181,6 +185,7 @@ fn json_file(path: &str) -> Result<Value, String> {
 }
 
 fn body(args: &BenchArgs, model: &str, index: usize) -> (String, Value) {
+    let number = args.first_request + index;
     let common = json!({
         "model": model,
         "max_tokens": args.max_tokens,
@@ -199,7 +204,7 @@ fn body(args: &BenchArgs, model: &str, index: usize) -> (String, Value) {
         body.insert("lora".into(), json!([{"id": index % args.model.len(), "scale": 1.0}]));
     }
     if args.endpoint == "chat" {
-        let words: Vec<String> = (0..args.prompt_tokens).map(|k| format!("w{}", (k + index) % 97)).collect();
+        let words: Vec<String> = (0..args.prompt_tokens).map(|k| format!("w{}", (k + number) % 97)).collect();
         body.insert("messages".into(), json!([{"role": "user", "content": words.join(" ")}]));
         (format!("{}/v1/chat/completions", args.url), Value::Object(body))
     } else {
@@ -207,7 +212,9 @@ fn body(args: &BenchArgs, model: &str, index: usize) -> (String, Value) {
         // alone, after the shared preamble if one is asked for.
         let shared = (0..args.shared_prefix_tokens as u32).map(|k| args.prompt_token_start + (k * 11) % 5000);
         let ids: Vec<u32> = shared
-            .chain((0..args.prompt_tokens as u32).map(|k| args.prompt_token_start + (k * 7 + index as u32 * 13) % 5000))
+            .chain(
+                (0..args.prompt_tokens as u32).map(|k| args.prompt_token_start + (k * 7 + number as u32 * 13) % 5000),
+            )
             .collect();
         body.insert("prompt".into(), json!(ids));
         (format!("{}/v1/completions", args.url), Value::Object(body))

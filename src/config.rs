@@ -126,6 +126,16 @@ pub struct ServeArgs {
     /// Largest request body in bytes (413 beyond it).
     #[arg(long, env = "TAILOR_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Largest file `POST /v1/files` takes, in bytes.
+    #[arg(long, env = "TAILOR_MAX_FILE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_file_bytes: usize,
+    /// Where uploaded files, fine-tuning jobs and their adapters are kept
+    /// (default: `data` in tailor's cache folder).
+    #[arg(long, env = "TAILOR_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Threads a fine-tuning job trains on (the rest keep serving).
+    #[arg(long, env = "TAILOR_TRAIN_THREADS", default_value_t = 1)]
+    pub train_threads: usize,
     /// Seconds a streaming client may stop reading before its request is cancelled.
     #[arg(long, env = "TAILOR_STREAM_WRITE_TIMEOUT", default_value_t = 60.0)]
     pub stream_write_timeout: f64,
@@ -158,6 +168,9 @@ pub struct ServeConfig {
     pub keys: crate::api::auth::Keys,
     pub allowed_origins: Vec<String>,
     pub max_body_bytes: usize,
+    pub max_file_bytes: usize,
+    pub data_dir: PathBuf,
+    pub train_threads: usize,
     pub stream_write_timeout: std::time::Duration,
     pub shutdown_timeout: std::time::Duration,
 }
@@ -314,6 +327,9 @@ impl ServeArgs {
             keys,
             allowed_origins: self.allowed_origins,
             max_body_bytes: self.max_body_bytes,
+            max_file_bytes: self.max_file_bytes,
+            data_dir: self.data_dir.unwrap_or_else(|| cache_dir().join("data")),
+            train_threads: self.train_threads.max(1),
             stream_write_timeout,
             shutdown_timeout,
         })

@@ -9,12 +9,15 @@
 //! - `model`: the transformer itself (candle);
 //! - `tokenizer`: text ↔ ids, from tokenizer.json or GGUF metadata;
 //! - `grammar`: constrained decoding (llguidance) from `response_format`;
-//! - `metrics`: the Prometheus registry (vLLM's names and tailor's own).
+//! - `metrics`: the Prometheus registry (vLLM's names and tailor's own);
+//! - `train`: LoRA training (`tailor train`); `finetune`: the fine-tuning
+//!   API's files and background jobs.
 
 pub mod api;
 pub mod bench;
 pub mod config;
 pub mod engine;
+pub mod finetune;
 pub mod grammar;
 pub mod loader;
 pub mod lora;

@@ -149,20 +149,55 @@ fn bench(args: tailor::bench::BenchArgs) -> anyhow::Result<()> {
 
 fn train(args: tailor::train::run::TrainArgs) -> anyhow::Result<()> {
     use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tailor::train::run::AfterStep;
     tailor::server::set_compute_threads(args.threads);
+    let interrupted = std::sync::Arc::new(AtomicBool::new(false));
+    checkpoint_on_ctrl_c(interrupted.clone());
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("step {pos}/{len} [{bar:30}] {msg} ETA {eta}")?.progress_chars("=> "),
+    );
     let mut smoothed: Option<f64> = None;
-    let started = std::time::Instant::now();
     let summary = tailor::train::run::train(&args, |step, total| {
         let s = smoothed.map_or(step.loss, |m| 0.9 * m + 0.1 * step.loss);
         smoothed = Some(s);
-        let eta = started.elapsed().as_secs_f64() / step.step as f64 * (total - step.step) as f64;
-        eprintln!(
-            "step {}/{total}  loss {:.4} (smoothed {s:.4})  lr {:.2e}  {:.0} tok/s  ETA {eta:.0}s",
-            step.step, step.loss, step.lr, step.tokens_per_second
-        );
+        let line =
+            format!("loss {:.4} (smoothed {s:.4})  lr {:.2e}  {:.0} tok/s", step.loss, step.lr, step.tokens_per_second);
+        if bar.is_hidden() {
+            // Not a terminal (a log file): one line per step.
+            eprintln!("step {}/{total}  {line}", step.step);
+        }
+        bar.set_length(total as u64);
+        bar.set_position(step.step as u64);
+        bar.set_message(line);
+        if interrupted.load(Ordering::Relaxed) {
+            bar.println("interrupted: saving the adapter trained so far");
+            AfterStep::Checkpoint
+        } else {
+            AfterStep::Continue
+        }
     })?;
+    bar.finish();
     writeln!(std::io::stdout(), "{}", tailor::train::run::describe(&summary))?;
     Ok(())
+}
+
+/// The first Ctrl-C asks the run to stop after its step and save what it
+/// trained; a second one quits at once.
+fn checkpoint_on_ctrl_c(interrupted: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        runtime.block_on(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                interrupted.store(true, std::sync::atomic::Ordering::Relaxed);
+                eprintln!("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again quits at once)");
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
+            }
+        });
+    });
 }
 
 fn bench_kernels(reps: usize, threads: Option<usize>) -> anyhow::Result<()> {

@@ -12,6 +12,7 @@ use crate::api::lifecycle::Lifecycle;
 use crate::api::{self, AppState, HttpOptions};
 use crate::config::ServeConfig;
 use crate::engine::{EngineHandle, EngineStatus};
+use crate::finetune::{FineTuning, FineTuningConfig, Publish};
 use crate::prompt::presets::PresetStore;
 use crate::prompt::templates::TemplateStore;
 
@@ -43,11 +44,17 @@ pub async fn run(
         lifecycle: lifecycle.clone(),
         cpu: Arc::new(Semaphore::new(config.engine.threads.max(2))),
         stream_write_timeout: config.stream_write_timeout,
+        fine_tuning: start_fine_tuning(&config),
     };
     spawn_reloader(state.templates.clone(), state.presets.clone());
     report_broken_presets(state.clone());
-    let options =
-        HttpOptions { max_body_bytes: config.max_body_bytes, allowed_origins: config.allowed_origins.clone() };
+    publish_fine_tuned(state.clone());
+    let fine_tuning = state.fine_tuning.clone();
+    let options = HttpOptions {
+        max_body_bytes: config.max_body_bytes,
+        max_file_bytes: config.max_file_bytes,
+        allowed_origins: config.allowed_origins.clone(),
+    };
     let app = api::router(state, &options);
     tracing::info!(addr = %listener.local_addr()?, model = %config.model.display(), "listening");
     let (drained_tx, drained) = tokio::sync::oneshot::channel();
@@ -67,14 +74,19 @@ pub async fn run(
     };
     let listener = listener.tap_io(limit_unsent);
     let server = axum::serve(listener, app).with_graceful_shutdown(drain);
-    tokio::select! {
+    let outcome = tokio::select! {
         result = server => result,
         reason = engine_stopped => Err(std::io::Error::other(reason)),
         _ = give_up => {
             tracing::warn!("connections still open after the drain; closing them");
             Ok(())
         }
+    };
+    // A job still training stops after its step; it starts over on the next start.
+    if let Some(service) = fine_tuning {
+        let _ = tokio::task::spawn_blocking(move || service.stop()).await;
     }
+    outcome
 }
 
 /// Unsent bytes a connection may queue in the kernel. Without a bound the
@@ -117,6 +129,38 @@ fn spawn_reloader(templates: Arc<TemplateStore>, presets: Arc<PresetStore>) {
 
 /// Once the model (and its adapters) are loaded, says which presets name an
 /// adapter or template that does not exist; they answer with an error until fixed.
+/// The fine-tuning service over the data directory; without one (it cannot
+/// be opened) the server still serves, and its fine-tuning routes answer 503.
+fn start_fine_tuning(config: &ServeConfig) -> Option<Arc<FineTuning>> {
+    let settings = FineTuningConfig {
+        data_dir: config.data_dir.clone(),
+        model_path: config.model.clone(),
+        train_threads: config.train_threads,
+    };
+    match FineTuning::start(settings) {
+        Ok(service) => Some(service),
+        Err(e) => {
+            tracing::error!(error = %e, dir = %config.data_dir.display(), "fine-tuning is unavailable");
+            None
+        }
+    }
+}
+
+/// Once the model is loaded, fine-tuned adapters are served (those trained
+/// before a restart at once, new ones as their jobs succeed).
+fn publish_fine_tuned(state: AppState) {
+    let Some(service) = state.fine_tuning.clone() else { return };
+    tokio::spawn(async move {
+        let EngineStatus::Ready(info) = state.engine.wait_ready().await else {
+            return;
+        };
+        let publish: Publish = Arc::new(move |name: &str, path: &std::path::Path| {
+            info.adapters.register(name, path, true).map_err(|e| e.to_string())
+        });
+        tokio::task::spawn_blocking(move || service.set_publisher(publish));
+    });
+}
+
 fn report_broken_presets(state: AppState) {
     tokio::spawn(async move {
         let EngineStatus::Ready(info) = state.engine.wait_ready().await else {

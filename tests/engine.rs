@@ -366,7 +366,7 @@ fn each_kernel_in_a_forward_pass_agrees_with_its_weights_in_float32() -> Result<
     let logits = |dtype, dequantized| -> Result<Vec<Vec<f32>>, String> {
         let source = RandomSource::new(config.clone(), 11).with_projections(dtype, dequantized);
         let model = Llama::load(&mut { source }).map_err(|e| e.to_string())?;
-        let mut cache = model.new_cache(prompt.len());
+        let mut cache = model.new_cache();
         let out = model
             .forward(&mut [BatchRow { tokens: &prompt, cache: &mut cache, logits: Logits::All, adapter: None }])
             .map_err(|e| e.to_string())?;

@@ -1,8 +1,8 @@
 //! API keys. With `--api-key`, every route but `/health`, `/metrics` and
 //! the playground's static files needs `Authorization: Bearer <key>` (or
 //! Anthropic's `x-api-key: <key>`). With `--admin-api-key`, the routes that
-//! change the server's state need the admin key (which also opens every
-//! other route). Keys are compared in constant time.
+//! change the server's state, and the fine-tuning API, need the admin key
+//! (which also opens every other route). Keys are compared in constant time.
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
@@ -26,10 +26,15 @@ impl std::fmt::Debug for Keys {
     }
 }
 
-/// Routes that change what the server serves.
+/// Routes that change what the server serves, and the fine-tuning API
+/// (its files and jobs, read or written).
 fn is_admin_route(method: &Method, path: &str) -> bool {
-    method == Method::POST
-        && matches!(path, "/v1/load_lora_adapter" | "/v1/unload_lora_adapter" | "/v1/templates/reload")
+    let changes = method == Method::POST
+        && matches!(path, "/v1/load_lora_adapter" | "/v1/unload_lora_adapter" | "/v1/templates/reload");
+    let fine_tuning = ["/v1/files", "/v1/fine_tuning"]
+        .iter()
+        .any(|root| path.strip_prefix(root).is_some_and(|rest| rest.is_empty() || rest.starts_with('/')));
+    changes || fine_tuning
 }
 
 fn is_open_route(path: &str) -> bool {

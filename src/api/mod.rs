@@ -9,6 +9,8 @@ pub mod chat;
 pub mod completions;
 pub mod dialect;
 pub mod error;
+pub mod files;
+pub mod fine_tuning;
 pub mod generate;
 pub mod json;
 pub mod lifecycle;
@@ -69,6 +71,8 @@ pub struct AppState {
     pub cpu: Arc<Semaphore>,
     /// A streaming client that stops reading this long is cancelled.
     pub stream_write_timeout: Duration,
+    /// Uploaded files and fine-tuning jobs (None: the data directory could not be opened).
+    pub fine_tuning: Option<Arc<crate::finetune::FineTuning>>,
 }
 
 /// What a request's `model` (and `template`) resolve to: the base, maybe an
@@ -214,6 +218,8 @@ impl AppState {
 #[derive(Debug, Clone, Default)]
 pub struct HttpOptions {
     pub max_body_bytes: usize,
+    /// `POST /v1/files` takes bodies up to this size.
+    pub max_file_bytes: usize,
     pub allowed_origins: Vec<String>,
 }
 
@@ -228,6 +234,8 @@ pub fn router(state: AppState, options: &HttpOptions) -> Router {
         .merge(tokenize::router())
         .merge(adapters::router())
         .merge(templates::router())
+        .merge(files::router(options.max_file_bytes))
+        .merge(fine_tuning::router())
         .merge(metrics::router())
         .merge(playground::router())
         .fallback(|| async { ApiError::not_found("no such route") })

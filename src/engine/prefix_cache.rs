@@ -1,36 +1,69 @@
-//! Prompt prefixes computed once: when a sequence ends, its KV cache (the
-//! prompt and what it generated) is kept, keyed by its adapter and its exact
-//! token ids; a new sequence on the same adapter starts from a copy of the
-//! longest cached prefix of its prompt and prefills only the rest. Entries
-//! are dropped least recently used first, when the cache is over its own
-//! budget or when admission needs the room.
+//! Prompt prefixes computed once: when a sequence ends, the KV blocks of its
+//! tokens (prompt and generated) stay in a tree keyed by its adapter and the
+//! exact token ids of each block, under the block before it (a radix tree
+//! with a block per edge). A new sequence on the same adapter walks the tree
+//! along its prompt and starts from the blocks it finds, shared, not copied;
+//! it prefills only the rest. A block may be used in part (the prompt
+//! diverges inside it): the sequence copies that one block when it first
+//! writes into it, so the cached block never changes.
 //!
-//! The key holds the adapter's weights themselves (`Arc` identity): a
-//! reloaded adapter is new weights, so its old entries can never match, and
-//! a changed template changes the token ids.
+//! Blocks leave least recently used first, leaves before their parents and
+//! never while a running sequence holds them, when the cache is over its own
+//! budget or admission needs the room.
+//!
+//! The key holds the adapter's weights as a `Weak`: a reloaded adapter is new
+//! weights, so its old entries never match (the `Weak` keeps the old
+//! allocation, so no new adapter can take its address), and they are dropped
+//! once nobody holds the old weights. A changed template changes the tokens.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
 
 use crate::model::lora::AdapterWeights;
-use crate::model::KvCache;
+use crate::model::{KvBlock, BLOCK_TOKENS};
 
-struct Entry {
-    adapter: Option<Arc<AdapterWeights>>,
-    /// The tokens whose keys and values `cache` holds, in order.
+type NodeId = u64;
+/// The tree's root: the empty prefix, parent of every first block.
+const ROOT: NodeId = 0;
+
+struct Node {
+    parent: NodeId,
+    /// The weights that computed it (None: the base model).
+    adapter: Option<Weak<AdapterWeights>>,
+    /// The tokens whose keys and values `block` holds: a whole block's, or
+    /// fewer for the last block of a sequence (then it has no children).
     tokens: Vec<u32>,
-    cache: KvCache,
+    block: Arc<KvBlock>,
     last_used: u64,
 }
 
-/// A hit: the copied prefix and how many prompt tokens it covers.
-pub struct Reused {
-    pub cache: KvCache,
+impl Node {
+    fn computed_by(&self, adapter: Option<&Arc<AdapterWeights>>) -> bool {
+        match (&self.adapter, adapter) {
+            (None, None) => true,
+            (Some(weak), Some(arc)) => std::ptr::eq(weak.as_ptr(), Arc::as_ptr(arc)),
+            _ => false,
+        }
+    }
+
+    fn is_whole(&self) -> bool {
+        self.tokens.len() == BLOCK_TOKENS
+    }
+}
+
+/// The cached start of a prompt: its blocks, in order, and how many of
+/// their tokens it covers (the last block may be used in part).
+pub struct Hit {
+    path: Vec<NodeId>,
+    pub blocks: Vec<Arc<KvBlock>>,
     pub tokens: usize,
 }
 
 pub struct PrefixCache {
-    entries: Vec<Entry>,
-    /// Tokens of KV the entries may hold (their buffers' room); 0 turns it off.
+    nodes: HashMap<NodeId, Node>,
+    children: HashMap<NodeId, Vec<NodeId>>,
+    next_id: NodeId,
+    /// Tokens of KV the cache may hold (whole blocks); 0 turns it off.
     budget: usize,
     clock: u64,
 }
@@ -50,120 +83,242 @@ pub(super) fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 
 impl PrefixCache {
     pub fn new(budget: usize) -> Self {
-        Self { entries: Vec::new(), budget, clock: 0 }
+        Self { nodes: HashMap::new(), children: HashMap::new(), next_id: ROOT + 1, budget, clock: 0 }
     }
 
-    /// Tokens of KV held (what the entries cost in memory).
+    /// Tokens of KV held (whole blocks: what the entries cost in memory).
     pub fn held(&self) -> usize {
-        self.entries.iter().map(|e| e.cache.capacity_tokens()).sum()
+        self.nodes.len() * BLOCK_TOKENS
     }
 
-    /// The longest cached prefix of `prompt` on this adapter, copied into a
-    /// cache that may grow to `max_tokens`. At most all but the prompt's
-    /// last token: that one is fed to get the first logits.
-    pub fn reuse(
-        &mut self,
-        adapter: Option<&Arc<AdapterWeights>>,
-        prompt: &[u32],
-        max_tokens: usize,
-    ) -> Option<Reused> {
+    fn children_of<'a>(
+        &'a self,
+        parent: NodeId,
+        adapter: Option<&'a Arc<AdapterWeights>>,
+    ) -> impl Iterator<Item = (NodeId, &'a Node)> + 'a {
+        self.children
+            .get(&parent)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.nodes.get(id).map(|node| (*id, node)))
+            .filter(move |(_, node)| node.computed_by(adapter))
+    }
+
+    /// The longest cached start of `prompt` on this adapter: at most all but
+    /// the prompt's last token, which is fed to get the first logits.
+    pub fn lookup(&self, adapter: Option<&Arc<AdapterWeights>>, prompt: &[u32]) -> Option<Hit> {
         let limit = prompt.len().saturating_sub(1);
-        let (best, tokens) = self
-            .entries
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| same_adapter(e.adapter.as_ref(), adapter))
-            .map(|(i, e)| (i, common_prefix(&e.tokens, prompt).min(limit).min(e.cache.len())))
-            .max_by_key(|&(i, n)| (n, std::cmp::Reverse(i)))?;
-        if tokens == 0 {
+        let (mut parent, mut matched, mut path) = (ROOT, 0, Vec::new());
+        while matched < limit {
+            let rest = &prompt[matched..limit];
+            let best = self
+                .children_of(parent, adapter)
+                .map(|(id, node)| (id, common_prefix(&node.tokens, rest)))
+                .max_by_key(|&(id, shared)| (shared, std::cmp::Reverse(id)));
+            let Some((id, shared)) = best.filter(|&(_, shared)| shared > 0) else { break };
+            path.push(id);
+            matched += shared;
+            if shared < BLOCK_TOKENS {
+                break; // used in part, or a sequence's last block: nothing below
+            }
+            parent = id;
+        }
+        if matched == 0 {
             return None;
         }
-        self.clock += 1;
-        let entry = &mut self.entries[best];
-        entry.last_used = self.clock;
-        Some(Reused { cache: entry.cache.prefix(tokens, max_tokens), tokens })
+        let blocks = path.iter().filter_map(|id| self.nodes.get(id)).map(|node| node.block.clone()).collect();
+        Some(Hit { path, blocks, tokens: matched })
     }
 
-    /// Keeps a finished sequence's cache; `tokens` are what it holds.
-    pub fn keep(&mut self, adapter: Option<Arc<AdapterWeights>>, mut tokens: Vec<u32>, cache: KvCache) {
-        tokens.truncate(cache.len());
-        if self.budget == 0 || tokens.is_empty() || cache.capacity_tokens() > self.budget {
-            return;
-        }
+    /// Marks a hit's blocks used now (a sequence started from them).
+    pub fn touch(&mut self, hit: &Hit) {
         self.clock += 1;
-        // An entry that this one extends is redundant; one that extends this
-        // one already covers it.
-        if let Some(longer) = self
-            .entries
-            .iter_mut()
-            .find(|e| same_adapter(e.adapter.as_ref(), adapter.as_ref()) && e.tokens.starts_with(&tokens))
-        {
-            longer.last_used = self.clock;
+        for id in &hit.path {
+            if let Some(node) = self.nodes.get_mut(id) {
+                node.last_used = self.clock;
+            }
+        }
+    }
+
+    /// Keeps the blocks of a finished sequence's cache; `tokens` are the
+    /// ones it fed, in order (its cache holds the first `cached` of them).
+    pub fn keep(
+        &mut self,
+        adapter: Option<&Arc<AdapterWeights>>,
+        tokens: &[u32],
+        blocks: &[Arc<KvBlock>],
+        cached: usize,
+    ) {
+        if self.budget == 0 {
             return;
         }
-        self.entries.retain(|e| !(same_adapter(e.adapter.as_ref(), adapter.as_ref()) && tokens.starts_with(&e.tokens)));
-        // Entries of adapters nobody holds any more (unloaded, reloaded) can never match again.
-        self.entries.retain(|e| e.adapter.as_ref().is_none_or(|a| Arc::strong_count(a) > 1));
-        self.entries.push(Entry { adapter, tokens, cache, last_used: self.clock });
+        self.drop_stale();
+        self.clock += 1;
+        let tokens = &tokens[..cached.min(tokens.len())];
+        let mut parent = ROOT;
+        for (chunk, block) in tokens.chunks(BLOCK_TOKENS).zip(blocks) {
+            // The same tokens, or a longer entry starting with them: already cached.
+            let known =
+                self.children_of(parent, adapter).find(|(_, node)| node.tokens.starts_with(chunk)).map(|(id, _)| id);
+            if let Some(id) = known {
+                let node = self.nodes.get_mut(&id).expect("a listed child exists");
+                node.last_used = self.clock;
+                if chunk.len() < BLOCK_TOKENS || !node.is_whole() {
+                    break;
+                }
+                parent = id;
+                continue;
+            }
+            // Shorter last blocks that this one extends are superseded.
+            let superseded: Vec<NodeId> = self
+                .children_of(parent, adapter)
+                .filter(|(_, node)| !node.is_whole() && chunk.starts_with(&node.tokens))
+                .map(|(id, _)| id)
+                .collect();
+            for id in superseded {
+                self.remove(id);
+            }
+            let id = self.next_id;
+            self.next_id += 1;
+            let node = Node {
+                parent,
+                adapter: adapter.map(Arc::downgrade),
+                tokens: chunk.to_vec(),
+                block: block.clone(),
+                last_used: self.clock,
+            };
+            self.nodes.insert(id, node);
+            self.children.entry(parent).or_default().push(id);
+            parent = id;
+        }
         while self.held() > self.budget && self.evict_one() {}
     }
 
-    /// Drops the least recently used entry; false when there is none.
+    /// Drops the least recently used block that no sequence holds and no
+    /// cached block continues; false when there is none.
     pub fn evict_one(&mut self) -> bool {
-        let Some(oldest) = self.entries.iter().enumerate().min_by_key(|(_, e)| e.last_used).map(|(i, _)| i) else {
-            return false;
-        };
-        self.entries.swap_remove(oldest);
-        true
+        let oldest = self
+            .nodes
+            .iter()
+            .filter(|(id, node)| {
+                Arc::strong_count(&node.block) == 1 && self.children.get(id).is_none_or(|c| c.is_empty())
+            })
+            .min_by_key(|(id, node)| (node.last_used, **id))
+            .map(|(id, _)| *id);
+        match oldest {
+            Some(id) => {
+                self.remove(id);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes a node that has no children.
+    fn remove(&mut self, id: NodeId) {
+        let Some(node) = self.nodes.remove(&id) else { return };
+        self.children.remove(&id);
+        if let Some(siblings) = self.children.get_mut(&node.parent) {
+            siblings.retain(|&s| s != id);
+        }
+    }
+
+    /// Entries of adapters nobody holds any more (unloaded, reloaded) can
+    /// never match again: whole subtrees, as a chain has one adapter.
+    fn drop_stale(&mut self) {
+        let stale: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, node)| node.adapter.as_ref().is_some_and(|w| w.strong_count() == 0))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            self.remove(id);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::kv_cache::BlockCount;
+    use crate::model::KvCache;
 
-    fn cache(tokens: usize) -> KvCache {
-        let mut cache = KvCache::new(1, 1, 2, 1024);
+    /// A cache of `tokens` tokens (one layer, one head of width 2).
+    fn cache(count: &BlockCount, tokens: usize) -> KvCache {
+        let mut cache = KvCache::new(1, 1, 2, count.clone());
         let values: Vec<f32> = (0..tokens * 2).map(|x| x as f32).collect();
         cache.append(0, &values, &values);
         cache.advance(tokens);
         cache
     }
 
-    #[test]
-    fn the_longest_prefix_on_the_same_adapter_is_reused() {
-        let mut prefixes = PrefixCache::new(10_000);
-        let adapter = Arc::new(AdapterWeights { layers: Vec::new() });
-        prefixes.keep(None, (0..40).collect(), cache(40));
-        prefixes.keep(None, (0..10).chain(100..130).collect(), cache(40));
-        let prompt: Vec<u32> = (0..50).collect();
-        let hit = prefixes.reuse(None, &prompt, 100).expect("a hit");
-        assert_eq!((hit.tokens, hit.cache.len()), (40, 40));
-        // The whole prompt cached: all but its last token come from the cache.
-        let hit = prefixes.reuse(None, &prompt[..40], 100).expect("a hit");
-        assert_eq!(hit.tokens, 39);
-        // Another adapter never sees the base's entries, and the other way round.
-        assert!(prefixes.reuse(Some(&adapter), &prompt, 100).is_none());
-        prefixes.keep(Some(adapter.clone()), (0..20).collect(), cache(20));
-        assert_eq!(prefixes.reuse(Some(&adapter), &prompt, 100).map(|h| h.tokens), Some(20));
-        let reloaded = Arc::new(AdapterWeights { layers: Vec::new() });
-        assert!(prefixes.reuse(Some(&reloaded), &prompt, 100).is_none());
+    fn keep(prefixes: &mut PrefixCache, count: &BlockCount, adapter: Option<&Arc<AdapterWeights>>, tokens: Vec<u32>) {
+        let cache = cache(count, tokens.len());
+        prefixes.keep(adapter, &tokens, cache.blocks(), cache.len());
+    }
+
+    fn hit(prefixes: &PrefixCache, adapter: Option<&Arc<AdapterWeights>>, prompt: &[u32]) -> Option<usize> {
+        prefixes.lookup(adapter, prompt).map(|h| h.tokens)
     }
 
     #[test]
-    fn the_budget_evicts_least_recently_used_first() {
-        let mut prefixes = PrefixCache::new(64);
-        prefixes.keep(None, (0..20).collect(), cache(20));
-        prefixes.keep(None, (100..120).collect(), cache(20));
-        // Touch the first; the third entry pushes the held room over 64.
-        assert!(prefixes.reuse(None, &(0..30).collect::<Vec<_>>(), 100).is_some());
-        prefixes.keep(None, (200..220).collect(), cache(20));
-        assert!(prefixes.held() <= 64);
-        assert!(prefixes.reuse(None, &(100..130).collect::<Vec<_>>(), 100).is_none(), "the oldest went");
-        assert!(prefixes.reuse(None, &(0..30).collect::<Vec<_>>(), 100).is_some());
-        // An entry the new one extends is replaced, not kept twice.
-        prefixes.keep(None, (0..25).collect(), cache(25));
-        assert_eq!(prefixes.entries.iter().filter(|e| e.tokens.starts_with(&[0, 1])).count(), 1);
-        assert!(PrefixCache::new(0).reuse(None, &[1, 2, 3], 10).is_none());
+    fn the_longest_prefix_on_the_same_adapter_is_reused() {
+        let count = BlockCount::default();
+        let mut prefixes = PrefixCache::new(10_000);
+        let adapter = Arc::new(AdapterWeights { layers: Vec::new() });
+        keep(&mut prefixes, &count, None, (0..40).collect());
+        keep(&mut prefixes, &count, None, (0..10).chain(100..130).collect());
+        let prompt: Vec<u32> = (0..50).collect();
+        let found = prefixes.lookup(None, &prompt).expect("a hit");
+        assert_eq!((found.tokens, found.blocks.len()), (40, 2));
+        // The whole prompt cached: all but its last token come from the cache.
+        assert_eq!(hit(&prefixes, None, &prompt[..40]), Some(39));
+        // Diverging inside the first block: that block, in part.
+        assert_eq!(hit(&prefixes, None, &(0..10).chain(100..105).chain(7..9).collect::<Vec<_>>()), Some(15));
+        // Another adapter never sees the base's entries, and the other way round.
+        assert_eq!(hit(&prefixes, Some(&adapter), &prompt), None);
+        keep(&mut prefixes, &count, Some(&adapter), (0..20).collect());
+        assert_eq!(hit(&prefixes, Some(&adapter), &prompt), Some(20));
+        assert_eq!(hit(&prefixes, None, &prompt), Some(40));
+        let reloaded = Arc::new(AdapterWeights { layers: Vec::new() });
+        assert_eq!(hit(&prefixes, Some(&reloaded), &prompt), None);
+        // Unloaded: nobody holds the weights, so their entries go.
+        drop(adapter);
+        let held = prefixes.held();
+        keep(&mut prefixes, &count, None, (0..40).collect());
+        assert_eq!(prefixes.held(), held - BLOCK_TOKENS);
+    }
+
+    #[test]
+    fn blocks_are_shared_and_the_budget_evicts_least_recently_used_unheld_leaves() {
+        let count = BlockCount::default();
+        let mut prefixes = PrefixCache::new(4 * BLOCK_TOKENS);
+        keep(&mut prefixes, &count, None, (0..64).collect());
+        keep(&mut prefixes, &count, None, (0..32).chain(500..520).collect());
+        // The shared first block is kept once: 3 blocks.
+        assert_eq!((prefixes.held(), count.blocks()), (3 * BLOCK_TOKENS, 3));
+        // A longer last block supersedes a shorter one it extends.
+        keep(&mut prefixes, &count, None, (0..32).chain(500..530).collect());
+        assert_eq!(prefixes.held(), 3 * BLOCK_TOKENS);
+        assert_eq!(hit(&prefixes, None, &(0..32).chain(500..540).collect::<Vec<_>>()), Some(62));
+        // A sequence holds the (0..64) chain; the next entry pushes the cache
+        // over budget, and the unheld leaf goes, never a parent or a held block.
+        let prompt: Vec<u32> = (0..70).collect();
+        let held = prefixes.lookup(None, &prompt).expect("a hit");
+        prefixes.touch(&held);
+        keep(&mut prefixes, &count, None, (1000..1064).collect());
+        assert!(prefixes.held() <= 4 * BLOCK_TOKENS);
+        assert_eq!(hit(&prefixes, None, &prompt), Some(64), "held blocks stay");
+        assert_eq!(
+            hit(&prefixes, None, &(0..32).chain(500..540).collect::<Vec<_>>()),
+            Some(32),
+            "the unheld leaf went"
+        );
+        assert_eq!(hit(&prefixes, None, &(1000..1100).collect::<Vec<_>>()), Some(64));
+        drop(held);
+        while prefixes.evict_one() {}
+        assert_eq!((prefixes.held(), count.blocks()), (0, 0));
+        assert!(PrefixCache::new(0).lookup(None, &[1, 2, 3]).is_none());
     }
 }

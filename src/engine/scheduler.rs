@@ -18,14 +18,15 @@ use super::telemetry::Telemetry;
 use super::{EngineConfig, EngineStats, EngineStatus};
 use crate::loader::{Loaded, ModelInfo};
 use crate::model::llama::Logits;
-use crate::model::{BatchRow, Llama};
+use crate::model::{BatchRow, Llama, BLOCK_TOKENS};
 
 /// Who may join the running batch, and how much prompt a step may prefill.
 #[derive(Debug, Clone)]
 pub struct Admission {
     pub max_num_seqs: usize,
     /// Tokens of KV cache all running sequences may reserve together
-    /// (each reserves prompt + max_tokens, so nothing is ever preempted).
+    /// (each reserves prompt + max_tokens, so nothing is ever preempted),
+    /// rounded up to whole blocks.
     pub max_kv_tokens: usize,
     /// Tokens one step may process (decode tokens count one each).
     pub max_batch_tokens: usize,
@@ -46,7 +47,12 @@ impl Admission {
     /// FIFO: the head of the queue joins when a slot and its KV reservation
     /// fit; nobody behind it may overtake (no starvation of long requests).
     pub fn admits(&self, running: usize, reserved: usize, need: usize) -> bool {
-        running < self.max_num_seqs && (running == 0 || reserved + need <= self.max_kv_tokens)
+        running < self.max_num_seqs && (running == 0 || reserved + need <= self.kv_room())
+    }
+
+    /// The KV budget in whole blocks' tokens.
+    pub fn kv_room(&self) -> usize {
+        self.max_kv_tokens.next_multiple_of(BLOCK_TOKENS)
     }
 }
 
@@ -134,7 +140,7 @@ pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 /// pool's start-up (llama-server warms up the same way).
 fn warm_up(model: &Llama) {
     let started = std::time::Instant::now();
-    let mut cache = model.new_cache(16);
+    let mut cache = model.new_cache();
     let prompt = [0u32; 8];
     for tokens in [&prompt[..], &prompt[..1]] {
         let row = BatchRow { tokens, cache: &mut cache, logits: crate::model::llama::Logits::Last, adapter: None };
@@ -204,17 +210,34 @@ impl Engine<'_> {
         }
     }
 
-    /// FIFO admission: the head joins while a slot and its KV reservation
-    /// fit; nobody behind it overtakes. Returns how many joined.
+    /// FIFO admission: the head joins while a slot and its KV fit; nobody
+    /// behind it overtakes. Returns how many joined.
+    ///
+    /// KV is counted in blocks: those alive (running sequences' and the
+    /// prefix cache's, each once however shared) plus those the running
+    /// sequences may still take to reach their reservations; the prefix
+    /// cache gives way first.
     fn admit(&self, waiting: &mut VecDeque<Queued>, running: &mut Vec<Sequence>) -> usize {
         let before = running.len();
         let mut prefixes = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
+        let committed = |running: &[Sequence]| {
+            let growth: usize = running.iter().map(|s| s.cache.blocks_to_grow(s.reservation())).sum();
+            (self.model.kv_blocks() + growth) * BLOCK_TOKENS
+        };
         while running.len() < self.admission.max_num_seqs {
             let Some(head) = waiting.front() else { break };
-            // The prefix cache lives inside the KV budget: it gives way first.
-            let reserved: usize = running.iter().map(Sequence::reservation).sum::<usize>() + prefixes.held();
             let need = head.request.prompt.len() + head.request.max_tokens;
-            if !self.admission.admits(running.len(), reserved, need) {
+            // Prompt log-probabilities need every position computed.
+            let hit = match self.prefix_caching() && head.request.prompt_logprobs.is_none() {
+                true => prefixes.lookup(head.request.adapter.as_ref(), &head.request.prompt),
+                false => None,
+            };
+            let cache = match &hit {
+                Some(hit) => self.model.new_cache().with_prefix(hit.blocks.clone(), hit.tokens),
+                None => self.model.new_cache(),
+            };
+            let growth = cache.blocks_to_grow(need) * BLOCK_TOKENS;
+            if !self.admission.admits(running.len(), committed(running), growth) {
                 if prefixes.evict_one() {
                     continue;
                 }
@@ -226,18 +249,14 @@ impl Engine<'_> {
             if !next.ticket.admit() {
                 continue; // its client left meanwhile
             }
-            let mut seq = Sequence::new(next, self.model.new_cache(need));
-            // Prompt log-probabilities need every position computed.
-            if self.prefix_caching() && !seq.wants_prompt_logprobs() {
-                if let Some(hit) = prefixes.reuse(seq.adapter.as_ref(), &seq.prompt, need) {
-                    seq.cache = hit.cache;
-                    seq.cached = hit.tokens;
-                }
+            let mut seq = Sequence::new(next, cache);
+            if let Some(hit) = hit {
+                prefixes.touch(&hit);
+                seq.cached = hit.tokens;
             }
             self.telemetry.admitted(&seq, self.prefix_caching());
-            let reserved = reserved - prefixes.held() + seq.reservation();
-            while reserved + prefixes.held() > self.admission.max_kv_tokens && prefixes.evict_one() {}
             running.push(seq);
+            while committed(running) > self.admission.kv_room() && prefixes.evict_one() {}
         }
         running.len() - before
     }
@@ -255,11 +274,11 @@ impl Engine<'_> {
                 i += 1;
                 continue;
             }
-            let mut seq = running.remove(i);
+            let seq = running.remove(i);
             self.telemetry.left(&seq);
             if self.prefix_caching() && seq.cache_is_whole() {
-                let cache = std::mem::take(&mut seq.cache);
-                self.prefixes.lock().unwrap_or_else(|p| p.into_inner()).keep(seq.adapter.clone(), seq.tokens(), cache);
+                let mut prefixes = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
+                prefixes.keep(seq.adapter.as_ref(), &seq.tokens(), seq.cache.blocks(), seq.cache.len());
             }
         }
     }

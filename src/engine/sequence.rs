@@ -260,7 +260,7 @@ mod tests {
             span: tracing::Span::none(),
         };
         let queued = Queued { request, events, ticket, arrived: Instant::now() };
-        let mut seq = Sequence::new(queued, KvCache::new(1, 1, 1, 8));
+        let mut seq = Sequence::new(queued, KvCache::default());
         for &token in tokens {
             let mut logits = vec![0.0f32; 257];
             logits[token as usize] = 10.0;

@@ -1,7 +1,7 @@
 //! Prompts that start alike, running together, compute the shared part once:
 //! a sequence that has not started waits for an earlier one on the same
 //! adapter whose prompt shares at least `MIN_SHARED` leading tokens with its
-//! own, then starts from a copy of that much of its cache (never its own
+//! own, then starts from that much of its cache, sharing its blocks (never its own
 //! last prompt token, which it feeds itself for its own first logits). The
 //! `n` choices of one request are the plainest case: the whole prompt.
 
@@ -12,7 +12,7 @@ use super::sequence::Sequence;
 /// chat prompt starts with the same few template tokens).
 pub const MIN_SHARED: usize = 16;
 
-/// Gives sequences that have not started a copy of an earlier sequence's
+/// Gives sequences that have not started the blocks of an earlier sequence's
 /// shared prefix once it is computed; returns, per running sequence, whether
 /// it must sit this step out waiting for one.
 pub fn share_prefills(running: &mut [Sequence]) -> Vec<bool> {
@@ -32,8 +32,7 @@ pub fn share_prefills(running: &mut [Sequence]) -> Vec<bool> {
             wait[i] = true;
             continue;
         }
-        let max_tokens = running[i].reservation();
-        running[i].cache = running[source].cache.prefix(shared, max_tokens);
+        running[i].cache = running[source].cache.share(shared);
         running[i].cached = shared;
     }
     wait

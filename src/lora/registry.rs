@@ -297,12 +297,13 @@ impl AdapterRegistry {
     }
 }
 
-/// Adapter names are model ids: a safe, path-free character set.
+/// Adapter names are model ids: a safe, path-free character set (`:` for
+/// fine-tuned ids, `ft:<base>:<suffix>:<job>`).
 pub fn validate_name(name: &str) -> Result<(), LoraError> {
     let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with(['.', '-'])
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && name.len() <= 128
+        && !name.starts_with(['.', '-', ':'])
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'))
         && !name.contains("..");
     if ok {
         Ok(())
@@ -317,10 +318,10 @@ mod tests {
 
     #[test]
     fn names_are_restricted() {
-        for good in ["pirate", "support-bot_v2", "a.b", "X9"] {
+        for good in ["pirate", "support-bot_v2", "a.b", "X9", "ft:SmolLM2-135M-Instruct.Q4_1:pirate:ftjob-0a1b"] {
             assert!(validate_name(good).is_ok(), "{good}");
         }
-        for bad in ["", "../x", "a/b", ".hidden", "-x", "a..b", "naïve", &"x".repeat(65)] {
+        for bad in ["", "../x", "a/b", ".hidden", "-x", ":x", "a..b", "naïve", &"x".repeat(129)] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
     }

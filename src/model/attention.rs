@@ -126,7 +126,6 @@ fn attend_group(q: &[f32], start: usize, cache: &LayerView, shape: HeadShape, un
     let d = shape.dim;
     let width = shape.heads * d;
     let group = shape.heads / shape.kv_heads;
-    let base = kv * cache.capacity * d;
     let scale = 1.0 / (d as f32).sqrt();
     let stride = start + first + len;
     let mut scores = vec![0f32; group * stride];
@@ -140,14 +139,12 @@ fn attend_group(q: &[f32], start: usize, cache: &LayerView, shape: HeadShape, un
         let queries = &q[query * width + kv * group * d..][..group * d];
         for (h, qh) in queries.chunks_exact(d).enumerate() {
             let row = &mut scores[h * stride..h * stride + total];
-            let mut j = 0;
-            while j < total {
-                let block = score_block(qh, &cache.k_t[kv * d * cache.capacity + j..], cache.capacity);
+            for (b, j) in (0..total).step_by(KEY_BLOCK).enumerate() {
+                let block = score_block(qh, &cache.keys(b)[kv * d * KEY_BLOCK..]);
                 let take = KEY_BLOCK.min(total - j);
                 for (s, &b) in row[j..j + take].iter_mut().zip(&block[..take]) {
                     *s = b * scale;
                 }
-                j += KEY_BLOCK;
             }
             maxes[h] = f32::NEG_INFINITY;
             for &s in row.iter() {
@@ -163,12 +160,14 @@ fn attend_group(q: &[f32], start: usize, cache: &LayerView, shape: HeadShape, un
             sums[h] = sum;
         }
         let out_heads = &mut out[i * group * d..(i + 1) * group * d];
-        for j in 0..total {
-            let value = &cache.v[base + j * d..][..d];
-            for (h, out_h) in out_heads.chunks_exact_mut(d).enumerate() {
-                let p = scores[h * stride + j] / sums[h];
-                for (o, &v) in out_h.iter_mut().zip(value) {
-                    *o += p * v;
+        for (b, first_key) in (0..total).step_by(KEY_BLOCK).enumerate() {
+            let values = &cache.values(b)[kv * KEY_BLOCK * d..][..KEY_BLOCK * d];
+            for (value, j) in values.chunks_exact(d).zip(first_key..total) {
+                for (h, out_h) in out_heads.chunks_exact_mut(d).enumerate() {
+                    let p = scores[h * stride + j] / sums[h];
+                    for (o, &v) in out_h.iter_mut().zip(value) {
+                        *o += p * v;
+                    }
                 }
             }
         }
@@ -176,14 +175,14 @@ fn attend_group(q: &[f32], start: usize, cache: &LayerView, shape: HeadShape, un
     out
 }
 
-/// `q · k_j` for the `KEY_BLOCK` keys whose transposed elements start at
-/// `k_t[e · capacity]`: one vector accumulator per eight keys, summed over
-/// the head's elements in order (no horizontal sums).
+/// `q · k_j` for the `KEY_BLOCK` keys of a block whose transposed elements
+/// start at `k_t[e · KEY_BLOCK]`: one vector accumulator per eight keys,
+/// summed over the head's elements in order (no horizontal sums).
 #[inline(always)]
-fn score_block(q: &[f32], k_t: &[f32], capacity: usize) -> [f32; KEY_BLOCK] {
+fn score_block(q: &[f32], k_t: &[f32]) -> [f32; KEY_BLOCK] {
     let mut acc = [0f32; KEY_BLOCK];
     for (e, &qe) in q.iter().enumerate() {
-        let keys = &k_t[e * capacity..][..KEY_BLOCK];
+        let keys = &k_t[e * KEY_BLOCK..][..KEY_BLOCK];
         for l in 0..KEY_BLOCK {
             acc[l] += qe * keys[l];
         }
@@ -236,7 +235,7 @@ mod tests {
         let values: Vec<Vec<f32>> = (0..tokens).map(|t| (0..kv_width).map(|e| val(t + 1000, e)).collect()).collect();
         let queries: Vec<f32> = (0..tokens * width).map(|i| val(2000, i)).collect();
         // 40 tokens as chunks of 23 (parallel, two query blocks) + 1 + 16.
-        let mut cache = KvCache::new(1, shape.kv_heads, shape.dim, 64);
+        let mut cache = KvCache::new(1, shape.kv_heads, shape.dim, Default::default());
         let mut got = Vec::new();
         let mut at = 0;
         for chunk in [23, 1, 16] {
@@ -252,7 +251,7 @@ mod tests {
             assert!((a - b).abs() < 1e-5, "element {i}: {a} vs {b}");
         }
         // Query 30 alone over the same history gives the same bits.
-        let mut short = KvCache::new(1, shape.kv_heads, shape.dim, 64);
+        let mut short = KvCache::new(1, shape.kv_heads, shape.dim, Default::default());
         short.append(0, &keys[..31].concat(), &values[..31].concat());
         let alone = attend(&queries[30 * width..31 * width], 30, &short.layer(0), shape);
         assert_eq!(alone.as_slice(), &got[30 * width..31 * width]);

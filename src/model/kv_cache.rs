@@ -1,45 +1,95 @@
-//! One sequence's attention keys and values, layer by layer, in buffers that
-//! grow by doubling: a decode step writes one token in place instead of
-//! copying the whole history.
+//! A sequence's attention keys and values, in blocks of `BLOCK_TOKENS`
+//! tokens (every layer's keys and values for those tokens in one buffer).
+//! Blocks are shared, not copied: sequences whose prompts start alike, and
+//! the prefix cache, hold the same `Arc`s; a sequence writes only into its
+//! last block, and copies that one first if someone else holds it too
+//! (copy-on-write of at most one block).
 
-/// Keys the attention scores at once: the cache's capacity is a multiple.
-pub(crate) const KEY_BLOCK: usize = 32;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Tokens per block. The attention scores this many keys in one vector
+/// loop, so a block of keys is always read whole.
+pub const BLOCK_TOKENS: usize = 32;
+pub(crate) const KEY_BLOCK: usize = BLOCK_TOKENS;
+
+/// Counts the blocks alive among the caches made with one counter (one
+/// engine's): what its KV costs in memory, however the blocks are shared.
+#[derive(Debug, Clone, Default)]
+pub struct BlockCount(Arc<AtomicUsize>);
+
+impl BlockCount {
+    pub fn blocks(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Keys and values of `BLOCK_TOKENS` tokens in every layer. Layer `l`
+/// takes `2 · layer_width` floats from `l · 2 · layer_width`: first its keys,
+/// `[kv_heads, head_dim, BLOCK_TOKENS]` (transposed, so the scores of a
+/// block of keys are one vector loop), then its values,
+/// `[kv_heads, BLOCK_TOKENS, head_dim]`.
+#[derive(Debug)]
+pub struct KvBlock {
+    data: Vec<f32>,
+    count: BlockCount,
+}
+
+impl KvBlock {
+    fn new(floats: usize, count: &BlockCount) -> Self {
+        count.0.fetch_add(1, Ordering::Relaxed);
+        Self { data: vec![0f32; floats], count: count.clone() }
+    }
+}
+
+impl Clone for KvBlock {
+    fn clone(&self) -> Self {
+        self.count.0.fetch_add(1, Ordering::Relaxed);
+        Self { data: self.data.clone(), count: self.count.clone() }
+    }
+}
+
+impl Drop for KvBlock {
+    fn drop(&mut self) {
+        self.count.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// Keys and values of every layer for one sequence.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    layers: Vec<LayerCache>,
+    blocks: Vec<Arc<KvBlock>>,
     len: usize,
+    layers: usize,
     kv_heads: usize,
     head_dim: usize,
-    /// The most tokens this sequence may hold (its KV reservation): growth
-    /// by doubling stops there, so memory follows the admission budget.
-    max_tokens: usize,
+    count: BlockCount,
 }
 
-/// One layer's keys, `[kv_heads, head_dim, capacity]` (transposed, so the
-/// scores of many keys are one vector loop), and values,
-/// `[kv_heads, capacity, head_dim]`.
-#[derive(Debug, Clone, Default)]
-struct LayerCache {
-    k: Vec<f32>,
-    v: Vec<f32>,
-    capacity: usize,
-}
-
-/// A layer's cached keys and values as the attention reads them: element `e`
-/// of token `j`'s key in head `h` is `k_t[(h · head_dim + e) · capacity + j]`;
-/// its value starts at `v[(h · capacity + j) · head_dim]`. `capacity` is a
-/// multiple of `KEY_BLOCK`, so a block of keys can always be read whole.
+/// A layer's cached keys and values as the attention reads them, block by
+/// block: `keys(b)` holds token `b · BLOCK_TOKENS + j`'s element `e` in head
+/// `h` at `(h · head_dim + e) · BLOCK_TOKENS + j`; `values(b)` its value at
+/// `(h · BLOCK_TOKENS + j) · head_dim`.
 pub(crate) struct LayerView<'a> {
-    pub k_t: &'a [f32],
-    pub v: &'a [f32],
-    pub capacity: usize,
+    blocks: &'a [Arc<KvBlock>],
+    offset: usize,
+    width: usize,
+}
+
+impl LayerView<'_> {
+    pub fn keys(&self, block: usize) -> &[f32] {
+        &self.blocks[block].data[self.offset..][..self.width]
+    }
+
+    pub fn values(&self, block: usize) -> &[f32] {
+        &self.blocks[block].data[self.offset + self.width..][..self.width]
+    }
 }
 
 impl KvCache {
-    pub fn new(num_layers: usize, kv_heads: usize, head_dim: usize, max_tokens: usize) -> Self {
-        Self { layers: vec![LayerCache::default(); num_layers], len: 0, kv_heads, head_dim, max_tokens }
+    /// An empty cache counting its blocks in `count`.
+    pub fn new(layers: usize, kv_heads: usize, head_dim: usize, count: BlockCount) -> Self {
+        Self { blocks: Vec::new(), len: 0, layers, kv_heads, head_dim, count }
     }
 
     /// Tokens already cached: the position of the next token.
@@ -51,27 +101,41 @@ impl KvCache {
         self.len == 0
     }
 
-    /// The first `len` tokens in a new cache that may grow to `max_tokens`
-    /// (a sequence starting from a shared prefix).
-    pub fn prefix(&self, len: usize, max_tokens: usize) -> KvCache {
+    /// The first `len` tokens as a new cache sharing this one's blocks.
+    pub fn share(&self, len: usize) -> KvCache {
         let len = len.min(self.len);
-        let (heads, d) = (self.kv_heads, self.head_dim);
-        let capacity = len.next_multiple_of(KEY_BLOCK);
-        let layers = self
-            .layers
-            .iter()
-            .map(|layer| LayerCache {
-                k: regrow(&layer.k, heads * d, layer.capacity, capacity, len),
-                v: regrow(&layer.v, heads, layer.capacity * d, capacity * d, len * d),
-                capacity,
-            })
-            .collect();
-        KvCache { layers, len, kv_heads: heads, head_dim: d, max_tokens }
+        KvCache { blocks: self.blocks[..len.div_ceil(BLOCK_TOKENS)].to_vec(), len, ..self.clone_empty() }
     }
 
-    /// Tokens the buffers have room for (what the cache costs in memory).
-    pub fn capacity_tokens(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.capacity)
+    /// This empty cache starting from the first `len` tokens that `blocks`
+    /// hold (a prefix cache hit).
+    pub fn with_prefix(mut self, blocks: Vec<Arc<KvBlock>>, len: usize) -> KvCache {
+        debug_assert!(self.is_empty() && blocks.len() == len.div_ceil(BLOCK_TOKENS));
+        self.blocks = blocks;
+        self.len = len;
+        self
+    }
+
+    fn clone_empty(&self) -> KvCache {
+        KvCache::new(self.layers, self.kv_heads, self.head_dim, self.count.clone())
+    }
+
+    /// The blocks holding its tokens, in order (the last one may be partly filled).
+    pub fn blocks(&self) -> &[Arc<KvBlock>] {
+        &self.blocks
+    }
+
+    /// Blocks this cache will take beyond those it holds to reach
+    /// `tokens`: the ones after its last, and a copy of its last if that is
+    /// partly filled and shared (its next token is written into it).
+    pub fn blocks_to_grow(&self, tokens: usize) -> usize {
+        let partial_shared =
+            !self.len.is_multiple_of(BLOCK_TOKENS) && self.blocks.last().is_some_and(|b| Arc::strong_count(b) > 1);
+        tokens.div_ceil(BLOCK_TOKENS).saturating_sub(self.len.div_ceil(BLOCK_TOKENS)) + usize::from(partial_shared)
+    }
+
+    fn layer_width(&self) -> usize {
+        self.kv_heads * self.head_dim * BLOCK_TOKENS
     }
 
     /// Writes the keys and values of `new` tokens (`[new, kv_heads · head_dim]`,
@@ -81,32 +145,33 @@ impl KvCache {
         let (heads, d) = (self.kv_heads, self.head_dim);
         let new = k.len() / (heads * d);
         debug_assert_eq!(k.len(), v.len());
-        let start = self.len;
-        let cache = &mut self.layers[layer];
-        if start + new > cache.capacity {
-            let doubled = (cache.capacity * 2).min(self.max_tokens);
-            let capacity = (start + new).max(doubled).next_multiple_of(KEY_BLOCK);
-            // Keys: heads·d rows of `capacity`; values: heads rows of `capacity · d`.
-            cache.k = regrow(&cache.k, heads * d, cache.capacity, capacity, start);
-            cache.v = regrow(&cache.v, heads, cache.capacity * d, capacity * d, start * d);
-            cache.capacity = capacity;
-        }
-        let capacity = cache.capacity;
+        let width = self.layer_width();
+        let floats = 2 * width * self.layers;
+        let offset = 2 * width * layer;
         for i in 0..new {
+            let position = self.len + i;
+            let (b, j) = (position / BLOCK_TOKENS, position % BLOCK_TOKENS);
+            if b == self.blocks.len() {
+                self.blocks.push(Arc::new(KvBlock::new(floats, &self.count)));
+            }
+            // Copy-on-write: a block someone else holds is copied before the
+            // first write (only ever the last, partly filled one).
+            let block = &mut Arc::make_mut(&mut self.blocks[b]).data[offset..offset + 2 * width];
+            let (keys, values) = block.split_at_mut(width);
             for h in 0..heads {
                 let src = (i * heads + h) * d;
                 for e in 0..d {
-                    cache.k[(h * d + e) * capacity + start + i] = k[src + e];
+                    keys[(h * d + e) * BLOCK_TOKENS + j] = k[src + e];
                 }
-                let dst = (h * capacity + start + i) * d;
-                cache.v[dst..dst + d].copy_from_slice(&v[src..src + d]);
+                let dst = (h * BLOCK_TOKENS + j) * d;
+                values[dst..dst + d].copy_from_slice(&v[src..src + d]);
             }
         }
     }
 
     pub(crate) fn layer(&self, layer: usize) -> LayerView<'_> {
-        let cache = &self.layers[layer];
-        LayerView { k_t: &cache.k, v: &cache.v, capacity: cache.capacity }
+        let width = self.layer_width();
+        LayerView { blocks: &self.blocks, offset: 2 * width * layer, width }
     }
 
     /// Called once per forward after every layer appended `new` tokens.
@@ -115,64 +180,80 @@ impl KvCache {
     }
 }
 
-/// `rows` rows of `old_row` values, the first `used` of each kept, in rows of `new_row`.
-fn regrow(old: &[f32], rows: usize, old_row: usize, new_row: usize, used: usize) -> Vec<f32> {
-    let mut buf = vec![0f32; rows * new_row];
-    for r in 0..rows {
-        buf[r * new_row..][..used].copy_from_slice(&old[r * old_row..][..used]);
-    }
-    buf
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn growing_keeps_every_token_in_place() {
-        let (heads, d) = (3, 4);
-        let mut cache = KvCache::new(1, heads, d, 1000);
-        // Token t, head h, element e = 100·t + 10·h + e; appended in uneven chunks
-        // so the buffer grows (16 → 32 → 64) with tokens already in it.
-        let token = |t: usize| -> Vec<f32> {
-            (0..heads).flat_map(|h| (0..d).map(move |e| (100 * t + 10 * h + e) as f32)).collect()
-        };
-        let mut t = 0;
-        for chunk in [5usize, 1, 20, 1, 30] {
-            let k: Vec<f32> = (t..t + chunk).flat_map(token).collect();
-            let v: Vec<f32> = k.iter().map(|x| -x).collect();
-            cache.append(0, &k, &v);
-            cache.advance(chunk);
-            t += chunk;
+    /// Token t, head h, element e = 100·t + 10·h + e (negated for values).
+    fn token(t: usize, heads: usize, d: usize) -> Vec<f32> {
+        (0..heads).flat_map(|h| (0..d).map(move |e| (100 * t + 10 * h + e) as f32)).collect()
+    }
+
+    fn append(cache: &mut KvCache, tokens: std::ops::Range<usize>) {
+        let (heads, d) = (cache.kv_heads, cache.head_dim);
+        let k: Vec<f32> = tokens.clone().flat_map(|t| token(t, heads, d)).collect();
+        let v: Vec<f32> = k.iter().map(|x| -x).collect();
+        for layer in 0..cache.layers {
+            cache.append(layer, &k, &v);
         }
-        let view = cache.layer(0);
-        assert!(view.capacity >= t);
-        for j in 0..t {
-            for h in 0..heads {
-                let at = (h * view.capacity + j) * d;
-                let want: Vec<f32> = (0..d).map(|e| (100 * j + 10 * h + e) as f32).collect();
-                let key: Vec<f32> = (0..d).map(|e| view.k_t[(h * d + e) * view.capacity + j]).collect();
-                assert_eq!(key, want, "token {j} head {h}");
-                let negated: Vec<f32> = want.iter().map(|x| -x).collect();
-                assert_eq!(&view.v[at..at + d], negated.as_slice(), "token {j} head {h}");
+        cache.advance(tokens.len());
+    }
+
+    /// Every cached token reads back as `token(t)` in every layer.
+    fn assert_holds(cache: &KvCache, tokens: usize) {
+        let (heads, d) = (cache.kv_heads, cache.head_dim);
+        assert_eq!(cache.len(), tokens);
+        for layer in 0..cache.layers {
+            let view = cache.layer(layer);
+            for t in 0..tokens {
+                let (b, j) = (t / BLOCK_TOKENS, t % BLOCK_TOKENS);
+                for h in 0..heads {
+                    let want: Vec<f32> = (0..d).map(|e| (100 * t + 10 * h + e) as f32).collect();
+                    let key: Vec<f32> = (0..d).map(|e| view.keys(b)[(h * d + e) * BLOCK_TOKENS + j]).collect();
+                    assert_eq!(key, want, "layer {layer} token {t} head {h}");
+                    let value = &view.values(b)[(h * BLOCK_TOKENS + j) * d..][..d];
+                    let negated: Vec<f32> = want.iter().map(|x| -x).collect();
+                    assert_eq!(value, negated.as_slice(), "layer {layer} token {t} head {h}");
+                }
             }
         }
     }
 
     #[test]
-    fn growth_stops_at_the_reservation() {
-        let mut cache = KvCache::new(1, 1, 2, 40);
-        for _ in 0..40 {
-            cache.append(0, &[1.0, 2.0], &[3.0, 4.0]);
-            cache.advance(1);
+    fn tokens_appended_in_any_chunks_read_back_in_place() {
+        let count = BlockCount::default();
+        let mut cache = KvCache::new(2, 3, 4, count.clone());
+        let mut t = 0;
+        for chunk in [5usize, 1, 40, 1, 30] {
+            append(&mut cache, t..t + chunk);
+            t += chunk;
         }
-        // 32, then 40 rounded up to whole key blocks (not 2 × 32 and onwards).
-        assert_eq!(cache.layer(0).capacity, 64);
-        for _ in 0..30 {
-            cache.append(0, &[1.0, 2.0], &[3.0, 4.0]);
-            cache.advance(1);
-        }
-        // Past the reservation it still grows to fit, never panics.
-        assert!(cache.layer(0).capacity >= 70);
+        assert_holds(&cache, t);
+        assert_eq!(count.blocks(), t.div_ceil(BLOCK_TOKENS));
+        drop(cache);
+        assert_eq!(count.blocks(), 0, "dropped blocks are counted out");
+    }
+
+    #[test]
+    fn shared_blocks_are_copied_only_when_written() {
+        let count = BlockCount::default();
+        let mut first = KvCache::new(2, 2, 4, count.clone());
+        append(&mut first, 0..40);
+        // 40 tokens: one full block and one partly filled, both shared.
+        let mut second = first.share(40);
+        assert_eq!(count.blocks(), 2);
+        assert_eq!(second.blocks_to_grow(70), 2, "a copy of the shared last block and one more");
+        assert_eq!(first.blocks_to_grow(64), 1);
+        append(&mut second, 40..70);
+        assert_eq!(count.blocks(), 4, "the full block stays shared; the last one was copied");
+        assert!(Arc::ptr_eq(&first.blocks()[0], &second.blocks()[0]));
+        append(&mut first, 40..50);
+        assert_holds(&first, 50);
+        assert_holds(&second, 70);
+        // A prefix that ends inside a block: the rest of that block is overwritten.
+        let mut third = first.share(35);
+        append(&mut third, 35..64);
+        assert_holds(&third, 64);
+        assert_holds(&first, 50);
     }
 }

@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use super::attention::{self, HeadShape, Rope};
+use super::kv_cache::BlockCount;
 use super::linear::Input;
 use super::linear::Weight;
 use super::lora::{AdapterWeights, LoraGroup};
@@ -243,6 +244,8 @@ pub struct Llama {
     lm_head: Linear,
     rope: Rope,
     config: ModelConfig,
+    /// The KV blocks alive in every cache this model made.
+    kv_blocks: BlockCount,
 }
 
 impl Llama {
@@ -280,7 +283,7 @@ impl Llama {
         }
         let inv_freq = config.rope_scaling.inv_freq(config.head_dim, config.rope_theta);
         let rope = Rope::new(&inv_freq, config.max_position_embeddings);
-        Ok(Self { embed_tokens, layers, norm, lm_head, rope, config })
+        Ok(Self { embed_tokens, layers, norm, lm_head, rope, config, kv_blocks: BlockCount::default() })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -305,10 +308,14 @@ impl Llama {
         layers + self.lm_head.weight_bytes()
     }
 
-    /// A cache for a sequence of at most `max_tokens` tokens.
-    pub fn new_cache(&self, max_tokens: usize) -> KvCache {
-        let max_tokens = max_tokens.min(self.config.max_position_embeddings);
-        KvCache::new(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim, max_tokens)
+    /// An empty cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim, self.kv_blocks.clone())
+    }
+
+    /// How many KV blocks this model's caches hold between them.
+    pub fn kv_blocks(&self) -> usize {
+        self.kv_blocks.blocks()
     }
 
     /// One step over every row. Returns, per row, logits `[positions, vocab]`

@@ -6,7 +6,7 @@
 //! - `source`: where weights come from (GGUF file or Hugging Face folder),
 //!   behind one `WeightSource` so the model code is written once;
 //! - `linear`: the single projection type (quantized or dense base weight);
-//! - `kv_cache`: one sequence's keys and values, grown in place;
+//! - `kv_cache`: a sequence's keys and values in shared, copy-on-write blocks;
 //! - `attention`: rotary embedding and causal attention over a sequence's cache;
 //! - `ops`: the element-wise steps (residual add, gated activation);
 //! - `lora`: un-merged per-row adapter deltas;
@@ -28,7 +28,7 @@ pub mod safetensors;
 pub mod source;
 
 pub use config::ModelConfig;
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvBlock, KvCache, BLOCK_TOKENS};
 pub use linear::Linear;
 pub use llama::{BatchRow, Llama};
 pub use source::{ModelFormat, QuantType, WeightMode};

@@ -53,10 +53,16 @@ pub struct Encoder<'a> {
     pub eos: Option<u32>,
 }
 
-/// Reads and checks every line, then tokenizes; `max_len` drops longer examples.
+/// Reads a file, checks every line, then tokenizes; `max_len` drops longer examples.
 pub fn load(path: &Path, encoder: &Encoder, max_len: usize) -> Result<Dataset, DataError> {
     let shown = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| DataError::Read { path: shown.clone(), message: e.to_string() })?;
+    parse(bytes, &shown, encoder, max_len)
+}
+
+/// Checks every line of a JSONL text named `shown` (in errors), then tokenizes.
+pub fn parse(bytes: Vec<u8>, shown: &str, encoder: &Encoder, max_len: usize) -> Result<Dataset, DataError> {
+    let shown = shown.to_string();
     let sha256 = {
         use sha2::Digest;
         format!("{:x}", sha2::Sha256::digest(&bytes))

@@ -59,7 +59,7 @@ pub fn eval_replies(
         };
         let rendered = template.render(&request).map_err(|e| invalid(e.to_string()))?;
         let mut input = info.tokenizer.encode(&rendered).map_err(|e| invalid(e.to_string()))?;
-        let mut cache = loaded.model.new_cache(input.len() + EVAL_TOKENS);
+        let mut cache = loaded.model.new_cache();
         let mut out = Vec::new();
         for _ in 0..EVAL_TOKENS {
             let row = BatchRow { tokens: &input, cache: &mut cache, logits: Logits::Last, adapter: Some(&weights) };
@@ -158,13 +158,21 @@ pub fn write(args: &TrainArgs, summary: &Summary, data_sha256: &str) -> Result<(
         args.lr,
         args.schedule,
         args.warmup,
-        args.schedule_steps.unwrap_or(summary.steps.len()),
+        args.schedule_steps.unwrap_or(summary.planned_steps),
         args.min_lr_ratio,
         args.weight_decay,
         args.max_grad_norm,
         args.max_seq_len,
         args.seed
     );
+    if summary.steps.len() < summary.planned_steps {
+        let _ = writeln!(
+            card,
+            "- stopped at a checkpoint after {} of {} steps",
+            summary.steps.len(),
+            summary.planned_steps
+        );
+    }
     let _ = writeln!(card, "- final train loss: {last:.4}");
     if let Some(v) = summary.validation_loss {
         let _ = writeln!(card, "- validation loss: {v:.4}");

@@ -98,6 +98,8 @@ pub enum TrainError {
     Invalid(String),
     #[error("cannot write {path}: {message}")]
     Write { path: String, message: String },
+    #[error("training was cancelled")]
+    Cancelled,
 }
 
 impl From<candle_core::Error> for TrainError {
@@ -113,7 +115,9 @@ pub struct StepLog {
     pub loss: f64,
     pub lr: f64,
     pub grad_norm: f64,
-    /// Tokens of the step's examples (no padding) per second.
+    /// Tokens of the step's examples (no padding).
+    pub tokens: usize,
+    /// Those tokens per second.
     pub tokens_per_second: f64,
     pub seconds: f64,
 }
@@ -122,6 +126,8 @@ pub struct StepLog {
 #[derive(Debug, Clone)]
 pub struct Summary {
     pub steps: Vec<StepLog>,
+    /// Steps the run was to take (more than `steps` when it was stopped at a checkpoint).
+    pub planned_steps: usize,
     pub validation_loss: Option<f64>,
     pub examples: usize,
     pub too_long: usize,
@@ -134,8 +140,20 @@ fn write_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
     move |e| TrainError::Write { path: path.display().to_string(), message: e.to_string() }
 }
 
-/// Runs the training; `progress` sees each step as it ends.
-pub fn train(args: &TrainArgs, mut progress: impl FnMut(&StepLog, usize)) -> Result<Summary, TrainError> {
+/// What a run does after a step, as its progress callback says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterStep {
+    Continue,
+    /// End now, saving nothing (a cancelled job).
+    Stop,
+    /// End now and save the adapter as trained so far, with its log and
+    /// model card (Ctrl-C on `tailor train`).
+    Checkpoint,
+}
+
+/// Runs the training; `progress` sees each step as it ends (and the
+/// planned total), and may end the run there.
+pub fn train(args: &TrainArgs, mut progress: impl FnMut(&StepLog, usize) -> AfterStep) -> Result<Summary, TrainError> {
     check(args)?;
     let model_path = args.model.clone().unwrap_or_else(crate::config::default_model_path);
     let mut options = LoadOptions { mode: WeightMode::F32, ..Default::default() };
@@ -206,13 +224,19 @@ pub fn train(args: &TrainArgs, mut progress: impl FnMut(&StepLog, usize)) -> Res
             loss: loss_sum / args.grad_accum as f64,
             lr: rate,
             grad_norm: norm,
+            tokens,
             tokens_per_second: tokens as f64 / seconds,
             seconds,
         };
         let line = serde_json::to_string(&entry).map_err(|e| TrainError::Invalid(e.to_string()))?;
         writeln!(log, "{line}").map_err(write_err(&log_path))?;
-        progress(&entry, total);
+        let next = progress(&entry, total);
         steps.push(entry);
+        match next {
+            AfterStep::Continue => {}
+            AfterStep::Stop => return Err(TrainError::Cancelled),
+            AfterStep::Checkpoint => break,
+        }
     }
     let validation_loss =
         validation.as_ref().map(|v| mean_loss(&model, &lora, &v.examples, args.batch_size)).transpose()?;
@@ -222,6 +246,7 @@ pub fn train(args: &TrainArgs, mut progress: impl FnMut(&StepLog, usize)) -> Res
         None => Vec::new(),
     };
     let summary = Summary {
+        planned_steps: total,
         steps,
         validation_loss,
         examples: dataset.examples.len(),
@@ -309,6 +334,7 @@ pub fn describe(summary: &Summary) -> String {
     json!({
         "adapter": summary.out.display().to_string(),
         "steps": summary.steps.len(),
+        "planned_steps": summary.planned_steps,
         "examples": summary.examples,
         "too_long": summary.too_long,
         "final_train_loss": last.map(|s| s.loss),

@@ -99,6 +99,11 @@ fn spawn_server(
     let mut argv =
         vec!["tailor".to_string(), "--port".into(), "0".into(), "--model".into(), model.display().to_string()];
     argv.extend(extra_args.iter().map(|s| s.to_string()));
+    if !extra_args.contains(&"--data-dir") {
+        // Each server its own fine-tuning data (one server per data directory).
+        let data = tempfile::tempdir().expect("data dir").keep();
+        argv.extend(["--data-dir".to_string(), data.display().to_string()]);
+    }
     let config = Wrapper::parse_from(argv).args.into_config().expect("valid test config");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -205,6 +210,11 @@ pub async fn stream_at(
 /// Runs `tests/<script>` with `args` under the test Python; its output on
 /// failure, naming the packages it `needs` (scripts/test.sh installs them).
 pub fn run_python_script(script: &str, args: &[&str], needs: &str) -> TestResult {
+    python_script_output(script, args, needs).map(|_| ())
+}
+
+/// Runs `tests/<script>` like `run_python_script`; what it printed to stdout.
+pub fn python_script_output(script: &str, args: &[&str], needs: &str) -> Result<String, Box<dyn std::error::Error>> {
     let python = std::env::var("TAILOR_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
     let path = format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR"));
     let output = std::process::Command::new(&python)
@@ -218,6 +228,6 @@ pub fn run_python_script(script: &str, args: &[&str], needs: &str) -> TestResult
         output.status.success(),
         "{script} failed (are {needs} installed? scripts/test.sh installs them)\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
-    println!("{stdout}");
-    Ok(())
+    println!("{stdout}{stderr}");
+    Ok(stdout.into_owned())
 }

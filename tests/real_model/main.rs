@@ -3,6 +3,7 @@
 
 mod api;
 mod common;
+mod fine_tuning;
 mod lora;
 mod openai_sdk;
 mod operations;

@@ -69,3 +69,89 @@ async fn cached_prefixes_give_the_same_tokens_and_logits_per_adapter() -> TestRe
     assert_eq!(reloaded["choices"][0]["logprobs"], pirate["choices"][0]["logprobs"]);
     Ok(())
 }
+
+/// Requests running together share the preamble's blocks (with the prefix
+/// cache off, only a running request can supply them); a prefix evicted from
+/// a small cache is computed again; all give what a cold server gives.
+#[tokio::test]
+async fn shared_by_running_requests_and_after_eviction_the_outputs_stay_exact() -> TestResult {
+    let cold = start_server(&["--prefix-cache-tokens", "0"]);
+    let together = start_server(&["--prefix-cache-tokens", "0"]);
+    let questions = ["Where is my parcel?", "Is the depot open on Sunday?", "Can I change the address?"];
+    let mut fresh = Vec::new();
+    for question in questions {
+        fresh.push(post_at(cold, "/v1/chat/completions", ask(MODEL_ID, question)).await?.1);
+    }
+    let replies = futures::future::join_all(
+        questions.iter().map(|question| post_at(together, "/v1/chat/completions", ask(MODEL_ID, question))),
+    )
+    .await;
+    let mut shared = 0;
+    for (reply, fresh) in replies.into_iter().zip(&fresh) {
+        let (status, reply) = reply?;
+        assert_eq!(status, 200, "{reply}");
+        assert_eq!(reply["choices"][0]["logprobs"], fresh["choices"][0]["logprobs"]);
+        shared += cached(&reply);
+    }
+    assert!(shared > 0, "no request started from another's preamble");
+
+    // Three blocks of cache: another system prompt pushes the first one out.
+    let small = start_server(&["--prefix-cache-tokens", "96"]);
+    let first = post_at(small, "/v1/chat/completions", ask(MODEL_ID, questions[0])).await?.1;
+    let again = post_at(small, "/v1/chat/completions", ask(MODEL_ID, questions[0])).await?.1;
+    let prompt_tokens = again["usage"]["prompt_tokens"].as_u64().ok_or("prompt_tokens")?;
+    assert_eq!(cached(&again), prompt_tokens - 1, "{again}");
+    let mut other = ask(MODEL_ID, "Hello?");
+    other["messages"][0]["content"] =
+        json!("You write haiku about the sea, the wind and the gulls, and nothing else at all.");
+    post_at(small, "/v1/chat/completions", other).await?;
+    let evicted = post_at(small, "/v1/chat/completions", ask(MODEL_ID, questions[0])).await?.1;
+    assert!(cached(&evicted) < prompt_tokens - 1, "nothing was evicted: {evicted}");
+    for reply in [&first, &again, &evicted] {
+        assert_eq!(reply["choices"][0]["logprobs"], fresh[0]["choices"][0]["logprobs"]);
+    }
+    Ok(())
+}
+
+/// A template edited and reloaded renders other tokens: only the part of the
+/// old rendering they still start with comes from the cache, and the reply
+/// is what a server that only ever saw the new template gives.
+#[tokio::test]
+async fn an_edited_template_reuses_only_the_tokens_it_still_renders() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let template = |word: &str| {
+        format!(
+            "{{#-\n[variables.text]\nrequired = true\n-#}}\n{PREAMBLE}\nThe shipping company is called {word} Freight and it ships parcels across the whole of Europe.\n\
+             Question: {{{{ text }}}}\nAnswer:"
+        )
+    };
+    let path = dir.path().join("probe.jinja");
+    std::fs::write(&path, template("Northwind"))?;
+    let templates = dir.path().to_str().ok_or("path")?;
+    let warm = start_server(&["--templates-dir", templates]);
+    let body = json!({"model": MODEL_ID, "template": "probe", "template_vars": {"text": "Where is my parcel?"},
+        "max_tokens": 10, "temperature": 0, "logprobs": 5});
+    let render =
+        || post_at(warm, "/v1/templates/probe/render", json!({"template_vars": {"text": "Where is my parcel?"}}));
+    let (status, before) = render().await?;
+    assert_eq!(status, 200, "{before}");
+    let (status, first) = post_at(warm, "/v1/completions", body.clone()).await?;
+    assert_eq!(status, 200, "{first}");
+    std::fs::write(&path, template("Southwind"))?;
+    let (status, reloaded) = post_at(warm, "/v1/templates/reload", json!({})).await?;
+    assert_eq!(status, 200, "{reloaded}");
+    let after = render().await?.1;
+    let ids =
+        |v: &Value| -> Vec<u64> { v["tokens"].as_array().into_iter().flatten().filter_map(Value::as_u64).collect() };
+    let (old, new) = (ids(&before), ids(&after));
+    let common = old.iter().zip(&new).take_while(|(a, b)| a == b).count() as u64;
+    assert!(common > 0 && common < new.len() as u64 - 1, "the edit should be inside the template");
+    let (status, edited) = post_at(warm, "/v1/completions", body.clone()).await?;
+    assert_eq!(status, 200, "{edited}");
+    assert_eq!(cached(&edited), common);
+    let cold = start_server(&["--templates-dir", templates, "--prefix-cache-tokens", "0"]);
+    let (_, fresh) = post_at(cold, "/v1/completions", body).await?;
+    assert_eq!(edited["choices"][0]["text"], fresh["choices"][0]["text"]);
+    assert_eq!(edited["choices"][0]["logprobs"], fresh["choices"][0]["logprobs"]);
+    Ok(())
+}

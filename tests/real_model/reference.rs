@@ -36,7 +36,7 @@ pub fn loaded(mode: WeightMode) -> &'static Loaded {
 
 /// Logits `[positions, vocab]` of `tokens` run in one pass from an empty cache.
 pub fn all_logits(model: &Loaded, tokens: &[u32], adapter: Adapter) -> Vec<Vec<f32>> {
-    let mut cache = model.model.new_cache(usize::MAX);
+    let mut cache = model.model.new_cache();
     let out = model
         .model
         .forward(&mut [BatchRow { tokens, cache: &mut cache, logits: Logits::All, adapter }])
@@ -50,7 +50,7 @@ fn argmax(v: &[f32]) -> u32 {
 
 /// Greedy decoding with the KV cache, ending after a `stop` id (none: all `steps`).
 pub fn greedy(model: &Loaded, prompt: &[u32], steps: usize, stop: &[u32], adapter: Adapter) -> Vec<u32> {
-    let mut cache = model.model.new_cache(usize::MAX);
+    let mut cache = model.model.new_cache();
     let mut out = Vec::new();
     let mut input = prompt.to_vec();
     for _ in 0..steps {
@@ -259,7 +259,7 @@ fn batched_rows_equal_single_rows() -> TestResult {
     let model = loaded(WeightMode::F32);
     let a = ids(&prompts("reference/base.json")[0]["prompt_ids"]);
     let b = ids(&prompts("reference/base.json")[3]["prompt_ids"]);
-    let (mut ca, mut cb) = (model.model.new_cache(usize::MAX), model.model.new_cache(usize::MAX));
+    let (mut ca, mut cb) = (model.model.new_cache(), model.model.new_cache());
     let both = model.model.forward(&mut [
         BatchRow { tokens: &a, cache: &mut ca, logits: Logits::Last, adapter: None },
         BatchRow { tokens: &b, cache: &mut cb, logits: Logits::Last, adapter: None },

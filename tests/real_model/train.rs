@@ -103,7 +103,10 @@ async fn the_pirate_recipe_trains_an_adapter_the_server_serves() -> TestResult {
     ]
     .map(String::from);
     let args = Wrapper::parse_from(argv).args;
-    let summary = tokio::task::spawn_blocking(move || tailor::train::run::train(&args, |_, _| {})).await??;
+    let summary = tokio::task::spawn_blocking(move || {
+        tailor::train::run::train(&args, |_, _| tailor::train::run::AfterStep::Continue)
+    })
+    .await??;
     let (first, last) = (summary.steps[0].loss, summary.steps.last().map(|s| s.loss).unwrap_or(f64::NAN));
     assert!(last < first / 4.0, "the loss falls: {first} → {last}");
     for file in ["adapter_config.json", "adapter_model.safetensors", "training.jsonl", "loss.svg", "README.md"] {
@@ -129,5 +132,42 @@ async fn the_pirate_recipe_trains_an_adapter_the_server_serves() -> TestResult {
     println!("loss {first:.3} → {last:.3}; eval {offline}/10 offline, {passed}/10 served: {served:?}");
     assert!(passed >= 9, "served replies: {served:?}");
     assert!(offline >= 9, "eval replies: {:?}", summary.replies);
+    Ok(())
+}
+
+/// Ctrl-C's checkpoint: a run stopped after its first step still leaves a
+/// loadable adapter, its log and a card that says where it stopped.
+#[test]
+fn a_run_stopped_at_a_checkpoint_saves_what_it_trained() -> TestResult {
+    use clap::Parser;
+    use tailor::train::run::AfterStep;
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: tailor::train::run::TrainArgs,
+    }
+    let out = tempfile::tempdir()?;
+    let data = crate::common::fixture("train").join("json.jsonl");
+    let (model, data, out_dir) =
+        (model_path().display().to_string(), data.display().to_string(), out.path().display().to_string());
+    let argv = ["train", "--model", &model, "--data", &data, "--out", &out_dir, "--steps", "5", "--batch-size", "2"];
+    let args = Wrapper::parse_from(argv).args;
+    let summary = tailor::train::run::train(&args, |_, _| AfterStep::Checkpoint)?;
+    assert_eq!((summary.steps.len(), summary.planned_steps), (1, 5));
+    let card = std::fs::read_to_string(out.path().join("README.md"))?;
+    assert!(card.contains("stopped at a checkpoint after 1 of 5 steps"), "{card}");
+    let log = std::fs::read_to_string(out.path().join("training.jsonl"))?;
+    assert_eq!(log.lines().count(), 1);
+    let base = loaded(WeightMode::F32);
+    adapter::load(out.path(), &BaseShapes::of(base.model.config()), 64)?;
+    // Stopped (a cancelled job): nothing is saved.
+    let gone = tempfile::tempdir()?;
+    let mut args = args;
+    args.out = gone.path().join("adapter");
+    assert!(matches!(
+        tailor::train::run::train(&args, |_, _| AfterStep::Stop),
+        Err(tailor::train::run::TrainError::Cancelled)
+    ));
+    assert!(!args.out.join("adapter_model.safetensors").exists());
     Ok(())
 }

@@ -1,0 +1,226 @@
+//! OpenAI's fine-tuning jobs API: `POST /v1/fine_tuning/jobs`, `GET
+//! /v1/fine_tuning/jobs`, `GET .../{id}`, `GET .../{id}/events`, `POST
+//! .../{id}/cancel`. A job trains a LoRA adapter on the served base; when it
+//! succeeds the adapter is served as `ft:<base>:<suffix>:<job id>`.
+
+use axum::extract::{Path, Query, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::error::ApiError;
+use super::files::service;
+use super::json::AppJson;
+use super::AppState;
+use crate::finetune::jobs::{Hyperparameters, Job};
+use crate::train::MODULES;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/fine_tuning/jobs", get(list).post(create))
+        .route("/v1/fine_tuning/jobs/{id}", get(retrieve))
+        .route("/v1/fine_tuning/jobs/{id}/events", get(events))
+        .route("/v1/fine_tuning/jobs/{id}/cancel", post(cancel))
+}
+
+#[derive(Debug, Deserialize)]
+struct CreateJob {
+    model: String,
+    training_file: String,
+    validation_file: Option<String>,
+    #[serde(default)]
+    hyperparameters: Map<String, Value>,
+    method: Option<Value>,
+    suffix: Option<String>,
+    seed: Option<u64>,
+    #[serde(default)]
+    integrations: Vec<Value>,
+    metadata: Option<Value>,
+}
+
+/// A number, or `"auto"` (None).
+fn number(fields: &Map<String, Value>, name: &str) -> Result<Option<f64>, ApiError> {
+    match fields.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s == "auto" => Ok(None),
+        Some(v) => match v.as_f64() {
+            Some(n) if n.is_finite() && n > 0.0 => Ok(Some(n)),
+            _ => Err(ApiError::invalid(
+                format!("hyperparameters.{name}"),
+                format!("`{name}` must be a positive number or \"auto\""),
+            )),
+        },
+    }
+}
+
+fn whole(fields: &Map<String, Value>, name: &str) -> Result<Option<usize>, ApiError> {
+    match number(fields, name)? {
+        Some(n) if n.fract() != 0.0 => {
+            Err(ApiError::invalid(format!("hyperparameters.{name}"), format!("`{name}` must be a whole number")))
+        }
+        n => Ok(n.map(|n| n as usize)),
+    }
+}
+
+/// OpenAI's hyperparameters (`"auto"` picks the shipped adapters' recipe),
+/// plus tailor's LoRA and schedule fields.
+fn hyperparameters(fields: &Map<String, Value>) -> Result<Hyperparameters, ApiError> {
+    let known = [
+        "n_epochs",
+        "batch_size",
+        "learning_rate_multiplier",
+        "n_steps",
+        "lora_rank",
+        "lora_alpha",
+        "target_modules",
+        "use_rslora",
+        "warmup_steps",
+        "lr_schedule",
+        "lr_schedule_steps",
+        "min_lr_ratio",
+        "max_seq_len",
+    ];
+    if let Some(unknown) = fields.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(ApiError::invalid(
+            format!("hyperparameters.{unknown}"),
+            format!("unknown hyperparameter `{unknown}` (known: {})", known.join(", ")),
+        ));
+    }
+    let target_modules = match fields.get("target_modules") {
+        None => vec!["q_proj".to_string(), "v_proj".to_string()],
+        Some(Value::Array(items)) if !items.is_empty() => items
+            .iter()
+            .map(|m| match m.as_str() {
+                Some(m) if MODULES.contains(&m) => Ok(m.to_string()),
+                _ => Err(ApiError::invalid(
+                    "hyperparameters.target_modules",
+                    format!("target modules are among {}", MODULES.join(", ")),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(ApiError::invalid("hyperparameters.target_modules", "a non-empty list of module names")),
+    };
+    let lr_schedule = match fields.get("lr_schedule") {
+        None => "cosine".to_string(),
+        Some(Value::String(s)) if ["cosine", "linear", "constant"].contains(&s.as_str()) => s.clone(),
+        Some(_) => return Err(ApiError::invalid("hyperparameters.lr_schedule", "one of cosine, linear, constant")),
+    };
+    let use_rslora = match fields.get("use_rslora") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::invalid("hyperparameters.use_rslora", "true or false")),
+    };
+    let min_lr_ratio = fields.get("min_lr_ratio").map_or(Some(0.0), Value::as_f64);
+    let Some(min_lr_ratio) = min_lr_ratio.filter(|r| (0.0..=1.0).contains(r)) else {
+        return Err(ApiError::invalid("hyperparameters.min_lr_ratio", "a number within 0..1"));
+    };
+    let rank = whole(fields, "lora_rank")?.unwrap_or(8);
+    Ok(Hyperparameters {
+        n_epochs: number(fields, "n_epochs")?.unwrap_or(1.0),
+        batch_size: whole(fields, "batch_size")?.unwrap_or(8),
+        learning_rate_multiplier: number(fields, "learning_rate_multiplier")?.unwrap_or(1.0),
+        n_steps: whole(fields, "n_steps")?,
+        lora_rank: rank,
+        lora_alpha: number(fields, "lora_alpha")?.unwrap_or(2.0 * rank as f64),
+        target_modules,
+        use_rslora,
+        warmup_steps: match fields.get("warmup_steps") {
+            Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64().unwrap_or(0) as usize,
+            None => 0,
+            Some(_) => return Err(ApiError::invalid("hyperparameters.warmup_steps", "a whole number")),
+        },
+        lr_schedule,
+        lr_schedule_steps: whole(fields, "lr_schedule_steps")?,
+        min_lr_ratio,
+        max_seq_len: whole(fields, "max_seq_len")?.unwrap_or(512).max(2),
+    })
+}
+
+async fn create(State(state): State<AppState>, AppJson(req): AppJson<CreateJob>) -> Result<Json<Job>, ApiError> {
+    let service = service(&state)?;
+    let info = state.model()?;
+    if req.model != info.id {
+        return Err(ApiError::invalid(
+            "model",
+            format!("this server fine-tunes the model it serves, `{}`, not `{}`", info.id, req.model),
+        ));
+    }
+    if !req.integrations.is_empty() {
+        return Err(ApiError::unsupported("integrations", "(Weights & Biases and others)"));
+    }
+    if let Some(suffix) = &req.suffix {
+        let ok = !suffix.is_empty()
+            && suffix.len() <= 40
+            && suffix.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !ok {
+            return Err(ApiError::invalid("suffix", "up to 40 letters, digits, `-`, `_` or `.`"));
+        }
+    }
+    // The newer `method` field holds the same hyperparameters; top-level ones win.
+    let mut fields = req
+        .method
+        .as_ref()
+        .and_then(|m| m.pointer("/supervised/hyperparameters"))
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    if let Some(kind) = req.method.as_ref().and_then(|m| m.get("type")).and_then(Value::as_str) {
+        if kind != "supervised" {
+            return Err(ApiError::unsupported("method.type", &format!("`{kind}`")));
+        }
+    }
+    fields.extend(req.hyperparameters);
+    let hyperparameters = hyperparameters(&fields)?;
+    let seed = req.seed.unwrap_or_else(|| uuid::Uuid::new_v4().as_u64_pair().0 % 1_000_000);
+    let job = Job::new(
+        info.id.clone(),
+        req.training_file,
+        req.validation_file,
+        hyperparameters,
+        req.suffix,
+        seed,
+        req.metadata,
+    );
+    let job = state.blocking(move || Ok(service.create(job)?)).await?;
+    tracing::info!(job = %job.id, "fine-tuning job queued");
+    Ok(Json(job))
+}
+
+#[derive(Debug, Deserialize)]
+struct Page {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// One page of a newest-first list: the items after `after`, at most `limit` (20).
+fn page<T: serde::Serialize>(items: Vec<T>, id: impl Fn(&T) -> &str, page: &Page) -> Value {
+    let start = page.after.as_ref().and_then(|after| items.iter().position(|i| id(i) == after)).map_or(0, |p| p + 1);
+    let limit = page.limit.unwrap_or(20).clamp(1, 100);
+    let has_more = items.len() > start + limit;
+    let data: Vec<&T> = items.iter().skip(start).take(limit).collect();
+    json!({"object": "list", "data": data, "has_more": has_more})
+}
+
+async fn list(State(state): State<AppState>, Query(query): Query<Page>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(page(service(&state)?.jobs(), |j| &j.id, &query)))
+}
+
+async fn retrieve(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Job>, ApiError> {
+    Ok(Json(service(&state)?.job(&id)?))
+}
+
+async fn events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<Page>,
+) -> Result<Json<Value>, ApiError> {
+    let service = service(&state)?;
+    let events = state.blocking(move || Ok(service.events(&id)?)).await?;
+    Ok(Json(page(events, |e| &e.id, &query)))
+}
+
+async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Job>, ApiError> {
+    let service = service(&state)?;
+    Ok(Json(state.blocking(move || Ok(service.cancel(&id)?)).await?))
+}

@@ -1,0 +1,129 @@
+//! Uploaded files (OpenAI's `/v1/files`): each one's bytes and its
+//! description, side by side in the data directory, so they outlive the
+//! process. Ids are generated here; a client's id never names a path
+//! unchecked.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{now, FineTuneError};
+
+/// A file as OpenAI describes it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileObject {
+    pub id: String,
+    pub object: String,
+    pub bytes: u64,
+    pub created_at: u64,
+    pub filename: String,
+    pub purpose: String,
+    pub status: String,
+}
+
+pub struct FileStore {
+    dir: PathBuf,
+}
+
+/// Whether `id` has the shape this store gives (so it is a plain file name).
+fn is_file_id(id: &str) -> bool {
+    id.strip_prefix("file-").is_some_and(|hex| !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+impl FileStore {
+    pub fn open(dir: &Path) -> Result<Self, FineTuneError> {
+        std::fs::create_dir_all(dir).map_err(FineTuneError::io(dir))?;
+        Ok(Self { dir: dir.to_path_buf() })
+    }
+
+    fn content_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.jsonl"))
+    }
+
+    fn meta_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.json"))
+    }
+
+    /// Stores checked content under a new id.
+    pub fn create(&self, filename: &str, purpose: &str, content: &[u8]) -> Result<FileObject, FineTuneError> {
+        let file = FileObject {
+            id: format!("file-{}", uuid::Uuid::new_v4().simple()),
+            object: "file".into(),
+            bytes: content.len() as u64,
+            created_at: now(),
+            filename: filename.chars().filter(|c| !c.is_control()).take(256).collect(),
+            purpose: purpose.into(),
+            status: "processed".into(),
+        };
+        let content_path = self.content_path(&file.id);
+        std::fs::write(&content_path, content).map_err(FineTuneError::io(&content_path))?;
+        super::write_json(&self.meta_path(&file.id), &file)?;
+        Ok(file)
+    }
+
+    pub fn get(&self, id: &str) -> Option<FileObject> {
+        if !is_file_id(id) {
+            return None;
+        }
+        let text = std::fs::read_to_string(self.meta_path(id)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Newest first.
+    pub fn list(&self) -> Vec<FileObject> {
+        let mut files: Vec<FileObject> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().into_string().ok()?;
+                self.get(name.strip_suffix(".json")?)
+            })
+            .collect();
+        files.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| a.id.cmp(&b.id)));
+        files
+    }
+
+    /// The stored bytes' path, for a file that exists.
+    pub fn path(&self, id: &str) -> Option<PathBuf> {
+        self.get(id).map(|_| self.content_path(id))
+    }
+
+    pub fn content(&self, id: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.path(id)?).ok()
+    }
+
+    /// False when there is no such file.
+    pub fn delete(&self, id: &str) -> Result<bool, FineTuneError> {
+        if self.get(id).is_none() {
+            return Ok(false);
+        }
+        for path in [self.meta_path(id), self.content_path(id)] {
+            std::fs::remove_file(&path).map_err(FineTuneError::io(&path))?;
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_are_kept_listed_and_deleted_by_id_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = FileStore::open(dir.path()).expect("store");
+        let file = store.create("train\n.jsonl", "fine-tune", b"{}\n").expect("create");
+        assert_eq!((file.bytes, file.filename.as_str()), (3, "train.jsonl"));
+        let reopened = FileStore::open(dir.path()).expect("store");
+        assert_eq!(reopened.get(&file.id), Some(file.clone()));
+        assert_eq!(reopened.list(), vec![file.clone()]);
+        assert_eq!(reopened.content(&file.id).as_deref(), Some(&b"{}\n"[..]));
+        for hostile in ["../file-00", "file-../../etc/passwd", "file-", "x"] {
+            assert!(reopened.get(hostile).is_none(), "{hostile}");
+        }
+        assert!(reopened.delete(&file.id).expect("delete"));
+        assert!(!reopened.delete(&file.id).expect("delete"));
+        assert!(reopened.list().is_empty());
+    }
+}
