@@ -25,11 +25,6 @@ pub struct FileStore {
     dir: PathBuf,
 }
 
-/// Whether `id` has the shape this store gives (so it is a plain file name).
-fn is_file_id(id: &str) -> bool {
-    id.strip_prefix("file-").is_some_and(|hex| !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit()))
-}
-
 impl FileStore {
     pub fn open(dir: &Path) -> Result<Self, FineTuneError> {
         std::fs::create_dir_all(dir).map_err(FineTuneError::io(dir))?;
@@ -47,7 +42,7 @@ impl FileStore {
     /// Stores checked content under a new id.
     pub fn create(&self, filename: &str, purpose: &str, content: &[u8]) -> Result<FileObject, FineTuneError> {
         let file = FileObject {
-            id: format!("file-{}", uuid::Uuid::new_v4().simple()),
+            id: crate::api::response_id("file"),
             object: "file".into(),
             bytes: content.len() as u64,
             created_at: now(),
@@ -62,7 +57,7 @@ impl FileStore {
     }
 
     pub fn get(&self, id: &str) -> Option<FileObject> {
-        if !is_file_id(id) {
+        if !super::is_generated_id(id, "file") {
             return None;
         }
         let text = std::fs::read_to_string(self.meta_path(id)).ok()?;

@@ -100,7 +100,7 @@ impl Job {
             "learning_rate_multiplier": hyperparameters.learning_rate_multiplier,
         }}});
         Job {
-            id: format!("ftjob-{}", uuid::Uuid::new_v4().simple()),
+            id: crate::api::response_id("ftjob"),
             object: "fine_tuning.job".into(),
             created_at: now(),
             finished_at: None,
@@ -155,7 +155,7 @@ impl JobEvent {
     fn new(level: &str, message: String, data: Value, kind: &str) -> Self {
         JobEvent {
             object: "fine_tuning.job.event".into(),
-            id: format!("ftevent-{}", uuid::Uuid::new_v4().simple()),
+            id: crate::api::response_id("ftevent"),
             created_at: now(),
             level: level.into(),
             message,
@@ -168,11 +168,6 @@ impl JobEvent {
 /// The folders of the jobs.
 pub struct JobDirs {
     root: PathBuf,
-}
-
-/// Whether `id` has the shape jobs are given (so it is a plain folder name).
-pub fn is_job_id(id: &str) -> bool {
-    id.strip_prefix("ftjob-").is_some_and(|hex| !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 impl JobDirs {
@@ -201,7 +196,7 @@ impl JobDirs {
             .into_iter()
             .flatten()
             .flatten()
-            .filter(|entry| entry.file_name().to_str().is_some_and(is_job_id))
+            .filter(|entry| entry.file_name().to_str().is_some_and(|name| super::is_generated_id(name, "ftjob")))
             .filter_map(|entry| {
                 let path = entry.path().join("job.json");
                 match std::fs::read_to_string(&path)

@@ -44,8 +44,14 @@ impl FineTuneError {
     }
 }
 
-pub(crate) fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+pub(crate) use crate::api::unix_now as now;
+
+/// Whether `id` has the shape `crate::api::response_id(prefix)` gives (so it
+/// is a plain file name, never a path).
+fn is_generated_id(id: &str, prefix: &str) -> bool {
+    id.strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .is_some_and(|hex| !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 /// Writes JSON through a temporary file, so a crash never leaves half of one.
