@@ -27,8 +27,7 @@ pub struct FileStore {
 
 impl FileStore {
     pub fn open(dir: &Path) -> Result<Self, FineTuneError> {
-        std::fs::create_dir_all(dir).map_err(FineTuneError::io(dir))?;
-        Ok(Self { dir: dir.to_path_buf() })
+        Ok(Self { dir: super::created(dir)? })
     }
 
     fn content_path(&self, id: &str) -> PathBuf {

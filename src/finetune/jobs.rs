@@ -172,8 +172,7 @@ pub struct JobDirs {
 
 impl JobDirs {
     pub fn open(root: &Path) -> Result<Self, FineTuneError> {
-        std::fs::create_dir_all(root).map_err(FineTuneError::io(root))?;
-        Ok(Self { root: root.to_path_buf() })
+        Ok(Self { root: super::created(root)? })
     }
 
     pub fn dir(&self, id: &str) -> PathBuf {

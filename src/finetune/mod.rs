@@ -54,6 +54,12 @@ fn is_generated_id(id: &str, prefix: &str) -> bool {
         .is_some_and(|hex| !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
+/// `dir`, created if missing (the data directory and its folders).
+fn created(dir: &Path) -> Result<PathBuf, FineTuneError> {
+    std::fs::create_dir_all(dir).map_err(FineTuneError::io(dir))?;
+    Ok(dir.to_path_buf())
+}
+
 /// Writes JSON through a temporary file, so a crash never leaves half of one.
 fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), FineTuneError> {
     let text = serde_json::to_string_pretty(value).map_err(|e| FineTuneError::Internal(e.to_string()))?;
@@ -98,7 +104,7 @@ impl FineTuning {
     /// Opens the data directory and starts the worker; jobs left queued or
     /// running by an earlier process are queued again.
     pub fn start(config: FineTuningConfig) -> Result<Arc<Self>, FineTuneError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(FineTuneError::io(&config.data_dir))?;
+        created(&config.data_dir)?;
         // One server per data directory: two would run each other's jobs.
         let lock_path = config.data_dir.join("lock");
         let lock = std::fs::File::create(&lock_path).map_err(FineTuneError::io(&lock_path))?;
