@@ -326,6 +326,7 @@ impl FineTuning {
             threads: None,
             template: None,
             eval_prompts: None,
+            init_from: None,
         })
     }
 

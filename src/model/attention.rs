@@ -40,6 +40,11 @@ impl Rope {
         Self { cos, sin, half }
     }
 
+    /// The cosine and sine tables, `[position, head_dim / 2]` each.
+    pub fn tables(&self) -> (&[f32], &[f32]) {
+        (&self.cos, &self.sin)
+    }
+
     /// Rotates `x` (`[n, heads · head_dim]`, positions `start..start + n`) in place.
     pub fn apply(&self, x: &mut [f32], heads: usize, start: usize) {
         let (half, d) = (self.half, 2 * self.half);

@@ -2,10 +2,9 @@
 //! defaults) and the learning-rate schedule: linear warm-up, then cosine,
 //! linear or constant down to a floor.
 
-use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
-
-use crate::model::Result;
+use super::backward::Grads;
+use super::linalg::Real;
+use super::model::Lora;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Schedule {
@@ -43,10 +42,10 @@ impl LearningRate {
     }
 }
 
-pub struct AdamW {
-    vars: Vec<Var>,
-    first: Vec<Tensor>,
-    second: Vec<Tensor>,
+/// AdamW (PyTorch's update: decoupled weight decay, bias-corrected moments).
+pub struct AdamW<T> {
+    first: Grads<T>,
+    second: Grads<T>,
     steps: i32,
     pub beta1: f64,
     pub beta2: f64,
@@ -54,42 +53,50 @@ pub struct AdamW {
     pub weight_decay: f64,
 }
 
-impl AdamW {
-    pub fn new(vars: Vec<Var>, weight_decay: f64) -> Result<Self> {
-        let zeros = |v: &Var| v.as_tensor().zeros_like();
-        let first = vars.iter().map(zeros).collect::<candle_core::Result<Vec<_>>>()?;
-        let second = vars.iter().map(zeros).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self { vars, first, second, steps: 0, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay })
+impl<T: Real> AdamW<T> {
+    pub fn new(lora: &Lora<T>, weight_decay: f64) -> Self {
+        Self {
+            first: lora.zeros_like(),
+            second: lora.zeros_like(),
+            steps: 0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+        }
     }
 
     /// The global L2 norm of the gradients.
-    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let mut sum = 0f64;
-        for var in &self.vars {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                sum += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-            }
-        }
-        Ok(sum.sqrt())
+    pub fn grad_norm(grads: &Grads<T>) -> f64 {
+        let sum: f64 = grads.values().flat_map(|p| p.a.iter().chain(&p.b)).map(|g| g.f64() * g.f64()).sum();
+        sum.sqrt()
     }
 
-    /// One update with `lr`, the gradients first scaled by `grad_scale`
-    /// (clipping, accumulation).
-    pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+    /// One update of `lora` with `lr`, the gradients first scaled by
+    /// `grad_scale` (clipping).
+    pub fn step(&mut self, lora: &mut Lora<T>, grads: &Grads<T>, lr: f64, grad_scale: f64) {
         self.steps += 1;
         let (b1, b2) = (self.beta1, self.beta2);
         let correction1 = 1.0 - b1.powi(self.steps);
         let correction2 = 1.0 - b2.powi(self.steps);
-        for ((var, m), v) in self.vars.iter().zip(&mut self.first).zip(&mut self.second) {
-            let Some(g) = grads.get(var.as_tensor()) else { continue };
-            let g = (g * grad_scale)?;
-            *m = ((&*m * b1)? + (&g * (1.0 - b1))?)?;
-            *v = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let update = ((&*m / correction1)? / ((&*v / correction2)?.sqrt()? + self.eps)?)?;
-            let decayed = (var.as_tensor() * (1.0 - lr * self.weight_decay))?;
-            var.set(&(decayed - (update * lr)?)?)?;
+        let decay = 1.0 - lr * self.weight_decay;
+        for (key, pair) in lora.weights.iter_mut() {
+            let (Some(g), Some(m), Some(v)) = (grads.get(key), self.first.get_mut(key), self.second.get_mut(key))
+            else {
+                continue;
+            };
+            for (w, g, m, v) in [(&mut pair.a, &g.a, &mut m.a, &mut v.a), (&mut pair.b, &g.b, &mut m.b, &mut v.b)] {
+                for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    let g = g.f64() * grad_scale;
+                    let m1 = b1 * m.f64() + (1.0 - b1) * g;
+                    let v1 = b2 * v.f64() + (1.0 - b2) * g * g;
+                    *m = T::of(m1);
+                    *v = T::of(v1);
+                    let update = (m1 / correction1) / ((v1 / correction2).sqrt() + self.eps);
+                    *w = T::of(w.f64() * decay - lr * update);
+                }
+            }
         }
-        Ok(())
     }
 }
 
@@ -110,14 +117,27 @@ mod tests {
 
     #[test]
     fn adamw_minimises_a_quadratic() {
-        let x = Var::new(&[3.0f32, -2.0], &candle_core::Device::Cpu).unwrap();
-        let mut opt = AdamW::new(vec![x.clone()], 0.0).unwrap();
+        use super::super::model::Pair;
+        let mut lora = Lora::<f32> {
+            rank: 1,
+            alpha: 1.0,
+            use_rslora: false,
+            targets: vec!["q_proj".into()],
+            weights: [((0, 0), Pair { a: vec![3.0, -2.0], b: vec![0.5] })].into_iter().collect(),
+        };
+        let mut opt = AdamW::new(&lora, 0.0);
         for _ in 0..500 {
-            let loss = x.as_tensor().sqr().unwrap().sum_all().unwrap();
-            let grads = loss.backward().unwrap();
-            opt.step(&grads, 0.05, 1.0).unwrap();
+            // The gradient of Σ w² is 2w.
+            let grads: Grads<f32> = lora
+                .weights
+                .iter()
+                .map(|(k, p)| {
+                    (*k, Pair { a: p.a.iter().map(|w| 2.0 * w).collect(), b: p.b.iter().map(|w| 2.0 * w).collect() })
+                })
+                .collect();
+            opt.step(&mut lora, &grads, 0.05, 1.0);
         }
-        let v = x.as_tensor().to_vec1::<f32>().unwrap();
-        assert!(v.iter().all(|x| x.abs() < 1e-2), "{v:?}");
+        let pair = &lora.weights[&(0, 0)];
+        assert!(pair.a.iter().chain(&pair.b).all(|x| x.abs() < 1e-2), "{pair:?}");
     }
 }

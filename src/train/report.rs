@@ -149,6 +149,9 @@ pub fn write(args: &TrainArgs, summary: &Summary, data_sha256: &str) -> Result<(
         args.use_rslora,
         args.target_modules.join(", ")
     );
+    if let Some(dir) = &args.init_from {
+        let _ = writeln!(card, "- continued from the adapter in `{}`", dir.display());
+    }
     let _ = writeln!(
         card,
         "- training: {} steps, batch {} × {} accumulated, lr {} ({:?}, {} warm-up steps, planned over {} steps, floor {}×), weight decay {}, max grad norm {}, max length {}, seed {}",

@@ -7,10 +7,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::DType;
 use serde_json::json;
 
 use super::data::{self, DataError, Encoder, Example};
+use super::linalg::KeepFreedMemory;
 use super::model::{Batch, Lora, SplitMix, TrainModel, MODULES};
 use super::optim::{AdamW, LearningRate, Schedule};
 use super::{peft, report};
@@ -84,6 +84,10 @@ pub struct TrainArgs {
     /// A JSON file {"prompts": [...]}: replies to them go in the model card.
     #[arg(long)]
     pub eval_prompts: Option<PathBuf>,
+    /// Continue training a PEFT LoRA adapter folder: its rank, alpha, target
+    /// modules and rsLoRA setting are kept (so those options are refused).
+    #[arg(long, conflicts_with_all = ["rank", "alpha", "target_modules", "use_rslora"])]
+    pub init_from: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +159,7 @@ pub enum AfterStep {
 /// planned total), and may end the run there.
 pub fn train(args: &TrainArgs, mut progress: impl FnMut(&StepLog, usize) -> AfterStep) -> Result<Summary, TrainError> {
     check(args)?;
+    let _heap = KeepFreedMemory::new();
     let model_path = args.model.clone().unwrap_or_else(crate::config::default_model_path);
     let mut options = LoadOptions { mode: WeightMode::F32, ..Default::default() };
     if let Some(file) = &args.template {
@@ -171,8 +176,27 @@ pub fn train(args: &TrainArgs, mut progress: impl FnMut(&StepLog, usize) -> Afte
     };
     let dataset = data::load(&args.data, &encoder, args.max_seq_len)?;
     let validation = args.validation.as_ref().map(|p| data::load(p, &encoder, args.max_seq_len)).transpose()?;
-    let model = TrainModel::load(loader::open_weights(&model_path, WeightMode::F32)?.as_mut(), DType::F32)?;
-    let lora = Lora::new(&model, args.rank, args.alpha, args.use_rslora, &args.target_modules, args.seed)?;
+    let model = TrainModel::<f32>::load(loader::open_weights(&model_path, WeightMode::F32)?.as_mut())?;
+    let (lora, args) = match &args.init_from {
+        Some(dir) => {
+            let lora = peft::load(dir, &model)?;
+            // The model card and the saved config describe the adapter as it is.
+            let args = TrainArgs {
+                rank: lora.rank,
+                alpha: lora.alpha,
+                use_rslora: lora.use_rslora,
+                target_modules: lora.targets.clone(),
+                ..args.clone()
+            };
+            (lora, std::borrow::Cow::Owned(args))
+        }
+        None => (
+            Lora::new(&model, args.rank, args.alpha, args.use_rslora, &args.target_modules, args.seed)?,
+            std::borrow::Cow::Borrowed(args),
+        ),
+    };
+    let args = args.as_ref();
+    let mut lora = lora;
     let batches_per_epoch = dataset.examples.len().div_ceil(args.batch_size * args.grad_accum);
     let total = match (args.steps, args.epochs) {
         (Some(steps), _) => steps,
@@ -189,14 +213,15 @@ pub fn train(args: &TrainArgs, mut progress: impl FnMut(&StepLog, usize) -> Afte
     std::fs::create_dir_all(&args.out).map_err(write_err(&args.out))?;
     let log_path = args.out.join("training.jsonl");
     let mut log = std::fs::File::create(&log_path).map_err(write_err(&log_path))?;
-    let mut optimizer = AdamW::new(lora.vars(), args.weight_decay)?;
+    let mut optimizer = AdamW::new(&lora, args.weight_decay);
     let mut order = Order::new(dataset.examples.len(), args.seed);
     let mut steps = Vec::with_capacity(total);
     for step in 0..total {
         let started = Instant::now();
         let mut loss_sum = 0f64;
         let mut tokens = 0usize;
-        let mut micro = Vec::with_capacity(args.grad_accum);
+        // The step's loss and gradients are the means over its batches.
+        let mut grads = lora.zeros_like();
         for _ in 0..args.grad_accum {
             let picked: Vec<&Example> = order.take(args.batch_size).into_iter().map(|i| &dataset.examples[i]).collect();
             tokens += picked.iter().map(|e| e.ids.len()).sum::<usize>();
@@ -204,20 +229,13 @@ pub fn train(args: &TrainArgs, mut progress: impl FnMut(&StepLog, usize) -> Afte
                 ids: picked.iter().map(|e| e.ids.clone()).collect(),
                 weights: picked.iter().map(|e| e.weights.clone()).collect(),
             };
-            let (loss, _) = model.loss(&batch, Some(&lora))?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
-            micro.push(loss);
+            let (loss, _) = model.loss_and_gradients(&batch, &lora, 1.0 / args.grad_accum as f64, &mut grads)?;
+            loss_sum += loss;
         }
-        // The step's loss is the mean over its batches; one backward for all.
-        let mut joined = micro[0].clone();
-        for loss in &micro[1..] {
-            joined = (joined + loss)?;
-        }
-        let grads = (joined / args.grad_accum as f64)?.backward()?;
-        let norm = optimizer.grad_norm(&grads)?;
+        let norm = AdamW::grad_norm(&grads);
         let clip = if args.max_grad_norm > 0.0 && norm > args.max_grad_norm { args.max_grad_norm / norm } else { 1.0 };
         let rate = lr.at(step);
-        optimizer.step(&grads, rate, clip)?;
+        optimizer.step(&mut lora, &grads, rate, clip);
         let seconds = started.elapsed().as_secs_f64();
         let entry = StepLog {
             step: step + 1,
@@ -277,7 +295,12 @@ fn check(args: &TrainArgs) -> Result<(), TrainError> {
 }
 
 /// The mean loss over `examples` (no gradients kept).
-fn mean_loss(model: &TrainModel, lora: &Lora, examples: &[Example], batch_size: usize) -> Result<f64, TrainError> {
+fn mean_loss(
+    model: &TrainModel<f32>,
+    lora: &Lora<f32>,
+    examples: &[Example],
+    batch_size: usize,
+) -> Result<f64, TrainError> {
     let (mut sum, mut weight) = (0f64, 0f64);
     for chunk in examples.chunks(batch_size) {
         let batch = Batch {
@@ -285,7 +308,7 @@ fn mean_loss(model: &TrainModel, lora: &Lora, examples: &[Example], batch_size: 
             weights: chunk.iter().map(|e| e.weights.clone()).collect(),
         };
         let (loss, total) = model.loss(&batch, Some(lora))?;
-        sum += loss.detach().to_scalar::<f32>()? as f64 * total;
+        sum += loss * total;
         weight += total;
     }
     Ok(sum / weight.max(1.0))

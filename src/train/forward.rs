@@ -1,0 +1,364 @@
+//! The training forward: the decoder of `model::llama` over a packed batch
+//! (examples laid end to end, no padding), keeping what the backward pass
+//! needs, and the loss on the learned positions. A test proves its loss
+//! equals the cross-entropy of the inference forward with the same adapter.
+
+use rayon::prelude::*;
+
+use super::linalg::{matmul, product, Real, Threads, View, ViewMut};
+use super::model::{Batch, Lora, TrainModel, DOWN, GATE, K, O, Q, UP, V};
+use crate::model::{ModelError, Result};
+
+/// Rows of the logits computed at once (bounds the memory of the head).
+const HEAD_ROWS: usize = 64;
+
+/// A batch laid end to end.
+pub(crate) struct Packed {
+    /// (first row, length) per example.
+    pub spans: Vec<(usize, usize)>,
+    /// Position of each row within its example.
+    pub positions: Vec<usize>,
+    pub ids: Vec<u32>,
+    /// Rows whose next token is learned, that token, and its weight.
+    pub learned: Vec<(usize, u32, f64)>,
+    /// The sum of the learned weights.
+    pub total: f64,
+}
+
+/// The sum of the learned weights of `batch`; an error when it is zero.
+pub(crate) fn learned_weight(batch: &Batch) -> Result<f64> {
+    let total = Packed::new(batch).total;
+    if total <= 0.0 {
+        return Err(ModelError::Invalid("the batch has no tokens to learn from".into()));
+    }
+    Ok(total)
+}
+
+impl Packed {
+    /// `batch` end to end; its loss is averaged over `normalizer` (the
+    /// learned weight of the whole batch when this is one shard of it).
+    pub fn new(batch: &Batch) -> Self {
+        let mut packed =
+            Packed { spans: Vec::new(), positions: Vec::new(), ids: Vec::new(), learned: Vec::new(), total: 0.0 };
+        for (example, weights) in batch.ids.iter().zip(&batch.weights) {
+            let start = packed.ids.len();
+            packed.spans.push((start, example.len()));
+            for (pos, &id) in example.iter().enumerate() {
+                packed.ids.push(id);
+                packed.positions.push(pos);
+                let weight = weights.get(pos).copied().unwrap_or(0.0) as f64;
+                if weight > 0.0 && pos + 1 < example.len() {
+                    packed.learned.push((start + pos, example[pos + 1], weight));
+                    packed.total += weight;
+                }
+            }
+        }
+        packed
+    }
+
+    pub fn rows(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// What one layer's backward pass reads.
+pub(crate) struct LayerTape<T> {
+    /// The layer's input (the residual stream) and its input norm.
+    pub x: Vec<T>,
+    pub inv1: Vec<T>,
+    pub h1: Vec<T>,
+    /// Queries and keys after the rotation.
+    pub q: Vec<T>,
+    pub k: Vec<T>,
+    pub v: Vec<T>,
+    /// Log of each attention row's softmax denominator, `[rows, heads]`.
+    pub lse: Vec<T>,
+    pub attn: Vec<T>,
+    pub x2: Vec<T>,
+    pub inv2: Vec<T>,
+    pub h2: Vec<T>,
+    pub gate: Vec<T>,
+    pub up: Vec<T>,
+    pub act: Vec<T>,
+    /// `x Aᵀ` per adapted module.
+    pub lora_u: [Option<Vec<T>>; 7],
+}
+
+/// The forward pass's result: per-layer tapes (when kept) and the final
+/// residual stream with its norm.
+pub(crate) struct Forward<T> {
+    pub layers: Vec<LayerTape<T>>,
+    pub last: Vec<T>,
+    pub inv: Vec<T>,
+    pub hidden: Vec<T>,
+}
+
+/// Rotary tables for positions `0..n`, float32 as inference computes them.
+pub(crate) struct Rotary<T> {
+    cos: Vec<T>,
+    sin: Vec<T>,
+    half: usize,
+}
+
+impl<T: Real> Rotary<T> {
+    pub fn new(inv_freq: &[f32], positions: usize) -> Self {
+        let rope = crate::model::attention::Rope::new(inv_freq, positions);
+        let (cos, sin) = rope.tables();
+        let convert = |v: &[f32]| v.iter().map(|&x| T::of(x as f64)).collect();
+        Self { cos: convert(cos), sin: convert(sin), half: inv_freq.len() }
+    }
+
+    /// Rotates `x` `[rows, heads · head_dim]` by each row's position; the
+    /// inverse rotation (the backward pass) when `inverse`.
+    pub fn apply(&self, x: &mut [T], heads: usize, positions: &[usize], inverse: bool) {
+        let (half, d) = (self.half, 2 * self.half);
+        for (row, &pos) in x.chunks_exact_mut(heads * d).zip(positions) {
+            let (cos, sin) = (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half]);
+            for head in row.chunks_exact_mut(d) {
+                let (x1, x2) = head.split_at_mut(half);
+                for j in 0..half {
+                    let (a, b) = (x1[j], x2[j]);
+                    let s = if inverse { -sin[j] } else { sin[j] };
+                    x1[j] = a * cos[j] - b * s;
+                    x2[j] = b * cos[j] + a * s;
+                }
+            }
+        }
+    }
+}
+
+/// RMS norm of each row: `y = x · inv · w`, `inv = 1/√(mean(x²) + eps)`.
+pub(crate) fn rms_norm<T: Real>(x: &[T], w: &[T], eps: f64) -> (Vec<T>, Vec<T>) {
+    let h = w.len();
+    let mut y = vec![T::zero(); x.len()];
+    let mut inv = Vec::with_capacity(x.len() / h);
+    for (row, out) in x.chunks_exact(h).zip(y.chunks_exact_mut(h)) {
+        let mean = row.iter().map(|&v| v * v).sum::<T>() / T::of(h as f64);
+        let r = (mean + T::of(eps)).sqrt().recip();
+        for ((o, &v), &g) in out.iter_mut().zip(row).zip(w) {
+            *o = v * r * g;
+        }
+        inv.push(r);
+    }
+    (y, inv)
+}
+
+pub(crate) fn silu<T: Real>(x: T) -> T {
+    x / (T::one() + (-x).exp())
+}
+
+impl<T: Real> TrainModel<T> {
+    /// `x Wᵀ (+ scale · (x Aᵀ) Bᵀ)` for `module` of `layer`; also `x Aᵀ`
+    /// when the module is adapted.
+    pub(crate) fn project(
+        &self,
+        x: &[T],
+        layer: usize,
+        module: usize,
+        lora: Option<&Lora<T>>,
+        threads: Threads,
+    ) -> (Vec<T>, Option<Vec<T>>) {
+        let (out, inp) = self.dims(module);
+        let n = x.len() / inp;
+        let input = View::new(x, n, inp);
+        let mut y = product(input, View::new(&self.layers[layer].proj[module], out, inp).t(), threads);
+        let adapted = lora.and_then(|l| l.weights.get(&(layer, module)).map(|pair| (l, pair)));
+        let u = adapted.map(|(lora, pair)| {
+            let r = lora.rank;
+            let u = product(input, View::new(&pair.a, r, inp).t(), threads);
+            let delta = View::new(&pair.b, out, r).t();
+            matmul(ViewMut::new(&mut y, n, out), View::new(&u, n, r), delta, T::of(lora.scale()), true, threads);
+            u
+        });
+        (y, u)
+    }
+
+    /// The forward pass over `packed`; the tapes are kept when `record`.
+    pub(crate) fn forward(
+        &self,
+        packed: &Packed,
+        lora: Option<&Lora<T>>,
+        record: bool,
+        threads: Threads,
+    ) -> Forward<T> {
+        let c = &self.config;
+        let (hidden, heads, kv_heads) = (c.hidden_size, c.num_heads, c.num_kv_heads);
+        let longest = packed.spans.iter().map(|s| s.1).max().unwrap_or(0);
+        let rotary = Rotary::new(&self.inv_freq, longest);
+        let mut x: Vec<T> = Vec::with_capacity(packed.rows() * hidden);
+        for &id in &packed.ids {
+            x.extend_from_slice(&self.embed[id as usize * hidden..(id as usize + 1) * hidden]);
+        }
+        let mut layers = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (h1, inv1) = rms_norm(&x, &layer.input_norm, c.rms_norm_eps);
+            let mut lora_u: [Option<Vec<T>>; 7] = Default::default();
+            let (mut q, u) = self.project(&h1, i, Q, lora, threads);
+            lora_u[Q] = u;
+            let (mut k, u) = self.project(&h1, i, K, lora, threads);
+            lora_u[K] = u;
+            let (v, u) = self.project(&h1, i, V, lora, threads);
+            lora_u[V] = u;
+            rotary.apply(&mut q, heads, &packed.positions, false);
+            rotary.apply(&mut k, kv_heads, &packed.positions, false);
+            let (attn, lse) = self.attend(packed, &q, &k, &v, threads);
+            let (o, u) = self.project(&attn, i, O, lora, threads);
+            lora_u[O] = u;
+            let x2: Vec<T> = x.iter().zip(&o).map(|(&a, &b)| a + b).collect();
+            let (h2, inv2) = rms_norm(&x2, &layer.post_norm, c.rms_norm_eps);
+            let (gate, u) = self.project(&h2, i, GATE, lora, threads);
+            lora_u[GATE] = u;
+            let (up, u) = self.project(&h2, i, UP, lora, threads);
+            lora_u[UP] = u;
+            let act: Vec<T> = gate.iter().zip(&up).map(|(&g, &u)| silu(g) * u).collect();
+            let (down, u) = self.project(&act, i, DOWN, lora, threads);
+            lora_u[DOWN] = u;
+            let next: Vec<T> = x2.iter().zip(&down).map(|(&a, &b)| a + b).collect();
+            if record {
+                layers.push(LayerTape { x, inv1, h1, q, k, v, lse, attn, x2, inv2, h2, gate, up, act, lora_u });
+            }
+            x = next;
+        }
+        let (hidden_out, inv) = rms_norm(&x, &self.norm, c.rms_norm_eps);
+        Forward { layers, last: x, inv, hidden: hidden_out }
+    }
+
+    /// Causal attention per example (grouped queries: query head h reads
+    /// key/value head h / groups): the output `[rows, heads · d]` and each
+    /// row's log-sum-exp `[rows, heads]`.
+    fn attend(&self, packed: &Packed, q: &[T], k: &[T], v: &[T], threads: Threads) -> (Vec<T>, Vec<T>) {
+        let c = &self.config;
+        let (heads, kv_heads, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let (qw, kw) = (heads * d, kv_heads * d);
+        let scale = T::of(1.0 / (d as f64).sqrt());
+        let one = |&(start, t): &(usize, usize)| {
+            let q = &q[start * qw..(start + t) * qw];
+            let k = &k[start * kw..(start + t) * kw];
+            let v = &v[start * kw..(start + t) * kw];
+            let mut out = vec![T::zero(); t * qw];
+            let mut lse = vec![T::zero(); t * heads];
+            for h in 0..heads {
+                let g = h / (heads / kv_heads);
+                let mut p = scores(q, k, t, h, g, heads, kv_heads, d, scale);
+                for (i, row) in p.chunks_exact_mut(t).enumerate() {
+                    let top = row[..=i].iter().copied().fold(T::neg_infinity(), T::max);
+                    let mut sum = T::zero();
+                    for s in &mut row[..=i] {
+                        *s = (*s - top).exp();
+                        sum += *s;
+                    }
+                    for s in &mut row[..=i] {
+                        *s = *s / sum;
+                    }
+                    row[i + 1..].fill(T::zero());
+                    lse[i * heads + h] = top + sum.ln();
+                }
+                matmul(
+                    ViewMut::strided(&mut out[h * d..], t, d, qw),
+                    View::new(&p, t, t),
+                    View::strided(&v[g * d..], t, d, kw),
+                    T::one(),
+                    false,
+                    Threads::One,
+                );
+            }
+            (out, lse)
+        };
+        let per_example: Vec<(Vec<T>, Vec<T>)> = match threads {
+            Threads::Pool => packed.spans.par_iter().map(one).collect(),
+            Threads::One => packed.spans.iter().map(one).collect(),
+        };
+        let mut attn = Vec::with_capacity(packed.rows() * qw);
+        let mut lse = Vec::with_capacity(packed.rows() * heads);
+        for (o, l) in per_example {
+            attn.extend(o);
+            lse.extend(l);
+        }
+        (attn, lse)
+    }
+
+    /// The weighted mean cross-entropy of the learned next tokens and the
+    /// weight it averages over (no gradient).
+    pub fn loss(&self, batch: &Batch, lora: Option<&Lora<T>>) -> Result<(f64, f64)> {
+        let total = learned_weight(batch)?;
+        let packed = Packed::new(batch);
+        let forward = self.forward(&packed, lora, false, Threads::Pool);
+        let loss = self.head_loss(&packed, &forward.hidden, total, None, Threads::Pool).0;
+        Ok((loss, total))
+    }
+
+    /// The loss over the learned rows of `hidden` (the final normed states),
+    /// their weights averaged over `normalizer`; with `grad_scale`, also
+    /// `grad_scale · ∂loss/∂hidden`.
+    pub(crate) fn head_loss(
+        &self,
+        packed: &Packed,
+        hidden: &[T],
+        normalizer: f64,
+        grad_scale: Option<f64>,
+        threads: Threads,
+    ) -> (f64, Vec<T>) {
+        let h = self.config.hidden_size;
+        let vocab = self.config.vocab_size;
+        let head = View::new(self.head(), vocab, h);
+        let mut d_hidden = vec![T::zero(); if grad_scale.is_some() { hidden.len() } else { 0 }];
+        let mut loss = 0f64;
+        for chunk in packed.learned.chunks(HEAD_ROWS) {
+            let mut rows = Vec::with_capacity(chunk.len() * h);
+            for &(row, _, _) in chunk {
+                rows.extend_from_slice(&hidden[row * h..(row + 1) * h]);
+            }
+            let mut logits = product(View::new(&rows, chunk.len(), h), head.t(), threads);
+            for (z, &(_, target, weight)) in logits.chunks_exact_mut(vocab).zip(chunk) {
+                // The vocabulary-wide sum in float64: a float32 running sum
+                // over ~50k terms drifts by ~1e-5.
+                let top = z.iter().copied().fold(T::neg_infinity(), T::max);
+                let sum: f64 = z.iter().map(|&v| (v - top).exp().f64()).sum();
+                let log_z = top.f64() + sum.ln();
+                loss += weight * (log_z - z[target as usize].f64());
+                if let Some(scale) = grad_scale {
+                    // ∂/∂z of weight · (log Σ exp z − z[target]) / total.
+                    let factor = scale * weight / normalizer;
+                    for v in z.iter_mut() {
+                        *v = T::of((*v - top).exp().f64() / sum * factor);
+                    }
+                    z[target as usize] -= T::of(factor);
+                }
+            }
+            if grad_scale.is_some() {
+                let d_rows = product(View::new(&logits, chunk.len(), vocab), head, threads);
+                for (&(row, _, _), d) in chunk.iter().zip(d_rows.chunks_exact(h)) {
+                    for (acc, &g) in d_hidden[row * h..(row + 1) * h].iter_mut().zip(d) {
+                        *acc += g;
+                    }
+                }
+            }
+        }
+        (loss / normalizer, d_hidden)
+    }
+}
+
+/// `scale · Q_h K_gᵀ` of one example `[t, t]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn scores<T: Real>(
+    q: &[T],
+    k: &[T],
+    t: usize,
+    h: usize,
+    g: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    scale: T,
+) -> Vec<T> {
+    let mut s = vec![T::zero(); t * t];
+    matmul(
+        ViewMut::new(&mut s, t, t),
+        View::strided(&q[h * d..], t, d, heads * d),
+        View::strided(&k[g * d..], t, d, kv_heads * d).t(),
+        scale,
+        false,
+        Threads::One,
+    );
+    s
+}
