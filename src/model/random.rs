@@ -97,17 +97,25 @@ impl WeightSource for RandomSource {
             &Device::Cpu,
         )?;
         let q = QTensor::quantize(&dense, self.dtype)?;
+        // Qwen2's q/k/v biases when the config asks for them.
+        let biased = self.config.attention_bias && ["q_proj", "k_proj", "v_proj"].iter().any(|m| name.ends_with(m));
+        let bias = if biased {
+            Some(Tensor::from_vec(self.values(&format!("{name}.bias"), out_features, 0.5), out_features, &Device::Cpu)?)
+        } else {
+            None
+        };
         if self.dequantized {
-            return Ok(Linear::new(Weight::Dense(q.dequantize(&Device::Cpu)?), None, out_features, in_features));
+            return Ok(Linear::new(Weight::Dense(q.dequantize(&Device::Cpu)?), bias, out_features, in_features));
         }
         let matrix = super::kernels::from_gguf(self.dtype, &q.data()?, out_features, in_features)
             .ok_or_else(|| super::ModelError::Invalid(format!("random {:?}", self.dtype)))?;
-        Ok(Linear::new(Weight::Kernel(matrix), None, out_features, in_features))
+        Ok(Linear::new(Weight::Kernel(matrix), bias, out_features, in_features))
     }
 
     fn dense(&mut self, name: &str) -> Result<Tensor> {
-        // Norm weights near one.
-        let n = self.config.hidden_size;
+        // Norm weights near one (Qwen3's per-head q/k norms are head-sized).
+        let per_head = name.contains("q_norm") || name.contains("k_norm");
+        let n = if per_head { self.config.head_dim } else { self.config.hidden_size };
         let v: Vec<f32> = self.values(name, n, 0.1).into_iter().map(|x| 1.0 + x).collect();
         Ok(Tensor::from_vec(v, n, &Device::Cpu)?)
     }

@@ -137,6 +137,13 @@ impl<T: Real> TrainModel<T> {
         let (mut dq, mut dk, dv) = self.attend_backward(packed, &tape, &d_attn, threads);
         rotary.apply(&mut dq, c.num_heads, &packed.positions, true);
         rotary.apply(&mut dk, c.num_kv_heads, &packed.positions, true);
+        if let (Some([(q_raw, q_inv), (k_raw, k_inv)]), Some((q_norm, k_norm))) = (&tape.qk_raw, &layer.qk_norm) {
+            let mut d_q_raw = vec![T::zero(); dq.len()];
+            rms_norm_backward(&dq, q_raw, q_inv, q_norm, &mut d_q_raw);
+            let mut d_k_raw = vec![T::zero(); dk.len()];
+            rms_norm_backward(&dk, k_raw, k_inv, k_norm, &mut d_k_raw);
+            (dq, dk) = (d_q_raw, d_k_raw);
+        }
         // The first layer's input is the embedding, which is frozen.
         let mut d_h1 = (i > 0).then(|| vec![T::zero(); tape.h1.len()]);
         for (module, dy) in [(Q, &dq), (K, &dk), (V, &dv)] {

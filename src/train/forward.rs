@@ -67,6 +67,9 @@ pub(crate) struct LayerTape<T> {
     pub x: Vec<T>,
     pub inv1: Vec<T>,
     pub h1: Vec<T>,
+    /// Queries and keys before their per-head norms, with each head's
+    /// `1/rms` (Qwen3).
+    pub qk_raw: Option<[(Vec<T>, Vec<T>); 2]>,
     /// Queries and keys after the rotation.
     pub q: Vec<T>,
     pub k: Vec<T>,
@@ -127,7 +130,8 @@ impl<T: Real> Rotary<T> {
     }
 }
 
-/// RMS norm of each row: `y = x · inv · w`, `inv = 1/√(mean(x²) + eps)`.
+/// RMS norm of each row of `w.len()` values (a token's hidden state, or
+/// one head): `y = x · inv · w`, `inv = 1/√(mean(x²) + eps)`.
 pub(crate) fn rms_norm<T: Real>(x: &[T], w: &[T], eps: f64) -> (Vec<T>, Vec<T>) {
     let h = w.len();
     let mut y = vec![T::zero(); x.len()];
@@ -162,6 +166,13 @@ impl<T: Real> TrainModel<T> {
         let n = x.len() / inp;
         let input = View::new(x, n, inp);
         let mut y = product(input, View::new(&self.layers[layer].proj[module], out, inp).t(), threads);
+        if let Some(bias) = &self.layers[layer].bias[module] {
+            for row in y.chunks_exact_mut(out) {
+                for (v, &b) in row.iter_mut().zip(bias) {
+                    *v += b;
+                }
+            }
+        }
         let adapted = lora.and_then(|l| l.weights.get(&(layer, module)).map(|pair| (l, pair)));
         let u = adapted.map(|(lora, pair)| {
             let r = lora.rank;
@@ -199,6 +210,11 @@ impl<T: Real> TrainModel<T> {
             lora_u[K] = u;
             let (v, u) = self.project(&h1, i, V, lora, threads);
             lora_u[V] = u;
+            let qk_raw = layer.qk_norm.as_ref().map(|(q_norm, k_norm)| {
+                let (q_normed, q_inv) = rms_norm(&q, q_norm, c.rms_norm_eps);
+                let (k_normed, k_inv) = rms_norm(&k, k_norm, c.rms_norm_eps);
+                [(std::mem::replace(&mut q, q_normed), q_inv), (std::mem::replace(&mut k, k_normed), k_inv)]
+            });
             rotary.apply(&mut q, heads, &packed.positions, false);
             rotary.apply(&mut k, kv_heads, &packed.positions, false);
             let (attn, lse) = self.attend(packed, &q, &k, &v, threads);
@@ -215,7 +231,7 @@ impl<T: Real> TrainModel<T> {
             lora_u[DOWN] = u;
             let next: Vec<T> = x2.iter().zip(&down).map(|(&a, &b)| a + b).collect();
             if record {
-                layers.push(LayerTape { x, inv1, h1, q, k, v, lse, attn, x2, inv2, h2, gate, up, act, lora_u });
+                layers.push(LayerTape { x, inv1, h1, qk_raw, q, k, v, lse, attn, x2, inv2, h2, gate, up, act, lora_u });
             }
             x = next;
         }

@@ -31,8 +31,14 @@ mod tests {
     use crate::model::random::RandomSource;
 
     fn tiny<T: Real>() -> TrainModel<T> {
-        let mut src = RandomSource::new(RandomSource::tiny_config(96), 3)
-            .with_projections(candle_core::quantized::GgmlDType::Q8_0, true);
+        tiny_with(|_| {})
+    }
+
+    /// A tiny random model, its config changed by `shape` first.
+    fn tiny_with<T: Real>(shape: impl FnOnce(&mut crate::model::ModelConfig)) -> TrainModel<T> {
+        let mut config = RandomSource::tiny_config(96);
+        shape(&mut config);
+        let mut src = RandomSource::new(config, 3).with_projections(candle_core::quantized::GgmlDType::Q8_0, true);
         TrainModel::load(&mut src).expect("tiny model")
     }
 
@@ -57,11 +63,26 @@ mod tests {
 
     #[test]
     fn lora_gradients_match_finite_differences() {
-        let model = tiny::<f64>();
+        gradient_check(tiny::<f64>());
+    }
+
+    /// Qwen's layout: q/k/v biases (Qwen2) and per-head q/k norms (Qwen3).
+    #[test]
+    fn lora_gradients_match_finite_differences_with_biases_and_head_norms() {
+        let model = tiny_with::<f64>(|c| {
+            c.attention_bias = true;
+            c.qk_norm = true;
+        });
+        assert!(model.layers[0].bias[0].is_some() && model.layers[0].qk_norm.is_some());
+        gradient_check(model);
+    }
+
+    fn gradient_check(model: TrainModel<f64>) {
         let mut lora = lora(&model);
         let mut grads = lora.zeros_like();
         let (loss, _) = model.loss_and_gradients(&batch(), &lora, 1.0, &mut grads).expect("gradients");
-        assert_eq!(loss, model.loss(&batch(), Some(&lora)).expect("loss").0, "one forward for both");
+        let forward_only = model.loss(&batch(), Some(&lora)).expect("loss").0;
+        assert!((loss - forward_only).abs() < 1e-12 * loss, "one forward for both: {loss} vs {forward_only}");
         let eps = 1e-6;
         let mut checked = 0;
         let keys: Vec<(usize, usize)> = lora.weights.keys().copied().collect();

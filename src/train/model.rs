@@ -41,6 +41,10 @@ pub(crate) struct Layer<T> {
     pub post_norm: Vec<T>,
     /// `[out, in]` row-major per module, in `MODULES` order.
     pub proj: Vec<Vec<T>>,
+    /// Each module's bias, if it has one (Qwen2's q/k/v).
+    pub bias: Vec<Option<Vec<T>>>,
+    /// Qwen3's per-head RMSNorm weights of queries and keys (`head_dim` each).
+    pub qk_norm: Option<(Vec<T>, Vec<T>)>,
 }
 
 /// The frozen base, dense.
@@ -147,37 +151,53 @@ fn values<T: Real>(tensor: &Tensor) -> Result<Vec<T>> {
 }
 
 impl<T: Real> TrainModel<T> {
-    /// Reads every weight dense. The families with q/k biases, per-head q/k
-    /// norms or fused projections are not trained yet (refused by name).
+    /// Reads every weight dense. Families with fused projections (Phi-3)
+    /// are not trained yet (refused by name).
     pub fn load(src: &mut dyn WeightSource) -> Result<Self> {
         let config = src.config().clone();
-        if config.attention_bias || config.qk_norm || config.architecture.fused_projections() {
+        if config.architecture.fused_projections() {
             return Err(ModelError::Invalid(format!(
-                "training supports Llama-layout models (SmolLM, Llama, Mistral); {:?} is not supported yet",
+                "training supports the Llama and Qwen layouts (SmolLM, Llama, Mistral, Qwen 2 and 3); \
+                 {:?}'s fused projections are not supported yet",
                 config.architecture
             )));
         }
         let all: Vec<u32> = (0..config.vocab_size as u32).collect();
         let embed = values(&src.embedding("model.embed_tokens")?.lookup(&all)?)?;
-        let linear = |src: &mut dyn WeightSource, name: &str| values::<T>(&src.linear(name)?.dense_weight()?.0);
+        let linear = |src: &mut dyn WeightSource, name: &str| -> Result<(Vec<T>, Option<Vec<T>>)> {
+            let (weight, bias) = src.linear(name)?.dense_weight()?;
+            Ok((values(&weight)?, bias.as_ref().map(values).transpose()?))
+        };
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let p = format!("model.layers.{i}");
-            let proj = MODULES
+            let (proj, bias) = MODULES
                 .iter()
                 .map(|m| linear(src, &format!("{p}.{}.{m}", module_path(m))))
-                .collect::<Result<Vec<_>>>()?;
+                .collect::<Result<Vec<_>>>()?
+                .into_iter()
+                .unzip();
+            let qk_norm = if config.qk_norm {
+                let norm = |src: &mut dyn WeightSource, which: &str| -> Result<Vec<T>> {
+                    values(&src.dense(&format!("{p}.self_attn.{which}.weight"))?)
+                };
+                Some((norm(src, "q_norm")?, norm(src, "k_norm")?))
+            } else {
+                None
+            };
             layers.push(Layer {
                 input_norm: values(&src.dense(&format!("{p}.input_layernorm.weight"))?)?,
                 post_norm: values(&src.dense(&format!("{p}.post_attention_layernorm.weight"))?)?,
                 proj,
+                bias,
+                qk_norm,
             });
         }
         let norm = values(&src.dense("model.norm.weight")?)?;
         let head = if config.tie_word_embeddings || !src.contains("lm_head.weight") {
             None
         } else {
-            Some(linear(src, "lm_head")?)
+            Some(linear(src, "lm_head")?.0)
         };
         let inv_freq = config.rope_scaling.inv_freq(config.head_dim, config.rope_theta);
         Ok(Self { config, embed, layers, norm, head, inv_freq })

@@ -237,3 +237,48 @@ fn demo_adapters_for_another_base_are_skipped_but_named_ones_must_fit() -> TestR
     assert!(err.to_string().contains("pirate"), "{err}");
     Ok(())
 }
+
+/// Training reaches every family the server trains: with the zoo's PEFT
+/// adapter loaded to continue it (`--init-from`), the training loss over a
+/// reference prompt equals the cross-entropy of the served model's logits
+/// with that adapter, from the GGUF file and from the Hugging Face folder.
+/// Phi-3's fused projections are refused by name.
+#[test]
+fn training_matches_inference_in_every_family_it_trains() -> TestResult {
+    use tailor::train::{peft, Batch, TrainModel};
+    let Some(zoo) = zoo() else { return Ok(()) };
+    for family in FAMILIES {
+        let dir = zoo.join(family);
+        for path in [dir.join("model.f16.gguf"), dir.join("hf")] {
+            let label = format!("{family}/{}", path.file_name().unwrap_or_default().to_string_lossy());
+            let trained = TrainModel::<f32>::load(loader::open_weights(&path, WeightMode::F32)?.as_mut());
+            if family == "phi3" {
+                let error = trained.err().ok_or("phi3 trains")?.to_string();
+                assert!(error.contains("Phi3") && error.contains("fused"), "{label}: {error}");
+                continue;
+            }
+            let trained = trained?;
+            let lora = peft::load(&dir.join("adapter"), &trained)?;
+            let model = load(&path, WeightMode::F32);
+            let served = Arc::new(adapter::load(&dir.join("adapter"), &BaseShapes::of(model.model.config()), 64)?);
+            let reference = reference(&dir);
+            for case in reference["adapter"].as_array().ok_or("cases")? {
+                let tokens = ids(&case["ids"]);
+                let batch = Batch { ids: vec![tokens.clone()], weights: vec![vec![1.0; tokens.len()]] };
+                let (loss, _) = trained.loss(&batch, Some(&lora))?;
+                let logits = all_logits(&model, &tokens, Some(&served));
+                let mut sum = 0f64;
+                for (pos, row) in logits.iter().enumerate().take(tokens.len() - 1) {
+                    let top = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                    let log_z = row.iter().map(|&v| (v as f64 - top).exp()).sum::<f64>().ln() + top;
+                    sum += log_z - row[tokens[pos + 1] as usize] as f64;
+                }
+                let served_loss = sum / (tokens.len() - 1) as f64;
+                let relative = (loss - served_loss).abs() / served_loss;
+                println!("zoo {label}: training loss {loss:.6}, served {served_loss:.6} ({relative:.1e})");
+                assert!(relative < 1e-5, "{label}: training loss {loss} vs served cross-entropy {served_loss}");
+            }
+        }
+    }
+    Ok(())
+}
