@@ -114,6 +114,11 @@ running = client.fine_tuning.jobs.create(
 while client.fine_tuning.jobs.retrieve(running.id).status != "running":
     assert time.time() < deadline
     time.sleep(0.5)
+# After its first step a running job says when it should finish.
+while (estimate := client.fine_tuning.jobs.retrieve(running.id).estimated_finish) is None:
+    assert time.time() < deadline
+    time.sleep(0.2)
+assert estimate > time.time() + 10, (estimate, time.time())
 assert client.fine_tuning.jobs.cancel(running.id).status == "cancelled"
 time.sleep(3)
 stopped = client.fine_tuning.jobs.retrieve(running.id)

@@ -140,12 +140,20 @@ fn hyperparameters(fields: &Map<String, Value>) -> Result<Hyperparameters, ApiEr
 async fn create(State(state): State<AppState>, AppJson(req): AppJson<CreateJob>) -> Result<Json<Job>, ApiError> {
     let service = service(&state)?;
     let info = state.model()?;
-    if req.model != info.id {
+    // The served base, or one of its fine-tuned models (its adapter is continued).
+    let parent = if req.model == info.id {
+        None
+    } else if let Some(parent) = service.fine_tuned(&req.model) {
+        Some(parent)
+    } else {
         return Err(ApiError::invalid(
             "model",
-            format!("this server fine-tunes the model it serves, `{}`, not `{}`", info.id, req.model),
+            format!(
+                "this server fine-tunes the model it serves, `{}`, or a model fine-tuned from it, not `{}`",
+                info.id, req.model
+            ),
         ));
-    }
+    };
     if !req.integrations.is_empty() {
         return Err(ApiError::unsupported("integrations", "(Weights & Biases and others)"));
     }
@@ -171,10 +179,27 @@ async fn create(State(state): State<AppState>, AppJson(req): AppJson<CreateJob>)
         }
     }
     fields.extend(req.hyperparameters);
-    let hyperparameters = hyperparameters(&fields)?;
+    if parent.is_some() {
+        if let Some(shape) =
+            ["lora_rank", "lora_alpha", "target_modules", "use_rslora"].iter().find(|f| fields.contains_key(**f))
+        {
+            return Err(ApiError::invalid(
+                format!("hyperparameters.{shape}"),
+                "a fine-tuned model is continued with its adapter's own rank, alpha, target modules and rsLoRA setting",
+            ));
+        }
+    }
+    let mut hyperparameters = hyperparameters(&fields)?;
+    if let Some(parent) = &parent {
+        let kept = &parent.hyperparameters;
+        hyperparameters.lora_rank = kept.lora_rank;
+        hyperparameters.lora_alpha = kept.lora_alpha;
+        hyperparameters.target_modules = kept.target_modules.clone();
+        hyperparameters.use_rslora = kept.use_rslora;
+    }
     let seed = req.seed.unwrap_or_else(|| uuid::Uuid::new_v4().as_u64_pair().0 % 1_000_000);
-    let job = Job::new(
-        info.id.clone(),
+    let mut job = Job::new(
+        req.model.clone(),
         req.training_file,
         req.validation_file,
         hyperparameters,
@@ -182,6 +207,7 @@ async fn create(State(state): State<AppState>, AppJson(req): AppJson<CreateJob>)
         seed,
         req.metadata,
     );
+    job.base_model = parent.map(|_| info.id.clone());
     let job = state.blocking(move || Ok(service.create(job)?)).await?;
     tracing::info!(job = %job.id, "fine-tuning job queued");
     Ok(Json(job))

@@ -82,6 +82,10 @@ pub struct Job {
     pub estimated_finish: Option<u64>,
     pub integrations: Vec<Value>,
     pub metadata: Option<Value>,
+    /// The served base, when `model` is a fine-tuned model this job
+    /// continues (tailor's own field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<String>,
 }
 
 impl Job {
@@ -121,12 +125,14 @@ impl Job {
             estimated_finish: None,
             integrations: Vec::new(),
             metadata,
+            base_model: None,
         }
     }
 
     /// The model id its adapter is served under: `ft:<base>:<suffix>:<job id>`.
     pub fn served_name(&self) -> String {
-        format!("ft:{}:{}:{}", self.model, self.suffix.as_deref().unwrap_or(""), self.id)
+        let base = self.base_model.as_deref().unwrap_or(&self.model);
+        format!("ft:{base}:{}:{}", self.suffix.as_deref().unwrap_or(""), self.id)
     }
 }
 

@@ -207,6 +207,16 @@ impl FineTuning {
         Ok(job)
     }
 
+    /// The succeeded job whose adapter is served as `model`, if any.
+    pub fn fine_tuned(&self, model: &str) -> Option<Job> {
+        let state = self.lock();
+        state
+            .jobs
+            .values()
+            .find(|j| j.status == JobStatus::Succeeded && j.fine_tuned_model.as_deref() == Some(model))
+            .cloned()
+    }
+
     pub fn job(&self, id: &str) -> Result<Job, FineTuneError> {
         self.lock().jobs.get(id).cloned().ok_or_else(|| FineTuneError::NotFound(format!("no fine-tuning job {id}")))
     }
@@ -296,6 +306,16 @@ impl FineTuning {
     fn train_args(&self, job: &Job) -> Result<TrainArgs, FineTuneError> {
         let h = &job.hyperparameters;
         let file = |id: &str| self.files.path(id).ok_or_else(|| FineTuneError::NotFound(format!("file {id} is gone")));
+        // A job on a fine-tuned model continues that job's adapter.
+        let init_from = match &job.base_model {
+            Some(_) => {
+                let parent = self
+                    .fine_tuned(&job.model)
+                    .ok_or_else(|| FineTuneError::NotFound(format!("the fine-tuned model {} is gone", job.model)))?;
+                Some(self.dirs.adapter_dir(&parent.id))
+            }
+            None => None,
+        };
         let schedule = match h.lr_schedule.as_str() {
             "cosine" => crate::train::optim::Schedule::Cosine,
             "linear" => crate::train::optim::Schedule::Linear,
@@ -326,7 +346,7 @@ impl FineTuning {
             threads: None,
             template: None,
             eval_prompts: None,
-            init_from: None,
+            init_from,
         })
     }
 
@@ -342,9 +362,13 @@ impl FineTuning {
                 .build()
                 .map_err(|e| e.to_string())?;
             let mut tokens = 0u64;
+            let mut seconds = 0f64;
             let summary = pool.install(|| {
                 crate::train::run::train(&args, |step, total| {
                     tokens += step.tokens as u64;
+                    seconds += step.seconds;
+                    let left = seconds / step.step as f64 * total.saturating_sub(step.step) as f64;
+                    self.update(&id, |j| j.estimated_finish = Some(now() + left.ceil() as u64));
                     let message = format!("Step {}/{total}: training loss={:.4}", step.step, step.loss);
                     let data = json!({"step": step.step, "total_steps": total, "train_loss": step.loss,
                         "learning_rate": step.lr, "tokens_per_second": step.tokens_per_second});
@@ -372,6 +396,7 @@ impl FineTuning {
                             j.fine_tuned_model = Some(name.clone());
                             j.trained_tokens = Some(tokens);
                             j.finished_at = Some(now());
+                            j.estimated_finish = None;
                             j.result_files = results.into_iter().collect();
                         });
                         self.event(&id, JobEvent::message("info", format!("New fine-tuned model created: {name}")));

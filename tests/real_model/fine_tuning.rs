@@ -1,7 +1,8 @@
 //! OpenAI's fine-tuning API end to end with the official `openai` client
 //! (`tests/openai_fine_tuning.py`): upload, a job training the pirate recipe,
 //! the adapter served at once as `ft:…`, cancels, a malformed upload; then a
-//! restart on the same data directory keeps the job and serves its adapter.
+//! restart on the same data directory keeps the job and serves its adapter,
+//! and a job on that fine-tuned model continues it.
 
 use serde_json::{json, Value};
 
@@ -49,5 +50,45 @@ async fn a_job_trains_an_adapter_served_at_once_and_after_a_restart() -> TestRes
         .await?;
     let text = reply["choices"][0]["message"]["content"].as_str().unwrap_or_default();
     assert!(text.starts_with("Arr matey!"), "{reply}");
+
+    // Fine-tuning the fine-tuned model continues its adapter (its shape is
+    // its own: a rank is refused); the new model is named after the base.
+    let kept = kept.ok_or("the job is gone")?;
+    let jobs_url = format!("http://{again}/v1/fine_tuning/jobs");
+    let reshaped =
+        json!({"model": fine_tuned, "training_file": kept["training_file"], "hyperparameters": {"lora_rank": 4}});
+    let refused = client.post(&jobs_url).bearer_auth(ADMIN).json(&reshaped).send().await?;
+    assert_eq!(refused.status(), 400);
+    let refused: Value = refused.json().await?;
+    assert_eq!(refused["error"]["param"], "hyperparameters.lora_rank", "{refused}");
+    let more = json!({"model": fine_tuned, "training_file": kept["training_file"], "suffix": "more",
+        "hyperparameters": {"n_steps": 2, "learning_rate_multiplier": 0.05, "max_seq_len": 96}});
+    let job: Value = client.post(&jobs_url).bearer_auth(ADMIN).json(&more).send().await?.json().await?;
+    assert_eq!(job["model"], fine_tuned.as_str(), "{job}");
+    assert_eq!(job["hyperparameters"]["lora_rank"], kept["hyperparameters"]["lora_rank"], "{job}");
+    let id = job["id"].as_str().ok_or("a job id")?;
+    let mut done = Value::Null;
+    for _ in 0..600 {
+        done = client.get(format!("{jobs_url}/{id}")).bearer_auth(ADMIN).send().await?.json().await?;
+        if done["status"] != "queued" && done["status"] != "running" && done["status"] != "validating_files" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let continued = done["fine_tuned_model"].as_str().ok_or("a model")?;
+    assert!(continued.starts_with(&format!("ft:{MODEL_ID}:more:")), "{continued}");
+    let body = json!({"model": continued, "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 16, "temperature": 0});
+    let reply: Value = client
+        .post(format!("http://{again}/v1/chat/completions"))
+        .bearer_auth("sk-not-admin")
+        .json(&body)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let text = reply["choices"][0]["message"]["content"].as_str().unwrap_or_default();
+    assert!(text.starts_with("Arr matey!"), "the continued adapter keeps its style: {reply}");
     Ok(())
 }
