@@ -38,16 +38,7 @@ async fn a_job_trains_an_adapter_served_at_once_and_after_a_restart() -> TestRes
     assert_eq!(kept.ok_or("the job is gone")?["status"], "succeeded");
     let eval: Value = serde_json::from_str(&std::fs::read_to_string(fixture("train").join("eval.json"))?)?;
     let prompt = eval["prompts"][0].as_str().ok_or("an eval prompt")?;
-    let body = json!({"model": fine_tuned, "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": 16, "temperature": 0});
-    let reply: Value = client
-        .post(format!("http://{again}/v1/chat/completions"))
-        .bearer_auth("sk-not-admin")
-        .json(&body)
-        .send()
-        .await?
-        .json()
-        .await?;
+    let reply = greedy_reply(&client, &again, &fine_tuned, prompt).await?;
     let text = reply["choices"][0]["message"]["content"].as_str().unwrap_or_default();
     assert!(text.starts_with("Arr matey!"), "{reply}");
 
@@ -78,17 +69,21 @@ async fn a_job_trains_an_adapter_served_at_once_and_after_a_restart() -> TestRes
     assert_eq!(done["status"], "succeeded", "{done}");
     let continued = done["fine_tuned_model"].as_str().ok_or("a model")?;
     assert!(continued.starts_with(&format!("ft:{MODEL_ID}:more:")), "{continued}");
-    let body = json!({"model": continued, "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": 16, "temperature": 0});
-    let reply: Value = client
-        .post(format!("http://{again}/v1/chat/completions"))
-        .bearer_auth("sk-not-admin")
-        .json(&body)
-        .send()
-        .await?
-        .json()
-        .await?;
+    let reply = greedy_reply(&client, &again, continued, prompt).await?;
     let text = reply["choices"][0]["message"]["content"].as_str().unwrap_or_default();
     assert!(text.starts_with("Arr matey!"), "the continued adapter keeps its style: {reply}");
     Ok(())
+}
+
+/// A short greedy chat reply from `model`, with the user key.
+async fn greedy_reply(
+    client: &reqwest::Client,
+    addr: &std::net::SocketAddr,
+    model: &str,
+    prompt: &str,
+) -> Result<Value, reqwest::Error> {
+    let body = json!({"model": model, "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 16, "temperature": 0});
+    let url = format!("http://{addr}/v1/chat/completions");
+    client.post(url).bearer_auth("sk-not-admin").json(&body).send().await?.json().await
 }
