@@ -152,43 +152,6 @@ pub fn matmul<T: Real>(out: ViewMut<T>, a: View<T>, b: View<T>, scale: T, accumu
     }
 }
 
-/// While alive, freed memory stays in the process's heap instead of going
-/// back to the system: a training step allocates and frees the same few
-/// hundred megabytes of activations each time, and glibc would otherwise
-/// return them and fault every page back in (zeroed) on the next step,
-/// about a sixth of a step's time. On drop the free memory is handed back.
-pub struct KeepFreedMemory(());
-
-impl KeepFreedMemory {
-    pub fn new() -> Self {
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: mallopt only sets allocator parameters; glibc serialises it.
-        unsafe {
-            // 32 MiB is glibc's largest mmap threshold; the trim threshold
-            // stops the heap's top from being returned as it is freed.
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        }
-        Self(())
-    }
-}
-
-impl Default for KeepFreedMemory {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Drop for KeepFreedMemory {
-    fn drop(&mut self) {
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: malloc_trim only releases free memory.
-        unsafe {
-            libc::malloc_trim(0);
-        }
-    }
-}
-
 /// `a · b` as a new row-major matrix.
 pub fn product<T: Real>(a: View<T>, b: View<T>, threads: Threads) -> Vec<T> {
     let mut out = vec![T::zero(); a.rows * b.cols];

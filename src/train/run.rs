@@ -10,7 +10,6 @@ use std::time::Instant;
 use serde_json::json;
 
 use super::data::{self, DataError, Encoder, Example};
-use super::linalg::KeepFreedMemory;
 use super::model::{Batch, Lora, SplitMix, TrainModel, MODULES};
 use super::optim::{AdamW, LearningRate, Schedule};
 use super::{peft, report};
@@ -159,7 +158,6 @@ pub enum AfterStep {
 /// planned total), and may end the run there.
 pub fn train(args: &TrainArgs, mut progress: impl FnMut(&StepLog, usize) -> AfterStep) -> Result<Summary, TrainError> {
     check(args)?;
-    let _heap = KeepFreedMemory::new();
     let model_path = args.model.clone().unwrap_or_else(crate::config::default_model_path);
     let mut options = LoadOptions { mode: WeightMode::F32, ..Default::default() };
     if let Some(file) = &args.template {

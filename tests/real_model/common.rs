@@ -99,6 +99,12 @@ fn spawn_server(
     let mut argv =
         vec!["tailor".to_string(), "--port".into(), "0".into(), "--model".into(), model.display().to_string()];
     argv.extend(extra_args.iter().map(|s| s.to_string()));
+    if !extra_args.contains(&"--prefix-cache-tokens") {
+        // Test servers live as long as the test binary (dozens at once): a
+        // smaller prefix cache than the default 8192 tokens (~380 MB of KV
+        // for SmolLM2) keeps the binary well inside the machine's memory.
+        argv.extend(["--prefix-cache-tokens".to_string(), "2048".to_string()]);
+    }
     if !extra_args.contains(&"--data-dir") {
         // Each server its own fine-tuning data (one server per data directory).
         let data = tempfile::tempdir().expect("data dir").keep();
