@@ -77,6 +77,8 @@ impl RandomSource {
             "q_proj" => (q, c.hidden_size),
             "k_proj" | "v_proj" => (kv, c.hidden_size),
             "o_proj" => (c.hidden_size, q),
+            "qkv_proj" => (q + 2 * kv, c.hidden_size),
+            "gate_up_proj" => (2 * c.intermediate_size, c.hidden_size),
             "gate_proj" | "up_proj" => (c.intermediate_size, c.hidden_size),
             _ => (c.hidden_size, c.intermediate_size), // down_proj
         }
@@ -130,8 +132,18 @@ impl WeightSource for RandomSource {
         false
     }
 
+    /// Phi-3's fused projections: one random matrix, split by rows.
     fn linear_split(&mut self, name: &str, parts: &[usize]) -> Result<Vec<Linear>> {
-        Err(super::ModelError::Unsupported(format!("fused projection {name} ({parts:?}) in a random model")))
+        let fused = self.linear(name)?;
+        let (weight, _) = fused.dense_weight()?;
+        let mut start = 0;
+        let mut split = Vec::with_capacity(parts.len());
+        for &rows in parts {
+            let part = weight.narrow(0, start, rows)?.contiguous()?;
+            split.push(Linear::new(Weight::Dense(part), None, rows, fused.in_features()));
+            start += rows;
+        }
+        Ok(split)
     }
 
     fn unused(&self) -> Vec<String> {

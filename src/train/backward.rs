@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::forward::{learned_weight, scores, Forward, LayerTape, Packed, Rotary};
 use super::linalg::{matmul, product, Real, Threads, View, ViewMut};
-use super::model::{Batch, Lora, Pair, TrainModel, DOWN, GATE, K, O, Q, UP, V};
+use super::model::{Batch, Lora, Pair, TrainModel, ATTN_IN, ATTN_OUT, MLP_IN, MLP_OUT};
 use crate::model::Result;
 
 /// Gradients, shaped as the adapter's matrices.
@@ -116,24 +116,62 @@ impl<T: Real> TrainModel<T> {
         let c = &self.config;
         let layer = &self.layers[i];
         // MLP: out = x2 + down(silu(gate) · up).
+        let ff = c.intermediate_size;
         let mut d_x2 = d_out.clone();
         let mut d_act = vec![T::zero(); tape.act.len()];
-        self.project_backward(&d_out, &tape.act, &tape.lora_u[DOWN], i, DOWN, lora, grads, Some(&mut d_act), threads);
+        self.project_backward(
+            &d_out,
+            &tape.act,
+            &tape.lora_u[MLP_OUT],
+            i,
+            MLP_OUT,
+            lora,
+            grads,
+            Some(&mut d_act),
+            threads,
+        );
         drop(d_out);
-        let (mut d_gate, mut d_up) = (d_act.clone(), d_act);
-        d_gate.iter_mut().zip(d_up.iter_mut()).zip(tape.gate.iter().zip(&tape.up)).for_each(|((dg, du), (&g, &u))| {
-            let sigmoid = T::one() / (T::one() + (-g).exp());
-            let da = *dg;
-            *du = da * g * sigmoid;
-            *dg = da * u * sigmoid * (T::one() + g * (T::one() - sigmoid));
-        });
+        let mut d_gate_up = vec![T::zero(); tape.gate_up.len()];
+        for ((d_row, row), da) in
+            d_gate_up.chunks_exact_mut(2 * ff).zip(tape.gate_up.chunks_exact(2 * ff)).zip(d_act.chunks_exact(ff))
+        {
+            let (d_gate, d_up) = d_row.split_at_mut(ff);
+            let (gate, up) = row.split_at(ff);
+            for j in 0..ff {
+                let (g, u, da) = (gate[j], up[j], da[j]);
+                let sigmoid = T::one() / (T::one() + (-g).exp());
+                d_up[j] = da * g * sigmoid;
+                d_gate[j] = da * u * sigmoid * (T::one() + g * (T::one() - sigmoid));
+            }
+        }
+        drop(d_act);
         let mut d_h2 = vec![T::zero(); tape.h2.len()];
-        self.project_backward(&d_gate, &tape.h2, &tape.lora_u[GATE], i, GATE, lora, grads, Some(&mut d_h2), threads);
-        self.project_backward(&d_up, &tape.h2, &tape.lora_u[UP], i, UP, lora, grads, Some(&mut d_h2), threads);
+        self.project_backward(
+            &d_gate_up,
+            &tape.h2,
+            &tape.lora_u[MLP_IN],
+            i,
+            MLP_IN,
+            lora,
+            grads,
+            Some(&mut d_h2),
+            threads,
+        );
+        drop(d_gate_up);
         rms_norm_backward(&d_h2, &tape.x2, &tape.inv2, &layer.post_norm, &mut d_x2);
         // Attention: x2 = x + o(attend(rope(q), rope(k), v)).
         let mut d_attn = vec![T::zero(); tape.attn.len()];
-        self.project_backward(&d_x2, &tape.attn, &tape.lora_u[O], i, O, lora, grads, Some(&mut d_attn), threads);
+        self.project_backward(
+            &d_x2,
+            &tape.attn,
+            &tape.lora_u[ATTN_OUT],
+            i,
+            ATTN_OUT,
+            lora,
+            grads,
+            Some(&mut d_attn),
+            threads,
+        );
         let (mut dq, mut dk, dv) = self.attend_backward(packed, &tape, &d_attn, threads);
         rotary.apply(&mut dq, c.num_heads, &packed.positions, true);
         rotary.apply(&mut dk, c.num_kv_heads, &packed.positions, true);
@@ -144,21 +182,28 @@ impl<T: Real> TrainModel<T> {
             rms_norm_backward(&dk, k_raw, k_inv, k_norm, &mut d_k_raw);
             (dq, dk) = (d_q_raw, d_k_raw);
         }
+        // q, k and v side by side, as the attention input block made them.
+        let (qw, kw) = (dq.len() / packed.rows(), dk.len() / packed.rows());
+        let mut d_qkv = Vec::with_capacity(dq.len() + 2 * dk.len());
+        for ((q, k), v) in dq.chunks_exact(qw).zip(dk.chunks_exact(kw)).zip(dv.chunks_exact(kw)) {
+            d_qkv.extend_from_slice(q);
+            d_qkv.extend_from_slice(k);
+            d_qkv.extend_from_slice(v);
+        }
+        drop((dq, dk, dv));
         // The first layer's input is the embedding, which is frozen.
         let mut d_h1 = (i > 0).then(|| vec![T::zero(); tape.h1.len()]);
-        for (module, dy) in [(Q, &dq), (K, &dk), (V, &dv)] {
-            self.project_backward(
-                dy,
-                &tape.h1,
-                &tape.lora_u[module],
-                i,
-                module,
-                lora,
-                grads,
-                d_h1.as_deref_mut(),
-                threads,
-            );
-        }
+        self.project_backward(
+            &d_qkv,
+            &tape.h1,
+            &tape.lora_u[ATTN_IN],
+            i,
+            ATTN_IN,
+            lora,
+            grads,
+            d_h1.as_deref_mut(),
+            threads,
+        );
         let mut d_x = d_x2;
         if let Some(d_h1) = d_h1 {
             rms_norm_backward(&d_h1, &tape.x, &tape.inv1, &layer.input_norm, &mut d_x);
@@ -166,43 +211,46 @@ impl<T: Real> TrainModel<T> {
         d_x
     }
 
-    /// Backward of `project`: LoRA gradients into `grads`, and `∂/∂x` added
-    /// into `d_x` when asked for.
+    /// Backward of `project`: each adapted site's LoRA gradients into
+    /// `grads`, and `∂/∂x` added into `d_x` when asked for.
     #[allow(clippy::too_many_arguments)]
     fn project_backward(
         &self,
         dy: &[T],
         x: &[T],
-        u: &Option<Vec<T>>,
+        us: &[Option<Vec<T>>],
         layer: usize,
-        module: usize,
+        block: usize,
         lora: &Lora<T>,
         grads: &mut Grads<T>,
         d_x: Option<&mut [T]>,
         threads: Threads,
     ) {
-        let (out, inp) = self.dims(module);
+        let (out, inp) = self.block_dims(block);
         let n = x.len() / inp;
-        let d_y = View::new(dy, n, out);
         let mut d_x = d_x;
         if let Some(d_x) = d_x.as_deref_mut() {
-            let w = View::new(&self.layers[layer].proj[module], out, inp);
-            matmul(ViewMut::new(d_x, n, inp), d_y, w, T::one(), true, threads);
+            let w = View::new(&self.layers[layer].blocks[block], out, inp);
+            matmul(ViewMut::new(d_x, n, inp), View::new(dy, n, out), w, T::one(), true, threads);
         }
-        let (Some(u), Some(pair), Some(grad)) =
-            (u, lora.weights.get(&(layer, module)), grads.get_mut(&(layer, module)))
-        else {
-            return;
-        };
         let (r, scale) = (lora.rank, T::of(lora.scale()));
-        // y += s · u Bᵀ with u = x Aᵀ.
-        matmul(ViewMut::new(&mut grad.b, out, r), d_y.t(), View::new(u, n, r), scale, true, threads);
-        let mut d_u = vec![T::zero(); n * r];
-        matmul(ViewMut::new(&mut d_u, n, r), d_y, View::new(&pair.b, out, r), scale, false, threads);
-        let d_u = View::new(&d_u, n, r);
-        matmul(ViewMut::new(&mut grad.a, r, inp), d_u.t(), View::new(x, n, inp), T::one(), true, threads);
-        if let Some(d_x) = d_x {
-            matmul(ViewMut::new(d_x, n, inp), d_u, View::new(&pair.a, r, inp), T::one(), true, threads);
+        for (site, u) in self.sites(block).into_iter().zip(us) {
+            let (Some(u), Some(pair), Some(grad)) =
+                (u, lora.weights.get(&(layer, site.module)), grads.get_mut(&(layer, site.module)))
+            else {
+                continue;
+            };
+            // The site's columns of dy; y += s · u Bᵀ there, with u = x Aᵀ.
+            let d_y = View::strided(&dy[site.start..], n, site.width, out);
+            let u = View::new(u, n, r);
+            matmul(ViewMut::new(&mut grad.b, site.width, r), d_y.t(), u, scale, true, threads);
+            let mut d_u = vec![T::zero(); n * r];
+            matmul(ViewMut::new(&mut d_u, n, r), d_y, View::new(&pair.b, site.width, r), scale, false, threads);
+            let d_u = View::new(&d_u, n, r);
+            matmul(ViewMut::new(&mut grad.a, r, inp), d_u.t(), View::new(x, n, inp), T::one(), true, threads);
+            if let Some(d_x) = d_x.as_deref_mut() {
+                matmul(ViewMut::new(d_x, n, inp), d_u, View::new(&pair.a, r, inp), T::one(), true, threads);
+            }
         }
     }
 

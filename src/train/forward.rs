@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use super::linalg::{matmul, product, Real, Threads, View, ViewMut};
-use super::model::{Batch, Lora, TrainModel, DOWN, GATE, K, O, Q, UP, V};
+use super::model::{Batch, Lora, TrainModel, ATTN_IN, ATTN_OUT, MLP_IN, MLP_OUT};
 use crate::model::{ModelError, Result};
 
 /// Rows of the logits computed at once (bounds the memory of the head).
@@ -80,11 +80,16 @@ pub(crate) struct LayerTape<T> {
     pub x2: Vec<T>,
     pub inv2: Vec<T>,
     pub h2: Vec<T>,
-    pub gate: Vec<T>,
-    pub up: Vec<T>,
+    /// The MLP's gate and up projections side by side, `[rows, 2 · ff]`.
+    pub gate_up: Vec<T>,
     pub act: Vec<T>,
-    /// `x Aᵀ` per adapted module.
-    pub lora_u: [Option<Vec<T>>; 7],
+    /// `x Aᵀ` per block and site (`None` where not adapted).
+    pub lora_u: [Vec<Option<Vec<T>>>; 4],
+}
+
+/// Columns `start..start + width` of a row-major matrix `total` wide.
+pub(crate) fn columns<T: Copy>(m: &[T], total: usize, start: usize, width: usize) -> Vec<T> {
+    m.chunks_exact(total).flat_map(|row| row[start..start + width].iter().copied()).collect()
 }
 
 /// The forward pass's result: per-layer tapes (when kept) and the final
@@ -152,36 +157,48 @@ pub(crate) fn silu<T: Real>(x: T) -> T {
 }
 
 impl<T: Real> TrainModel<T> {
-    /// `x Wᵀ (+ scale · (x Aᵀ) Bᵀ)` for `module` of `layer`; also `x Aᵀ`
-    /// when the module is adapted.
+    /// `x Wᵀ + bias` for a block of `layer`, plus `scale · (x Aᵀ) Bᵀ` into
+    /// the columns of each adapted site; also `x Aᵀ` per site (`None` where
+    /// not adapted).
     pub(crate) fn project(
         &self,
         x: &[T],
         layer: usize,
-        module: usize,
+        block: usize,
         lora: Option<&Lora<T>>,
         threads: Threads,
-    ) -> (Vec<T>, Option<Vec<T>>) {
-        let (out, inp) = self.dims(module);
+    ) -> (Vec<T>, Vec<Option<Vec<T>>>) {
+        let (out, inp) = self.block_dims(block);
         let n = x.len() / inp;
         let input = View::new(x, n, inp);
-        let mut y = product(input, View::new(&self.layers[layer].proj[module], out, inp).t(), threads);
-        if let Some(bias) = &self.layers[layer].bias[module] {
+        let mut y = product(input, View::new(&self.layers[layer].blocks[block], out, inp).t(), threads);
+        if let (ATTN_IN, Some(bias)) = (block, &self.layers[layer].qkv_bias) {
             for row in y.chunks_exact_mut(out) {
                 for (v, &b) in row.iter_mut().zip(bias) {
                     *v += b;
                 }
             }
         }
-        let adapted = lora.and_then(|l| l.weights.get(&(layer, module)).map(|pair| (l, pair)));
-        let u = adapted.map(|(lora, pair)| {
-            let r = lora.rank;
-            let u = product(input, View::new(&pair.a, r, inp).t(), threads);
-            let delta = View::new(&pair.b, out, r).t();
-            matmul(ViewMut::new(&mut y, n, out), View::new(&u, n, r), delta, T::of(lora.scale()), true, threads);
-            u
-        });
-        (y, u)
+        let us = self
+            .sites(block)
+            .into_iter()
+            .map(|site| {
+                let lora = lora?;
+                let pair = lora.weights.get(&(layer, site.module))?;
+                let r = lora.rank;
+                let u = product(input, View::new(&pair.a, r, inp).t(), threads);
+                matmul(
+                    ViewMut::strided(&mut y[site.start..], n, site.width, out),
+                    View::new(&u, n, r),
+                    View::new(&pair.b, site.width, r).t(),
+                    T::of(lora.scale()),
+                    true,
+                    threads,
+                );
+                Some(u)
+            })
+            .collect();
+        (y, us)
     }
 
     /// The forward pass over `packed`; the tapes are kept when `record`.
@@ -193,7 +210,8 @@ impl<T: Real> TrainModel<T> {
         threads: Threads,
     ) -> Forward<T> {
         let c = &self.config;
-        let (hidden, heads, kv_heads) = (c.hidden_size, c.num_heads, c.num_kv_heads);
+        let (hidden, heads, kv_heads, d) = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim);
+        let (qw, kw, ff) = (heads * d, kv_heads * d, c.intermediate_size);
         let longest = packed.spans.iter().map(|s| s.1).max().unwrap_or(0);
         let rotary = Rotary::new(&self.inv_freq, longest);
         let mut x: Vec<T> = Vec::with_capacity(packed.rows() * hidden);
@@ -203,13 +221,11 @@ impl<T: Real> TrainModel<T> {
         let mut layers = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let (h1, inv1) = rms_norm(&x, &layer.input_norm, c.rms_norm_eps);
-            let mut lora_u: [Option<Vec<T>>; 7] = Default::default();
-            let (mut q, u) = self.project(&h1, i, Q, lora, threads);
-            lora_u[Q] = u;
-            let (mut k, u) = self.project(&h1, i, K, lora, threads);
-            lora_u[K] = u;
-            let (v, u) = self.project(&h1, i, V, lora, threads);
-            lora_u[V] = u;
+            let (qkv, u_attn_in) = self.project(&h1, i, ATTN_IN, lora, threads);
+            let width = qw + 2 * kw;
+            let (mut q, mut k, v) =
+                (columns(&qkv, width, 0, qw), columns(&qkv, width, qw, kw), columns(&qkv, width, qw + kw, kw));
+            drop(qkv);
             let qk_raw = layer.qk_norm.as_ref().map(|(q_norm, k_norm)| {
                 let (q_normed, q_inv) = rms_norm(&q, q_norm, c.rms_norm_eps);
                 let (k_normed, k_inv) = rms_norm(&k, k_norm, c.rms_norm_eps);
@@ -218,20 +234,19 @@ impl<T: Real> TrainModel<T> {
             rotary.apply(&mut q, heads, &packed.positions, false);
             rotary.apply(&mut k, kv_heads, &packed.positions, false);
             let (attn, lse) = self.attend(packed, &q, &k, &v, threads);
-            let (o, u) = self.project(&attn, i, O, lora, threads);
-            lora_u[O] = u;
+            let (o, u_attn_out) = self.project(&attn, i, ATTN_OUT, lora, threads);
             let x2: Vec<T> = x.iter().zip(&o).map(|(&a, &b)| a + b).collect();
             let (h2, inv2) = rms_norm(&x2, &layer.post_norm, c.rms_norm_eps);
-            let (gate, u) = self.project(&h2, i, GATE, lora, threads);
-            lora_u[GATE] = u;
-            let (up, u) = self.project(&h2, i, UP, lora, threads);
-            lora_u[UP] = u;
-            let act: Vec<T> = gate.iter().zip(&up).map(|(&g, &u)| silu(g) * u).collect();
-            let (down, u) = self.project(&act, i, DOWN, lora, threads);
-            lora_u[DOWN] = u;
+            let (gate_up, u_mlp_in) = self.project(&h2, i, MLP_IN, lora, threads);
+            let act: Vec<T> = gate_up
+                .chunks_exact(2 * ff)
+                .flat_map(|row| row[..ff].iter().zip(&row[ff..]).map(|(&g, &u)| silu(g) * u))
+                .collect();
+            let (down, u_mlp_out) = self.project(&act, i, MLP_OUT, lora, threads);
             let next: Vec<T> = x2.iter().zip(&down).map(|(&a, &b)| a + b).collect();
             if record {
-                layers.push(LayerTape { x, inv1, h1, qk_raw, q, k, v, lse, attn, x2, inv2, h2, gate, up, act, lora_u });
+                let lora_u = [u_attn_in, u_attn_out, u_mlp_in, u_mlp_out];
+                layers.push(LayerTape { x, inv1, h1, qk_raw, q, k, v, lse, attn, x2, inv2, h2, gate_up, act, lora_u });
             }
             x = next;
         }

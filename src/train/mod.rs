@@ -51,7 +51,10 @@ mod tests {
 
     fn lora<T: Real>(model: &TrainModel<T>) -> Lora<T> {
         let targets: Vec<String> = ["q_proj", "v_proj", "o_proj", "down_proj"].iter().map(|s| s.to_string()).collect();
-        let mut lora = Lora::new(model, 4, 8.0, false, &targets, 11).expect("lora");
+        with_trained_b(Lora::new(model, 4, 8.0, false, &targets, 11).expect("lora"))
+    }
+
+    fn with_trained_b<T: Real>(mut lora: Lora<T>) -> Lora<T> {
         // A trained-looking B, so every path through the adapter matters.
         for (i, pair) in lora.weights.values_mut().enumerate() {
             for (j, b) in pair.b.iter_mut().enumerate() {
@@ -73,12 +76,26 @@ mod tests {
             c.attention_bias = true;
             c.qk_norm = true;
         });
-        assert!(model.layers[0].bias[0].is_some() && model.layers[0].qk_norm.is_some());
+        assert!(model.layers[0].qkv_bias.is_some() && model.layers[0].qk_norm.is_some());
         gradient_check(model);
     }
 
+    /// Phi-3's layout: q/k/v and gate/up fused, LoRA on the fused modules.
+    #[test]
+    fn lora_gradients_match_finite_differences_on_fused_projections() {
+        let model = tiny_with::<f64>(|c| c.architecture = crate::model::config::Architecture::Phi3);
+        let targets: Vec<String> = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"].map(String::from).to_vec();
+        gradient_check_of(&model, with_trained_b(Lora::new(&model, 4, 8.0, false, &targets, 11).expect("lora")));
+        let error = Lora::new(&model, 4, 8.0, false, &["q_proj".to_string()], 1).expect_err("q_proj on Phi-3");
+        assert!(error.to_string().contains("qkv_proj"), "{error}");
+    }
+
     fn gradient_check(model: TrainModel<f64>) {
-        let mut lora = lora(&model);
+        let lora = lora(&model);
+        gradient_check_of(&model, lora);
+    }
+
+    fn gradient_check_of(model: &TrainModel<f64>, mut lora: Lora<f64>) {
         let mut grads = lora.zeros_like();
         let (loss, _) = model.loss_and_gradients(&batch(), &lora, 1.0, &mut grads).expect("gradients");
         let forward_only = model.loss(&batch(), Some(&lora)).expect("loss").0;

@@ -52,7 +52,8 @@ pub fn load(dir: &Path, model: &TrainModel<f32>) -> Result<Lora<f32>> {
         .map_err(|e| invalid(format!("cannot read adapter_model.safetensors: {e}")))?;
     let mut lora = Lora::new(model, rank, alpha, use_rslora, &targets, 0)?;
     for (&(layer, module), pair) in lora.weights.iter_mut() {
-        let (out, inp) = model.dims(module);
+        let (out, inp) =
+            model.dims(module).ok_or_else(|| invalid(format!("{} is not in this base", MODULES[module])))?;
         for (which, into, shape) in [("lora_A", &mut pair.a, (rank, inp)), ("lora_B", &mut pair.b, (out, rank))] {
             let name = tensor_name(layer, MODULES[module], which);
             let tensor = tensors.get(&name).ok_or_else(|| invalid(format!("no tensor `{name}`")))?;
