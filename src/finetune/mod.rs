@@ -363,23 +363,35 @@ impl FineTuning {
                 .map_err(|e| e.to_string())?;
             let mut tokens = 0u64;
             let mut seconds = 0f64;
+            // A panic in training fails the job instead of taking the worker
+            // (and every queued job) down with it.
             let summary = pool.install(|| {
-                crate::train::run::train(&args, |step, total| {
-                    tokens += step.tokens as u64;
-                    seconds += step.seconds;
-                    let left = seconds / step.step as f64 * total.saturating_sub(step.step) as f64;
-                    self.update(&id, |j| j.estimated_finish = Some(now() + left.ceil() as u64));
-                    let message = format!("Step {}/{total}: training loss={:.4}", step.step, step.loss);
-                    let data = json!({"step": step.step, "total_steps": total, "train_loss": step.loss,
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    crate::train::run::train(&args, |step, total| {
+                        tokens += step.tokens as u64;
+                        seconds += step.seconds;
+                        let left = seconds / step.step as f64 * total.saturating_sub(step.step) as f64;
+                        self.update(&id, |j| j.estimated_finish = Some(now() + left.ceil() as u64));
+                        let message = format!("Step {}/{total}: training loss={:.4}", step.step, step.loss);
+                        let data = json!({"step": step.step, "total_steps": total, "train_loss": step.loss,
                         "learning_rate": step.lr, "tokens_per_second": step.tokens_per_second});
-                    self.event(&id, JobEvent::metrics(message, data));
-                    if cancel.load(Ordering::Relaxed) {
-                        AfterStep::Stop
-                    } else {
-                        AfterStep::Continue
-                    }
-                })
+                        self.event(&id, JobEvent::metrics(message, data));
+                        if cancel.load(Ordering::Relaxed) {
+                            AfterStep::Stop
+                        } else {
+                            AfterStep::Continue
+                        }
+                    })
+                }))
             });
+            let summary = summary.map_err(|panic| {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("unknown");
+                format!("training stopped on an internal error ({why})")
+            })?;
             summary.map(|s| (s, tokens)).map_err(|e| match e {
                 TrainError::Cancelled => "cancelled".to_string(),
                 other => other.to_string(),

@@ -54,7 +54,7 @@ impl<T: Real> TrainModel<T> {
         grad_scale: f64,
         grads: &mut Grads<T>,
     ) -> Result<(f64, f64)> {
-        let total = learned_weight(batch)?;
+        let total = learned_weight(batch, self.config.vocab_size)?;
         let shards = shards(batch, rayon::current_num_threads());
         if shards.len() == 1 {
             let loss = self.shard_gradients(&Packed::new(batch), total, lora, grad_scale, grads, Threads::Pool);

@@ -25,8 +25,13 @@ pub(crate) struct Packed {
     pub total: f64,
 }
 
-/// The sum of the learned weights of `batch`; an error when it is zero.
-pub(crate) fn learned_weight(batch: &Batch) -> Result<f64> {
+/// The sum of the learned weights of `batch`; an error when it is zero or
+/// when a token is outside the model's `vocab` (a tokenizer may know more
+/// ids than the model has embedding rows).
+pub(crate) fn learned_weight(batch: &Batch, vocab: usize) -> Result<f64> {
+    if let Some(&id) = batch.ids.iter().flatten().find(|&&id| id as usize >= vocab) {
+        return Err(ModelError::Invalid(format!("token id {id} is outside the model's {vocab}-token vocabulary")));
+    }
     let total = Packed::new(batch).total;
     if total <= 0.0 {
         return Err(ModelError::Invalid("the batch has no tokens to learn from".into()));
@@ -35,8 +40,7 @@ pub(crate) fn learned_weight(batch: &Batch) -> Result<f64> {
 }
 
 impl Packed {
-    /// `batch` end to end; its loss is averaged over `normalizer` (the
-    /// learned weight of the whole batch when this is one shard of it).
+    /// `batch` end to end.
     pub fn new(batch: &Batch) -> Self {
         let mut packed =
             Packed { spans: Vec::new(), positions: Vec::new(), ids: Vec::new(), learned: Vec::new(), total: 0.0 };
@@ -311,7 +315,7 @@ impl<T: Real> TrainModel<T> {
     /// The weighted mean cross-entropy of the learned next tokens and the
     /// weight it averages over (no gradient).
     pub fn loss(&self, batch: &Batch, lora: Option<&Lora<T>>) -> Result<(f64, f64)> {
-        let total = learned_weight(batch)?;
+        let total = learned_weight(batch, self.config.vocab_size)?;
         let packed = Packed::new(batch);
         let forward = self.forward(&packed, lora, false, Threads::Pool);
         let loss = self.head_loss(&packed, &forward.hidden, total, None, Threads::Pool).0;

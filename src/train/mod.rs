@@ -202,5 +202,11 @@ mod tests {
         assert_eq!(with, without, "B starts at zero");
         let nothing = Batch { ids: vec![vec![1, 2, 3]], weights: vec![vec![0.0, 0.0, 0.0]] };
         assert!(model.loss(&nothing, None).is_err(), "nothing to learn is refused");
+        // An id past the embedding is an error, not a panic, in both passes.
+        let outside = Batch { ids: vec![vec![1, 96, 3]], weights: vec![vec![1.0, 1.0, 1.0]] };
+        let error = model.loss(&outside, Some(&fresh)).expect_err("id 96 of 96").to_string();
+        assert!(error.contains("token id 96"), "{error}");
+        let mut grads = fresh.zeros_like();
+        assert!(model.loss_and_gradients(&outside, &fresh, 1.0, &mut grads).is_err());
     }
 }
