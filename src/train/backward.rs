@@ -119,17 +119,7 @@ impl<T: Real> TrainModel<T> {
         let ff = c.intermediate_size;
         let mut d_x2 = d_out.clone();
         let mut d_act = vec![T::zero(); tape.act.len()];
-        self.project_backward(
-            &d_out,
-            &tape.act,
-            &tape.lora_u[MLP_OUT],
-            i,
-            MLP_OUT,
-            lora,
-            grads,
-            Some(&mut d_act),
-            threads,
-        );
+        self.project_backward(&d_out, &tape, i, MLP_OUT, lora, grads, Some(&mut d_act), threads);
         drop(d_out);
         let mut d_gate_up = vec![T::zero(); tape.gate_up.len()];
         for ((d_row, row), da) in
@@ -146,32 +136,12 @@ impl<T: Real> TrainModel<T> {
         }
         drop(d_act);
         let mut d_h2 = vec![T::zero(); tape.h2.len()];
-        self.project_backward(
-            &d_gate_up,
-            &tape.h2,
-            &tape.lora_u[MLP_IN],
-            i,
-            MLP_IN,
-            lora,
-            grads,
-            Some(&mut d_h2),
-            threads,
-        );
+        self.project_backward(&d_gate_up, &tape, i, MLP_IN, lora, grads, Some(&mut d_h2), threads);
         drop(d_gate_up);
         rms_norm_backward(&d_h2, &tape.x2, &tape.inv2, &layer.post_norm, &mut d_x2);
         // Attention: x2 = x + o(attend(rope(q), rope(k), v)).
         let mut d_attn = vec![T::zero(); tape.attn.len()];
-        self.project_backward(
-            &d_x2,
-            &tape.attn,
-            &tape.lora_u[ATTN_OUT],
-            i,
-            ATTN_OUT,
-            lora,
-            grads,
-            Some(&mut d_attn),
-            threads,
-        );
+        self.project_backward(&d_x2, &tape, i, ATTN_OUT, lora, grads, Some(&mut d_attn), threads);
         let (mut dq, mut dk, dv) = self.attend_backward(packed, &tape, &d_attn, threads);
         rotary.apply(&mut dq, c.num_heads, &packed.positions, true);
         rotary.apply(&mut dk, c.num_kv_heads, &packed.positions, true);
@@ -193,17 +163,7 @@ impl<T: Real> TrainModel<T> {
         drop((dq, dk, dv));
         // The first layer's input is the embedding, which is frozen.
         let mut d_h1 = (i > 0).then(|| vec![T::zero(); tape.h1.len()]);
-        self.project_backward(
-            &d_qkv,
-            &tape.h1,
-            &tape.lora_u[ATTN_IN],
-            i,
-            ATTN_IN,
-            lora,
-            grads,
-            d_h1.as_deref_mut(),
-            threads,
-        );
+        self.project_backward(&d_qkv, &tape, i, ATTN_IN, lora, grads, d_h1.as_deref_mut(), threads);
         let mut d_x = d_x2;
         if let Some(d_h1) = d_h1 {
             rms_norm_backward(&d_h1, &tape.x, &tape.inv1, &layer.input_norm, &mut d_x);
@@ -217,8 +177,7 @@ impl<T: Real> TrainModel<T> {
     fn project_backward(
         &self,
         dy: &[T],
-        x: &[T],
-        us: &[Option<Vec<T>>],
+        tape: &LayerTape<T>,
         layer: usize,
         block: usize,
         lora: &Lora<T>,
@@ -226,6 +185,7 @@ impl<T: Real> TrainModel<T> {
         d_x: Option<&mut [T]>,
         threads: Threads,
     ) {
+        let (x, us) = (tape.input(block), &tape.lora_u[block]);
         let (out, inp) = self.block_dims(block);
         let n = x.len() / inp;
         let mut d_x = d_x;

@@ -32,7 +32,14 @@ pub(crate) fn learned_weight(batch: &Batch, vocab: usize) -> Result<f64> {
     if let Some(&id) = batch.ids.iter().flatten().find(|&&id| id as usize >= vocab) {
         return Err(ModelError::Invalid(format!("token id {id} is outside the model's {vocab}-token vocabulary")));
     }
-    let total = Packed::new(batch).total;
+    let total: f64 = batch
+        .ids
+        .iter()
+        .zip(&batch.weights)
+        .flat_map(|(example, weights)| weights.iter().take(example.len().saturating_sub(1)))
+        .filter(|&&w| w > 0.0)
+        .map(|&w| w as f64)
+        .sum();
     if total <= 0.0 {
         return Err(ModelError::Invalid("the batch has no tokens to learn from".into()));
     }
@@ -89,6 +96,18 @@ pub(crate) struct LayerTape<T> {
     pub act: Vec<T>,
     /// `x Aᵀ` per block and site (`None` where not adapted).
     pub lora_u: [Vec<Option<Vec<T>>>; 4],
+}
+
+impl<T> LayerTape<T> {
+    /// A block's input, as `project` read it.
+    pub fn input(&self, block: usize) -> &[T] {
+        match block {
+            ATTN_IN => &self.h1,
+            ATTN_OUT => &self.attn,
+            MLP_IN => &self.h2,
+            _ => &self.act,
+        }
+    }
 }
 
 /// Columns `start..start + width` of a row-major matrix `total` wide.
