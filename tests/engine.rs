@@ -211,11 +211,12 @@ async fn the_waiting_queue_is_bounded() {
 
 #[tokio::test]
 async fn the_kv_budget_makes_requests_wait_their_turn() {
-    // Each request reserves 10 + 100 tokens; 150 fit one at a time.
-    let handle = engine(EngineConfig { max_num_seqs: 8, max_kv_tokens: 150, ..Default::default() }).await;
-    // The watcher samples from before the first submission until both are
-    // done: two sequences running together would last ~100 steps, far
-    // longer than a sample interval.
+    // Each request reserves 10 + 400 tokens; 600 fit one at a time.
+    const BUDGET: usize = 600;
+    let handle = engine(EngineConfig { max_num_seqs: 8, max_kv_tokens: BUDGET, ..Default::default() }).await;
+    // The watcher samples continuously (yielding, not sleeping: tokio's
+    // timer has a 1 ms resolution, about what 100 steps of the tiny model
+    // take) from before the first submission until both are done.
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = {
         let (handle, done) = (handle.clone(), done.clone());
@@ -223,21 +224,21 @@ async fn the_kv_budget_makes_requests_wait_their_turn() {
             let mut seen = Vec::new();
             while !done.load(std::sync::atomic::Ordering::Acquire) {
                 seen.push(handle.stats());
-                tokio::time::sleep(Duration::from_micros(200)).await;
+                tokio::task::yield_now().await;
             }
             seen
         })
     };
-    let a_rx = handle.submit(request(vec![1; 10], 100)).expect("queued");
-    let b_rx = handle.submit(request(vec![2; 10], 100)).expect("queued");
+    let a_rx = handle.submit(request(vec![1; 10], 400)).expect("queued");
+    let b_rx = handle.submit(request(vec![2; 10], 400)).expect("queued");
     let (a_out, b_out) = tokio::join!(collect(a_rx), collect(b_rx));
     done.store(true, std::sync::atomic::Ordering::Release);
     let stats = watcher.await.expect("watcher");
-    assert_eq!(a_out.2, 100);
-    assert_eq!(b_out.2, 100);
+    assert_eq!(a_out.2, 400);
+    assert_eq!(b_out.2, 400);
     assert!(stats.iter().any(|s| s.running == 1 && s.waiting == 1), "never saw one running while one waited");
     assert!(
-        stats.iter().all(|s| s.running <= 1 && s.reserved_tokens <= 150),
+        stats.iter().all(|s| s.running <= 1 && s.reserved_tokens <= BUDGET),
         "budget exceeded: {:?}",
         stats.iter().max_by_key(|s| s.reserved_tokens)
     );
