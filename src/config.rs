@@ -136,6 +136,27 @@ pub struct ServeArgs {
     /// Threads a fine-tuning job trains on (the rest keep serving).
     #[arg(long, env = "TAILOR_TRAIN_THREADS", default_value_t = 1)]
     pub train_threads: usize,
+    /// Memory a fine-tuning run may use (bytes, or e.g. 8GiB); jobs whose
+    /// estimate is larger are refused. Default: 3/4 of the machine's (or
+    /// the container's) memory.
+    #[arg(long, env = "TAILOR_MAX_TRAIN_MEMORY", value_parser = parse_bytes)]
+    pub max_train_memory: Option<u64>,
+    /// Uploaded files kept at once; more uploads are refused (507).
+    #[arg(long, env = "TAILOR_MAX_FILES", default_value_t = 10_000)]
+    pub max_files: usize,
+    /// Fine-tuning jobs queued or running at once; more are refused (429).
+    #[arg(long, env = "TAILOR_MAX_QUEUED_JOBS", default_value_t = 100)]
+    pub max_queued_jobs: usize,
+    /// Bytes the data directory may hold (e.g. 20GiB; 0: no cap but the disk's reserve).
+    #[arg(long, env = "TAILOR_MAX_STORED_BYTES", value_parser = parse_bytes, default_value = "0")]
+    pub max_stored_bytes: u64,
+    /// Free space kept on the data directory's disk: uploads and jobs that
+    /// would go below it are refused (507).
+    #[arg(long, env = "TAILOR_MIN_FREE_DISK", value_parser = parse_bytes, default_value = "1GiB")]
+    pub min_free_disk: u64,
+    /// The program fine-tuning jobs train in (default: this one); tests point it at the built binary.
+    #[arg(long, hide = true)]
+    pub fine_tuning_worker: Option<PathBuf>,
     /// Seconds a streaming client may stop reading before its request is cancelled.
     #[arg(long, env = "TAILOR_STREAM_WRITE_TIMEOUT", default_value_t = 60.0)]
     pub stream_write_timeout: f64,
@@ -171,6 +192,9 @@ pub struct ServeConfig {
     pub max_file_bytes: usize,
     pub data_dir: PathBuf,
     pub train_threads: usize,
+    pub max_train_memory: u64,
+    pub storage: crate::finetune::StorageLimits,
+    pub fine_tuning_worker: PathBuf,
     pub stream_write_timeout: std::time::Duration,
     pub shutdown_timeout: std::time::Duration,
 }
@@ -195,6 +219,28 @@ pub enum ConfigError {
     Lora(String),
     #[error("cannot read the adapters folder {path}: {message}")]
     AdaptersDir { path: String, message: String },
+}
+
+/// A size in bytes: a whole number, optionally with a unit (`KB`, `MB`,
+/// `GB`, `TB` in powers of 1000; `KiB`, `MiB`, `GiB`, `TiB` in powers of 1024).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("`{text}` is not a size (e.g. 512MiB, 8GB or 1048576)"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit `{other}` (B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)")),
+    };
+    number.checked_mul(scale).ok_or_else(|| format!("`{text}` is too large"))
 }
 
 /// Where fetched models live: `$TAILOR_CACHE`, else `$XDG_CACHE_HOME/tailor`, else `~/.cache/tailor`.
@@ -330,6 +376,20 @@ impl ServeArgs {
             max_file_bytes: self.max_file_bytes,
             data_dir: self.data_dir.unwrap_or_else(|| cache_dir().join("data")),
             train_threads: self.train_threads.max(1),
+            max_train_memory: self
+                .max_train_memory
+                .unwrap_or_else(|| crate::train::limits::machine_memory().map_or(u64::MAX, |total| total / 4 * 3)),
+            storage: crate::finetune::StorageLimits {
+                max_files: self.max_files,
+                max_queued_jobs: self.max_queued_jobs,
+                max_stored_bytes: self.max_stored_bytes,
+                min_free_bytes: self.min_free_disk,
+            },
+            fine_tuning_worker: match self.fine_tuning_worker {
+                Some(path) => path,
+                None => std::env::current_exe()
+                    .map_err(|e| ConfigError::Invalid(format!("cannot find this program's path: {e}")))?,
+            },
             stream_write_timeout,
             shutdown_timeout,
         })
@@ -378,6 +438,32 @@ mod tests {
     struct Serve {
         #[command(flatten)]
         args: ServeArgs,
+    }
+
+    #[test]
+    fn sizes_read_with_their_units() {
+        assert_eq!(super::parse_bytes("1048576"), Ok(1 << 20));
+        assert_eq!(super::parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(super::parse_bytes("8GB"), Ok(8_000_000_000));
+        assert_eq!(super::parse_bytes(" 1 gib "), Ok(1 << 30));
+        assert!(super::parse_bytes("1.5GiB").is_err());
+        assert!(super::parse_bytes("12 parsecs").is_err());
+        assert!(super::parse_bytes("99999999999TiB").is_err());
+    }
+
+    /// The reference names every flag an operator can set.
+    #[test]
+    fn every_serve_flag_is_in_the_configuration_reference() {
+        let reference = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/configuration.md"))
+            .expect("docs/configuration.md");
+        let command = Serve::command();
+        for arg in command.get_arguments().filter(|a| !a.is_hide_set()) {
+            let Some(long) = arg.get_long() else { continue };
+            assert!(reference.contains(&format!("`--{long}")), "--{long} is not in docs/configuration.md");
+            if let Some(env) = arg.get_env().and_then(|e| e.to_str()) {
+                assert!(reference.contains(&format!("`{env}`")), "{env} is not in docs/configuration.md");
+            }
+        }
     }
 
     /// Containers and Kubernetes configure through the environment.

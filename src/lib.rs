@@ -16,9 +16,11 @@
 pub mod api;
 pub mod bench;
 pub mod config;
+pub mod durable;
 pub mod engine;
 pub mod finetune;
 pub mod grammar;
+pub mod ids;
 pub mod loader;
 pub mod lora;
 pub mod metrics;

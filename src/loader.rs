@@ -36,6 +36,8 @@ pub struct ModelInfo {
     /// Generation ends when one of these is produced.
     pub eos_token_ids: Vec<u32>,
     pub max_model_len: usize,
+    /// The architecture's sizes (what a training run's memory depends on).
+    pub config: crate::model::ModelConfig,
     /// Rows of the model's embedding table: a prompt id must be below both
     /// this and the tokenizer's size (the two can differ, e.g. padded tables).
     pub embedding_rows: usize,
@@ -307,6 +309,7 @@ fn build_info(
         chat_template,
         eos_token_ids,
         max_model_len: model.config().max_position_embeddings,
+        config: model.config().clone(),
         embedding_rows: model.config().vocab_size,
         format,
         mode: opts.mode,

@@ -63,6 +63,10 @@ enum Command {
     /// Work with chat templates offline.
     #[command(subcommand)]
     ChatTemplate(ChatTemplateCommand),
+    /// A fine-tuning job's training process, started by `tailor serve` (its
+    /// run comes on stdin, its reports go to stdout).
+    #[command(name = "fine-tune-worker", hide = true)]
+    FineTuneWorker,
 }
 
 #[derive(Subcommand)]
@@ -110,6 +114,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench(args),
         Command::BenchKernels { reps, threads } => bench_kernels(reps, threads),
         Command::Tokenize { model, input, text } => tokenize(&model, input, text),
+        Command::FineTuneWorker => std::process::exit(tailor::finetune::worker::child_main()),
     }
 }
 

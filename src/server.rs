@@ -33,7 +33,7 @@ pub async fn run(
     let lifecycle = Lifecycle::default();
     let state = AppState {
         engine,
-        created: api::unix_now(),
+        created: crate::ids::unix_now(),
         default_chat_template_kwargs: Arc::new(config.chat_template_kwargs.clone()),
         tool_call_parser: config.tool_call_parser,
         enable_lora_loading: config.enable_lora_loading,
@@ -136,6 +136,9 @@ fn start_fine_tuning(config: &ServeConfig) -> Option<Arc<FineTuning>> {
         data_dir: config.data_dir.clone(),
         model_path: config.model.clone(),
         train_threads: config.train_threads,
+        worker_exe: config.fine_tuning_worker.clone(),
+        limits: config.storage.clone(),
+        max_train_memory: config.max_train_memory,
     };
     match FineTuning::start(settings) {
         Ok(service) => Some(service),

@@ -24,6 +24,7 @@ fn tiny_model() -> Result<Loaded, String> {
         chat_template: None,
         eos_token_ids: vec![256],
         max_model_len: config.max_position_embeddings,
+        config: config.clone(),
         embedding_rows: config.vocab_size,
         format: ModelFormat::Gguf,
         mode: WeightMode::Quantized,

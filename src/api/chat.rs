@@ -20,8 +20,9 @@ use super::types::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
     ChunkHeader, Delta,
 };
-use super::{prompting, response_id, unix_now, AppState, Target};
+use super::{prompting, AppState, Target};
 use crate::engine::{FinishReason, TokenLogprob};
+use crate::ids::{response_id, unix_now};
 use crate::loader::ModelInfo;
 use crate::prompt::ChatRequest;
 

@@ -11,8 +11,9 @@ use super::logprobs;
 use super::observe::Facts;
 use super::params;
 use super::types::{ChunkHeader, CompletionChoice, CompletionRequest, CompletionResponse, Prompt};
-use super::{prompting, response_id, unix_now, AppState};
+use super::{prompting, AppState};
 use crate::engine::TokenLogprob;
+use crate::ids::{response_id, unix_now};
 
 /// OpenAI's default for `/v1/completions`.
 const DEFAULT_MAX_TOKENS: i64 = 16;

@@ -32,6 +32,12 @@ impl From<FineTuneError> for ApiError {
                 None => ApiError::bad_request(message),
             },
             FineTuneError::NotFound(message) => ApiError::not_found(message),
+            FineTuneError::Full(message) => ApiError {
+                status: axum::http::StatusCode::INSUFFICIENT_STORAGE,
+                code: Some("storage_full"),
+                ..ApiError::internal(message)
+            },
+            FineTuneError::Busy(message) => ApiError { code: Some("too_many_jobs"), ..ApiError::overloaded(message) },
             other => {
                 tracing::error!(error = %other, "fine-tuning storage failed");
                 ApiError::internal(other.to_string())
@@ -70,15 +76,15 @@ async fn upload(State(state): State<AppState>, mut form: Multipart) -> Result<Js
     let (name, bytes) = file.ok_or_else(|| ApiError::invalid("file", "`file` is required"))?;
     let info = state.model()?;
     state
-        .blocking(move || {
+        .blocking_cancellable(move |stop| {
             let encoder = Encoder {
                 tokenizer: &info.tokenizer,
                 template: info.chat_template.as_ref(),
                 eos: info.eos_token_ids.first().copied(),
             };
-            data::parse(bytes.to_vec(), &name, &encoder, usize::MAX)
+            data::parse(bytes.to_vec(), &name, &encoder, usize::MAX, stop)
                 .map_err(|e| ApiError::invalid("file", e.to_string()))?;
-            Ok(Json(service.files.create(&name, &purpose, &bytes)?))
+            Ok(Json(service.store_file(&name, &purpose, &bytes)?))
         })
         .await
 }

@@ -14,6 +14,8 @@ use super::files::service;
 use super::json::AppJson;
 use super::AppState;
 use crate::finetune::jobs::{Hyperparameters, Job};
+use crate::loader::ModelInfo;
+use crate::train::limits::{self, Bound};
 use crate::train::MODULES;
 
 pub fn router() -> Router<AppState> {
@@ -39,33 +41,31 @@ struct CreateJob {
     metadata: Option<Value>,
 }
 
-/// A number, or `"auto"` (None).
-fn number(fields: &Map<String, Value>, name: &str) -> Result<Option<f64>, ApiError> {
+/// A number within `bound`, or `"auto"` (None).
+fn number(fields: &Map<String, Value>, bound: &Bound) -> Result<Option<f64>, ApiError> {
+    let name = bound.name;
     match fields.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s == "auto" => Ok(None),
         Some(v) => match v.as_f64() {
-            Some(n) if n.is_finite() && n > 0.0 => Ok(Some(n)),
+            Some(n) if bound.contains(n) => Ok(Some(n)),
             _ => Err(ApiError::invalid(
                 format!("hyperparameters.{name}"),
-                format!("`{name}` must be a positive number or \"auto\""),
+                format!("`{name}` must be {} (or \"auto\"), not {v}", bound.describe()),
             )),
         },
     }
 }
 
-fn whole(fields: &Map<String, Value>, name: &str) -> Result<Option<usize>, ApiError> {
-    match number(fields, name)? {
-        Some(n) if n.fract() != 0.0 => {
-            Err(ApiError::invalid(format!("hyperparameters.{name}"), format!("`{name}` must be a whole number")))
-        }
-        n => Ok(n.map(|n| n as usize)),
-    }
+fn whole(fields: &Map<String, Value>, bound: &Bound) -> Result<Option<usize>, ApiError> {
+    Ok(number(fields, bound)?.map(|n| n as usize))
 }
 
 /// OpenAI's hyperparameters (`"auto"` picks the shipped adapters' recipe),
-/// plus tailor's LoRA and schedule fields.
-fn hyperparameters(fields: &Map<String, Value>) -> Result<Hyperparameters, ApiError> {
+/// plus tailor's LoRA and schedule fields, each within its documented range
+/// (`train::limits`; a rank also within what this server serves, a length
+/// within the model's context).
+fn hyperparameters(fields: &Map<String, Value>, max_rank: usize, context: usize) -> Result<Hyperparameters, ApiError> {
     let known = [
         "n_epochs",
         "batch_size",
@@ -89,7 +89,7 @@ fn hyperparameters(fields: &Map<String, Value>) -> Result<Hyperparameters, ApiEr
     }
     let target_modules = match fields.get("target_modules") {
         None => vec!["q_proj".to_string(), "v_proj".to_string()],
-        Some(Value::Array(items)) if !items.is_empty() => items
+        Some(Value::Array(items)) if !items.is_empty() && items.len() <= MODULES.len() => items
             .iter()
             .map(|m| match m.as_str() {
                 Some(m) if MODULES.contains(&m) => Ok(m.to_string()),
@@ -111,30 +111,48 @@ fn hyperparameters(fields: &Map<String, Value>) -> Result<Hyperparameters, ApiEr
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(ApiError::invalid("hyperparameters.use_rslora", "true or false")),
     };
-    let min_lr_ratio = fields.get("min_lr_ratio").map_or(Some(0.0), Value::as_f64);
-    let Some(min_lr_ratio) = min_lr_ratio.filter(|r| (0.0..=1.0).contains(r)) else {
-        return Err(ApiError::invalid("hyperparameters.min_lr_ratio", "a number within 0..1"));
-    };
-    let rank = whole(fields, "lora_rank")?.unwrap_or(8);
+    let rank = whole(fields, &limits::RANK.at_most(max_rank as f64))?.unwrap_or(8);
     Ok(Hyperparameters {
-        n_epochs: number(fields, "n_epochs")?.unwrap_or(1.0),
-        batch_size: whole(fields, "batch_size")?.unwrap_or(8),
-        learning_rate_multiplier: number(fields, "learning_rate_multiplier")?.unwrap_or(1.0),
-        n_steps: whole(fields, "n_steps")?,
+        n_epochs: number(fields, &limits::EPOCHS)?.unwrap_or(1.0),
+        batch_size: whole(fields, &limits::BATCH_SIZE)?.unwrap_or(8),
+        learning_rate_multiplier: number(fields, &limits::LEARNING_RATE_MULTIPLIER)?.unwrap_or(1.0),
+        n_steps: whole(fields, &limits::STEPS)?,
         lora_rank: rank,
-        lora_alpha: number(fields, "lora_alpha")?.unwrap_or(2.0 * rank as f64),
+        lora_alpha: number(fields, &limits::ALPHA)?.unwrap_or(2.0 * rank as f64),
         target_modules,
         use_rslora,
-        warmup_steps: match fields.get("warmup_steps") {
-            Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64().unwrap_or(0) as usize,
-            None => 0,
-            Some(_) => return Err(ApiError::invalid("hyperparameters.warmup_steps", "a whole number")),
-        },
+        warmup_steps: whole(fields, &limits::WARMUP)?.unwrap_or(0),
         lr_schedule,
-        lr_schedule_steps: whole(fields, "lr_schedule_steps")?,
-        min_lr_ratio,
-        max_seq_len: whole(fields, "max_seq_len")?.unwrap_or(512).max(2),
+        lr_schedule_steps: whole(fields, &limits::SCHEDULE_STEPS)?,
+        min_lr_ratio: number(fields, &limits::MIN_LR_RATIO)?.unwrap_or(0.0),
+        max_seq_len: whole(fields, &limits::MAX_SEQ_LEN.at_most(context as f64))?.unwrap_or(512.min(context)),
     })
+}
+
+/// Refuses a run that would need more memory than training may take here.
+fn check_memory(h: &Hyperparameters, info: &ModelInfo, threads: usize, allowed: u64) -> Result<(), ApiError> {
+    let shape = limits::RunShape {
+        batch_size: h.batch_size,
+        max_seq_len: h.max_seq_len,
+        rank: h.lora_rank,
+        targets: h.target_modules.len(),
+        threads,
+    };
+    let needed = limits::memory_estimate(&info.config, shape);
+    if needed <= allowed {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        "hyperparameters.batch_size",
+        format!(
+            "a run of batch_size {} × max_seq_len {} on this model needs about {}; this server lets training use {} \
+             (--max-train-memory): lower batch_size or max_seq_len",
+            h.batch_size,
+            h.max_seq_len,
+            limits::show_bytes(needed),
+            limits::show_bytes(allowed)
+        ),
+    ))
 }
 
 async fn create(State(state): State<AppState>, AppJson(req): AppJson<CreateJob>) -> Result<Json<Job>, ApiError> {
@@ -189,7 +207,7 @@ async fn create(State(state): State<AppState>, AppJson(req): AppJson<CreateJob>)
             ));
         }
     }
-    let mut hyperparameters = hyperparameters(&fields)?;
+    let mut hyperparameters = hyperparameters(&fields, info.adapters.max_rank(), info.max_model_len)?;
     if let Some(parent) = &parent {
         let kept = &parent.hyperparameters;
         hyperparameters.lora_rank = kept.lora_rank;
@@ -197,6 +215,7 @@ async fn create(State(state): State<AppState>, AppJson(req): AppJson<CreateJob>)
         hyperparameters.target_modules = kept.target_modules.clone();
         hyperparameters.use_rslora = kept.use_rslora;
     }
+    check_memory(&hyperparameters, &info, service.train_threads(), service.max_train_memory())?;
     let seed = req.seed.unwrap_or_else(|| uuid::Uuid::new_v4().as_u64_pair().0 % 1_000_000);
     let mut job = Job::new(
         req.model.clone(),

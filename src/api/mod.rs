@@ -29,6 +29,7 @@ pub mod tokenize;
 pub mod tools;
 pub mod types;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -108,10 +109,28 @@ impl AppState {
         &self,
         work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
-        let _permit =
+        self.blocking_cancellable(|_| work()).await
+    }
+
+    /// `blocking` for work that can stop early: its flag is set once the
+    /// client goes (the handler's future is dropped). The work keeps its
+    /// place in the bound until it returns, so clients that leave cannot
+    /// start more work than the bound allows.
+    pub async fn blocking_cancellable<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&AtomicBool) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let permit =
             self.cpu.clone().acquire_owned().await.map_err(|_| ApiError::unavailable("the server is shutting down"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let _gone = SetOnDrop(stop.clone());
         let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || span.in_scope(work)).await.map_err(|e| {
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            span.in_scope(|| work(&stop))
+        })
+        .await
+        .map_err(|e| {
             tracing::error!(error = %e, "request work panicked");
             ApiError::internal("internal error while preparing the request")
         })?
@@ -214,6 +233,15 @@ impl AppState {
     }
 }
 
+/// Sets its flag when dropped (a handler's future going with its client).
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// HTTP settings the router's layers need.
 #[derive(Debug, Clone, Default)]
 pub struct HttpOptions {
@@ -284,19 +312,4 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
             ])
             .expose_headers([HeaderName::from_static(observe::REQUEST_ID)]),
     )
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-/// A fresh response id with OpenAI's prefixes (`cmpl-`, `chatcmpl-`).
-pub fn response_id(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
-
-/// A fresh id in the newer APIs' style (`resp_`, `msg_`, `fc_`).
-pub fn object_id(prefix: &str) -> String {
-    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }

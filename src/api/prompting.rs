@@ -213,6 +213,7 @@ mod tests {
             chat_template: None,
             eos_token_ids: vec![],
             max_model_len: 64,
+            config: config.clone(),
             embedding_rows: config.vocab_size,
             format: ModelFormat::Gguf,
             mode: WeightMode::Quantized,

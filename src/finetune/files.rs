@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{now, FineTuneError};
+use super::FineTuneError;
+use crate::ids::unix_now as now;
 
 /// A file as OpenAI describes it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -26,8 +27,22 @@ pub struct FileStore {
 }
 
 impl FileStore {
+    /// Opens the folder, removing what a crash left half-written: temporary
+    /// files, and contents whose description was never written.
     pub fn open(dir: &Path) -> Result<Self, FineTuneError> {
-        Ok(Self { dir: super::created(dir)? })
+        let store = Self { dir: super::created(dir)? };
+        for entry in std::fs::read_dir(&store.dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let orphan = match name.strip_suffix(".jsonl") {
+                Some(id) => !store.meta_path(id).exists(),
+                None => name.ends_with(".partial"),
+            };
+            if orphan {
+                tracing::warn!(file = %name, "removing a half-written upload");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(store)
     }
 
     fn content_path(&self, id: &str) -> PathBuf {
@@ -41,7 +56,7 @@ impl FileStore {
     /// Stores checked content under a new id.
     pub fn create(&self, filename: &str, purpose: &str, content: &[u8]) -> Result<FileObject, FineTuneError> {
         let file = FileObject {
-            id: crate::api::response_id("file"),
+            id: crate::ids::response_id("file"),
             object: "file".into(),
             bytes: content.len() as u64,
             created_at: now(),
@@ -50,17 +65,28 @@ impl FileStore {
             status: "processed".into(),
         };
         let content_path = self.content_path(&file.id);
-        std::fs::write(&content_path, content).map_err(FineTuneError::io(&content_path))?;
+        // The content first: a file exists once its description does.
+        crate::durable::write(&content_path, content).map_err(FineTuneError::io(&content_path))?;
         super::write_json(&self.meta_path(&file.id), &file)?;
         Ok(file)
     }
 
     pub fn get(&self, id: &str) -> Option<FileObject> {
-        if !super::is_generated_id(id, "file") {
+        if !crate::ids::is_response_id(id, "file") {
             return None;
         }
         let text = std::fs::read_to_string(self.meta_path(id)).ok()?;
         serde_json::from_str(&text).ok()
+    }
+
+    /// Files kept (their descriptions).
+    pub fn count(&self) -> usize {
+        std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".json") && n.starts_with("file-")))
+            .count()
     }
 
     /// Newest first.

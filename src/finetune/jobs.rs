@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{now, FineTuneError};
+use super::FineTuneError;
+use crate::ids::{response_id, unix_now as now};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -24,6 +25,28 @@ impl JobStatus {
     pub fn is_final(self) -> bool {
         matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled)
     }
+
+    /// The wire name (`succeeded`).
+    pub fn name(self) -> &'static str {
+        match self {
+            JobStatus::ValidatingFiles => "validating_files",
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Metrics events a job records at most, about: the first steps one by one,
+/// then one in every `total / STEP_EVENTS`, and the last (a long run's log
+/// stays small).
+pub const STEP_EVENTS: usize = 1_000;
+
+/// Whether step `step` of `total` gets a metrics event.
+pub fn records_step(step: usize, total: usize) -> bool {
+    step <= 100 || step == total || step.is_multiple_of(total.div_ceil(STEP_EVENTS).max(1))
 }
 
 /// What the run trains with: OpenAI's three hyperparameters, then tailor's
@@ -104,7 +127,7 @@ impl Job {
             "learning_rate_multiplier": hyperparameters.learning_rate_multiplier,
         }}});
         Job {
-            id: crate::api::response_id("ftjob"),
+            id: response_id("ftjob"),
             object: "fine_tuning.job".into(),
             created_at: now(),
             finished_at: None,
@@ -161,7 +184,7 @@ impl JobEvent {
     fn new(level: &str, message: String, data: Value, kind: &str) -> Self {
         JobEvent {
             object: "fine_tuning.job.event".into(),
-            id: crate::api::response_id("ftevent"),
+            id: response_id("ftevent"),
             created_at: now(),
             level: level.into(),
             message,
@@ -189,6 +212,38 @@ impl JobDirs {
         self.dir(id).join("adapter")
     }
 
+    /// Where a run writes its adapter; renamed to `adapter_dir` once whole.
+    pub fn partial_adapter_dir(&self, id: &str) -> PathBuf {
+        self.dir(id).join("adapter.partial")
+    }
+
+    /// Removes what an unfinished run wrote.
+    pub fn discard_partial(&self, id: &str) {
+        let partial = self.partial_adapter_dir(id);
+        if partial.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&partial) {
+                tracing::warn!(path = %partial.display(), error = %e, "cannot remove an unfinished adapter");
+            }
+        }
+    }
+
+    pub fn has_adapter(&self, id: &str) -> bool {
+        let dir = self.adapter_dir(id);
+        dir.join("adapter_config.json").is_file() && dir.join("adapter_model.safetensors").is_file()
+    }
+
+    /// Makes a run's finished adapter durable and moves it into place.
+    pub fn commit_adapter(&self, id: &str) -> std::io::Result<PathBuf> {
+        let (partial, adapter) = (self.partial_adapter_dir(id), self.adapter_dir(id));
+        crate::durable::sync_tree(&partial)?;
+        if adapter.exists() {
+            std::fs::remove_dir_all(&adapter)?;
+        }
+        std::fs::rename(&partial, &adapter)?;
+        crate::durable::sync_dir(&self.dir(id))?;
+        Ok(adapter)
+    }
+
     pub fn save(&self, job: &Job) -> Result<(), FineTuneError> {
         let dir = self.dir(&job.id);
         std::fs::create_dir_all(&dir).map_err(FineTuneError::io(&dir))?;
@@ -201,7 +256,7 @@ impl JobDirs {
             .into_iter()
             .flatten()
             .flatten()
-            .filter(|entry| entry.file_name().to_str().is_some_and(|name| super::is_generated_id(name, "ftjob")))
+            .filter(|entry| entry.file_name().to_str().is_some_and(|name| crate::ids::is_response_id(name, "ftjob")))
             .filter_map(|entry| {
                 let path = entry.path().join("job.json");
                 match std::fs::read_to_string(&path)

@@ -1,26 +1,35 @@
 //! The fine-tuning API's back end: uploaded files, and jobs that train a
-//! LoRA adapter on the served base in the background, one at a time, on
-//! their own threads; a finished job's adapter is served at once under
-//! `ft:<base>:<suffix>:<job id>`. Everything lives in the data directory, so
-//! jobs, their events and their adapters come back after a restart (a job
-//! that was queued or running starts over).
+//! LoRA adapter on the served base in the background, one at a time, each in
+//! a child process (`worker`); a finished job's adapter is served at once
+//! under `ft:<base>:<suffix>:<job id>`. Everything lives in the data
+//! directory, written atomically, so jobs, their events and their adapters
+//! come back after a restart: a job that was queued or running starts over,
+//! a job whose process died (out of memory, an abort) has failed and is
+//! never run again, and a job is `succeeded` only once its adapter is whole
+//! on disk.
 //!
 //! - `files`: the uploaded files;
-//! - `jobs`: jobs and events, and their folders.
+//! - `jobs`: jobs and events, and their folders;
+//! - `storage`: the caps on what the data directory holds;
+//! - `worker`: the training process and its reports.
 
 pub mod files;
 pub mod jobs;
+pub mod storage;
+pub mod worker;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use serde_json::json;
 
-use crate::train::run::{AfterStep, TrainArgs, TrainError};
+use crate::ids::unix_now as now;
+use crate::train::run::TrainArgs;
 use files::FileStore;
 use jobs::{Job, JobDirs, JobError, JobEvent, JobStatus, BASE_LEARNING_RATE};
+pub use storage::StorageLimits;
+use worker::Outcome;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FineTuneError {
@@ -30,6 +39,12 @@ pub enum FineTuneError {
     Invalid { message: String, param: Option<&'static str> },
     #[error("{0}")]
     NotFound(String),
+    /// A storage cap or the disk's free space would be passed.
+    #[error("{0}")]
+    Full(String),
+    /// Too many jobs wait already.
+    #[error("{0}")]
+    Busy(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -44,28 +59,16 @@ impl FineTuneError {
     }
 }
 
-pub(crate) use crate::api::unix_now as now;
-
-/// Whether `id` has the shape `crate::api::response_id(prefix)` gives (so it
-/// is a plain file name, never a path).
-fn is_generated_id(id: &str, prefix: &str) -> bool {
-    id.strip_prefix(prefix)
-        .and_then(|rest| rest.strip_prefix('-'))
-        .is_some_and(|hex| !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit()))
-}
-
 /// `dir`, created if missing (the data directory and its folders).
 fn created(dir: &Path) -> Result<PathBuf, FineTuneError> {
     std::fs::create_dir_all(dir).map_err(FineTuneError::io(dir))?;
     Ok(dir.to_path_buf())
 }
 
-/// Writes JSON through a temporary file, so a crash never leaves half of one.
+/// Writes JSON atomically and durably (a crash never leaves half of one).
 fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), FineTuneError> {
     let text = serde_json::to_string_pretty(value).map_err(|e| FineTuneError::Internal(e.to_string()))?;
-    let partial = path.with_extension("json.partial");
-    std::fs::write(&partial, text).map_err(FineTuneError::io(&partial))?;
-    std::fs::rename(&partial, path).map_err(FineTuneError::io(path))
+    crate::durable::write(path, text.as_bytes()).map_err(FineTuneError::io(path))
 }
 
 /// Serves a trained adapter folder under a model id.
@@ -77,13 +80,23 @@ pub struct FineTuningConfig {
     pub model_path: PathBuf,
     /// Threads a training run computes on.
     pub train_threads: usize,
+    /// The program a job trains in (`tailor`, run as `tailor fine-tune-worker`).
+    pub worker_exe: PathBuf,
+    pub limits: StorageLimits,
+    /// Bytes a training run may use; larger runs are refused at creation.
+    pub max_train_memory: u64,
+}
+
+/// The job in training and its process.
+struct Running {
+    id: String,
+    process: worker::Process,
 }
 
 struct State {
     jobs: BTreeMap<String, Job>,
     queue: VecDeque<String>,
-    /// The running job and its cancel flag.
-    running: Option<(String, Arc<AtomicBool>)>,
+    running: Option<Running>,
     publish: Option<Publish>,
     stopping: bool,
 }
@@ -95,6 +108,10 @@ pub struct FineTuning {
     wake: Condvar,
     model_path: PathBuf,
     train_threads: usize,
+    worker_exe: PathBuf,
+    pub limits: StorageLimits,
+    max_train_memory: u64,
+    data_dir: PathBuf,
     worker: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The data directory's lock, held until the service stops.
     dir_lock: Mutex<Option<std::fs::File>>,
@@ -116,11 +133,23 @@ impl FineTuning {
         let mut state =
             State { jobs: BTreeMap::new(), queue: VecDeque::new(), running: None, publish: None, stopping: false };
         for mut job in dirs.load_all() {
+            dirs.discard_partial(&job.id);
             if !job.status.is_final() {
                 job.status = JobStatus::Queued;
+                job.estimated_finish = None;
                 dirs.save(&job)?;
                 dirs.append_event(&job.id, &JobEvent::message("warn", "The server restarted; the job starts over"))?;
                 state.queue.push_back(job.id.clone());
+            } else if job.status == JobStatus::Succeeded && !dirs.has_adapter(&job.id) {
+                tracing::error!(job = %job.id, "a succeeded job's adapter is missing");
+                job.status = JobStatus::Failed;
+                job.fine_tuned_model = None;
+                job.error = Some(JobError {
+                    code: "adapter_missing".into(),
+                    message: "the job's adapter files are missing from the data directory".into(),
+                    param: None,
+                });
+                dirs.save(&job)?;
             }
             state.jobs.insert(job.id.clone(), job);
         }
@@ -131,6 +160,10 @@ impl FineTuning {
             wake: Condvar::new(),
             model_path: config.model_path,
             train_threads: config.train_threads.max(1),
+            worker_exe: config.worker_exe,
+            limits: config.limits,
+            max_train_memory: config.max_train_memory,
+            data_dir: config.data_dir,
             worker: Mutex::new(None),
             dir_lock: Mutex::new(Some(lock)),
         });
@@ -160,15 +193,15 @@ impl FineTuning {
         self.wake.notify_all();
     }
 
-    /// Stops the worker after the current step of a running job (which
-    /// starts over on the next start), waits for it, and lets the data
-    /// directory go.
+    /// Stops the worker: a running job's process ends at once and the job
+    /// is queued again (it starts over on the next start). Waits for the
+    /// worker and lets the data directory go.
     pub fn stop(&self) {
         {
             let mut state = self.lock();
             state.stopping = true;
-            if let Some((_, cancel)) = &state.running {
-                cancel.store(true, Ordering::Relaxed);
+            if let Some(running) = &state.running {
+                running.process.kill();
             }
             self.wake.notify_all();
         }
@@ -180,7 +213,7 @@ impl FineTuning {
         self.dir_lock.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
-    /// Checks a new job's files and queues it.
+    /// Checks a new job's files and the queue's room, and queues it.
     pub fn create(&self, mut job: Job) -> Result<Job, FineTuneError> {
         for (id, param) in std::iter::once((&job.training_file, "training_file"))
             .chain(job.validation_file.iter().map(|v| (v, "validation_file")))
@@ -196,15 +229,50 @@ impl FineTuning {
                 None => return Err(FineTuneError::invalid(format!("no file {id}"), param)),
             }
         }
+        let mut state = self.lock();
+        let waiting = state.queue.len() + usize::from(state.running.is_some());
+        if waiting >= self.limits.max_queued_jobs {
+            return Err(FineTuneError::Busy(format!(
+                "{waiting} fine-tuning jobs are queued or running, the most this server keeps (--max-queued-jobs); \
+                 try again when one ends"
+            )));
+        }
+        self.limits.check_room(&self.data_dir, storage::JOB_BYTES)?;
         job.status = JobStatus::Queued;
         self.dirs.save(&job)?;
         self.event(&job.id, JobEvent::message("info", format!("Validating training file: {}", job.training_file)));
         self.event(&job.id, JobEvent::message("info", "Fine-tuning job created and queued"));
-        let mut state = self.lock();
         state.queue.push_back(job.id.clone());
         state.jobs.insert(job.id.clone(), job.clone());
         self.wake.notify_all();
         Ok(job)
+    }
+
+    /// Threads a run computes on.
+    pub fn train_threads(&self) -> usize {
+        self.train_threads
+    }
+
+    /// Bytes a training run may use (`--max-train-memory`).
+    pub fn max_train_memory(&self) -> u64 {
+        self.max_train_memory
+    }
+
+    /// Stores an uploaded file, within the caps.
+    pub fn store_file(
+        &self,
+        filename: &str,
+        purpose: &str,
+        content: &[u8],
+    ) -> Result<files::FileObject, FineTuneError> {
+        let count = self.files.count();
+        if count >= self.limits.max_files {
+            return Err(FineTuneError::Full(format!(
+                "the data directory holds {count} files, the most this server keeps (--max-files); delete some first"
+            )));
+        }
+        self.limits.check_room(&self.data_dir, content.len() as u64)?;
+        self.files.create(filename, purpose, content)
     }
 
     /// The succeeded job whose adapter is served as `model`, if any.
@@ -236,28 +304,29 @@ impl FineTuning {
         Ok(events)
     }
 
-    /// A queued job leaves the queue; a running one stops after its current step.
+    /// A queued job leaves the queue; a running one's process ends at once.
+    /// A job that has ended (its adapter published, say) cannot be cancelled:
+    /// the end and the cancel take the same lock, so exactly one of them wins.
     pub fn cancel(&self, id: &str) -> Result<Job, FineTuneError> {
         let mut state = self.lock();
         let job = state.jobs.get(id).ok_or_else(|| FineTuneError::NotFound(format!("no fine-tuning job {id}")))?;
         if job.status.is_final() {
             return Err(FineTuneError::invalid(
-                format!("job {id} has already ended ({:?})", job.status),
+                format!("job {id} has already ended ({})", job.status.name()),
                 "fine_tuning_job_id",
             ));
         }
         state.queue.retain(|queued| queued != id);
-        if let Some((running, cancel)) = &state.running {
-            if running == id {
-                cancel.store(true, Ordering::Relaxed);
-            }
+        if let Some(running) = state.running.as_ref().filter(|r| r.id == id) {
+            running.process.kill();
         }
         let job = state.jobs.get_mut(id).ok_or_else(|| FineTuneError::Internal("job vanished".into()))?;
         job.status = JobStatus::Cancelled;
         job.finished_at = Some(now());
+        job.estimated_finish = None;
         let job = job.clone();
-        drop(state);
         self.dirs.save(&job)?;
+        drop(state);
         self.event(id, JobEvent::message("info", "The job was cancelled"));
         Ok(job)
     }
@@ -268,24 +337,20 @@ impl FineTuning {
         }
     }
 
-    /// Changes a job (unless it was cancelled meanwhile) and saves it.
-    fn update(&self, id: &str, change: impl FnOnce(&mut Job)) -> Option<Job> {
-        let mut state = self.lock();
-        let job = state.jobs.get_mut(id)?;
-        if job.status == JobStatus::Cancelled {
-            return None;
-        }
+    /// Changes a job that is still live (not ended, by a cancel say) under
+    /// the lock, and saves it when `persist`.
+    fn update_live(&self, state: &mut State, id: &str, persist: bool, change: impl FnOnce(&mut Job)) {
+        let Some(job) = state.jobs.get_mut(id).filter(|j| !j.status.is_final()) else { return };
         change(job);
-        let job = job.clone();
-        drop(state);
-        if let Err(e) = self.dirs.save(&job) {
-            tracing::warn!(job = %id, error = %e, "cannot save a fine-tuning job");
+        if persist {
+            if let Err(e) = self.dirs.save(job) {
+                tracing::warn!(job = %id, error = %e, "cannot save a fine-tuning job");
+            }
         }
-        Some(job)
     }
 
     /// The next queued job once the model is loaded; None when stopping.
-    fn next(&self) -> Option<(Job, Arc<AtomicBool>, Publish)> {
+    fn next(&self) -> Option<(Job, Publish)> {
         let mut state = self.lock();
         loop {
             if state.stopping {
@@ -294,9 +359,7 @@ impl FineTuning {
             if let Some(publish) = state.publish.clone() {
                 if let Some(id) = state.queue.pop_front() {
                     let Some(job) = state.jobs.get(&id).cloned() else { continue };
-                    let cancel = Arc::new(AtomicBool::new(false));
-                    state.running = Some((id, cancel.clone()));
-                    return Some((job, cancel, publish));
+                    return Some((job, publish));
                 }
             }
             state = self.wake.wait(state).unwrap_or_else(|p| p.into_inner());
@@ -325,7 +388,7 @@ impl FineTuning {
             model: Some(self.model_path.clone()),
             data: file(&job.training_file)?,
             validation: job.validation_file.as_deref().map(file).transpose()?,
-            out: self.dirs.adapter_dir(&job.id),
+            out: self.dirs.partial_adapter_dir(&job.id),
             rank: h.lora_rank,
             alpha: h.lora_alpha,
             target_modules: h.target_modules.clone(),
@@ -350,94 +413,119 @@ impl FineTuning {
         })
     }
 
-    /// Trains one job to its end (succeeded, failed or cancelled).
-    fn run(&self, job: Job, cancel: &AtomicBool, publish: &Publish) {
+    /// Trains one job to its end: succeeded, failed, cancelled, or queued
+    /// again when the server stops under it.
+    fn run(&self, job: Job, publish: &Publish) {
         let id = job.id.clone();
-        self.update(&id, |j| j.status = JobStatus::Running);
-        self.event(&id, JobEvent::message("info", "Fine-tuning job started"));
-        let outcome = self.train_args(&job).map_err(|e| e.to_string()).and_then(|args| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(self.train_threads)
-                .thread_name(|i| format!("train-{i}"))
-                .build()
-                .map_err(|e| e.to_string())?;
-            let mut tokens = 0u64;
-            let mut seconds = 0f64;
-            // A panic in training fails the job instead of taking the worker
-            // (and every queued job) down with it.
-            let summary = pool.install(|| {
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    crate::train::run::train(&args, |step, total| {
-                        tokens += step.tokens as u64;
-                        seconds += step.seconds;
-                        let left = seconds / step.step as f64 * total.saturating_sub(step.step) as f64;
-                        self.update(&id, |j| j.estimated_finish = Some(now() + left.ceil() as u64));
-                        let message = format!("Step {}/{total}: training loss={:.4}", step.step, step.loss);
-                        let data = json!({"step": step.step, "total_steps": total, "train_loss": step.loss,
-                        "learning_rate": step.lr, "tokens_per_second": step.tokens_per_second});
-                        self.event(&id, JobEvent::metrics(message, data));
-                        if cancel.load(Ordering::Relaxed) {
-                            AfterStep::Stop
-                        } else {
-                            AfterStep::Continue
-                        }
-                    })
-                }))
-            });
-            let summary = summary.map_err(|panic| {
-                let why = panic
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                    .unwrap_or("unknown");
-                format!("training stopped on an internal error ({why})")
-            })?;
-            summary.map(|s| (s, tokens)).map_err(|e| match e {
-                TrainError::Cancelled => "cancelled".to_string(),
-                other => other.to_string(),
-            })
+        let started = self.train_args(&job).and_then(|args| {
+            self.dirs.discard_partial(&id);
+            worker::start(&self.worker_exe, &args, self.train_threads)
+                .map_err(|e| FineTuneError::Internal(format!("cannot start the training process: {e}")))
         });
-        match outcome {
-            Ok((summary, tokens)) if !cancel.load(Ordering::Relaxed) => {
-                let name = job.served_name();
-                let results = self.result_file(&job.id);
-                match publish(&name, &summary.out) {
-                    Ok(()) => {
-                        self.update(&id, |j| {
-                            j.status = JobStatus::Succeeded;
-                            j.fine_tuned_model = Some(name.clone());
-                            j.trained_tokens = Some(tokens);
-                            j.finished_at = Some(now());
-                            j.estimated_finish = None;
-                            j.result_files = results.into_iter().collect();
-                        });
-                        self.event(&id, JobEvent::message("info", format!("New fine-tuned model created: {name}")));
-                        self.event(&id, JobEvent::message("info", "The job has successfully completed"));
-                    }
-                    Err(e) => self.fail(
-                        &id,
-                        "adapter_not_served",
-                        format!("the adapter was trained but cannot be served: {e}"),
-                    ),
-                }
+        let (process, reports) = match started {
+            Ok(started) => started,
+            Err(e) => return self.fail(&id, "training_failed", e.to_string()),
+        };
+        {
+            let mut state = self.lock();
+            // Cancelled, or the server stopping, between the queue and here.
+            if state.stopping || state.jobs.get(&id).is_none_or(|j| j.status.is_final()) {
+                process.kill();
             }
-            Ok(_) => {}
-            Err(e) if cancel.load(Ordering::Relaxed) => {
-                tracing::info!(job = %id, reason = %e, "fine-tuning job stopped");
-            }
-            Err(e) => self.fail(&id, "training_failed", e),
+            self.update_live(&mut state, &id, true, |j| j.status = JobStatus::Running);
+            state.running = Some(Running { id: id.clone(), process: process.clone() });
         }
-        self.lock().running = None;
+        self.event(&id, JobEvent::message("info", "Fine-tuning job started"));
+        let (mut tokens, mut seconds) = (0u64, 0f64);
+        let outcome = worker::follow(&process, reports, |step, total| {
+            tokens += step.tokens as u64;
+            seconds += step.seconds;
+            let left = seconds / step.step as f64 * total.saturating_sub(step.step) as f64;
+            // Kept in memory: a restart starts the job over anyway.
+            self.update_live(&mut self.lock(), &id, false, |j| j.estimated_finish = Some(now() + left.ceil() as u64));
+            if jobs::records_step(step.step, total) {
+                let message = format!("Step {}/{total}: training loss={:.4}", step.step, step.loss);
+                let data = json!({"step": step.step, "total_steps": total, "train_loss": step.loss,
+                    "learning_rate": step.lr, "tokens_per_second": step.tokens_per_second});
+                self.event(&id, JobEvent::metrics(message, data));
+            }
+        });
+        let mut state = self.lock();
+        state.running = None;
+        let live = state.jobs.get(&id).is_some_and(|j| !j.status.is_final());
+        match outcome {
+            _ if !live => {
+                drop(state);
+                self.dirs.discard_partial(&id);
+                tracing::info!(job = %id, "fine-tuning job stopped");
+            }
+            _ if state.stopping => {
+                self.update_live(&mut state, &id, true, |j| {
+                    j.status = JobStatus::Queued;
+                    j.estimated_finish = None;
+                });
+                drop(state);
+                self.dirs.discard_partial(&id);
+                self.event(
+                    &id,
+                    JobEvent::message("warn", "The server is stopping; the job starts over when it restarts"),
+                );
+            }
+            Outcome::Trained { .. } => self.succeed(state, &job, tokens, publish),
+            Outcome::Failed(message) => {
+                drop(state);
+                self.fail(&id, "training_failed", message)
+            }
+            Outcome::Died(reason) => {
+                drop(state);
+                self.fail(&id, "training_process_died", reason)
+            }
+        }
+    }
+
+    /// Moves the trained adapter into place, serves it and marks the job
+    /// succeeded, all under the lock (so a cancel comes before or after,
+    /// never between): the job is `succeeded` only once its adapter is whole.
+    fn succeed(&self, mut state: MutexGuard<'_, State>, job: &Job, tokens: u64, publish: &Publish) {
+        let id = &job.id;
+        let adapter = match self.dirs.commit_adapter(id) {
+            Ok(adapter) => adapter,
+            Err(e) => {
+                drop(state);
+                return self.fail(id, "adapter_not_saved", format!("the trained adapter cannot be saved: {e}"));
+            }
+        };
+        let name = job.served_name();
+        if let Err(e) = publish(&name, &adapter) {
+            drop(state);
+            return self.fail(id, "adapter_not_served", format!("the adapter was trained but cannot be served: {e}"));
+        }
+        let results = self.result_file(id);
+        self.update_live(&mut state, id, true, |j| {
+            j.status = JobStatus::Succeeded;
+            j.fine_tuned_model = Some(name.clone());
+            j.trained_tokens = Some(tokens);
+            j.finished_at = Some(now());
+            j.estimated_finish = None;
+            j.result_files = results.into_iter().collect();
+        });
+        drop(state);
+        self.event(id, JobEvent::message("info", format!("New fine-tuned model created: {name}")));
+        self.event(id, JobEvent::message("info", "The job has successfully completed"));
     }
 
     fn fail(&self, id: &str, code: &str, message: String) {
         tracing::warn!(job = %id, error = %message, "fine-tuning job failed");
-        self.event(id, JobEvent::message("error", format!("The job failed: {message}")));
-        self.update(id, |j| {
+        self.dirs.discard_partial(id);
+        let mut state = self.lock();
+        self.update_live(&mut state, id, true, |j| {
             j.status = JobStatus::Failed;
             j.finished_at = Some(now());
-            j.error = Some(JobError { code: code.into(), message, param: None });
+            j.estimated_finish = None;
+            j.error = Some(JobError { code: code.into(), message: message.clone(), param: None });
         });
+        drop(state);
+        self.event(id, JobEvent::message("error", format!("The job failed: {message}")));
     }
 
     /// The run's training log as a file (OpenAI's `result_files`).
@@ -450,9 +538,9 @@ impl FineTuning {
 
 /// The worker: one job at a time until the service stops.
 fn work(service: Arc<FineTuning>) {
-    while let Some((job, cancel, publish)) = service.next() {
+    while let Some((job, publish)) = service.next() {
         let span = tracing::info_span!("fine_tuning", job = %job.id);
         let _enter = span.enter();
-        service.run(job, &cancel, &publish);
+        service.run(job, &publish);
     }
 }

@@ -148,7 +148,7 @@ impl AdapterRegistry {
         slot.last_used = clock;
         slot.resident.get_or_insert(weights);
         let generation = clock;
-        inner.entries.insert(name.to_string(), Entry { path, generation, defaults, created: crate::api::unix_now() });
+        inner.entries.insert(name.to_string(), Entry { path, generation, defaults, created: crate::ids::unix_now() });
         self.evict(&mut inner);
         Ok(())
     }
@@ -196,6 +196,11 @@ impl AdapterRegistry {
 
     pub fn contains(&self, name: &str) -> bool {
         lock(&self.inner).entries.contains_key(name)
+    }
+
+    /// The largest rank this server loads (`--max-lora-rank`).
+    pub fn max_rank(&self) -> usize {
+        self.options.max_rank
     }
 
     /// Adapters resident at once (0 = unbounded).

@@ -7,6 +7,7 @@
 //!   gradients of its loss with respect to the LoRA matrices, written out
 //!   by hand over `linalg`'s matrix products (no autograd graph);
 //! - `optim`: AdamW and the learning-rate schedule;
+//! - `limits`: the ranges of a run's settings and the memory it needs;
 //! - `peft`: the adapter folder PEFT, vLLM and tailor load;
 //! - `run` and `report`: the `tailor train` loop and what it leaves beside
 //!   the adapter (training log, loss curve, model card).
@@ -14,6 +15,7 @@
 pub mod backward;
 pub mod data;
 pub mod forward;
+pub mod limits;
 pub mod linalg;
 pub mod model;
 pub mod optim;

@@ -6,7 +6,8 @@ use super::backward::Grads;
 use super::linalg::Real;
 use super::model::Lora;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Schedule {
     Cosine,
     Linear,

@@ -12,11 +12,11 @@ use serde_json::json;
 use super::data::{self, DataError, Encoder, Example};
 use super::model::{Batch, Lora, SplitMix, TrainModel, MODULES};
 use super::optim::{AdamW, LearningRate, Schedule};
-use super::{peft, report};
+use super::{limits, peft, report};
 use crate::loader::{self, LoadError, LoadOptions};
 use crate::model::{ModelError, WeightMode};
 
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TrainArgs {
     /// Base model: a GGUF file or a Hugging Face folder (default: the cached SmolLM2).
     #[arg(long)]
@@ -112,7 +112,7 @@ impl From<candle_core::Error> for TrainError {
 }
 
 /// One optimizer step, as logged in `training.jsonl`.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct StepLog {
     pub step: usize,
     pub loss: f64,
@@ -201,6 +201,14 @@ pub fn train(args: &TrainArgs, mut progress: impl FnMut(&StepLog, usize) -> Afte
         (None, Some(epochs)) => ((epochs * batches_per_epoch as f64).ceil() as usize).max(1),
         (None, None) => batches_per_epoch,
     };
+    if total > limits::MAX_STEPS {
+        return Err(TrainError::Invalid(format!(
+            "{total} steps ({} examples in batches of {} over the epochs asked), more than the {} a run may take",
+            dataset.examples.len(),
+            args.batch_size * args.grad_accum,
+            limits::MAX_STEPS
+        )));
+    }
     let lr = LearningRate {
         peak: args.lr,
         warmup: args.warmup,
@@ -275,19 +283,28 @@ pub fn train(args: &TrainArgs, mut progress: impl FnMut(&StepLog, usize) -> Afte
 }
 
 fn check(args: &TrainArgs) -> Result<(), TrainError> {
-    let invalid = |m: String| Err(TrainError::Invalid(m));
-    if args.rank == 0 || args.batch_size == 0 || args.grad_accum == 0 || args.max_seq_len < 2 {
-        return invalid("--rank, --batch-size, --grad-accum must be at least 1 and --max-seq-len at least 2".into());
+    use limits::*;
+    let mut numbers = vec![
+        (BATCH_SIZE, args.batch_size as f64),
+        (GRAD_ACCUM, args.grad_accum as f64),
+        (MAX_SEQ_LEN, args.max_seq_len as f64),
+        (LEARNING_RATE, args.lr),
+        (WARMUP, args.warmup as f64),
+        (MIN_LR_RATIO, args.min_lr_ratio),
+        (WEIGHT_DECAY, args.weight_decay),
+        (MAX_GRAD_NORM, args.max_grad_norm),
+    ];
+    if args.init_from.is_none() {
+        numbers.extend([(RANK, args.rank as f64), (ALPHA, args.alpha)]);
+    }
+    numbers.extend(args.steps.map(|s| (STEPS, s as f64)));
+    numbers.extend(args.epochs.map(|e| (EPOCHS, e)));
+    numbers.extend(args.schedule_steps.map(|s| (SCHEDULE_STEPS, s as f64)));
+    if let Some((bound, value)) = numbers.iter().find(|(bound, value)| !bound.contains(*value)) {
+        return Err(TrainError::Invalid(format!("{} must be {}, not {value}", bound.flag, bound.describe())));
     }
     if let Some(bad) = args.target_modules.iter().find(|m| !MODULES.contains(&m.as_str())) {
-        return invalid(format!("unknown target module `{bad}` (one of {})", MODULES.join(", ")));
-    }
-    let positive = |v: f64| v.is_finite() && v > 0.0;
-    if !positive(args.lr) || !(0.0..=1.0).contains(&args.min_lr_ratio) {
-        return invalid("--lr must be positive and --min-lr-ratio within 0..1".into());
-    }
-    if args.steps == Some(0) || args.epochs.is_some_and(|e| !positive(e)) {
-        return invalid("--steps and --epochs must be positive".into());
+        return Err(TrainError::Invalid(format!("unknown target module `{bad}` (one of {})", MODULES.join(", "))));
     }
     Ok(())
 }

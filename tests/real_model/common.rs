@@ -105,6 +105,8 @@ fn spawn_server(
         // for SmolLM2) keeps the binary well inside the machine's memory.
         argv.extend(["--prefix-cache-tokens".to_string(), "2048".to_string()]);
     }
+    // Fine-tuning jobs train in the built `tailor` (the test binary is not it).
+    argv.extend(["--fine-tuning-worker".to_string(), env!("CARGO_BIN_EXE_tailor").to_string()]);
     if !extra_args.contains(&"--data-dir") {
         // Each server its own fine-tuning data (one server per data directory).
         let data = tempfile::tempdir().expect("data dir").keep();

@@ -8,8 +8,8 @@ use serde_json::{json, Value as Json};
 use super::errors;
 use crate::api::dialect::{OneReply, ReplyEvents};
 use crate::api::error::ApiError;
-use crate::api::object_id;
 use crate::api::types::{ChatCompletionResponse, UsageBody};
+use crate::ids::object_id;
 
 /// The message being made: its id, model and prompt size.
 #[derive(Debug, Clone)]

@@ -9,7 +9,7 @@ use super::ResponsesRequest;
 use crate::api::dialect::{OneReply, ReplyEvents};
 use crate::api::error::ApiError;
 use crate::api::types::{ChatCompletionResponse, UsageBody};
-use crate::api::{object_id, unix_now};
+use crate::ids::{object_id, unix_now};
 
 /// What every state of one response repeats: its id and the request's
 /// settings, echoed as OpenAI echoes them.
