@@ -66,7 +66,11 @@ enum Command {
     /// A fine-tuning job's training process, started by `tailor serve` (its
     /// run comes on stdin, its reports go to stdout).
     #[command(name = "fine-tune-worker", hide = true)]
-    FineTuneWorker,
+    FineTuneWorker {
+        /// The job it trains (for `ps`; the run itself comes on stdin).
+        #[arg(long)]
+        job: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -114,7 +118,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench(args),
         Command::BenchKernels { reps, threads } => bench_kernels(reps, threads),
         Command::Tokenize { model, input, text } => tokenize(&model, input, text),
-        Command::FineTuneWorker => std::process::exit(tailor::finetune::worker::child_main()),
+        Command::FineTuneWorker { .. } => std::process::exit(tailor::finetune::worker::child_main()),
     }
 }
 

@@ -230,7 +230,7 @@ impl FineTuning {
             }
         }
         let mut state = self.lock();
-        let waiting = state.queue.len() + usize::from(state.running.is_some());
+        let waiting = state.jobs.values().filter(|j| !j.status.is_final()).count();
         if waiting >= self.limits.max_queued_jobs {
             return Err(FineTuneError::Busy(format!(
                 "{waiting} fine-tuning jobs are queued or running, the most this server keeps (--max-queued-jobs); \
@@ -419,7 +419,7 @@ impl FineTuning {
         let id = job.id.clone();
         let started = self.train_args(&job).and_then(|args| {
             self.dirs.discard_partial(&id);
-            worker::start(&self.worker_exe, &args, self.train_threads)
+            worker::start(&self.worker_exe, &id, &args, self.train_threads)
                 .map_err(|e| FineTuneError::Internal(format!("cannot start the training process: {e}")))
         });
         let (process, reports) = match started {

@@ -63,12 +63,13 @@ pub enum Outcome {
 /// The child's stdout, its reports one per line.
 pub type Reports = BufReader<std::process::ChildStdout>;
 
-/// Starts `exe fine-tune-worker` on `args`, with `threads` compute threads
-/// (rayon's pool in the child reads `RAYON_NUM_THREADS`).
-pub fn start(exe: &Path, args: &TrainArgs, threads: usize) -> std::io::Result<(Process, Reports)> {
+/// Starts `exe fine-tune-worker --job JOB` on `args`, with `threads`
+/// compute threads (rayon's pool in the child reads `RAYON_NUM_THREADS`);
+/// the job id is there for `ps`.
+pub fn start(exe: &Path, job: &str, args: &TrainArgs, threads: usize) -> std::io::Result<(Process, Reports)> {
     let mut command = Command::new(exe);
     command
-        .arg(SUBCOMMAND)
+        .args([SUBCOMMAND, "--job", job])
         .env("RAYON_NUM_THREADS", threads.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -253,11 +253,7 @@ struct TurnSpan {
 /// without the marks, and reads the turns' places off the marked text. None
 /// when the template does not keep the marks where the contents are (it
 /// trims or rewrites them), or a message holds a mark itself.
-fn marked_turns(
-    clean: &[Json],
-    learned_turns: &[(usize, bool)],
-    render: &Render,
-) -> Result<Option<TurnSpans>, String> {
+fn marked_turns(clean: &[Json], learned_turns: &[(usize, bool)], render: &Render) -> Result<Option<TurnSpans>, String> {
     const OPEN: char = '\u{E000}';
     const CLOSE: char = '\u{E001}';
     let mut marked = clean.to_vec();
@@ -302,11 +298,7 @@ fn marked_turns(
 /// The turns' places from renderings of growing prefixes of the
 /// conversation (two per assistant turn, so bounded in turns): each turn
 /// starts after its context rendered with a generation prompt.
-fn prefix_turns(
-    clean: &[Json],
-    learned_turns: &[(usize, bool)],
-    render: &Render,
-) -> Result<TurnSpans, String> {
+fn prefix_turns(clean: &[Json], learned_turns: &[(usize, bool)], render: &Render) -> Result<TurnSpans, String> {
     if learned_turns.len() > MAX_PREFIX_TURNS {
         return Err(format!(
             "{} assistant turns: this chat template changes the messages' text, so each turn costs a rendering \

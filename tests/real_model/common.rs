@@ -239,3 +239,86 @@ pub fn python_script_output(script: &str, args: &[&str], needs: &str) -> Result<
     println!("{stdout}{stderr}");
     Ok(stdout.into_owned())
 }
+
+/// The `tailor` binary serving the test model, its stderr collected.
+pub struct Served {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+    logs: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Served {
+    pub fn start(extra: &[&str]) -> Result<Self, Box<dyn std::error::Error>> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let model = model_path();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tailor"))
+            .args(["serve", "--port", &port.to_string(), "--model", &model.display().to_string()])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = child.stderr.take().ok_or("stderr")?;
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push_str(&(line + "\n"));
+            }
+        });
+        let served = Self { child, addr: SocketAddr::from(([127, 0, 0, 1], port)), logs };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !served.healthy() {
+            assert!(Instant::now() < deadline, "the server never became healthy: {}", served.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(served)
+    }
+
+    pub fn child_id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, and waits for the process to go.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn healthy(&self) -> bool {
+        health_status(self.addr) == Some(200)
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn signal(&self, name: &str) -> Result<(), Box<dyn std::error::Error>> {
+        let status =
+            std::process::Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status()?;
+        assert!(status.success());
+        Ok(())
+    }
+
+    /// Waits for the process to exit.
+    pub fn exit(&mut self, limit: Duration) -> Result<std::process::ExitStatus, Box<dyn std::error::Error>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("still running after {limit:?}: {}", self.logs()).into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -4,6 +4,7 @@
 mod api;
 mod common;
 mod fine_tuning;
+mod fine_tuning_faults;
 mod lora;
 mod openai_sdk;
 mod operations;

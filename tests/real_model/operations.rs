@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use crate::common::{scrape, start_server, start_server_with_shutdown, value, Family, TestResult, MODEL_ID};
+use crate::common::{scrape, start_server, start_server_with_shutdown, value, Family, Served, TestResult, MODEL_ID};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -332,79 +332,6 @@ async fn read_all<B: AsRef<[u8]>>(
         text.push_str(&String::from_utf8_lossy(chunk?.as_ref()));
     }
     Ok(text)
-}
-
-/// The `tailor` binary serving the test model, its stderr collected.
-struct Served {
-    child: std::process::Child,
-    addr: SocketAddr,
-    logs: std::sync::Arc<std::sync::Mutex<String>>,
-}
-
-impl Served {
-    fn start(extra: &[&str]) -> Result<Self, Error> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let model = crate::common::model_path();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tailor"))
-            .args(["serve", "--port", &port.to_string(), "--model", &model.display().to_string()])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?;
-        let logs = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let stderr = child.stderr.take().ok_or("stderr")?;
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap_or_else(|p| p.into_inner()).push_str(&(line + "\n"));
-            }
-        });
-        let served = Self { child, addr: SocketAddr::from(([127, 0, 0, 1], port)), logs };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !served.healthy() {
-            assert!(Instant::now() < deadline, "the server never became healthy: {}", served.logs());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(served)
-    }
-
-    fn healthy(&self) -> bool {
-        crate::common::health_status(self.addr) == Some(200)
-    }
-
-    fn logs(&self) -> String {
-        self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn signal(&self, name: &str) -> Result<(), Error> {
-        let status =
-            std::process::Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status()?;
-        assert!(status.success());
-        Ok(())
-    }
-
-    /// Waits for the process to exit.
-    fn exit(&mut self, limit: Duration) -> Result<std::process::ExitStatus, Error> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                return Err(format!("still running after {limit:?}: {}", self.logs()).into());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test]
