@@ -120,6 +120,22 @@ pub struct ServeArgs {
     /// templates reload); the plain API key is refused there (403).
     #[arg(long = "admin-api-key", env = "TAILOR_ADMIN_API_KEY", value_delimiter = ',', hide_env_values = true)]
     pub admin_api_keys: Vec<String>,
+    /// Host names requests may be addressed to (the `Host` header), e.g.
+    /// api.example.com, .example.com (and its sub-domains) or *; others get
+    /// 403 (a DNS-rebinding page cannot reach a local server). Default:
+    /// loopback names and the bound address when bound to loopback, any otherwise.
+    #[arg(long = "allowed-hosts", env = "TAILOR_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+    /// Connections served at once; more wait in the kernel's backlog.
+    #[arg(long, env = "TAILOR_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Seconds a connection has to send a request's headers, from its start
+    /// or its previous response (slow senders are cut off).
+    #[arg(long, env = "TAILOR_HEADER_TIMEOUT", default_value_t = 10.0)]
+    pub header_timeout: f64,
+    /// Seconds an idle connection is kept open between requests.
+    #[arg(long, env = "TAILOR_KEEP_ALIVE_TIMEOUT", default_value_t = 5.0)]
+    pub keep_alive_timeout: f64,
     /// Origins browsers may call from (CORS), e.g. https://app.example.com, or *. Default: none.
     #[arg(long = "allowed-origins", env = "TAILOR_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
@@ -188,6 +204,9 @@ pub struct ServeConfig {
     pub presets: PathBuf,
     pub keys: crate::api::auth::Keys,
     pub allowed_origins: Vec<String>,
+    /// Lower-case host names (`*` any, `.example.com` a domain and its sub-domains).
+    pub allowed_hosts: Vec<String>,
+    pub connections: crate::connections::ConnectionLimits,
     pub max_body_bytes: usize,
     pub max_file_bytes: usize,
     pub data_dir: PathBuf,
@@ -219,6 +238,24 @@ pub enum ConfigError {
     Lora(String),
     #[error("cannot read the adapters folder {path}: {message}")]
     AdaptersDir { path: String, message: String },
+}
+
+/// Bound to loopback: only loopback names and the bound address (a page
+/// that rebinds its own name to 127.0.0.1 sends that name); bound elsewhere:
+/// any, as the server is meant to be reached by other names.
+fn default_allowed_hosts(addr: &SocketAddr) -> Vec<String> {
+    if !addr.ip().is_loopback() {
+        return vec!["*".into()];
+    }
+    let mut hosts: Vec<String> = ["localhost", ".localhost", "127.0.0.1", "[::1]"].map(String::from).to_vec();
+    let bound = match addr.ip() {
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    if !hosts.contains(&bound) {
+        hosts.push(bound);
+    }
+    hosts
 }
 
 /// A size in bytes: a whole number, optionally with a unit (`KB`, `MB`,
@@ -312,6 +349,16 @@ impl ServeArgs {
         };
         let stream_write_timeout = seconds("--stream-write-timeout", self.stream_write_timeout)?;
         let shutdown_timeout = seconds("--shutdown-timeout", self.shutdown_timeout)?;
+        let connections = crate::connections::ConnectionLimits {
+            max_connections: self.max_connections.max(1),
+            header_timeout: seconds("--header-timeout", self.header_timeout)?,
+            keep_alive_timeout: seconds("--keep-alive-timeout", self.keep_alive_timeout)?,
+        };
+        let allowed_hosts = if self.allowed_hosts.is_empty() {
+            default_allowed_hosts(&addr)
+        } else {
+            self.allowed_hosts.iter().map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect()
+        };
         let nonempty = |keys: Vec<String>, flag: &str| {
             let keys: Vec<String> = keys.into_iter().map(|k| k.trim().to_string()).collect();
             if keys.iter().any(|k| k.is_empty()) {
@@ -372,6 +419,8 @@ impl ServeArgs {
             presets: self.presets,
             keys,
             allowed_origins: self.allowed_origins,
+            allowed_hosts,
+            connections,
             max_body_bytes: self.max_body_bytes,
             max_file_bytes: self.max_file_bytes,
             data_dir: self.data_dir.unwrap_or_else(|| cache_dir().join("data")),

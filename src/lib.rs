@@ -16,6 +16,7 @@
 pub mod api;
 pub mod bench;
 pub mod config;
+pub mod connections;
 pub mod durable;
 pub mod engine;
 pub mod finetune;

@@ -260,6 +260,15 @@ fn render(args: RenderArgs) -> anyhow::Result<()> {
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.into_config()?;
     tailor::server::set_compute_threads(config.threads);
+    match tailor::connections::raise_fd_limit() {
+        Ok(files) if (files as usize) < config.connections.max_connections + 256 => tracing::warn!(
+            files,
+            max_connections = config.connections.max_connections,
+            "the open-file limit is below --max-connections: connections beyond it wait"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

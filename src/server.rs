@@ -4,7 +4,6 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -54,6 +53,7 @@ pub async fn run(
         max_body_bytes: config.max_body_bytes,
         max_file_bytes: config.max_file_bytes,
         allowed_origins: config.allowed_origins.clone(),
+        allowed_hosts: config.allowed_hosts.clone(),
     };
     let app = api::router(state, &options);
     tracing::info!(addr = %listener.local_addr()?, model = %config.model.display(), "listening");
@@ -72,8 +72,7 @@ pub async fn run(
         }
         tokio::time::sleep(ABORT_GRACE).await;
     };
-    let listener = listener.tap_io(limit_unsent);
-    let server = axum::serve(listener, app).with_graceful_shutdown(drain);
+    let server = crate::connections::serve(listener, app, config.connections.clone(), limit_unsent, drain);
     let outcome = tokio::select! {
         result = server => result,
         reason = engine_stopped => Err(std::io::Error::other(reason)),

@@ -1,8 +1,10 @@
 //! API keys. With `--api-key`, every route but `/health`, `/metrics` and
 //! the playground's static files needs `Authorization: Bearer <key>` (or
-//! Anthropic's `x-api-key: <key>`). With `--admin-api-key`, the routes that
-//! change the server's state, and the fine-tuning API, need the admin key
-//! (which also opens every other route). Keys are compared in constant time.
+//! Anthropic's `x-api-key: <key>`). Once any key is configured, the routes
+//! that change the server's state, and the fine-tuning API, need an admin
+//! key (`--admin-api-key`, which also opens every other route): the plain
+//! key gets 403 there, and so does everyone when no admin key is set. Keys
+//! are compared in constant time.
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
@@ -73,35 +75,47 @@ fn unauthorized(message: &str) -> Response {
     response
 }
 
+fn forbidden(message: &str) -> Response {
+    ApiError {
+        status: StatusCode::FORBIDDEN,
+        message: message.to_string(),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("admin_key_required"),
+    }
+    .into_response()
+}
+
+/// With no key configured every route is open (a local server). With any
+/// key configured, admin routes take only an admin key (403 with the plain
+/// key, or when no admin key exists), and every other route takes either.
 pub async fn require_keys(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let keys = &state.keys;
     let path = request.uri().path();
-    if is_open_route(path) || request.method() == Method::OPTIONS {
+    if is_open_route(path) || request.method() == Method::OPTIONS || (keys.api.is_empty() && keys.admin.is_empty()) {
         return next.run(request).await;
     }
     let admin_route = is_admin_route(request.method(), path);
-    let needed = if admin_route && !keys.admin.is_empty() { &keys.admin } else { &keys.api };
-    if needed.is_empty() {
+    if !admin_route && keys.api.is_empty() {
+        // Only an admin key is set: it guards the admin routes alone.
         return next.run(request).await;
+    }
+    if admin_route && keys.admin.is_empty() {
+        return forbidden(
+            "this route changes the server's state and needs the admin API key; this server has none \
+             (start it with --admin-api-key)",
+        );
     }
     let Some(token) = presented_key(&request) else {
         return unauthorized("missing API key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`)");
     };
     let is_admin = matches_any(token, &keys.admin);
-    if is_admin || matches_any(token, needed) {
-        return next.run(request).await;
+    let is_user = matches_any(token, &keys.api);
+    match (admin_route, is_admin, is_user) {
+        (_, true, _) | (false, _, true) => next.run(request).await,
+        (true, false, true) => forbidden("this route changes the server's state and needs the admin API key"),
+        _ => unauthorized("incorrect API key provided"),
     }
-    if admin_route && matches_any(token, &keys.api) {
-        return ApiError {
-            status: StatusCode::FORBIDDEN,
-            message: "this route changes the server's state and needs the admin API key".into(),
-            kind: "invalid_request_error",
-            param: None,
-            code: Some("admin_key_required"),
-        }
-        .into_response();
-    }
-    unauthorized("incorrect API key provided")
 }
 
 #[cfg(test)]

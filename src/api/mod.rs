@@ -12,6 +12,7 @@ pub mod error;
 pub mod files;
 pub mod fine_tuning;
 pub mod generate;
+pub mod guard;
 pub mod json;
 pub mod lifecycle;
 pub mod logprobs;
@@ -249,9 +250,12 @@ pub struct HttpOptions {
     /// `POST /v1/files` takes bodies up to this size.
     pub max_file_bytes: usize,
     pub allowed_origins: Vec<String>,
+    /// Host names requests may be addressed to.
+    pub allowed_hosts: Vec<String>,
 }
 
 pub fn router(state: AppState, options: &HttpOptions) -> Router {
+    let guard = guard::Guard { hosts: options.allowed_hosts.clone(), origins: options.allowed_origins.clone() };
     let request_id = HeaderName::from_static(observe::REQUEST_ID);
     let app = Router::new()
         .merge(completions::router())
@@ -274,10 +278,11 @@ pub fn router(state: AppState, options: &HttpOptions) -> Router {
             }
         })
         // Layers run outermost last: CORS, request id, logging, Anthropic's
-        // error shape, draining, keys, body limit.
+        // error shape, host and origin, draining, keys, body limit.
         .layer(DefaultBodyLimit::max(options.max_body_bytes))
         .layer(from_fn_with_state(state.clone(), auth::require_keys))
         .layer(from_fn_with_state(state.clone(), lifecycle::refuse_while_draining))
+        .layer(from_fn_with_state(Arc::new(guard), guard::check))
         .layer(axum::middleware::from_fn(messages::errors::anthropic_shape))
         .layer(from_fn_with_state(state.clone(), observe::observe))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))

@@ -106,6 +106,64 @@ async fn api_keys_guard_every_route_but_health_and_metrics() -> TestResult {
 }
 
 #[tokio::test]
+async fn admin_routes_need_an_admin_key_once_any_key_is_set() -> TestResult {
+    let addr = start_server(&["--api-key", "k-user", "--enable-lora-loading"]);
+    let load = json!({"lora_name": "x", "lora_path": "/nowhere"});
+    for (method, path, body) in [
+        ("POST", "/v1/load_lora_adapter", Some(load)),
+        ("POST", "/v1/templates/reload", None),
+        ("GET", "/v1/files", None),
+        ("GET", "/v1/fine_tuning/jobs", None),
+    ] {
+        for auth in [Some("Bearer k-user"), None] {
+            let (s, _, text) = send(addr, method, path, auth, body.clone()).await?;
+            assert_eq!(s, 403, "{method} {path} ({auth:?}) with no admin key configured: {text}");
+            assert_eq!(error_code(&text).as_deref(), Some("admin_key_required"));
+            assert!(text.contains("--admin-api-key"), "{text}");
+        }
+    }
+    let (s, _, text) = send(addr, "GET", "/v1/models", Some("Bearer k-user"), None).await?;
+    assert_eq!(s, 200, "{text}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn requests_for_other_hosts_and_cross_origin_posts_are_refused() -> TestResult {
+    let addr = start_server(&[]);
+    let client = reqwest::Client::new();
+    let models = format!("http://{addr}/v1/models");
+    let rebound = client.get(&models).header("host", "rebind.attacker.example").send().await?;
+    assert_eq!(rebound.status(), 403);
+    assert_eq!(error_code(&rebound.text().await?).as_deref(), Some("host_not_allowed"));
+    for host in [format!("localhost:{}", addr.port()), addr.to_string()] {
+        assert_eq!(client.get(&models).header("host", &host).send().await?.status(), 200, "{host}");
+    }
+    // A page elsewhere posting a form (no preflight for multipart) is refused;
+    // the server's own pages (the playground) are not.
+    let form = "--b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n--b--\r\n";
+    let files = format!("http://{addr}/v1/files");
+    let post = |origin: String| {
+        client
+            .post(&files)
+            .header("origin", origin)
+            .header("content-type", "multipart/form-data; boundary=b")
+            .body(form)
+            .send()
+    };
+    let cross = post("https://evil.example".into()).await?;
+    assert_eq!(cross.status(), 403);
+    assert_eq!(error_code(&cross.text().await?).as_deref(), Some("origin_not_allowed"));
+    let same = post(format!("http://{addr}")).await?;
+    assert_eq!(same.status(), 400, "the server's own origin reaches the route (which wants a file)");
+
+    let named = start_server(&["--allowed-hosts", "api.example.com"]);
+    let models = format!("http://{named}/v1/models");
+    assert_eq!(client.get(&models).header("host", "api.example.com").send().await?.status(), 200);
+    assert_eq!(client.get(&models).header("host", "localhost").send().await?.status(), 403);
+    Ok(())
+}
+
+#[tokio::test]
 async fn json_routes_take_only_json_within_the_body_limit_and_cors_is_opt_in() -> TestResult {
     let addr = start_server(&["--max-body-bytes", "4096"]);
     let url = format!("http://{addr}/v1/completions");
