@@ -1,7 +1,9 @@
 """The container, run for real: health, the openai SDK on base / adapter /
 preset, mounted folders (a template edit reloads, a new adapter loads),
 non-root and a read-only root filesystem, `docker stop` draining a stream,
-and two replicas behind nginx losing one mid-load without a failed request.
+the compose file's data volume keeping fine-tuning files, jobs and adapters
+across `down` and `up`, and two replicas behind nginx losing one mid-load
+without a failed request.
 
 Usage: python docker/test.py IMAGE   (docker/test.sh builds IMAGE and runs this)
 Needs docker, docker-compose, nginx, and the openai and httpx packages.
@@ -169,6 +171,45 @@ def compose_files_parse():
         assert result.returncode == 0, (name, result.stderr)
 
 
+def compose_keeps_fine_tuning_across_down_and_up():
+    """The shipped compose file: a file uploaded and a short job trained in
+    the container are still there, and the adapter served, after down + up."""
+    port = free_port()
+    env = dict(os.environ, TAILOR_IMAGE=IMAGE, TAILOR_PUBLISH=f"127.0.0.1:{port}")
+    compose = ["docker-compose", "-f", f"{ROOT}/docker/compose.yaml", "-p", PREFIX.replace("-", "") + "data"]
+
+    def up():
+        subprocess.run(compose + ["up", "-d"], env=env, check=True, capture_output=True)
+        containers = sh(*compose, "ps", "-q").stdout.split()
+        assert len(containers) == 1, containers
+        wait_healthy(containers[0])
+
+    up()
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        with open(f"{ROOT}/tests/fixtures/smollm2/train/pirate.jsonl", "rb") as f:
+            data = client.files.create(file=f, purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(
+            model=BASE, training_file=data.id, suffix="box",
+            hyperparameters={"n_steps": 2, "batch_size": 2, "max_seq_len": 64, "lora_rank": 4},
+        )
+        deadline = time.time() + 300
+        while job.status not in ("succeeded", "failed", "cancelled"):
+            assert time.time() < deadline, job
+            time.sleep(1)
+            job = client.fine_tuning.jobs.retrieve(job.id)
+        assert job.status == "succeeded", job
+        subprocess.run(compose + ["down", "-t", "5"], env=env, check=True, capture_output=True)
+        up()
+        assert client.files.retrieve(data.id).filename == "pirate.jsonl"
+        kept = client.fine_tuning.jobs.retrieve(job.id)
+        assert kept.status == "succeeded" and kept.fine_tuned_model == job.fine_tuned_model, kept
+        assert first_reply(client, kept.fine_tuned_model, max_tokens=4) is not None
+        print(f"compose: a file and a job trained in the container ({job.fine_tuned_model}) kept across down + up")
+    finally:
+        subprocess.run(compose + ["down", "-v", "-t", "5"], env=env, capture_output=True)
+
+
 def replicas_behind_nginx():
     a, b, front = free_port(), free_port(), free_port()
     env = dict(os.environ, TAILOR_IMAGE=IMAGE, TAILOR_A_PORT=str(a), TAILOR_B_PORT=str(b))
@@ -251,5 +292,6 @@ with tempfile.TemporaryDirectory() as work:
             os.chmod(os.path.join(dirpath, f), 0o644)
     single_container(work)
 compose_files_parse()
+compose_keeps_fine_tuning_across_down_and_up()
 replicas_behind_nginx()
 print("container tests: ok")

@@ -78,6 +78,11 @@ pub struct ServeArgs {
     /// reserves prompt + max_tokens); requests wait for room beyond it.
     #[arg(long, env = "TAILOR_MAX_KV_TOKENS", default_value_t = 65_536)]
     pub max_kv_tokens: usize,
+    /// The longest prompt + completion a request may ask for (vLLM's name):
+    /// beyond it a 400 at once. Default: the model's context, within
+    /// --max-kv-tokens (a request larger than the KV budget could never run).
+    #[arg(long, env = "TAILOR_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
     /// Tokens one engine step may process; longer prompts are prefilled in
     /// chunks so running streams keep flowing.
     #[arg(long, env = "TAILOR_MAX_BATCH_TOKENS", default_value_t = 512)]
@@ -337,6 +342,14 @@ impl ServeArgs {
             if self.lora_roots.is_empty() { vec![self.adapters_dir.clone()] } else { self.lora_roots.clone() };
         // Canonical roots, so a symlink cannot lead a runtime load elsewhere.
         roots = roots.iter().filter_map(|r| std::fs::canonicalize(r).ok()).collect();
+        if let Some(len) = self.max_model_len {
+            if len < 2 || len > self.max_kv_tokens {
+                return Err(ConfigError::Invalid(format!(
+                    "--max-model-len {len} must be at least 2 and within --max-kv-tokens {} (a longer request could never run)",
+                    self.max_kv_tokens
+                )));
+            }
+        }
         if self.max_num_seqs == 0 {
             return Err(ConfigError::Invalid("--max-num-seqs must be at least 1".into()));
         }
@@ -388,6 +401,10 @@ impl ServeArgs {
                 served_model_name: self.served_model_name,
                 adapters,
                 found_adapters,
+                max_model_len: match self.max_model_len {
+                    Some(len) => crate::loader::ContextCap::Asked(len),
+                    None => crate::loader::ContextCap::Budget(self.max_kv_tokens),
+                },
                 registry: crate::lora::RegistryOptions {
                     max_rank: self.max_lora_rank,
                     max_loaded: self.max_loaded_adapters,

@@ -25,6 +25,8 @@ pub enum LoadError {
     Path { path: String, message: String },
     #[error("adapter `{name}` ({path}): {source}")]
     Adapter { name: String, path: String, source: LoraError },
+    #[error("{0}")]
+    Context(String),
 }
 
 /// Everything about the base model except its weights: shared with the HTTP side.
@@ -84,6 +86,29 @@ pub struct LoadOptions {
     /// any other failure stops the load.
     pub found_adapters: Vec<(String, PathBuf)>,
     pub registry: RegistryOptions,
+    /// The longest prompt + completion served: `--max-model-len` (an error if
+    /// the model's context is shorter), else the KV budget, within the context.
+    pub max_model_len: ContextCap,
+}
+
+/// What caps the served context below the model's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContextCap {
+    /// `--max-model-len`: must fit the model's context.
+    Asked(usize),
+    /// The KV budget (`--max-kv-tokens`): a request beyond it could never run.
+    Budget(usize),
+}
+
+impl ContextCap {
+    fn apply(self, context: usize) -> Result<usize, LoadError> {
+        match self {
+            ContextCap::Asked(asked) if asked > context => Err(LoadError::Context(format!(
+                "--max-model-len {asked} is longer than the model's context of {context} tokens"
+            ))),
+            ContextCap::Asked(cap) | ContextCap::Budget(cap) => Ok(cap.min(context)),
+        }
+    }
 }
 
 impl Default for LoadOptions {
@@ -95,6 +120,7 @@ impl Default for LoadOptions {
             adapters: Vec::new(),
             found_adapters: Vec::new(),
             registry: RegistryOptions { max_rank: 64, max_loaded: 0, roots: Vec::new(), max_adapters: 0 },
+            max_model_len: ContextCap::Budget(usize::MAX),
         }
     }
 }
@@ -308,7 +334,7 @@ fn build_info(
         tokenizer,
         chat_template,
         eos_token_ids,
-        max_model_len: model.config().max_position_embeddings,
+        max_model_len: opts.max_model_len.apply(model.config().max_position_embeddings)?,
         config: model.config().clone(),
         embedding_rows: model.config().vocab_size,
         format,
@@ -388,5 +414,19 @@ impl SideFiles {
         let mut ids = from(&self.generation_config);
         ids.extend(from(&self.config));
         ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ContextCap;
+
+    #[test]
+    fn the_served_context_is_the_cap_within_the_model() {
+        assert_eq!(ContextCap::Budget(65_536).apply(8192).ok(), Some(8192));
+        assert_eq!(ContextCap::Budget(600).apply(8192).ok(), Some(600));
+        assert_eq!(ContextCap::Asked(100).apply(8192).ok(), Some(100));
+        let error = ContextCap::Asked(10_000).apply(8192).expect_err("longer than the model");
+        assert!(error.to_string().contains("--max-model-len 10000"), "{error}");
     }
 }

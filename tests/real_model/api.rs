@@ -348,6 +348,33 @@ async fn models_health_tokenize_detokenize() -> TestResult {
 }
 
 #[tokio::test]
+async fn the_context_is_capped_by_max_model_len_and_the_kv_budget() -> TestResult {
+    let client = reqwest::Client::new();
+    let ids = |n: usize| json!((0..n).map(|i| 1000 + i as u32).collect::<Vec<_>>());
+    for (args, cap) in [(vec!["--max-model-len", "64"], 64), (vec!["--max-kv-tokens", "256"], 256)] {
+        let addr = start_server(&args);
+        let models: Value = client.get(format!("http://{addr}/v1/models")).send().await?.json().await?;
+        assert_eq!(models["data"][0]["max_model_len"], cap, "{args:?}");
+        let completions = format!("http://{addr}/v1/completions");
+        let (status, body) =
+            post_to(&completions, json!({"model": MODEL_ID, "prompt": ids(cap + 6), "max_tokens": 1})).await?;
+        assert_error(status, &body, 400, None);
+        assert!(body.to_string().contains(&format!("{cap} tokens")), "{body}");
+        let (status, body) =
+            post_to(&completions, json!({"model": MODEL_ID, "prompt": ids(cap - 24), "max_tokens": 30})).await?;
+        assert_error(status, &body, 400, Some("max_tokens"));
+        let (status, body) = post_to(
+            &completions,
+            json!({"model": MODEL_ID, "prompt": ids(cap - 4), "max_tokens": 4, "temperature": 0, "ignore_eos": true}),
+        )
+        .await?;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["usage"]["completion_tokens"], 4, "the context filled exactly: {body}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn full_queue_is_refused_at_once_and_disconnect_cancels() -> TestResult {
     let addr = start_server(&["--max-num-seqs", "1", "--max-waiting", "1"]);
     let endpoint = format!("http://{addr}/v1/completions");
