@@ -83,6 +83,13 @@ pub struct ServeArgs {
     /// --max-kv-tokens (a request larger than the KV budget could never run).
     #[arg(long, env = "TAILOR_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
+    /// `key`: each API key's requests reuse only their own cached prompt
+    /// prefixes (so timing and `cached_tokens` tell one tenant nothing of
+    /// another's prompts), at the cost of shared preambles being computed
+    /// once per key; `none`: one cache (a request's `cache_salt` still
+    /// partitions it).
+    #[arg(long, env = "TAILOR_PREFIX_CACHE_ISOLATION", value_enum, default_value = "none")]
+    pub prefix_cache_isolation: crate::api::observe::CacheIsolation,
     /// Tokens one engine step may process; longer prompts are prefilled in
     /// chunks so running streams keep flowing.
     #[arg(long, env = "TAILOR_MAX_BATCH_TOKENS", default_value_t = 512)]
@@ -208,6 +215,7 @@ pub struct ServeConfig {
     pub templates_dir: PathBuf,
     pub presets: PathBuf,
     pub keys: crate::api::auth::Keys,
+    pub prefix_cache_isolation: crate::api::observe::CacheIsolation,
     pub allowed_origins: Vec<String>,
     /// Lower-case host names (`*` any, `.example.com` a domain and its sub-domains).
     pub allowed_hosts: Vec<String>,
@@ -435,6 +443,7 @@ impl ServeArgs {
             templates_dir: self.templates_dir,
             presets: self.presets,
             keys,
+            prefix_cache_isolation: self.prefix_cache_isolation,
             allowed_origins: self.allowed_origins,
             allowed_hosts,
             connections,

@@ -43,6 +43,7 @@ pub async fn run(
         lifecycle: lifecycle.clone(),
         cpu: Arc::new(Semaphore::new(config.engine.threads.max(2))),
         stream_write_timeout: config.stream_write_timeout,
+        prefix_cache_isolation: config.prefix_cache_isolation,
         fine_tuning: start_fine_tuning(&config),
     };
     spawn_reloader(state.templates.clone(), state.presets.clone());

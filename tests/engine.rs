@@ -57,6 +57,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         tags: RequestTags { model: "tiny".into(), adapter: None },
         constraint: None,
         span: tracing::Span::none(),
+        cache_partition: 0,
     }
 }
 

@@ -53,7 +53,7 @@ pub const X_API_KEY: &str = "x-api-key";
 
 /// The key presented: the bearer token (scheme matched case-insensitively),
 /// else `x-api-key`.
-fn presented_key(request: &Request) -> Option<&str> {
+pub(crate) fn presented_key(request: &Request) -> Option<&str> {
     let bearer = || {
         let value = request.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
         let (scheme, token) = value.trim().split_once(' ')?;

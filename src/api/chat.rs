@@ -201,7 +201,7 @@ pub struct ChatPrompt {
 impl ChatPrompt {
     pub async fn render(state: &AppState, facts: &Facts, req: ChatCompletionRequest) -> Result<Self, ApiError> {
         let mut req = req;
-        let (target, mut params) = prompting::prepare(state, &mut req).await?;
+        let (target, mut params) = prompting::prepare(state, facts, &mut req).await?;
         facts.resolved(&target);
         refuse_unsupported(&req)?;
         params.sampling.logprobs = logprobs::chat_request(req.logprobs, req.top_logprobs.as_ref())?;

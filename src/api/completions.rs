@@ -28,7 +28,7 @@ async fn completions(
     WithSampling(req): WithSampling<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let mut req = req;
-    let (target, mut params) = prompting::prepare(&state, &mut req).await?;
+    let (target, mut params) = prompting::prepare(&state, &facts, &mut req).await?;
     facts.resolved(&target);
     let info = target.info.clone();
     params.sampling.logprobs = logprobs::completion_request(req.logprobs.as_ref())?;

@@ -56,6 +56,7 @@ pub fn submit_all(
                 tags: RequestTags { model: target.requested.clone(), adapter: target.adapter_name.clone() },
                 constraint: constraints.pop(),
                 span: tracing::Span::current(),
+                cache_partition: params.cache_partition,
             });
         }
     }

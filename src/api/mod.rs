@@ -73,6 +73,8 @@ pub struct AppState {
     pub cpu: Arc<Semaphore>,
     /// A streaming client that stops reading this long is cancelled.
     pub stream_write_timeout: Duration,
+    /// Whether each API key's prompts share cached prefixes only with its own.
+    pub prefix_cache_isolation: observe::CacheIsolation,
     /// Uploaded files and fine-tuning jobs (None: the data directory could not be opened).
     pub fine_tuning: Option<Arc<crate::finetune::FineTuning>>,
 }

@@ -30,6 +30,9 @@ pub struct Facts(Arc<Mutex<Known>>);
 
 #[derive(Default)]
 struct Known {
+    /// The caller's own prefix-cache partition (`--prefix-cache-isolation
+    /// key`: a hash of its API key), else 0.
+    tenant: u64,
     model: Option<String>,
     adapter: Option<String>,
     preset: Option<String>,
@@ -55,6 +58,16 @@ impl Facts {
         k.template = target.template.as_ref().map(|t| t.name.clone());
     }
 
+    /// The prefix-cache partition of a request with this `cache_salt`: 0
+    /// (shared) without salt or isolation, else a hash of both.
+    pub fn cache_partition(&self, salt: Option<&str>) -> u64 {
+        let tenant = self.known().tenant;
+        if tenant == 0 && salt.is_none() {
+            return 0;
+        }
+        partition_hash(&[&tenant.to_le_bytes(), salt.unwrap_or("").as_bytes()])
+    }
+
     pub fn text_arrived(&self) {
         let mut k = self.known();
         k.first_token.get_or_insert_with(Instant::now);
@@ -73,6 +86,30 @@ impl Facts {
     }
 }
 
+/// How far prompt prefixes are shared (`--prefix-cache-isolation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CacheIsolation {
+    /// Every request without a `cache_salt` shares one cache.
+    #[default]
+    None,
+    /// Each API key's requests share only with themselves.
+    Key,
+}
+
+/// A nonzero 64-bit digest of `parts` (length-prefixed, so they cannot run together).
+fn partition_hash(parts: &[&[u8]]) -> u64 {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    let digest = hasher.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first).max(1)
+}
+
 /// Routes polled by orchestrators: logged at DEBUG, not counted.
 fn is_probe(path: &str) -> bool {
     matches!(path, "/health" | "/metrics")
@@ -83,6 +120,10 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let facts = Facts::default();
+    if state.prefix_cache_isolation == CacheIsolation::Key {
+        let key = super::auth::presented_key(&request).unwrap_or("");
+        facts.known().tenant = partition_hash(&[b"key", key.as_bytes()]);
+    }
     request.extensions_mut().insert(facts.clone());
     let span = tracing::info_span!("request", id = %id);
     let in_flight = (!is_probe(&path)).then(|| state.lifecycle.enter());

@@ -29,9 +29,21 @@ pub struct Validated {
     pub skip_special_tokens: bool,
     /// Log-probabilities of the prompt's tokens, with this many alternatives (`echo`).
     pub prompt_logprobs: Option<usize>,
+    /// The prefix-cache partition (`cache_salt`, and the API key when
+    /// isolated by key); 0 is the shared one.
+    pub cache_partition: u64,
 }
 
+/// The longest `cache_salt` taken.
+const MAX_CACHE_SALT: usize = 256;
+
 pub fn validate_sampling(f: &SamplingFields) -> Result<Validated, ApiError> {
+    if f.cache_salt.as_ref().is_some_and(|s| s.is_empty() || s.len() > MAX_CACHE_SALT) {
+        return Err(ApiError::invalid(
+            "cache_salt",
+            format!("`cache_salt` must be a non-empty string of at most {MAX_CACHE_SALT} bytes"),
+        ));
+    }
     let temperature = f.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::invalid(
@@ -124,6 +136,8 @@ pub fn validate_sampling(f: &SamplingFields) -> Result<Validated, ApiError> {
         skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
         // Set by completions with `echo`.
         prompt_logprobs: None,
+        // Set once the caller (its key) is known.
+        cache_partition: 0,
     })
 }
 

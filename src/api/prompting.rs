@@ -7,6 +7,7 @@ use serde_json::{Map, Value as Json};
 
 use super::error::ApiError;
 use super::json::HasSampling;
+use super::observe::Facts;
 use super::params::{validate_sampling, Validated};
 use super::types::{Prompt, StringOrList};
 use super::{AppState, Target};
@@ -17,7 +18,11 @@ use crate::prompt::PromptError;
 /// What both generation endpoints do first: resolve `model` (and template),
 /// fill the fields the request left unset from the resolved defaults, and
 /// validate the sampling fields.
-pub async fn prepare(state: &AppState, req: &mut impl HasSampling) -> Result<(Target, Validated), ApiError> {
+pub async fn prepare(
+    state: &AppState,
+    facts: &Facts,
+    req: &mut impl HasSampling,
+) -> Result<(Target, Validated), ApiError> {
     let (model, template) = req.target_names();
     let target = state.resolve(model, template).await?;
     let d = &target.defaults;
@@ -33,7 +38,8 @@ pub async fn prepare(state: &AppState, req: &mut impl HasSampling) -> Result<(Ta
     if sampling.stop.is_none() {
         sampling.stop = d.stop.clone().map(StringOrList::Many);
     }
-    let params = validate_sampling(sampling)?;
+    let mut params = validate_sampling(sampling)?;
+    params.cache_partition = facts.cache_partition(sampling.cache_salt.as_deref());
     super::params::check_logit_bias(&params, target.info.embedding_rows)?;
     Ok((target, params))
 }

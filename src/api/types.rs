@@ -53,6 +53,9 @@ pub struct SamplingFields {
     pub repetition_penalty: Option<f32>,
     /// Leave special tokens out of the text (vLLM's extension; default true).
     pub skip_special_tokens: Option<bool>,
+    /// vLLM's extension: only requests with the same salt share cached
+    /// prompt prefixes (so timing and `cached_tokens` reveal nothing to others).
+    pub cache_salt: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

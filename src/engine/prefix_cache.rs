@@ -11,6 +11,11 @@
 //! never while a running sequence holds them, when the cache is over its own
 //! budget or admission needs the room.
 //!
+//! Entries also carry a partition: a request's `cache_salt`, and with
+//! `--prefix-cache-isolation key` its API key, name one, and only requests
+//! of the same partition reuse its entries (so `cached_tokens` and the time
+//! to first token tell a client nothing about another's prompts).
+//!
 //! The key holds the adapter's weights as a `Weak`: a reloaded adapter is new
 //! weights, so its old entries never match (the `Weak` keeps the old
 //! allocation, so no new adapter can take its address), and they are dropped
@@ -26,10 +31,19 @@ type NodeId = u64;
 /// The tree's root: the empty prefix, parent of every first block.
 const ROOT: NodeId = 0;
 
+/// Where cached KV may be reused: on the weights that computed it, within
+/// its partition (0: shared by every request without a salt).
+#[derive(Clone, Copy)]
+pub struct Scope<'a> {
+    pub adapter: Option<&'a Arc<AdapterWeights>>,
+    pub partition: u64,
+}
+
 struct Node {
     parent: NodeId,
     /// The weights that computed it (None: the base model).
     adapter: Option<Weak<AdapterWeights>>,
+    partition: u64,
     /// The tokens whose keys and values `block` holds: a whole block's, or
     /// fewer for the last block of a sequence (then it has no children).
     tokens: Vec<u32>,
@@ -38,12 +52,13 @@ struct Node {
 }
 
 impl Node {
-    fn computed_by(&self, adapter: Option<&Arc<AdapterWeights>>) -> bool {
-        match (&self.adapter, adapter) {
+    fn serves(&self, scope: Scope) -> bool {
+        let same_weights = match (&self.adapter, scope.adapter) {
             (None, None) => true,
             (Some(weak), Some(arc)) => std::ptr::eq(weak.as_ptr(), Arc::as_ptr(arc)),
             _ => false,
-        }
+        };
+        same_weights && self.partition == scope.partition
     }
 
     fn is_whole(&self) -> bool {
@@ -91,28 +106,24 @@ impl PrefixCache {
         self.nodes.len() * BLOCK_TOKENS
     }
 
-    fn children_of<'a>(
-        &'a self,
-        parent: NodeId,
-        adapter: Option<&'a Arc<AdapterWeights>>,
-    ) -> impl Iterator<Item = (NodeId, &'a Node)> + 'a {
+    fn children_of<'a>(&'a self, parent: NodeId, scope: Scope<'a>) -> impl Iterator<Item = (NodeId, &'a Node)> + 'a {
         self.children
             .get(&parent)
             .into_iter()
             .flatten()
             .filter_map(|id| self.nodes.get(id).map(|node| (*id, node)))
-            .filter(move |(_, node)| node.computed_by(adapter))
+            .filter(move |(_, node)| node.serves(scope))
     }
 
-    /// The longest cached start of `prompt` on this adapter: at most all but
+    /// The longest cached start of `prompt` in this scope: at most all but
     /// the prompt's last token, which is fed to get the first logits.
-    pub fn lookup(&self, adapter: Option<&Arc<AdapterWeights>>, prompt: &[u32]) -> Option<Hit> {
+    pub fn lookup(&self, scope: Scope, prompt: &[u32]) -> Option<Hit> {
         let limit = prompt.len().saturating_sub(1);
         let (mut parent, mut matched, mut path) = (ROOT, 0, Vec::new());
         while matched < limit {
             let rest = &prompt[matched..limit];
             let best = self
-                .children_of(parent, adapter)
+                .children_of(parent, scope)
                 .map(|(id, node)| (id, common_prefix(&node.tokens, rest)))
                 .max_by_key(|&(id, shared)| (shared, std::cmp::Reverse(id)));
             let Some((id, shared)) = best.filter(|&(_, shared)| shared > 0) else { break };
@@ -142,13 +153,7 @@ impl PrefixCache {
 
     /// Keeps the blocks of a finished sequence's cache; `tokens` are the
     /// ones it fed, in order (its cache holds the first `cached` of them).
-    pub fn keep(
-        &mut self,
-        adapter: Option<&Arc<AdapterWeights>>,
-        tokens: &[u32],
-        blocks: &[Arc<KvBlock>],
-        cached: usize,
-    ) {
+    pub fn keep(&mut self, scope: Scope, tokens: &[u32], blocks: &[Arc<KvBlock>], cached: usize) {
         if self.budget == 0 {
             return;
         }
@@ -159,7 +164,7 @@ impl PrefixCache {
         for (chunk, block) in tokens.chunks(BLOCK_TOKENS).zip(blocks) {
             // The same tokens, or a longer entry starting with them: already cached.
             let known =
-                self.children_of(parent, adapter).find(|(_, node)| node.tokens.starts_with(chunk)).map(|(id, _)| id);
+                self.children_of(parent, scope).find(|(_, node)| node.tokens.starts_with(chunk)).map(|(id, _)| id);
             if let Some(id) = known {
                 let node = self.nodes.get_mut(&id).expect("a listed child exists");
                 node.last_used = self.clock;
@@ -171,7 +176,7 @@ impl PrefixCache {
             }
             // Shorter last blocks that this one extends are superseded.
             let superseded: Vec<NodeId> = self
-                .children_of(parent, adapter)
+                .children_of(parent, scope)
                 .filter(|(_, node)| !node.is_whole() && chunk.starts_with(&node.tokens))
                 .map(|(id, _)| id)
                 .collect();
@@ -182,7 +187,8 @@ impl PrefixCache {
             self.next_id += 1;
             let node = Node {
                 parent,
-                adapter: adapter.map(Arc::downgrade),
+                adapter: scope.adapter.map(Arc::downgrade),
+                partition: scope.partition,
                 tokens: chunk.to_vec(),
                 block: block.clone(),
                 last_used: self.clock,
@@ -253,13 +259,27 @@ mod tests {
         cache
     }
 
-    fn keep(prefixes: &mut PrefixCache, count: &BlockCount, adapter: Option<&Arc<AdapterWeights>>, tokens: Vec<u32>) {
+    const BASE: Scope<'static> = Scope { adapter: None, partition: 0 };
+
+    fn on(adapter: Option<&Arc<AdapterWeights>>) -> Scope<'_> {
+        Scope { adapter, partition: 0 }
+    }
+
+    fn keep_in(prefixes: &mut PrefixCache, count: &BlockCount, scope: Scope, tokens: Vec<u32>) {
         let cache = cache(count, tokens.len());
-        prefixes.keep(adapter, &tokens, cache.blocks(), cache.len());
+        prefixes.keep(scope, &tokens, cache.blocks(), cache.len());
+    }
+
+    fn keep(prefixes: &mut PrefixCache, count: &BlockCount, adapter: Option<&Arc<AdapterWeights>>, tokens: Vec<u32>) {
+        keep_in(prefixes, count, on(adapter), tokens);
+    }
+
+    fn hit_in(prefixes: &PrefixCache, scope: Scope, prompt: &[u32]) -> Option<usize> {
+        prefixes.lookup(scope, prompt).map(|h| h.tokens)
     }
 
     fn hit(prefixes: &PrefixCache, adapter: Option<&Arc<AdapterWeights>>, prompt: &[u32]) -> Option<usize> {
-        prefixes.lookup(adapter, prompt).map(|h| h.tokens)
+        hit_in(prefixes, on(adapter), prompt)
     }
 
     #[test]
@@ -270,7 +290,7 @@ mod tests {
         keep(&mut prefixes, &count, None, (0..40).collect());
         keep(&mut prefixes, &count, None, (0..10).chain(100..130).collect());
         let prompt: Vec<u32> = (0..50).collect();
-        let found = prefixes.lookup(None, &prompt).expect("a hit");
+        let found = prefixes.lookup(BASE, &prompt).expect("a hit");
         assert_eq!((found.tokens, found.blocks.len()), (40, 2));
         // The whole prompt cached: all but its last token come from the cache.
         assert_eq!(hit(&prefixes, None, &prompt[..40]), Some(39));
@@ -305,7 +325,7 @@ mod tests {
         // A sequence holds the (0..64) chain; the next entry pushes the cache
         // over budget, and the unheld leaf goes, never a parent or a held block.
         let prompt: Vec<u32> = (0..70).collect();
-        let held = prefixes.lookup(None, &prompt).expect("a hit");
+        let held = prefixes.lookup(BASE, &prompt).expect("a hit");
         prefixes.touch(&held);
         keep(&mut prefixes, &count, None, (1000..1064).collect());
         assert!(prefixes.held() <= 4 * BLOCK_TOKENS);
@@ -319,6 +339,21 @@ mod tests {
         drop(held);
         while prefixes.evict_one() {}
         assert_eq!((prefixes.held(), count.blocks()), (0, 0));
-        assert!(PrefixCache::new(0).lookup(None, &[1, 2, 3]).is_none());
+        assert!(PrefixCache::new(0).lookup(BASE, &[1, 2, 3]).is_none());
+    }
+
+    #[test]
+    fn partitions_never_see_each_others_entries() {
+        let count = BlockCount::default();
+        let mut prefixes = PrefixCache::new(10_000);
+        let (alice, bob) = (Scope { adapter: None, partition: 11 }, Scope { adapter: None, partition: 22 });
+        let prompt: Vec<u32> = (0..50).collect();
+        keep_in(&mut prefixes, &count, alice, (0..40).collect());
+        assert_eq!(hit_in(&prefixes, alice, &prompt), Some(40));
+        assert_eq!(hit_in(&prefixes, bob, &prompt), None);
+        assert_eq!(hit_in(&prefixes, BASE, &prompt), None);
+        keep_in(&mut prefixes, &count, BASE, (0..20).collect());
+        assert_eq!(hit_in(&prefixes, alice, &prompt), Some(40), "the shared entry is not alice's");
+        assert_eq!(hit_in(&prefixes, BASE, &prompt), Some(20));
     }
 }

@@ -38,6 +38,16 @@ pub struct GenerationRequest {
     pub constraint: Option<crate::grammar::Constraint>,
     /// The request's span: engine logs line up with the HTTP request.
     pub span: tracing::Span,
+    /// The prefix-cache partition (0: shared): its `cache_salt` and, with
+    /// `--prefix-cache-isolation key`, its API key.
+    pub cache_partition: u64,
+}
+
+impl GenerationRequest {
+    /// Where its prompt may find cached KV.
+    pub fn scope(&self) -> super::prefix_cache::Scope<'_> {
+        super::prefix_cache::Scope { adapter: self.adapter.as_ref(), partition: self.cache_partition }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

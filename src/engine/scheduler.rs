@@ -229,7 +229,7 @@ impl Engine<'_> {
             let need = head.request.prompt.len() + head.request.max_tokens;
             // Prompt log-probabilities need every position computed.
             let hit = match self.prefix_caching() && head.request.prompt_logprobs.is_none() {
-                true => prefixes.lookup(head.request.adapter.as_ref(), &head.request.prompt),
+                true => prefixes.lookup(head.request.scope(), &head.request.prompt),
                 false => None,
             };
             let cache = match &hit {
@@ -278,7 +278,7 @@ impl Engine<'_> {
             self.telemetry.left(&seq);
             if self.prefix_caching() && seq.cache_is_whole() {
                 let mut prefixes = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
-                prefixes.keep(seq.adapter.as_ref(), &seq.tokens(), seq.cache.blocks(), seq.cache.len());
+                prefixes.keep(seq.scope(), &seq.tokens(), seq.cache.blocks(), seq.cache.len());
             }
         }
     }

@@ -15,6 +15,8 @@ use crate::tokenizer::Tokenizer;
 pub struct Sequence {
     pub prompt: Vec<u32>,
     pub adapter: Option<std::sync::Arc<crate::model::lora::AdapterWeights>>,
+    /// The prefix-cache partition its KV may be shared within.
+    pub partition: u64,
     pub generated: Vec<u32>,
     pub cache: KvCache,
     sampler: Sampler,
@@ -55,6 +57,7 @@ impl Sequence {
         Self {
             prompt: request.prompt,
             adapter: request.adapter,
+            partition: request.cache_partition,
             generated: Vec::new(),
             cache,
             sampler,
@@ -119,9 +122,15 @@ impl Sequence {
         !matches!(self.outcome, Some(None))
     }
 
-    /// Whether both run on the same adapter (or both on the base).
-    pub fn same_adapter(&self, other: &Sequence) -> bool {
-        super::prefix_cache::same_adapter(self.adapter.as_ref(), other.adapter.as_ref())
+    /// Where its KV may be shared: its adapter's weights, within its partition.
+    pub fn scope(&self) -> super::prefix_cache::Scope<'_> {
+        super::prefix_cache::Scope { adapter: self.adapter.as_ref(), partition: self.partition }
+    }
+
+    /// Whether another sequence's KV could be this one's (same weights, same partition).
+    pub fn shares_scope(&self, other: &Sequence) -> bool {
+        self.partition == other.partition
+            && super::prefix_cache::same_adapter(self.adapter.as_ref(), other.adapter.as_ref())
     }
 
     /// Whether a prefill step must return logits for every position.
@@ -258,6 +267,7 @@ mod tests {
             tags: RequestTags::default(),
             constraint: None,
             span: tracing::Span::none(),
+            cache_partition: 0,
         };
         let queued = Queued { request, events, ticket, arrived: Instant::now() };
         let mut seq = Sequence::new(queued, KvCache::default());

@@ -23,7 +23,7 @@ pub fn share_prefills(running: &mut [Sequence]) -> Vec<bool> {
         }
         let limit = running[i].prompt.len().saturating_sub(1);
         let best = (0..i)
-            .filter(|&j| running[j].same_adapter(&running[i]))
+            .filter(|&j| running[j].shares_scope(&running[i]))
             .map(|j| (j, common_prefix(&running[j].prompt, &running[i].prompt).min(limit)))
             .filter(|&(_, shared)| shared >= MIN_SHARED)
             .max_by_key(|&(j, shared)| (shared, std::cmp::Reverse(j)));

@@ -155,3 +155,42 @@ async fn an_edited_template_reuses_only_the_tokens_it_still_renders() -> TestRes
     assert_eq!(edited["choices"][0]["logprobs"], fresh["choices"][0]["logprobs"]);
     Ok(())
 }
+
+#[tokio::test]
+async fn salts_and_keys_partition_the_cache() -> TestResult {
+    let salted = |salt: Option<&str>, question: &str| {
+        let mut body = ask(MODEL_ID, question);
+        if let Some(salt) = salt {
+            body["cache_salt"] = json!(salt);
+        }
+        body
+    };
+    let addr = start_server(&[]);
+    let (_, first) = post_at(addr, "/v1/chat/completions", salted(Some("tenant-a"), "Where is parcel 1?")).await?;
+    assert_eq!(cached(&first), 0, "{first}");
+    let (_, same) = post_at(addr, "/v1/chat/completions", salted(Some("tenant-a"), "Where is parcel 2?")).await?;
+    assert!(cached(&same) > 0, "the same salt shares its preamble: {same}");
+    let (_, other) = post_at(addr, "/v1/chat/completions", salted(Some("tenant-b"), "Where is parcel 3?")).await?;
+    let (_, unsalted) = post_at(addr, "/v1/chat/completions", salted(None, "Where is parcel 4?")).await?;
+    assert_eq!((cached(&other), cached(&unsalted)), (0, 0), "{other} {unsalted}");
+    let (status, bad) = post_at(addr, "/v1/chat/completions", salted(Some(""), "Hi")).await?;
+    assert_eq!((status, bad["error"]["param"].as_str()), (400, Some("cache_salt")), "{bad}");
+
+    // Isolated by key: one tenant's prefixes are its own.
+    let isolated = start_server(&["--api-key", "sk-alice,sk-bob", "--prefix-cache-isolation", "key"]);
+    let client = reqwest::Client::new();
+    let as_key = |key: &'static str, question: &'static str| {
+        client
+            .post(format!("http://{isolated}/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&ask(MODEL_ID, question))
+            .send()
+    };
+    let _: Value = as_key("sk-alice", "Where is parcel 5?").await?.json().await?;
+    let alice: Value = as_key("sk-alice", "Where is parcel 6?").await?.json().await?;
+    let bob: Value = as_key("sk-bob", "Where is parcel 6?").await?.json().await?;
+    assert!(cached(&alice) > 0, "alice reuses her own preamble: {alice}");
+    assert_eq!(cached(&bob), 0, "bob sees nothing of alice's: {bob}");
+    assert_eq!(bob["choices"][0]["message"], alice["choices"][0]["message"], "the same reply either way");
+    Ok(())
+}
