@@ -75,7 +75,7 @@ sequential() { # model, then extra bench flags
 
 run_tailor() {
   name=tailor
-  local serve=("$tailor" serve --model "$model" --port "$port" --threads 2 --adapters-dir "$work/adapters"
+  local serve=("$tailor" serve --model "$model" --port "$port" --threads 2 --dtype quantized --adapters-dir "$work/adapters"
     --templates-dir "$work/templates" --presets "$work/presets")
   workload=sequential; start "${serve[@]}"; sequential "$id"; stop
   workload=waves; start "${serve[@]}"

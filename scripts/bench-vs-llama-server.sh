@@ -42,5 +42,6 @@ for round in $(seq "$rounds"); do
   echo "== round $round"
   run llama-server "$llama" -m "$model" --port "$port" -t 2 --parallel 8 -c 8192 --alias "$id"
   # No adapters: the shipped demo ones are for SmolLM2.
-  run tailor "$tailor" serve --model "$model" --port "$port" --threads 2 --adapters-dir "$(mktemp -d)"
+  # The quantized path llama-server runs too (--dtype auto would widen a small model to float32).
+  run tailor "$tailor" serve --model "$model" --port "$port" --threads 2 --dtype quantized --adapters-dir "$(mktemp -d)"
 done

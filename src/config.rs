@@ -7,14 +7,14 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 
 use crate::engine::EngineConfig;
-use crate::loader::LoadOptions;
+use crate::loader::{cache_dir, default_model_path, LoadOptions};
 use crate::model::WeightMode;
-
-/// File name of the default model inside the model cache.
-pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum DTypeArg {
+    /// Float32 for models of at most 200 M parameters (quantized activations
+    /// cost them their answers; their float32 weights are small), as stored otherwise.
+    Auto,
     /// Keep weights as stored: GGUF blocks quantized, F16/BF16 in 16 bits (fast, small).
     Quantized,
     /// Dequantize every weight to float32 (exact parity with the reference).
@@ -39,7 +39,7 @@ pub struct ServeArgs {
     #[arg(long, env = "TAILOR_MODEL")]
     pub model: Option<PathBuf>,
     /// Weight precision.
-    #[arg(long, env = "TAILOR_DTYPE", value_enum, default_value = "quantized")]
+    #[arg(long, env = "TAILOR_DTYPE", value_enum, default_value = "auto")]
     pub dtype: DTypeArg,
     /// Quantize every projection at load to this type (a Hugging Face
     /// folder then runs at GGUF speed; a GGUF is requantized).
@@ -62,7 +62,7 @@ pub struct ServeArgs {
     /// mistral (`[TOOL_CALLS]`) or generic (tools described, replies constrained to JSON).
     /// Default: read from the chat template; generic when it ignores tools.
     #[arg(long, env = "TAILOR_TOOL_CALL_PARSER", value_enum)]
-    pub tool_call_parser: Option<crate::api::tools::ToolFormat>,
+    pub tool_call_parser: Option<crate::prompt::tool_format::ToolFormat>,
     /// Tokens of KV the prefix cache keeps from finished requests, so a prompt
     /// that starts like an earlier one (a template's preamble, a chat's history)
     /// prefills only the rest; within --max-kv-tokens, given up first. 0 turns it off.
@@ -89,7 +89,7 @@ pub struct ServeArgs {
     /// once per key; `none`: one cache (a request's `cache_salt` still
     /// partitions it).
     #[arg(long, env = "TAILOR_PREFIX_CACHE_ISOLATION", value_enum, default_value = "none")]
-    pub prefix_cache_isolation: crate::api::observe::CacheIsolation,
+    pub prefix_cache_isolation: CacheIsolation,
     /// Tokens one engine step may process; longer prompts are prefilled in
     /// chunks so running streams keep flowing.
     #[arg(long, env = "TAILOR_MAX_BATCH_TOKENS", default_value_t = 512)]
@@ -201,6 +201,31 @@ pub struct ServeArgs {
     pub fault_engine_panic_token: Option<u32>,
 }
 
+/// API keys: the plain ones, and the admin ones that also open the routes
+/// that change the server.
+#[derive(Clone, Default)]
+pub struct Keys {
+    pub api: Vec<String>,
+    pub admin: Vec<String>,
+}
+
+impl std::fmt::Debug for Keys {
+    /// Counts, never the keys (configs are logged).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Keys {{ api: {} key(s), admin: {} key(s) }}", self.api.len(), self.admin.len())
+    }
+}
+
+/// How far prompt prefixes are shared (`--prefix-cache-isolation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CacheIsolation {
+    /// Every request without a `cache_salt` shares one cache.
+    #[default]
+    None,
+    /// Each API key's requests share only with themselves.
+    Key,
+}
+
 /// A checked configuration that knows how to build the server's parts.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -210,12 +235,12 @@ pub struct ServeConfig {
     pub engine: EngineConfig,
     pub threads: Option<usize>,
     pub chat_template_kwargs: serde_json::Map<String, serde_json::Value>,
-    pub tool_call_parser: Option<crate::api::tools::ToolFormat>,
+    pub tool_call_parser: Option<crate::prompt::tool_format::ToolFormat>,
     pub enable_lora_loading: bool,
     pub templates_dir: PathBuf,
     pub presets: PathBuf,
-    pub keys: crate::api::auth::Keys,
-    pub prefix_cache_isolation: crate::api::observe::CacheIsolation,
+    pub keys: Keys,
+    pub prefix_cache_isolation: CacheIsolation,
     pub allowed_origins: Vec<String>,
     /// Lower-case host names (`*` any, `.example.com` a domain and its sub-domains).
     pub allowed_hosts: Vec<String>,
@@ -291,22 +316,6 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         other => return Err(format!("unknown size unit `{other}` (B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)")),
     };
     number.checked_mul(scale).ok_or_else(|| format!("`{text}` is too large"))
-}
-
-/// Where fetched models live: `$TAILOR_CACHE`, else `$XDG_CACHE_HOME/tailor`, else `~/.cache/tailor`.
-pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("TAILOR_CACHE") {
-        return PathBuf::from(dir);
-    }
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(dir).join("tailor");
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache").join("tailor")
-}
-
-pub fn default_model_path() -> PathBuf {
-    cache_dir().join("models").join(DEFAULT_MODEL_FILE)
 }
 
 impl ServeArgs {
@@ -387,7 +396,7 @@ impl ServeArgs {
             }
             Ok(keys)
         };
-        let keys = crate::api::auth::Keys {
+        let keys = Keys {
             api: nonempty(self.api_keys, "--api-key")?,
             admin: nonempty(self.admin_api_keys, "--admin-api-key")?,
         };
@@ -400,11 +409,12 @@ impl ServeArgs {
             load: LoadOptions {
                 mode: match (self.quantize, self.dtype) {
                     (Some(to), _) => WeightMode::QuantizeTo(to),
-                    (None, DTypeArg::Quantized) => WeightMode::Quantized,
+                    (None, DTypeArg::Quantized | DTypeArg::Auto) => WeightMode::Quantized,
                     (None, DTypeArg::F32) => WeightMode::F32,
                     (None, DTypeArg::F16) => WeightMode::Half(crate::model::kernels::half::HalfKind::F16),
                     (None, DTypeArg::Bf16) => WeightMode::Half(crate::model::kernels::half::HalfKind::Bf16),
                 },
+                dense_small_models: self.quantize.is_none() && self.dtype == DTypeArg::Auto,
                 chat_template_override,
                 served_model_name: self.served_model_name,
                 adapters,

@@ -24,6 +24,17 @@ pub fn is_response_id(id: &str, prefix: &str) -> bool {
         .is_some_and(|hex| !hex.is_empty() && hex.len() <= 64 && hex.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
+/// Whether `name` may name a model (an adapter, a preset): 1 to 128
+/// letters, digits, `.`, `_`, `-`, `:`, not starting with `.`, `-` or `:`,
+/// and no `..` (so it is never a path).
+pub fn is_model_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with(['.', '-', ':'])
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'))
+        && !name.contains("..")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

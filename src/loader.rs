@@ -8,6 +8,7 @@ use serde_json::Value as Json;
 use crate::lora::{AdapterRegistry, BaseShapes, LoraError, RegistryOptions};
 use crate::model::gguf::{self, GgufSource};
 use crate::model::safetensors::SafetensorsSource;
+use crate::model::source::WeightSource as _;
 use crate::model::{Llama, ModelError, ModelFormat, WeightMode};
 use crate::prompt::jinja::Clock;
 use crate::prompt::{ChatTemplate, PromptError};
@@ -27,6 +28,25 @@ pub enum LoadError {
     Adapter { name: String, path: String, source: LoraError },
     #[error("{0}")]
     Context(String),
+}
+
+/// File name of the default model inside the model cache.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Where fetched models live: `$TAILOR_CACHE`, else `$XDG_CACHE_HOME/tailor`, else `~/.cache/tailor`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TAILOR_CACHE") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("tailor");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("tailor")
+}
+
+pub fn default_model_path() -> PathBuf {
+    cache_dir().join("models").join(DEFAULT_MODEL_FILE)
 }
 
 /// Everything about the base model except its weights: shared with the HTTP side.
@@ -86,6 +106,9 @@ pub struct LoadOptions {
     /// any other failure stops the load.
     pub found_adapters: Vec<(String, PathBuf)>,
     pub registry: RegistryOptions,
+    /// `--dtype auto`: a model of at most `DENSE_BELOW_PARAMETERS` weights is
+    /// served in float32 even when its file is quantized (`mode` applies otherwise).
+    pub dense_small_models: bool,
     /// The longest prompt + completion served: `--max-model-len` (an error if
     /// the model's context is shorter), else the KV budget, within the context.
     pub max_model_len: ContextCap,
@@ -121,6 +144,7 @@ impl Default for LoadOptions {
             found_adapters: Vec::new(),
             registry: RegistryOptions { max_rank: 64, max_loaded: 0, roots: Vec::new(), max_adapters: 0 },
             max_model_len: ContextCap::Budget(usize::MAX),
+            dense_small_models: false,
         }
     }
 }
@@ -144,9 +168,31 @@ fn base_fingerprint(path: &Path, opts: &LoadOptions, template: Option<&str>) -> 
     fingerprint(&[&path.display().to_string(), &stamp, &format!("{:?}", opts.mode), template.unwrap_or("")])
 }
 
+/// Models this small are served in float32 by `--dtype auto`: their 8-bit
+/// activations in quantized products cost them their answers (SmolLM2-135M
+/// at Q4_1 answers "What is the capital of France?" with nonsense, as under
+/// llama.cpp; in float32 with "Paris"), and their float32 weights are small.
+pub const DENSE_BELOW_PARAMETERS: u64 = 200_000_000;
+
+/// The mode a model is read in: `opts.mode`, or float32 for a small model
+/// under `--dtype auto`.
+fn effective_mode(resolved: &Resolved, opts: &LoadOptions) -> Result<WeightMode, LoadError> {
+    if !opts.dense_small_models || opts.mode != WeightMode::Quantized {
+        return Ok(opts.mode);
+    }
+    let parameters = match resolved {
+        Resolved::Gguf(file) => GgufSource::open(file, opts.mode)?.config().parameter_count(),
+        Resolved::HuggingFace(dir) => SafetensorsSource::open(dir, opts.mode)?.config().parameter_count(),
+    };
+    let dense = parameters <= DENSE_BELOW_PARAMETERS;
+    tracing::info!(parameters, dense, "--dtype auto: float32 weights for a model this small, else as stored");
+    Ok(if dense { WeightMode::F32 } else { WeightMode::Quantized })
+}
+
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, LoadError> {
     let path_err = |message: String| LoadError::Path { path: path.display().to_string(), message };
     let resolved = resolve(path).map_err(path_err)?;
+    let opts = &LoadOptions { mode: effective_mode(&resolved, opts)?, dense_small_models: false, ..opts.clone() };
     let (model, mut info) = match &resolved {
         Resolved::Gguf(file) => load_gguf(file, opts)?,
         Resolved::HuggingFace(dir) => load_hf(dir, opts)?,

@@ -5,7 +5,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::api::lifecycle::Lifecycle;
 use crate::api::{self, AppState, HttpOptions};
@@ -41,7 +40,7 @@ pub async fn run(
         metrics: config.engine.metrics.clone(),
         keys: Arc::new(config.keys.clone()),
         lifecycle: lifecycle.clone(),
-        cpu: Arc::new(Semaphore::new(config.engine.threads.max(2))),
+        cpu: crate::api::cpu::CpuWork::new(config.engine.threads.max(2)),
         stream_write_timeout: config.stream_write_timeout,
         prefix_cache_isolation: config.prefix_cache_isolation,
         fine_tuning: start_fine_tuning(&config),

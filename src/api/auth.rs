@@ -14,19 +14,7 @@ use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 use super::AppState;
-
-#[derive(Clone, Default)]
-pub struct Keys {
-    pub api: Vec<String>,
-    pub admin: Vec<String>,
-}
-
-impl std::fmt::Debug for Keys {
-    /// Counts, never the keys (configs are logged).
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Keys {{ api: {} key(s), admin: {} key(s) }}", self.api.len(), self.admin.len())
-    }
-}
+pub use crate::config::Keys;
 
 /// Routes that change what the server serves, and the fine-tuning API
 /// (its files and jobs, read or written).

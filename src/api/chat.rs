@@ -340,7 +340,15 @@ pub fn chat_prompt(
     tools: Option<&tools::Tools>,
     parser: Option<ToolFormat>,
 ) -> Result<(Vec<u32>, Option<tools::Plan>), ApiError> {
-    let Some(tools) = tools else { return Ok((render_chat(info, &chat)?, None)) };
+    let Some(tools) = tools else {
+        // No call can be made now (`tool_choice: "none"`, or no tools), but
+        // the history may hold earlier calls and results: a template that
+        // cannot show them gets them as plain turns in the generic format.
+        if tools::history::has_tool_turns(&chat.messages) && !shows_tools(info, &chat)? {
+            tools::history::in_generic_format(&mut chat.messages);
+        }
+        return Ok((render_chat(info, &chat)?, None));
+    };
     let shows_tools = shows_tools(info, &chat)?;
     let source = info.chat_template.as_ref().map(|t| t.source()).unwrap_or_default();
     let native = match parser {
@@ -355,15 +363,22 @@ pub fn chat_prompt(
     Ok((render_chat(info, &chat)?, Some(plan)))
 }
 
-/// Whether the template shows `tools` to the model: a one-message
+/// Whether the template shows tools to the model: a one-message
 /// conversation renders differently with them (the request's own messages
-/// may hold calls that only a tool-aware template can render).
+/// may hold calls that only a tool-aware template can render). Probed with
+/// the request's tools, or one made up when it lists none.
 fn shows_tools(info: &ModelInfo, chat: &ChatRequest) -> Result<bool, ApiError> {
+    let probe_tools = chat.tools.clone().filter(|t| t.as_array().is_some_and(|a| !a.is_empty())).unwrap_or_else(|| {
+        serde_json::json!([{"type": "function", "function": {"name": "probe", "description": "A probe.",
+            "parameters": {"type": "object", "properties": {}}}}])
+    });
     let probe = ChatRequest {
         messages: vec![serde_json::json!({"role": "user", "content": "Hello"})],
+        tools: Some(probe_tools),
+        documents: chat.documents.clone(),
         add_generation_prompt: true,
         continue_final_message: false,
-        ..chat.clone()
+        kwargs: chat.kwargs.clone(),
     };
     let without = ChatRequest { tools: None, ..probe.clone() };
     Ok(render_chat(info, &probe)? != render_chat(info, &without)?)

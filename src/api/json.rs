@@ -10,6 +10,7 @@ use axum::http::{header, StatusCode};
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
+use super::types::HasSampling;
 
 /// Bodies larger than this are parsed on the blocking pool.
 const PARSE_INLINE_BYTES: usize = 64 * 1024;
@@ -99,14 +100,6 @@ fn path_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
 /// A request body with the shared sampling fields: parsed twice from the same
 /// bytes (serde's `flatten` would lose the path of a mistyped field).
 pub struct WithSampling<T>(pub T);
-
-/// The fields both generation endpoints share.
-pub trait HasSampling {
-    fn sampling_mut(&mut self) -> &mut super::types::SamplingFields;
-    /// `model` and the requested named template.
-    fn target_names(&self) -> (&str, Option<&str>);
-    fn max_tokens_mut(&mut self) -> &mut Option<i64>;
-}
 
 impl<S, T> FromRequest<S> for WithSampling<T>
 where

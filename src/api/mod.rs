@@ -7,6 +7,7 @@ pub mod adapters;
 pub mod auth;
 pub mod chat;
 pub mod completions;
+pub mod cpu;
 pub mod dialect;
 pub mod error;
 pub mod files;
@@ -30,7 +31,7 @@ pub mod tokenize;
 pub mod tools;
 pub mod types;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +39,6 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderName, Method};
 use axum::middleware::from_fn_with_state;
 use axum::Router;
-use tokio::sync::Semaphore;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
@@ -70,7 +70,7 @@ pub struct AppState {
     pub lifecycle: lifecycle::Lifecycle,
     /// Bounds the CPU-heavy request work (rendering, tokenizing, parsing)
     /// running off the async workers at once.
-    pub cpu: Arc<Semaphore>,
+    pub cpu: cpu::CpuWork,
     /// A streaming client that stops reading this long is cancelled.
     pub stream_write_timeout: Duration,
     /// Whether each API key's prompts share cached prefixes only with its own.
@@ -105,38 +105,21 @@ impl AppState {
         }
     }
 
-    /// Runs CPU-heavy request work (rendering, tokenizing, large JSON) on
-    /// the blocking pool, a bounded number at a time, so the async workers
-    /// keep answering (`/health` among them). A panic in it is a 500.
+    /// Runs CPU-heavy request work on the blocking pool (`cpu::CpuWork`).
     pub async fn blocking<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
-        self.blocking_cancellable(|_| work()).await
+        self.cpu.run(|_| work()).await
     }
 
     /// `blocking` for work that can stop early: its flag is set once the
-    /// client goes (the handler's future is dropped). The work keeps its
-    /// place in the bound until it returns, so clients that leave cannot
-    /// start more work than the bound allows.
+    /// client goes.
     pub async fn blocking_cancellable<T: Send + 'static>(
         &self,
         work: impl FnOnce(&AtomicBool) -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
-        let permit =
-            self.cpu.clone().acquire_owned().await.map_err(|_| ApiError::unavailable("the server is shutting down"))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let _gone = SetOnDrop(stop.clone());
-        let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            span.in_scope(|| work(&stop))
-        })
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "request work panicked");
-            ApiError::internal("internal error while preparing the request")
-        })?
+        self.cpu.run(work).await
     }
 
     /// The loaded model, or 503 while it loads.
@@ -233,15 +216,6 @@ impl AppState {
             template,
             defaults,
         })
-    }
-}
-
-/// Sets its flag when dropped (a handler's future going with its client).
-struct SetOnDrop(Arc<AtomicBool>);
-
-impl Drop for SetOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
     }
 }
 

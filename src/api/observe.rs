@@ -86,15 +86,7 @@ impl Facts {
     }
 }
 
-/// How far prompt prefixes are shared (`--prefix-cache-isolation`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum CacheIsolation {
-    /// Every request without a `cache_salt` shares one cache.
-    #[default]
-    None,
-    /// Each API key's requests share only with themselves.
-    Key,
-}
+pub use crate::config::CacheIsolation;
 
 /// A nonzero 64-bit digest of `parts` (length-prefixed, so they cannot run together).
 fn partition_hash(parts: &[&[u8]]) -> u64 {

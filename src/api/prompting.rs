@@ -6,9 +6,9 @@
 use serde_json::{Map, Value as Json};
 
 use super::error::ApiError;
-use super::json::HasSampling;
 use super::observe::Facts;
 use super::params::{validate_sampling, Validated};
+use super::types::HasSampling;
 use super::types::{Prompt, StringOrList};
 use super::{AppState, Target};
 use crate::loader::ModelInfo;

@@ -302,7 +302,15 @@ pub struct DetokenizeResponse {
     pub prompt: String,
 }
 
-impl crate::api::json::HasSampling for CompletionRequest {
+/// The fields both generation endpoints share.
+pub trait HasSampling {
+    fn sampling_mut(&mut self) -> &mut SamplingFields;
+    /// `model` and the requested named template.
+    fn target_names(&self) -> (&str, Option<&str>);
+    fn max_tokens_mut(&mut self) -> &mut Option<i64>;
+}
+
+impl HasSampling for CompletionRequest {
     fn sampling_mut(&mut self) -> &mut SamplingFields {
         &mut self.sampling
     }
@@ -316,7 +324,7 @@ impl crate::api::json::HasSampling for CompletionRequest {
     }
 }
 
-impl crate::api::json::HasSampling for ChatCompletionRequest {
+impl HasSampling for ChatCompletionRequest {
     fn sampling_mut(&mut self) -> &mut SamplingFields {
         &mut self.sampling
     }

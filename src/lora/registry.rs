@@ -122,7 +122,7 @@ impl AdapterRegistry {
         let files = self.files(&path, trusted);
         let defaults = match files.read_text("tailor.toml")? {
             Some(text) => {
-                crate::prompt::presets::adapter_defaults(&text).map_err(|e| LoraError::Config(e.to_string()))?
+                crate::prompt::defaults::adapter_defaults(&text).map_err(|e| LoraError::Config(e.to_string()))?
             }
             None => Defaults::default(),
         };
@@ -305,12 +305,7 @@ impl AdapterRegistry {
 /// Adapter names are model ids: a safe, path-free character set (`:` for
 /// fine-tuned ids, `ft:<base>:<suffix>:<job>`).
 pub fn validate_name(name: &str) -> Result<(), LoraError> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && !name.starts_with(['.', '-', ':'])
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'))
-        && !name.contains("..");
-    if ok {
+    if crate::ids::is_model_name(name) {
         Ok(())
     } else {
         Err(LoraError::BadName(name.to_string()))

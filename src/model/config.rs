@@ -125,6 +125,17 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// Weights of the dense model: embedding, head (unless tied), every
+    /// layer's projections and norms, the final norm.
+    pub fn parameter_count(&self) -> u64 {
+        let (h, ff, layers) = (self.hidden_size as u64, self.intermediate_size as u64, self.num_layers as u64);
+        let (qw, kw) = ((self.num_heads * self.head_dim) as u64, (self.num_kv_heads * self.head_dim) as u64);
+        let vocab = self.vocab_size as u64;
+        let per_layer = h * (qw + 2 * kw) + qw * h + 3 * h * ff + 2 * h;
+        let head = if self.tie_word_embeddings { 0 } else { vocab * h };
+        vocab * h + head + layers * per_layer + h
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.num_heads == 0 || self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(ModelError::Invalid(format!(

@@ -15,12 +15,23 @@ use super::Result;
 pub enum Weight {
     /// Kept in its GGUF block format; activations are quantized on the fly.
     Quantized(QMatMul),
-    /// Dense float32.
-    Dense(Tensor),
+    /// Dense float32, on our batch-invariant float32 kernel.
+    Dense(std::sync::Arc<kernels::dense::DenseMatrix>),
     /// GGUF blocks run by our own kernels (`kernels::from_gguf`).
     Kernel(std::sync::Arc<dyn QuantMatrix>),
     /// F16 / BF16 kept in 16 bits, float32 activations.
     Half(std::sync::Arc<kernels::half::HalfMatrix>),
+}
+
+impl Weight {
+    /// A float32 weight from a `[out, in]` tensor of any float type.
+    pub fn dense(w: &Tensor) -> Result<Weight> {
+        let (rows, cols) = w.dims2()?;
+        let values = w.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let matrix = kernels::dense::DenseMatrix::new(values, rows, cols)
+            .ok_or_else(|| super::ModelError::Invalid("dense weight of the wrong size".into()))?;
+        Ok(Weight::Dense(std::sync::Arc::new(matrix)))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -57,9 +68,8 @@ impl Linear {
     pub fn weight_bytes(&self) -> usize {
         match &self.weight {
             Weight::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
-            Weight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) | Weight::Dense(t) => {
-                t.elem_count() * t.dtype().size_in_bytes()
-            }
+            Weight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.elem_count() * t.dtype().size_in_bytes(),
+            Weight::Dense(w) => w.bytes(),
             Weight::Kernel(w) => w.bytes(),
             Weight::Half(w) => w.bytes(),
         }
@@ -75,9 +85,8 @@ impl Linear {
         let cpu = &candle_core::Device::Cpu;
         let shape = (self.out_features, self.in_features);
         let dense = match &self.weight {
-            Weight::Dense(t) | Weight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
-                t.to_dtype(candle_core::DType::F32)?
-            }
+            Weight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.to_dtype(candle_core::DType::F32)?,
+            Weight::Dense(w) => Tensor::from_vec(w.values().to_vec(), shape, cpu)?,
             Weight::Quantized(QMatMul::QTensor(q)) => q.dequantize(cpu)?,
             Weight::Kernel(w) => Tensor::from_vec(w.dequantize(), shape, cpu)?,
             Weight::Half(w) => Tensor::from_vec(w.dequantize(), shape, cpu)?,
@@ -96,7 +105,7 @@ impl Linear {
         let x = &input.x;
         let y = match &self.weight {
             Weight::Quantized(w) => w.forward(x)?.flatten_all()?.to_vec1::<f32>()?,
-            Weight::Dense(w) => x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?,
+            Weight::Dense(w) => super::ops::with_f32(x, |x| w.matmul(x, kernels::isa()))?,
             Weight::Kernel(w) => kernels::matmul(w.as_ref(), &input.activations(&[w.as_ref()])?, kernels::isa()),
             Weight::Half(w) => super::ops::with_f32(x, |x| w.matmul(x, kernels::isa()))?,
         };

@@ -409,7 +409,7 @@ fn tied_head(embed: &QMatMul, cfg: &ModelConfig) -> Result<Linear> {
             Weight::Kernel(matrix)
         }
         QMatMul::QTensor(q) => Weight::Quantized(QMatMul::QTensor(q.clone())),
-        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Weight::Dense(t.to_dtype(DType::F32)?),
+        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Weight::dense(t)?,
     };
     Ok(Linear::new(weight, None, cfg.vocab_size, cfg.hidden_size))
 }

@@ -107,7 +107,7 @@ impl WeightSource for RandomSource {
             None
         };
         if self.dequantized {
-            return Ok(Linear::new(Weight::Dense(q.dequantize(&Device::Cpu)?), bias, out_features, in_features));
+            return Ok(Linear::new(Weight::dense(&q.dequantize(&Device::Cpu)?)?, bias, out_features, in_features));
         }
         let matrix = super::kernels::from_gguf(self.dtype, &q.data()?, out_features, in_features)
             .ok_or_else(|| super::ModelError::Invalid(format!("random {:?}", self.dtype)))?;
@@ -140,7 +140,7 @@ impl WeightSource for RandomSource {
         let mut split = Vec::with_capacity(parts.len());
         for &rows in parts {
             let part = weight.narrow(0, start, rows)?.contiguous()?;
-            split.push(Linear::new(Weight::Dense(part), None, rows, fused.in_features()));
+            split.push(Linear::new(Weight::dense(&part)?, None, rows, fused.in_features()));
             start += rows;
         }
         Ok(split)

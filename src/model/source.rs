@@ -37,7 +37,7 @@ pub fn dense_weight(w: &Tensor, stored: Option<HalfKind>, mode: WeightMode) -> R
         WeightMode::Quantized => stored,
     };
     let Some(kind) = kind else {
-        return Ok(Weight::Dense(w.to_dtype(candle_core::DType::F32)?));
+        return Weight::dense(w);
     };
     Ok(Weight::Half(std::sync::Arc::new(half_matrix(w, kind)?)))
 }
@@ -126,7 +126,7 @@ pub fn quantize_dense(w: &Tensor, to: QuantType) -> Result<Weight> {
     if !cols.is_multiple_of(to.block()) {
         return match to.fallback() {
             Some(narrower) => quantize_dense(w, narrower),
-            None => Ok(Weight::Dense(w.clone())),
+            None => Weight::dense(w),
         };
     }
     let q = QTensor::quantize(&w.to_dtype(candle_core::DType::F32)?, to.ggml())?;

@@ -66,6 +66,19 @@ impl Defaults {
     }
 }
 
+/// Adapter defaults: an optional `tailor.toml` beside `adapter_config.json`,
+/// with the same fields as a preset (no `adapter`).
+pub fn adapter_defaults(text: &str) -> Result<Defaults, super::PromptError> {
+    // toml's messages quote the offending line: say where, not what.
+    toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+        super::PromptError::Invalid(match line {
+            Some(line) => format!("tailor.toml is invalid at line {line}"),
+            None => "tailor.toml is invalid".to_string(),
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,11 +4,10 @@
 //! `tojson` that is `json.dumps(ensure_ascii=False)`.
 
 use std::fmt;
-use std::sync::Arc;
 
 use chrono::NaiveDateTime;
 use minijinja::syntax::SyntaxConfig;
-use minijinja::value::{Kwargs, Object, ObjectRepr, Rest, Value, ValueKind, ValueOrKwargs};
+use minijinja::value::{Kwargs, Rest, Value, ValueKind, ValueOrKwargs};
 use minijinja::{Environment, Error, ErrorKind, State};
 
 use super::pyjson::{self, DumpOptions};
@@ -118,6 +117,7 @@ pub fn environment(clock: Clock) -> Environment<'static> {
     env.add_filter("rejectattr", rejectattr_generator);
     env.add_filter("escape", markupsafe_escape);
     env.add_filter("e", markupsafe_escape);
+    env.add_filter("indent", indent);
     env.add_test("none", |v: &Value| v.is_none() || is_py_none(v));
     env.add_function("raise_exception", raise_exception);
     env.add_function("strftime_now", move |format: String| -> Result<String, Error> {
@@ -130,33 +130,7 @@ pub fn environment(clock: Clock) -> Environment<'static> {
     env
 }
 
-/// Python's `None` where transformers passes it as a variable (`tools`,
-/// `documents` when absent): defined, falsy, prints `None`, is `none`, and —
-/// unlike minijinja's none — is not iterable (`for t in tools` fails).
-#[derive(Debug)]
-struct PyNone;
-
-impl Object for PyNone {
-    fn repr(self: &Arc<Self>) -> ObjectRepr {
-        ObjectRepr::Plain
-    }
-
-    fn is_true(self: &Arc<Self>) -> bool {
-        false
-    }
-
-    fn render(self: &Arc<Self>, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("None")
-    }
-}
-
-pub fn py_none() -> Value {
-    Value::from_object(PyNone)
-}
-
-pub fn is_py_none(v: &Value) -> bool {
-    v.downcast_object_ref::<PyNone>().is_some()
-}
+pub use super::pyjson::{is_py_none, py_none};
 
 /// Jinja2's `map`, `select`, `reject`, `selectattr` and `rejectattr` are
 /// generators: iterable once, not JSON-serializable, and empty for a falsy
@@ -217,6 +191,82 @@ fn rejectattr_generator(
 }
 
 /// markupsafe's `escape`: `str(value)` with `& < > " '` as `&amp; &lt; &gt; &#34; &#39;`.
+/// Jinja2's `indent(width=4, first=False, blank=False)`: the lines after
+/// the first indented by `width` spaces (or that string), the first too with
+/// `first`, blank lines too with `blank`. As in Jinja2, a trailing newline
+/// stays (minijinja's own filter drops it) and lines split where Python's
+/// `splitlines` splits.
+fn indent(
+    value: String,
+    width: Option<Value>,
+    first: Option<bool>,
+    blank: Option<bool>,
+    kwargs: Kwargs,
+) -> Result<String, Error> {
+    let width = match width {
+        Some(w) => Some(w),
+        None => kwargs.get::<Option<Value>>("width")?,
+    };
+    let first = first.map_or_else(|| kwargs.get::<Option<bool>>("first"), |f| Ok(Some(f)))?.unwrap_or(false);
+    let blank = blank.map_or_else(|| kwargs.get::<Option<bool>>("blank"), |b| Ok(Some(b)))?.unwrap_or(false);
+    kwargs.assert_all_used()?;
+    let indention = match &width {
+        None => "    ".to_string(),
+        Some(w) if w.kind() == ValueKind::String => w.as_str().unwrap_or_default().to_string(),
+        Some(w) => " ".repeat(
+            i64::try_from(w.clone())
+                .map_err(|_| Error::new(ErrorKind::InvalidOperation, "indent: width must be a number or a string"))?
+                .max(0) as usize,
+        ),
+    };
+    // Jinja2 appends a newline before splitting, which keeps a trailing one.
+    let text = value + "\n";
+    let lines = python_splitlines(&text);
+    let mut out = String::with_capacity(text.len() + lines.len() * indention.len());
+    for (i, line) in lines.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+            if blank || !line.is_empty() {
+                out.push_str(&indention);
+            }
+        }
+        out.push_str(line);
+    }
+    if first {
+        out.insert_str(0, &indention);
+    }
+    Ok(out)
+}
+
+/// Python's `str.splitlines()`: lines without their ends, split at every
+/// line boundary Python knows.
+fn python_splitlines(text: &str) -> Vec<&str> {
+    let mut lines = Vec::new();
+    let mut start = 0;
+    let mut chars = text.char_indices().peekable();
+    while let Some((at, c)) = chars.next() {
+        let end = match c {
+            '\r' => match chars.peek() {
+                Some(&(_, '\n')) => {
+                    chars.next();
+                    at + 2
+                }
+                _ => at + 1,
+            },
+            '\n' | '\u{0b}' | '\u{0c}' | '\u{1c}' | '\u{1d}' | '\u{1e}' | '\u{85}' | '\u{2028}' | '\u{2029}' => {
+                at + c.len_utf8()
+            }
+            _ => continue,
+        };
+        lines.push(&text[start..at]);
+        start = end;
+    }
+    if start < text.len() {
+        lines.push(&text[start..]);
+    }
+    lines
+}
+
 fn markupsafe_escape(value: &Value) -> Value {
     if value.is_safe() {
         return value.clone();
@@ -373,6 +423,23 @@ mod tests {
         assert_eq!(render("{{ '  hi  '.strip() }}|{{ 'a b'.split() }}", ctx.clone())?, "hi|['a', 'b']");
         assert_eq!(render("{{ x | tojson }}", ctx.clone())?, r#"{"a": [true, null, 1.5]}"#);
         assert_eq!(render("{{ x | tojson(separators=(',', ':')) }}", ctx)?, r#"{"a":[true,null,1.5]}"#);
+        Ok(())
+    }
+
+    #[test]
+    fn indent_is_jinja2s_trailing_newline_included() -> Result<(), Error> {
+        // Expected outputs rendered by Jinja2 3.1.6.
+        for (src, want) in [
+            ("{{ 'a\\nb\\n' | indent }}", "a\n    b\n"),
+            ("{{ 'a\\n\\nb' | indent(2) }}", "a\n\n  b"),
+            ("{{ 'a\\n\\nb' | indent(2, blank=true) }}", "a\n  \n  b"),
+            ("{{ 'a\\nb' | indent(width='> ', first=true) }}", "> a\n> b"),
+            ("{{ 'a\\r\\nb\\x0bc' | indent(1) }}", "a\n b\n c"),
+            ("{{ '' | indent }}", ""),
+            ("{{ 'one' | indent(4, true) }}", "    one"),
+        ] {
+            assert_eq!(render(src, Value::UNDEFINED)?, want, "{src}");
+        }
         Ok(())
     }
 

@@ -9,6 +9,7 @@ pub mod presets;
 pub mod pyjson;
 pub mod stamps;
 pub mod templates;
+pub mod tool_format;
 
 pub use chat::{ChatRequest, ChatTemplate};
 

@@ -37,8 +37,9 @@ pub fn parse(text: &str, origin: &str) -> Result<Vec<Preset>, PromptError> {
             let toml::Value::Table(mut fields) = value else {
                 return Err(PromptError::Invalid(format!("{origin}: `{name}` must be a table ([{name}])")));
             };
-            crate::lora::registry::validate_name(&name)
-                .map_err(|_| PromptError::Invalid(format!("{origin}: `{name}` is not a valid model id")))?;
+            if !crate::ids::is_model_name(&name) {
+                return Err(PromptError::Invalid(format!("{origin}: `{name}` is not a valid model id")));
+            }
             let adapter = match fields.remove("adapter") {
                 None => None,
                 Some(toml::Value::String(s)) => Some(s),
@@ -54,19 +55,6 @@ pub fn parse(text: &str, origin: &str) -> Result<Vec<Preset>, PromptError> {
             Ok(Preset { name, adapter, defaults })
         })
         .collect()
-}
-
-/// Adapter defaults: an optional `tailor.toml` beside `adapter_config.json`,
-/// with the same fields as a preset (no `adapter`).
-pub fn adapter_defaults(text: &str) -> Result<Defaults, PromptError> {
-    // toml's messages quote the offending line: say where, not what.
-    toml::from_str(text).map_err(|e| {
-        let line = e.span().map(|span| text[..span.start.min(text.len())].lines().count().max(1));
-        PromptError::Invalid(match line {
-            Some(line) => format!("tailor.toml is invalid at line {line}"),
-            None => "tailor.toml is invalid".to_string(),
-        })
-    })
 }
 
 type PresetsByFile = BTreeMap<PathBuf, Vec<Preset>>;

@@ -1,7 +1,38 @@
 //! Python's `json.dumps` and `repr` for template values: chat templates run on
 //! Python objects in transformers, and their output leaks Python formatting.
 
-use minijinja::value::{Value, ValueKind};
+use std::fmt;
+use std::sync::Arc;
+
+use minijinja::value::{Object, ObjectRepr, Value, ValueKind};
+
+/// Python's `None` where transformers passes it as a variable (`tools`,
+/// `documents` when absent): defined, falsy, prints `None`, is `none`, and —
+/// unlike minijinja's none — is not iterable (`for t in tools` fails).
+#[derive(Debug)]
+struct PyNone;
+
+impl Object for PyNone {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Plain
+    }
+
+    fn is_true(self: &Arc<Self>) -> bool {
+        false
+    }
+
+    fn render(self: &Arc<Self>, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("None")
+    }
+}
+
+pub fn py_none() -> Value {
+    Value::from_object(PyNone)
+}
+
+pub fn is_py_none(v: &Value) -> bool {
+    v.downcast_object_ref::<PyNone>().is_some()
+}
 
 /// `json.dumps` options exposed to templates through `tojson(...)`.
 #[derive(Debug, Clone)]
@@ -40,7 +71,7 @@ fn write_json(value: &Value, opts: &DumpOptions, depth: usize, out: &mut String)
         ValueKind::Number => out.push_str(&number_repr(value)),
         ValueKind::String => write_json_string(value.as_str().unwrap_or_default(), opts.ensure_ascii, out),
         ValueKind::Iterable => return Err("Object of type generator is not JSON serializable".into()),
-        ValueKind::Plain if super::jinja::is_py_none(value) => out.push_str("null"),
+        ValueKind::Plain if is_py_none(value) => out.push_str("null"),
         ValueKind::Seq => {
             let items: Vec<Value> = value.try_iter().map_err(|e| e.to_string())?.collect();
             write_container(out, opts, depth, '[', ']', items.len(), |i, out| {
@@ -187,7 +218,7 @@ pub fn repr(value: &Value) -> String {
 }
 
 fn write_repr(value: &Value, out: &mut String) {
-    if super::jinja::is_py_none(value) {
+    if is_py_none(value) {
         out.push_str("None");
         return;
     }

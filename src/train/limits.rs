@@ -91,9 +91,7 @@ pub fn memory_estimate(c: &ModelConfig, run: RunShape) -> u64 {
     let (h, ff, layers) = (c.hidden_size as u64, c.intermediate_size as u64, c.num_layers as u64);
     let (qw, kw) = ((c.num_heads * c.head_dim) as u64, (c.num_kv_heads * c.head_dim) as u64);
     let vocab = c.vocab_size as u64;
-    let per_layer_weights = h * (qw + 2 * kw) + qw * h + 3 * h * ff + 2 * h;
-    let head = if c.tie_word_embeddings { 0 } else { vocab * h };
-    let base = vocab * h + head + layers * per_layer_weights + h;
+    let base = c.parameter_count();
     let tokens = (run.batch_size * run.max_seq_len) as u64;
     let per_token = 4 * h + 2 * qw + 2 * kw + 3 * ff + c.num_heads as u64 + (run.rank * run.targets) as u64;
     let tapes = tokens * (layers + 3) * per_token;

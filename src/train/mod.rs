@@ -9,9 +9,11 @@
 //! - `optim`: AdamW and the learning-rate schedule;
 //! - `limits`: the ranges of a run's settings and the memory it needs;
 //! - `peft`: the adapter folder PEFT, vLLM and tailor load;
+//! - `args`: what a run is asked, what it reports, how it fails;
 //! - `run` and `report`: the `tailor train` loop and what it leaves beside
 //!   the adapter (training log, loss curve, model card).
 
+pub mod args;
 pub mod backward;
 pub mod data;
 pub mod forward;

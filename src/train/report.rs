@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde_json::Value as Json;
 
-use super::run::{Summary, TrainArgs, TrainError};
+use super::args::{Summary, TrainArgs, TrainError};
 use crate::loader::Loaded;
 use crate::lora::{adapter, BaseShapes};
 use crate::model::llama::{BatchRow, Logits};
@@ -131,7 +131,7 @@ pub fn write(args: &TrainArgs, summary: &Summary, data_sha256: &str) -> Result<(
         args.model
             .as_ref()
             .map(|p| p.display().to_string())
-            .unwrap_or_else(|| crate::config::default_model_path().display().to_string())
+            .unwrap_or_else(|| crate::loader::default_model_path().display().to_string())
     );
     let _ = writeln!(
         card,

@@ -347,6 +347,22 @@ async fn models_health_tokenize_detokenize() -> TestResult {
     Ok(())
 }
 
+/// The README's first request, on the default configuration: a small model
+/// is served in float32, where it knows the answer (quantized, it does not).
+#[tokio::test]
+async fn the_readme_first_request_gets_the_right_answer() -> TestResult {
+    let body = json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 32, "temperature": 0});
+    let addr = start_server(&["--dtype", "auto"]);
+    let (status, reply) = post_to(&format!("http://{addr}/v1/chat/completions"), body.clone()).await?;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["choices"][0]["message"]["content"], "The capital of France is Paris.", "{reply}");
+    // The quantized path, one flag away, is the one that misses it.
+    let (_, quantized) = post("/v1/chat/completions", body).await?;
+    assert_ne!(quantized["choices"][0]["message"]["content"], reply["choices"][0]["message"]["content"]);
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_context_is_capped_by_max_model_len_and_the_kv_budget() -> TestResult {
     let client = reqwest::Client::new();

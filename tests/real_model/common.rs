@@ -13,7 +13,7 @@ pub type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 /// The SmolLM2 GGUF: `$TAILOR_MODEL`, else the default cache location.
 pub fn model_path() -> PathBuf {
-    let path = std::env::var_os("TAILOR_MODEL").map(PathBuf::from).unwrap_or_else(tailor::config::default_model_path);
+    let path = std::env::var_os("TAILOR_MODEL").map(PathBuf::from).unwrap_or_else(tailor::loader::default_model_path);
     assert!(
         path.is_file(),
         "the real-model tests need SmolLM2-135M-Instruct.Q4_1.gguf at {} — run scripts/fetch-model.sh",
@@ -99,6 +99,12 @@ fn spawn_server(
     let mut argv =
         vec!["tailor".to_string(), "--port".into(), "0".into(), "--model".into(), model.display().to_string()];
     argv.extend(extra_args.iter().map(|s| s.to_string()));
+    if !extra_args.contains(&"--dtype") {
+        // The default (`auto`) widens SmolLM2 to float32, ~0.9 GB a server;
+        // dozens of test servers live as long as the binary, so they keep
+        // the quantized weights (~0.4 GB) unless a test asks otherwise.
+        argv.extend(["--dtype".to_string(), "quantized".to_string()]);
+    }
     if !extra_args.contains(&"--prefix-cache-tokens") {
         // Test servers live as long as the test binary (dozens at once): a
         // smaller prefix cache than the default 8192 tokens (~380 MB of KV

@@ -218,6 +218,29 @@ async fn calls_and_results_render_back_into_the_prompt() -> TestResult {
 }
 
 #[tokio::test]
+async fn a_tool_round_trip_with_tool_choice_none_works_on_a_template_that_ignores_tools() -> TestResult {
+    // The history as the openai SDK sends it after a forced call: the
+    // assistant's `content: null` with `tool_calls`, then the `tool` result.
+    for choice in [json!("none"), Value::Null] {
+        let mut body = json!({"model": MODEL_ID, "messages": conversation_with_a_result(), "max_tokens": 24,
+            "temperature": 0, "tool_choice": choice});
+        if choice.is_null() {
+            body.as_object_mut().ok_or("object")?.remove("tool_choice");
+        } else {
+            body["tools"] = tools();
+        }
+        let (s, reply) = post_at(server(), "/v1/chat/completions", body.clone()).await?;
+        assert_eq!(s, 200, "{body}: {reply}");
+        assert!(reply["choices"][0]["message"]["tool_calls"].is_null(), "no call with tool_choice none: {reply}");
+        assert!(reply["choices"][0]["message"]["content"].is_string(), "{reply}");
+        let text = prompt_text(server(), body).await?;
+        assert!(text.contains(r#"{"tool_call":{"name":"get_time","arguments":{"tz":"UTC"}}}"#), "{text}");
+        assert!(!text.contains("You can call these functions"), "no call can be made: {text}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn auto_on_a_template_that_ignores_tools_answers_or_calls_in_json() -> TestResult {
     for (question, seed) in [("What is the weather in Paris?", 0), ("Say hello.", 1), ("What time is it in Tokyo?", 2)]
     {

@@ -19,6 +19,13 @@ pub fn arguments_as_objects(message: &mut Map<String, Json>) {
     }
 }
 
+/// Whether a conversation holds calls or their results.
+pub fn has_tool_turns(messages: &[Json]) -> bool {
+    messages.iter().any(|m| {
+        m["role"] == "tool" || m.get("tool_calls").is_some_and(|c| c.as_array().is_some_and(|a| !a.is_empty()))
+    })
+}
+
 /// For a template that ignores tools: an assistant's calls become its text
 /// in the generic format, and a tool's result a user message holding
 /// `{"tool_response": …}`, so the model reads them as plain turns.

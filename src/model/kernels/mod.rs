@@ -10,6 +10,7 @@ use std::sync::Arc;
 use candle_core::quantized::GgmlDType;
 
 pub mod bench;
+pub mod dense;
 pub mod half;
 pub mod offset;
 pub mod q4k_tiles;
