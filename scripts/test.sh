@@ -10,11 +10,12 @@ TAILOR_VOCABS="$(scripts/fetch-vocabs.sh)"
 export TAILOR_VOCABS
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 # The official OpenAI and Anthropic clients, Prometheus' own text-format
-# parser, and the reference JSON Schema validator.
+# parser, the reference JSON Schema validator, and schemathesis (which drives
+# the API from its OpenAPI document).
 # Always asked for with their pins: pip leaves versions that satisfy them alone
 # and replaces others (a newer major version already installed changes the SDKs' API).
 "$PYTHON" -m pip install --quiet --disable-pip-version-check "openai>=1.50,<3" "anthropic>=0.40,<1" \
-  "prometheus_client>=0.20,<1" "jsonschema>=4,<5" "selenium>=4.20,<5"
+  "prometheus_client>=0.20,<1" "jsonschema>=4,<5" "selenium>=4.20,<5" "schemathesis>=4.32,<5"
 # Headless Chromium and its WebDriver from Debian's packages (selenium drives
 # them) for the playground's browser test.
 if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
@@ -24,6 +25,13 @@ if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
 fi
 export TAILOR_TEST_PYTHON="$PYTHON"
 cargo test --locked --all-targets "$@"
+
+# Coverage-guided fuzzing of what the server parses (GGUF files, PEFT
+# adapters, the tokenizer, templates) from the kept corpus, bounded in time
+# (TAILOR_FUZZ_SECONDS per target, default 60; 0 leaves it out).
+if [ "${TAILOR_FUZZ_SECONDS:-60}" != 0 ]; then
+  fuzz/run.sh "${TAILOR_FUZZ_SECONDS:-60}"
+fi
 
 # The container, built and run for real, around the binary the tests just
 # built (needs Docker Engine with Compose; TAILOR_SKIP_CONTAINER=1 leaves it out).

@@ -2,25 +2,25 @@
 //! `POST /v1/unload_lora_adapter`, enabled by `--enable-lora-loading`.
 
 use axum::extract::State;
-use axum::routing::post;
-use axum::Router;
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorEnvelope};
 use super::json::AppJson;
 use super::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/load_lora_adapter", post(load)).route("/v1/unload_lora_adapter", post(unload))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(load)).routes(routes!(unload))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct LoadRequest {
     lora_name: String,
     lora_path: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct UnloadRequest {
     lora_name: String,
 }
@@ -33,6 +33,9 @@ fn check_enabled(state: &AppState) -> Result<(), ApiError> {
     }
 }
 
+/// Registers an adapter folder under a name (vLLM's route; `--enable-lora-loading`, admin key).
+#[utoipa::path(post, path = "/v1/load_lora_adapter", tag = "adapters", request_body = LoadRequest,
+    responses((status = 200, description = "Loaded", content_type = "text/plain", body = String), (status = 400, description = "Invalid request", body = ErrorEnvelope), (status = 401, description = "Missing or wrong API key", body = ErrorEnvelope), (status = 403, description = "Needs the admin key", body = ErrorEnvelope), (status = 404, description = "Not found, or runtime loading disabled", body = ErrorEnvelope), (status = 503, description = "Loading or draining", body = ErrorEnvelope)))]
 async fn load(State(state): State<AppState>, AppJson(req): AppJson<LoadRequest>) -> Result<String, ApiError> {
     check_enabled(&state)?;
     let info = state.model()?;
@@ -48,6 +51,9 @@ async fn load(State(state): State<AppState>, AppJson(req): AppJson<LoadRequest>)
     Ok(format!("Success: LoRA adapter '{name}' added successfully."))
 }
 
+/// Forgets an adapter (vLLM's route; `--enable-lora-loading`, admin key).
+#[utoipa::path(post, path = "/v1/unload_lora_adapter", tag = "adapters", request_body = UnloadRequest,
+    responses((status = 200, description = "Unloaded", content_type = "text/plain", body = String), (status = 400, description = "Invalid request", body = ErrorEnvelope), (status = 401, description = "Missing or wrong API key", body = ErrorEnvelope), (status = 403, description = "Needs the admin key", body = ErrorEnvelope), (status = 404, description = "Not found, or runtime loading disabled", body = ErrorEnvelope), (status = 503, description = "Loading or draining", body = ErrorEnvelope)))]
 async fn unload(State(state): State<AppState>, AppJson(req): AppJson<UnloadRequest>) -> Result<String, ApiError> {
     check_enabled(&state)?;
     state.model()?.adapters.unregister(&req.lora_name)?;

@@ -28,7 +28,7 @@ fn is_admin_route(method: &Method, path: &str) -> bool {
 }
 
 fn is_open_route(path: &str) -> bool {
-    matches!(path, "/health" | "/metrics") || super::playground::PATHS.contains(&path)
+    matches!(path, "/health" | "/metrics" | "/openapi.json") || super::playground::PATHS.contains(&path)
 }
 
 fn matches_any(given: &str, keys: &[String]) -> bool {

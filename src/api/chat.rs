@@ -5,17 +5,20 @@ use std::sync::Arc;
 
 use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{extract::State, Extension, Json, Router};
+use axum::{extract::State, Extension, Json};
 use serde_json::Value as Json_;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorEnvelope};
 use super::generate::{self, Piece, Submitted, Wire};
 use super::json::WithSampling;
 use super::logprobs;
 use super::observe::Facts;
 use super::params::{self, Validated};
 use super::tools::{self, ToolFormat};
+use super::types::ChatCompletionBody;
+use super::types::StreamEvent;
 use super::types::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
     ChunkHeader, Delta,
@@ -26,10 +29,15 @@ use crate::ids::{response_id, unix_now};
 use crate::loader::ModelInfo;
 use crate::prompt::ChatRequest;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/chat/completions", post(chat_completions))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(chat_completions))
 }
 
+/// A reply to a conversation (with tools, structured output, an adapter, a
+/// template or a preset as `model` names).
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "generation", request_body = ChatCompletionBody,
+    responses((status = 200, description = "The reply, or with `stream` its chunks as server-sent events",
+        content((ChatCompletionResponse = "application/json"), (StreamEvent = "text/event-stream"))), (status = 400, description = "Invalid request", body = ErrorEnvelope), (status = 401, description = "Missing or wrong API key", body = ErrorEnvelope), (status = 404, description = "Unknown model", body = ErrorEnvelope), (status = 429, description = "Too many requests waiting", body = ErrorEnvelope), (status = 503, description = "Loading or draining", body = ErrorEnvelope)))]
 async fn chat_completions(
     State(state): State<AppState>,
     Extension(facts): Extension<Facts>,

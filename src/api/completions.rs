@@ -1,27 +1,34 @@
 //! `POST /v1/completions`: raw prompts (text or token ids) in, text out.
 
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{extract::State, Extension, Json, Router};
+use axum::{extract::State, Extension, Json};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorEnvelope};
 use super::generate::{self, Ending, Piece};
 use super::json::WithSampling;
 use super::logprobs;
 use super::observe::Facts;
 use super::params;
+use super::types::CompletionBody;
+use super::types::StreamEvent;
 use super::types::{ChunkHeader, CompletionChoice, CompletionRequest, CompletionResponse, Prompt};
 use super::{prompting, AppState};
 use crate::engine::TokenLogprob;
 use crate::ids::{response_id, unix_now};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// OpenAI's default for `/v1/completions`.
 const DEFAULT_MAX_TOKENS: i64 = 16;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/completions", post(completions))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(completions))
 }
 
+/// A completion of a prompt (text, texts or token ids), or of a named template.
+#[utoipa::path(post, path = "/v1/completions", tag = "generation", request_body = CompletionBody,
+    responses((status = 200, description = "The completion, or with `stream` its chunks as server-sent events",
+        content((CompletionResponse = "application/json"), (StreamEvent = "text/event-stream"))), (status = 400, description = "Invalid request", body = ErrorEnvelope), (status = 401, description = "Missing or wrong API key", body = ErrorEnvelope), (status = 404, description = "Unknown model", body = ErrorEnvelope), (status = 429, description = "Too many requests waiting", body = ErrorEnvelope), (status = 503, description = "Loading or draining", body = ErrorEnvelope)))]
 async fn completions(
     State(state): State<AppState>,
     Extension(facts): Extension<Facts>,

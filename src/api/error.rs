@@ -17,12 +17,16 @@ pub struct ApiError {
     pub code: Option<&'static str>,
 }
 
-#[derive(Serialize)]
-struct Envelope<'a> {
+/// OpenAI's error envelope: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = ErrorEnvelope)]
+pub struct Envelope<'a> {
     error: Body<'a>,
 }
 
-#[derive(Serialize)]
+/// An error: what went wrong, its kind, the request field it concerns, a code.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = ErrorBody)]
 pub struct Body<'a> {
     message: &'a str,
     #[serde(rename = "type")]
@@ -30,6 +34,9 @@ pub struct Body<'a> {
     param: Option<&'a str>,
     code: Option<&'a str>,
 }
+
+/// The envelope's schema under its documented name.
+pub type ErrorEnvelope = Envelope<'static>;
 
 impl ApiError {
     /// 400 about one request field.

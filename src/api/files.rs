@@ -4,24 +4,46 @@
 
 use std::sync::Arc;
 
+use axum::extract::multipart::MultipartRejection;
 use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
-use serde_json::{json, Value};
+use axum::Json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorEnvelope};
+use super::types::ListPage;
 use super::AppState;
 use crate::finetune::files::FileObject;
 use crate::finetune::{FineTuneError, FineTuning};
 use crate::train::data::{self, Encoder};
 
-pub fn router(max_file_bytes: usize) -> Router<AppState> {
-    Router::new()
-        .route("/v1/files", get(list).post(upload).layer(DefaultBodyLimit::max(max_file_bytes)))
-        .route("/v1/files/{id}", get(retrieve).delete(remove))
-        .route("/v1/files/{id}/content", get(content))
+pub fn router(max_file_bytes: usize) -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, upload))
+        .layer(DefaultBodyLimit::max(max_file_bytes))
+        .routes(routes!(retrieve, remove))
+        .routes(routes!(content))
+}
+
+/// `POST /v1/files`'s multipart form.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // the document's shape only
+struct UploadForm {
+    /// `fine-tune`.
+    purpose: String,
+    /// OpenAI fine-tuning JSONL.
+    #[schema(value_type = String, format = Binary)]
+    file: Vec<u8>,
+}
+
+/// What `DELETE /v1/files/{id}` answers.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct FileDeleted {
+    id: String,
+    object: &'static str,
+    deleted: bool,
 }
 
 impl From<FineTuneError> for ApiError {
@@ -51,7 +73,18 @@ pub fn service(state: &AppState) -> Result<Arc<FineTuning>, ApiError> {
     state.fine_tuning.clone().ok_or_else(|| ApiError::unavailable("fine-tuning is not available on this server"))
 }
 
-async fn upload(State(state): State<AppState>, mut form: Multipart) -> Result<Json<FileObject>, ApiError> {
+/// Stores a fine-tuning data file, every line checked as training reads it.
+#[utoipa::path(post, path = "/v1/files", tag = "fine-tuning",
+    request_body(content = UploadForm, content_type = "multipart/form-data"),
+    responses((status = 200, body = FileObject), (status = 413, description = "Larger than --max-file-bytes", body = ErrorEnvelope),
+        (status = 507, description = "A storage cap or the disk's reserve", body = ErrorEnvelope), (status = 400, description = "Invalid request", body = ErrorEnvelope), (status = 401, description = "Missing or wrong API key", body = ErrorEnvelope), (status = 403, description = "Needs the admin key", body = ErrorEnvelope), (status = 404, description = "Not found", body = ErrorEnvelope), (status = 503, description = "Fine-tuning unavailable (no writable data directory) or the model is loading", body = ErrorEnvelope)))]
+async fn upload(
+    State(state): State<AppState>,
+    form: Result<Multipart, MultipartRejection>,
+) -> Result<Json<FileObject>, ApiError> {
+    // axum's own rejection is plain text: give it the error envelope.
+    let mut form =
+        form.map_err(|e| ApiError::bad_request(format!("the body must be multipart/form-data: {}", e.body_text())))?;
     let service = service(&state)?;
     let (mut purpose, mut file) = (None, None);
     loop {
@@ -89,26 +122,37 @@ async fn upload(State(state): State<AppState>, mut form: Multipart) -> Result<Js
         .await
 }
 
-async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// The stored files, newest first.
+#[utoipa::path(get, path = "/v1/files", tag = "fine-tuning", responses((status = 200, body = ListPage<FileObject>), (status = 400, description = "Invalid request", body = ErrorEnvelope), (status = 401, description = "Missing or wrong API key", body = ErrorEnvelope), (status = 403, description = "Needs the admin key", body = ErrorEnvelope), (status = 404, description = "Not found", body = ErrorEnvelope), (status = 503, description = "Fine-tuning unavailable (no writable data directory) or the model is loading", body = ErrorEnvelope)))]
+async fn list(State(state): State<AppState>) -> Result<Json<ListPage<FileObject>>, ApiError> {
     let files = service(&state)?.files.list();
-    Ok(Json(json!({"object": "list", "data": files, "has_more": false})))
+    Ok(Json(ListPage { object: "list", data: files, has_more: false }))
 }
 
 fn find(state: &AppState, id: &str) -> Result<FileObject, ApiError> {
     service(state)?.files.get(id).ok_or_else(|| ApiError::not_found(format!("no file {id}")))
 }
 
+/// One file's description.
+#[utoipa::path(get, path = "/v1/files/{id}", tag = "fine-tuning", params(("id" = String, Path, description = "A file id")),
+    responses((status = 200, body = FileObject), (status = 400, description = "Invalid request", body = ErrorEnvelope), (status = 401, description = "Missing or wrong API key", body = ErrorEnvelope), (status = 403, description = "Needs the admin key", body = ErrorEnvelope), (status = 404, description = "Not found", body = ErrorEnvelope), (status = 503, description = "Fine-tuning unavailable (no writable data directory) or the model is loading", body = ErrorEnvelope)))]
 async fn retrieve(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<FileObject>, ApiError> {
     Ok(Json(find(&state, &id)?))
 }
 
-async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+/// Deletes a file.
+#[utoipa::path(delete, path = "/v1/files/{id}", tag = "fine-tuning", params(("id" = String, Path, description = "A file id")),
+    responses((status = 200, body = FileDeleted), (status = 400, description = "Invalid request", body = ErrorEnvelope), (status = 401, description = "Missing or wrong API key", body = ErrorEnvelope), (status = 403, description = "Needs the admin key", body = ErrorEnvelope), (status = 404, description = "Not found", body = ErrorEnvelope), (status = 503, description = "Fine-tuning unavailable (no writable data directory) or the model is loading", body = ErrorEnvelope)))]
+async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<FileDeleted>, ApiError> {
     if !service(&state)?.files.delete(&id)? {
         return Err(ApiError::not_found(format!("no file {id}")));
     }
-    Ok(Json(json!({"id": id, "object": "file", "deleted": true})))
+    Ok(Json(FileDeleted { id, object: "file", deleted: true }))
 }
 
+/// A file's bytes.
+#[utoipa::path(get, path = "/v1/files/{id}/content", tag = "fine-tuning", params(("id" = String, Path, description = "A file id")),
+    responses((status = 200, description = "The file", content_type = "application/jsonl", body = String), (status = 400, description = "Invalid request", body = ErrorEnvelope), (status = 401, description = "Missing or wrong API key", body = ErrorEnvelope), (status = 403, description = "Needs the admin key", body = ErrorEnvelope), (status = 404, description = "Not found", body = ErrorEnvelope), (status = 503, description = "Fine-tuning unavailable (no writable data directory) or the model is loading", body = ErrorEnvelope)))]
 async fn content(State(state): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
     let bytes = service(&state)?.files.content(&id).ok_or_else(|| ApiError::not_found(format!("no file {id}")))?;
     Ok(([(header::CONTENT_TYPE, "application/jsonl")], bytes))

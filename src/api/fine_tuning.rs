@@ -4,29 +4,31 @@
 //! succeeds the adapter is served as `ft:<base>:<suffix>:<job id>`.
 
 use axum::extract::{Path, Query, State};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorEnvelope};
 use super::files::service;
 use super::json::AppJson;
+use super::types::ListPage;
 use super::AppState;
-use crate::finetune::jobs::{Hyperparameters, Job};
+use crate::finetune::jobs::{Hyperparameters, Job, JobEvent};
 use crate::loader::ModelInfo;
 use crate::train::limits::{self, Bound};
 use crate::train::MODULES;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/fine_tuning/jobs", get(list).post(create))
-        .route("/v1/fine_tuning/jobs/{id}", get(retrieve))
-        .route("/v1/fine_tuning/jobs/{id}/events", get(events))
-        .route("/v1/fine_tuning/jobs/{id}/cancel", post(cancel))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(retrieve))
+        .routes(routes!(events))
+        .routes(routes!(cancel))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct CreateJob {
     model: String,
     training_file: String,
@@ -155,6 +157,10 @@ fn check_memory(h: &Hyperparameters, info: &ModelInfo, threads: usize, allowed: 
     ))
 }
 
+/// Queues a job training a LoRA adapter on the served base (or continuing a fine-tuned model).
+#[utoipa::path(post, path = "/v1/fine_tuning/jobs", tag = "fine-tuning", request_body = CreateJob,
+    responses((status = 200, body = Job), (status = 429, description = "Too many jobs queued (--max-queued-jobs)", body = ErrorEnvelope),
+        (status = 507, description = "A storage cap or the disk's reserve", body = ErrorEnvelope), (status = 400, description = "Invalid request", body = ErrorEnvelope), (status = 401, description = "Missing or wrong API key", body = ErrorEnvelope), (status = 403, description = "Needs the admin key", body = ErrorEnvelope), (status = 404, description = "Not found", body = ErrorEnvelope), (status = 503, description = "Fine-tuning unavailable (no writable data directory) or the model is loading", body = ErrorEnvelope)))]
 async fn create(State(state): State<AppState>, AppJson(req): AppJson<CreateJob>) -> Result<Json<Job>, ApiError> {
     let service = service(&state)?;
     let info = state.model()?;
@@ -232,39 +238,52 @@ async fn create(State(state): State<AppState>, AppJson(req): AppJson<CreateJob>)
     Ok(Json(job))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 struct Page {
     after: Option<String>,
     limit: Option<usize>,
 }
 
 /// One page of a newest-first list: the items after `after`, at most `limit` (20).
-fn page<T: serde::Serialize>(items: Vec<T>, id: impl Fn(&T) -> &str, page: &Page) -> Value {
+fn page<T>(items: Vec<T>, id: impl Fn(&T) -> &str, page: &Page) -> ListPage<T> {
     let start = page.after.as_ref().and_then(|after| items.iter().position(|i| id(i) == after)).map_or(0, |p| p + 1);
     let limit = page.limit.unwrap_or(20).clamp(1, 100);
     let has_more = items.len() > start + limit;
-    let data: Vec<&T> = items.iter().skip(start).take(limit).collect();
-    json!({"object": "list", "data": data, "has_more": has_more})
+    let data: Vec<T> = items.into_iter().skip(start).take(limit).collect();
+    ListPage { object: "list", data, has_more }
 }
 
-async fn list(State(state): State<AppState>, Query(query): Query<Page>) -> Result<Json<Value>, ApiError> {
+/// The jobs, newest first.
+#[utoipa::path(get, path = "/v1/fine_tuning/jobs", tag = "fine-tuning", params(Page),
+    responses((status = 200, body = ListPage<Job>), (status = 400, description = "Invalid request", body = ErrorEnvelope), (status = 401, description = "Missing or wrong API key", body = ErrorEnvelope), (status = 403, description = "Needs the admin key", body = ErrorEnvelope), (status = 404, description = "Not found", body = ErrorEnvelope), (status = 503, description = "Fine-tuning unavailable (no writable data directory) or the model is loading", body = ErrorEnvelope)))]
+async fn list(State(state): State<AppState>, Query(query): Query<Page>) -> Result<Json<ListPage<Job>>, ApiError> {
     Ok(Json(page(service(&state)?.jobs(), |j| &j.id, &query)))
 }
 
+/// One job.
+#[utoipa::path(get, path = "/v1/fine_tuning/jobs/{id}", tag = "fine-tuning", params(("id" = String, Path, description = "A job id")),
+    responses((status = 200, body = Job), (status = 400, description = "Invalid request", body = ErrorEnvelope), (status = 401, description = "Missing or wrong API key", body = ErrorEnvelope), (status = 403, description = "Needs the admin key", body = ErrorEnvelope), (status = 404, description = "Not found", body = ErrorEnvelope), (status = 503, description = "Fine-tuning unavailable (no writable data directory) or the model is loading", body = ErrorEnvelope)))]
 async fn retrieve(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Job>, ApiError> {
     Ok(Json(service(&state)?.job(&id)?))
 }
 
+/// A job's events, newest first.
+#[utoipa::path(get, path = "/v1/fine_tuning/jobs/{id}/events", tag = "fine-tuning",
+    params(("id" = String, Path, description = "A job id"), Page),
+    responses((status = 200, body = ListPage<JobEvent>), (status = 400, description = "Invalid request", body = ErrorEnvelope), (status = 401, description = "Missing or wrong API key", body = ErrorEnvelope), (status = 403, description = "Needs the admin key", body = ErrorEnvelope), (status = 404, description = "Not found", body = ErrorEnvelope), (status = 503, description = "Fine-tuning unavailable (no writable data directory) or the model is loading", body = ErrorEnvelope)))]
 async fn events(
     State(state): State<AppState>,
     Path(id): Path<String>,
     Query(query): Query<Page>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ListPage<JobEvent>>, ApiError> {
     let service = service(&state)?;
     let events = state.blocking(move || Ok(service.events(&id)?)).await?;
     Ok(Json(page(events, |e| &e.id, &query)))
 }
 
+/// Cancels a queued or running job.
+#[utoipa::path(post, path = "/v1/fine_tuning/jobs/{id}/cancel", tag = "fine-tuning", params(("id" = String, Path, description = "A job id")),
+    responses((status = 200, body = Job), (status = 400, description = "Invalid request", body = ErrorEnvelope), (status = 401, description = "Missing or wrong API key", body = ErrorEnvelope), (status = 403, description = "Needs the admin key", body = ErrorEnvelope), (status = 404, description = "Not found", body = ErrorEnvelope), (status = 503, description = "Fine-tuning unavailable (no writable data directory) or the model is loading", body = ErrorEnvelope)))]
 async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Job>, ApiError> {
     let service = service(&state)?;
     Ok(Json(state.blocking(move || Ok(service.cancel(&id)?)).await?))

@@ -32,15 +32,19 @@ pub mod tools;
 pub mod types;
 
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderName, Method};
 use axum::middleware::from_fn_with_state;
+use axum::response::IntoResponse;
 use axum::Router;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::engine::{EngineHandle, EngineStatus};
 use crate::loader::ModelInfo;
@@ -233,18 +237,8 @@ pub struct HttpOptions {
 pub fn router(state: AppState, options: &HttpOptions) -> Router {
     let guard = guard::Guard { hosts: options.allowed_hosts.clone(), origins: options.allowed_origins.clone() };
     let request_id = HeaderName::from_static(observe::REQUEST_ID);
-    let app = Router::new()
-        .merge(completions::router())
-        .merge(chat::router())
-        .merge(responses::router())
-        .merge(messages::router())
-        .merge(models::router())
-        .merge(tokenize::router())
-        .merge(adapters::router())
-        .merge(templates::router())
-        .merge(files::router(options.max_file_bytes))
-        .merge(fine_tuning::router())
-        .merge(metrics::router())
+    let (api, _) = documented(options.max_file_bytes).split_for_parts();
+    let app = api
         .merge(playground::router())
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
@@ -268,6 +262,79 @@ pub fn router(state: AppState, options: &HttpOptions) -> Router {
         Some(cors) => app.layer(cors),
         None => app,
     }
+}
+
+/// Every API route with its OpenAPI description: each handler carries its
+/// path and types (`#[utoipa::path]`), so the router and the document are
+/// made from the same list and cannot drift apart. (The playground's static
+/// files are the only routes outside it.)
+fn documented(max_file_bytes: usize) -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(completions::router())
+        .merge(chat::router())
+        .merge(responses::router())
+        .merge(messages::router())
+        .merge(models::router())
+        .merge(tokenize::router())
+        .merge(adapters::router())
+        .merge(templates::router())
+        .merge(files::router(max_file_bytes))
+        .merge(fine_tuning::router())
+        .merge(metrics::router())
+        .routes(routes!(openapi_json))
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "tailor",
+        description = "OpenAI-compatible LLM server: one base model, per-request LoRA adapters, prompt templates and presets."
+    ),
+    modifiers(&KeySecurity),
+    // A generic response's argument is not collected through it.
+    components(schemas(types::CompletionChoice)),
+    tags(
+        (name = "generation", description = "Completions, chat, OpenAI's Responses API and Anthropic's Messages API"),
+        (name = "models", description = "The base model, its adapters and presets"),
+        (name = "tokens", description = "Token ids as generation uses them"),
+        (name = "templates", description = "Named prompt templates"),
+        (name = "adapters", description = "Runtime adapter loading (admin key)"),
+        (name = "fine-tuning", description = "OpenAI's files and fine-tuning jobs (admin key)"),
+        (name = "operations", description = "Health, metrics and this document")
+    )
+)]
+struct ApiDoc;
+
+/// API keys go as `Authorization: Bearer <key>` (or Anthropic's `x-api-key`).
+struct KeySecurity;
+
+impl utoipa::Modify for KeySecurity {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "x-api-key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new(auth::X_API_KEY))),
+        );
+    }
+}
+
+/// The OpenAPI 3.1 document of the whole API, as `/openapi.json` serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    documented(0).split_for_parts().1
+}
+
+/// This server's OpenAPI 3.1 document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI document of this API", body = Object)))]
+async fn openapi_json() -> impl IntoResponse {
+    static DOCUMENT: OnceLock<String> = OnceLock::new();
+    let text = DOCUMENT.get_or_init(|| openapi().to_json().unwrap_or_else(|_| "{}".into()));
+    ([(header::CONTENT_TYPE, "application/json")], text.as_str())
 }
 
 /// CORS only for the origins the operator listed (`*` for any).

@@ -2,13 +2,14 @@
 //! token ids generation would use), reload templates and presets.
 
 use axum::extract::{Path, State};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json_};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::chat::{merged_kwargs, render_chat};
-use super::error::ApiError;
+use super::error::{ApiError, ErrorEnvelope};
 use super::json::AppJson;
 use super::prompting;
 use super::types::Prompt;
@@ -16,24 +17,24 @@ use super::{AppState, Target};
 use crate::prompt::templates::TemplateCard;
 use crate::prompt::ChatRequest;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/templates", get(list))
-        .route("/v1/templates/reload", post(reload))
-        .route("/v1/templates/{name}/render", post(render))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list)).routes(routes!(reload)).routes(routes!(render))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct TemplateList {
     object: &'static str,
     data: Vec<TemplateCard>,
 }
 
+/// The named templates, their variables and defaults.
+#[utoipa::path(get, path = "/v1/templates", tag = "templates",
+    responses((status = 200, body = TemplateList), (status = 401, description = "Missing or wrong API key", body = ErrorEnvelope)))]
 async fn list(State(state): State<AppState>) -> Json<TemplateList> {
     Json(TemplateList { object: "list", data: state.templates.list() })
 }
 
-#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 enum Mode {
     /// As `/v1/completions` uses it: the rendered text is the prompt.
@@ -44,7 +45,7 @@ enum Mode {
     Chat,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct RenderRequest {
     /// Base id, adapter or preset (its defaults and system prompt apply); default: the base.
     model: Option<String>,
@@ -60,7 +61,7 @@ struct RenderRequest {
     chat_template_kwargs: Option<Map<String, Json_>>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct RenderResponse {
     prompt: String,
     tokens: Vec<u32>,
@@ -68,6 +69,10 @@ struct RenderResponse {
     max_model_len: usize,
 }
 
+/// A dry run: the exact prompt and token ids a request with this template would use.
+#[utoipa::path(post, path = "/v1/templates/{name}/render", tag = "templates", request_body = RenderRequest,
+    params(("name" = String, Path, description = "A named template")),
+    responses((status = 200, body = RenderResponse), (status = 400, description = "Invalid request", body = ErrorEnvelope), (status = 401, description = "Missing or wrong API key", body = ErrorEnvelope), (status = 404, description = "Not found", body = ErrorEnvelope), (status = 503, description = "Loading or draining", body = ErrorEnvelope)))]
 async fn render(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -112,13 +117,16 @@ fn render_request(
     Ok((tokens, prompt))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct ReloadResponse {
     templates: usize,
     presets: usize,
     errors: Vec<String>,
 }
 
+/// Reads the templates and presets again now (they also reload when their files change).
+#[utoipa::path(post, path = "/v1/templates/reload", tag = "templates",
+    responses((status = 200, body = ReloadResponse), (status = 401, description = "Missing or wrong API key", body = ErrorEnvelope), (status = 403, description = "Needs the admin key", body = ErrorEnvelope)))]
 async fn reload(State(state): State<AppState>) -> Result<Json<ReloadResponse>, ApiError> {
     let (templates, presets) = (state.templates.clone(), state.presets.clone());
     let response = state

@@ -3,11 +3,12 @@
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
+use axum::Json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::chat::chat_prompt;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorEnvelope};
 use super::json::AppJson;
 use super::prompting::normalize_messages;
 use super::types::{DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse};
@@ -15,10 +16,13 @@ use super::AppState;
 use crate::loader::ModelInfo;
 use crate::prompt::ChatRequest;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/tokenize", post(tokenize)).route("/detokenize", post(detokenize))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(tokenize)).routes(routes!(detokenize))
 }
 
+/// A prompt's or a conversation's token ids, as generation would use them (vLLM's route).
+#[utoipa::path(post, path = "/tokenize", tag = "tokens", request_body = TokenizeRequest,
+    responses((status = 200, body = TokenizeResponse), (status = 400, description = "Invalid request", body = ErrorEnvelope), (status = 401, description = "Missing or wrong API key", body = ErrorEnvelope), (status = 404, description = "Unknown model", body = ErrorEnvelope), (status = 429, description = "Too many requests waiting", body = ErrorEnvelope), (status = 503, description = "Loading or draining", body = ErrorEnvelope)))]
 async fn tokenize(State(state): State<AppState>, AppJson(req): AppJson<TokenizeRequest>) -> Result<Response, ApiError> {
     let info = match &req.model {
         Some(model) => state.model_named(model)?,
@@ -72,6 +76,9 @@ fn tokenize_request(
     })
 }
 
+/// Token ids back to text (vLLM's route).
+#[utoipa::path(post, path = "/detokenize", tag = "tokens", request_body = DetokenizeRequest,
+    responses((status = 200, body = DetokenizeResponse), (status = 400, description = "Invalid request", body = ErrorEnvelope), (status = 401, description = "Missing or wrong API key", body = ErrorEnvelope), (status = 404, description = "Unknown model", body = ErrorEnvelope), (status = 429, description = "Too many requests waiting", body = ErrorEnvelope), (status = 503, description = "Loading or draining", body = ErrorEnvelope)))]
 async fn detokenize(
     State(state): State<AppState>,
     AppJson(req): AppJson<DetokenizeRequest>,

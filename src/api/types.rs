@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
 /// A string or a list of strings (`stop`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum StringOrList {
     One(String),
@@ -13,7 +13,7 @@ pub enum StringOrList {
 }
 
 /// The four prompt shapes of `/v1/completions`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Prompt {
     Text(String),
@@ -22,14 +22,14 @@ pub enum Prompt {
     TokenLists(Vec<Vec<u32>>),
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
 }
 
 /// Sampling and stopping fields shared by completions and chat.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 pub struct SamplingFields {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
@@ -58,13 +58,16 @@ pub struct SamplingFields {
     pub cache_salt: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct CompletionRequest {
+    #[schema(example = "SmolLM2-135M-Instruct.Q4_1")]
     pub model: String,
     /// Optional when a named template (from the request or a preset) builds the prompt.
+    #[schema(example = "Once upon a time")]
     pub prompt: Option<Prompt>,
     pub template: Option<String>,
     pub template_vars: Option<serde_json::Map<String, Json>>,
+    #[schema(example = 8)]
     pub max_tokens: Option<i64>,
     /// Parsed in a second pass (`json::WithSampling`), so errors keep their field path.
     #[serde(skip)]
@@ -76,13 +79,16 @@ pub struct CompletionRequest {
     pub response_format: Option<Json>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct ChatCompletionRequest {
+    #[schema(example = "SmolLM2-135M-Instruct.Q4_1")]
     pub model: String,
     #[serde(default)]
+    #[schema(example = json!([{"role": "user", "content": "Hi"}]))]
     pub messages: Vec<Json>,
     pub template: Option<String>,
     pub template_vars: Option<serde_json::Map<String, Json>>,
+    #[schema(example = 8)]
     pub max_tokens: Option<i64>,
     pub max_completion_tokens: Option<i64>,
     /// Parsed in a second pass (`json::WithSampling`), so errors keep their field path.
@@ -105,7 +111,7 @@ pub struct ChatCompletionRequest {
     pub documents: Option<Json>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, Default, utoipa::ToSchema)]
 pub struct UsageBody {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
@@ -114,7 +120,7 @@ pub struct UsageBody {
 }
 
 /// OpenAI's breakdown of the prompt tokens.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, Default, utoipa::ToSchema)]
 pub struct PromptTokensDetails {
     /// Prompt tokens served from the prefix cache.
     pub cached_tokens: usize,
@@ -140,10 +146,11 @@ impl std::ops::AddAssign for UsageBody {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CompletionChoice {
     pub index: usize,
     pub text: String,
+    #[schema(value_type = Option<Object>)]
     pub logprobs: Option<Json>,
     pub finish_reason: Option<&'static str>,
     /// The stop string that ended the choice (vLLM's field), when one did.
@@ -152,7 +159,7 @@ pub struct CompletionChoice {
 }
 
 /// A completions response, or a streamed chunk of either endpoint.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Envelope<C> {
     pub id: String,
     pub object: &'static str,
@@ -165,6 +172,46 @@ pub struct Envelope<C> {
 }
 
 pub type CompletionResponse = Envelope<CompletionChoice>;
+
+/// A completions request as sent: its own fields and the sampling fields
+/// (parsed apart, so a mistyped field keeps its path; see `json::WithSampling`).
+#[derive(Deserialize, utoipa::ToSchema)]
+#[allow(dead_code)] // the document's shape only
+pub struct CompletionBody {
+    #[serde(flatten)]
+    request: CompletionRequest,
+    #[serde(flatten)]
+    sampling: SamplingFields,
+}
+
+/// A chat completions request as sent: its own fields and the sampling fields.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[allow(dead_code)] // the document's shape only
+pub struct ChatCompletionBody {
+    #[serde(flatten)]
+    request: ChatCompletionRequest,
+    #[serde(flatten)]
+    sampling: SamplingFields,
+}
+
+/// One server-sent event of a stream (`text/event-stream`): its `data` is
+/// a chunk of the route's stream as JSON text, or `[DONE]` at the end of
+/// OpenAI's streams; Responses and Messages streams name their `event`.
+#[derive(Serialize, utoipa::ToSchema)]
+#[allow(dead_code)] // the document's shape only
+pub struct StreamEvent {
+    data: String,
+    event: Option<String>,
+    id: Option<String>,
+}
+
+/// A list in OpenAI's shape: one page of items, and whether more follow.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ListPage<T> {
+    pub object: &'static str,
+    pub data: Vec<T>,
+    pub has_more: bool,
+}
 pub type ChatCompletionChunk = Envelope<ChatChunkChoice>;
 
 /// The fields every chunk of one response repeats.
@@ -198,7 +245,7 @@ impl ChunkHeader {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ChatMessage {
     pub role: &'static str,
     /// `null` when the reply is a tool call.
@@ -207,10 +254,11 @@ pub struct ChatMessage {
     pub tool_calls: Option<Vec<Json>>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ChatChoice {
     pub index: usize,
     pub message: ChatMessage,
+    #[schema(value_type = Option<Object>)]
     pub logprobs: Option<Json>,
     pub finish_reason: Option<&'static str>,
     /// The stop string that ended the choice (vLLM's field), when one did.
@@ -218,7 +266,7 @@ pub struct ChatChoice {
     pub stop_reason: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ChatCompletionResponse {
     pub id: String,
     pub object: &'static str,
@@ -229,7 +277,7 @@ pub struct ChatCompletionResponse {
     pub usage: UsageBody,
 }
 
-#[derive(Debug, Serialize, Default)]
+#[derive(Debug, Serialize, Default, utoipa::ToSchema)]
 pub struct Delta {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'static str>,
@@ -239,10 +287,11 @@ pub struct Delta {
     pub tool_calls: Option<Vec<Json>>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ChatChunkChoice {
     pub index: usize,
     pub delta: Delta,
+    #[schema(value_type = Option<Object>)]
     pub logprobs: Option<Json>,
     pub finish_reason: Option<&'static str>,
     /// The stop string that ended the choice (vLLM's field), when one did.
@@ -250,7 +299,7 @@ pub struct ChatChunkChoice {
     pub stop_reason: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ModelCard {
     pub id: String,
     pub object: &'static str,
@@ -263,13 +312,13 @@ pub struct ModelCard {
     pub kind: &'static str,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ModelList {
     pub object: &'static str,
     pub data: Vec<ModelCard>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct TokenizeRequest {
     pub model: Option<String>,
     pub prompt: Option<String>,
@@ -284,20 +333,20 @@ pub struct TokenizeRequest {
     pub tool_choice: Option<Json>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TokenizeResponse {
     pub tokens: Vec<u32>,
     pub count: usize,
     pub max_model_len: usize,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct DetokenizeRequest {
     pub model: Option<String>,
     pub tokens: Vec<u32>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DetokenizeResponse {
     pub prompt: String,
 }

@@ -11,7 +11,7 @@ use super::FineTuneError;
 use crate::ids::unix_now as now;
 
 /// A file as OpenAI describes it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct FileObject {
     pub id: String,
     pub object: String,

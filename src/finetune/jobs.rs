@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::FineTuneError;
 use crate::ids::{response_id, unix_now as now};
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     ValidatingFiles,
@@ -51,7 +51,7 @@ pub fn records_step(step: usize, total: usize) -> bool {
 
 /// What the run trains with: OpenAI's three hyperparameters, then tailor's
 /// LoRA and schedule settings (all echoed back on the job).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Hyperparameters {
     pub n_epochs: f64,
     pub batch_size: usize,
@@ -75,14 +75,14 @@ pub struct Hyperparameters {
 /// The learning rate a multiplier of 1 means (the shipped adapters' recipe).
 pub const BASE_LEARNING_RATE: f64 = 2e-3;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct JobError {
     pub code: String,
     pub message: String,
     pub param: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Job {
     pub id: String,
     pub object: String,
@@ -104,6 +104,7 @@ pub struct Job {
     pub user_provided_suffix: Option<String>,
     pub estimated_finish: Option<u64>,
     pub integrations: Vec<Value>,
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
     /// The served base, when `model` is a fine-tuned model this job
     /// continues (tailor's own field).
@@ -160,7 +161,7 @@ impl Job {
 }
 
 /// One line of a job's log, as OpenAI lists them.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct JobEvent {
     pub object: String,
     pub id: String,

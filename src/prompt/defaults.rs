@@ -5,7 +5,7 @@
 use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Defaults {
     /// System prompt for chat requests that bring none.
@@ -36,6 +36,7 @@ pub struct Defaults {
     pub stop: Option<Vec<String>>,
     /// Constrained output, as the request's `response_format` (a JSON schema...).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub response_format: Option<Json>,
 }
 

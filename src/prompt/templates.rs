@@ -40,7 +40,7 @@ pub const MAX_OUTPUT_BYTES: usize = 1 << 20;
 /// Instructions one render may run (an infinite loop ends here, not in a hang).
 const TEMPLATE_FUEL: u64 = 2_000_000;
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Variable {
     #[serde(default)]
@@ -153,7 +153,7 @@ fn metadata_block(source: &str) -> Option<&str> {
 }
 
 /// What `GET /v1/templates` shows.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TemplateCard {
     pub name: String,
     pub description: String,

@@ -7,6 +7,7 @@ mod fine_tuning;
 mod fine_tuning_faults;
 mod lora;
 mod openai_sdk;
+mod openapi;
 mod operations;
 mod playground;
 mod prefix_cache;

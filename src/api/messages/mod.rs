@@ -6,26 +6,67 @@ pub mod errors;
 mod output;
 
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{extract::State, Extension, Json, Router};
+use axum::{extract::State, Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Map, Value as Json_};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::chat::{ChatPrompt, ChatRun};
 use super::error::ApiError;
 use super::json::AppJson;
 use super::observe::Facts;
+use super::types::StreamEvent;
 use super::{dialect, AppState};
 use output::{Reply, Streamed};
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/messages", post(create)).route("/v1/messages/count_tokens", post(count_tokens))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(create)).routes(routes!(count_tokens))
 }
 
-#[derive(Debug, Deserialize)]
+/// A message as Anthropic's Messages API returns it.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code)] // the document's shape only
+struct MessageObject {
+    id: String,
+    /// `message`.
+    #[serde(rename = "type")]
+    kind: String,
+    /// `assistant`.
+    role: String,
+    model: String,
+    /// Text and tool-use blocks.
+    content: Vec<Json_>,
+    /// `end_turn`, `max_tokens`, `stop_sequence` or `tool_use`.
+    stop_reason: Option<String>,
+    stop_sequence: Option<String>,
+    usage: Json_,
+}
+
+/// What `count_tokens` answers.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct TokenCount {
+    input_tokens: usize,
+}
+
+/// Anthropic's error shape, on the Messages routes.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code)] // the document's shape only
+struct AnthropicError {
+    /// `error`.
+    #[serde(rename = "type")]
+    kind: String,
+    /// `{"type": …, "message": …}`.
+    error: Json_,
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct MessagesRequest {
+    #[schema(example = "SmolLM2-135M-Instruct.Q4_1")]
     pub model: String,
+    #[schema(example = 8)]
     pub max_tokens: Option<i64>,
+    #[schema(example = json!([{"role": "user", "content": "Hi"}]))]
     pub messages: Vec<Json_>,
     pub system: Option<Json_>,
     pub stop_sequences: Option<Vec<String>>,
@@ -46,6 +87,10 @@ const PASSED_ON: &[&str] =
 /// Chat's names for the fields, as the client named them.
 const PARAMS: &[(&str, &str)] = &[("stop", "stop_sequences")];
 
+/// Anthropic's Messages API over the same generation as chat.
+#[utoipa::path(post, path = "/v1/messages", tag = "generation", request_body = MessagesRequest,
+    responses((status = 200, description = "The message, or with `stream` its events as server-sent events",
+        content((MessageObject = "application/json"), (StreamEvent = "text/event-stream"))), (status = 400, description = "Invalid request", body = AnthropicError), (status = 401, description = "Missing or wrong API key", body = AnthropicError), (status = 404, description = "Unknown model", body = AnthropicError), (status = 429, description = "Too many requests waiting", body = AnthropicError), (status = 503, description = "Loading or draining", body = AnthropicError)))]
 async fn create(
     State(state): State<AppState>,
     Extension(facts): Extension<Facts>,
@@ -64,6 +109,8 @@ async fn create(
 
 /// `POST /v1/messages/count_tokens`: the prompt's length as the model will
 /// see it (same rendering as `/v1/messages`; `max_tokens` is not needed).
+#[utoipa::path(post, path = "/v1/messages/count_tokens", tag = "tokens", request_body = MessagesRequest,
+    responses((status = 200, body = TokenCount), (status = 400, description = "Invalid request", body = AnthropicError), (status = 401, description = "Missing or wrong API key", body = AnthropicError), (status = 404, description = "Unknown model", body = AnthropicError), (status = 429, description = "Too many requests waiting", body = AnthropicError), (status = 503, description = "Loading or draining", body = AnthropicError)))]
 async fn count_tokens(
     State(state): State<AppState>,
     Extension(facts): Extension<Facts>,
@@ -74,7 +121,7 @@ async fn count_tokens(
     let req: MessagesRequest = super::json::from_map(&body)?;
     let chat = to_chat(&req, &body)?;
     let prompt = ChatPrompt::render(&state, &facts, chat).await.map_err(|e| dialect::renamed(e, PARAMS))?;
-    Ok(Json(json!({"input_tokens": prompt.ids.len()})).into_response())
+    Ok(Json(TokenCount { input_tokens: prompt.ids.len() }).into_response())
 }
 
 /// The chat request this Messages request means.

@@ -6,30 +6,57 @@
 mod output;
 
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{extract::State, Extension, Json, Router};
+use axum::{extract::State, Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Map, Value as Json_};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::chat::ChatRun;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorEnvelope};
 use super::json::AppJson;
 use super::observe::Facts;
+use super::types::StreamEvent;
 use super::{dialect, AppState};
 use output::{Shell, Streamed};
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/responses", post(create))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(create))
+}
+
+/// A response as OpenAI's Responses API returns it (the fields every
+/// response carries; the request's settings are echoed beside them).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code)] // the document's shape only
+struct ResponseObject {
+    id: String,
+    /// `response`.
+    object: String,
+    created_at: u64,
+    /// `completed` or `incomplete` (`in_progress` while streaming).
+    status: String,
+    model: String,
+    #[schema(value_type = Option<Object>)]
+    error: Option<Json_>,
+    #[schema(value_type = Option<Object>)]
+    incomplete_details: Option<Json_>,
+    /// Message and function-call items.
+    output: Vec<Json_>,
+    #[schema(value_type = Option<Object>)]
+    usage: Option<Json_>,
 }
 
 /// The fields read here; the rest of the body is read as raw JSON so that
 /// tailor's extensions (`stop`, `seed`, `top_k`, `template`, ...) pass on to
 /// the chat request as they are.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct ResponsesRequest {
+    #[schema(example = "SmolLM2-135M-Instruct.Q4_1")]
     pub model: String,
+    #[schema(example = "Hi")]
     pub input: Option<Json_>,
     pub instructions: Option<String>,
+    #[schema(example = 8)]
     pub max_output_tokens: Option<i64>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
@@ -51,7 +78,7 @@ pub struct ResponsesRequest {
     pub prompt: Option<Json_>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct TextOptions {
     pub format: Option<Json_>,
 }
@@ -75,6 +102,11 @@ const PASSED_ON: &[&str] = &[
 const PARAMS: &[(&str, &str)] =
     &[("max_tokens", "max_output_tokens"), ("response_format", "text.format"), ("messages", "input")];
 
+/// OpenAI's Responses API over the same generation as chat (stateless:
+/// `previous_response_id`, `store` and background runs are refused).
+#[utoipa::path(post, path = "/v1/responses", tag = "generation", request_body = ResponsesRequest,
+    responses((status = 200, description = "The response, or with `stream` its events as server-sent events",
+        content((ResponseObject = "application/json"), (StreamEvent = "text/event-stream"))), (status = 400, description = "Invalid request", body = ErrorEnvelope), (status = 401, description = "Missing or wrong API key", body = ErrorEnvelope), (status = 404, description = "Unknown model", body = ErrorEnvelope), (status = 429, description = "Too many requests waiting", body = ErrorEnvelope), (status = 503, description = "Loading or draining", body = ErrorEnvelope)))]
 async fn create(
     State(state): State<AppState>,
     Extension(facts): Extension<Facts>,
