@@ -121,6 +121,15 @@ pub struct ServeArgs {
     /// evicted and reloaded on demand); 0 keeps all.
     #[arg(long, env = "TAILOR_MAX_LOADED_ADAPTERS", default_value_t = 0)]
     pub max_loaded_adapters: usize,
+    /// Bytes of adapter weights kept in memory (e.g. 512MiB): least recently
+    /// used adapters no request holds are evicted past it; 0 = no limit.
+    #[arg(long, env = "TAILOR_ADAPTER_MEMORY", value_parser = parse_bytes, default_value = "1GiB")]
+    pub adapter_memory: u64,
+    /// A model id that is not registered is looked up as a sub-folder of the
+    /// adapter roots and loaded on first use; the adapters folder is then
+    /// registered at start without reading any weights.
+    #[arg(long, env = "TAILOR_RESOLVE_ADAPTERS")]
+    pub resolve_adapters: bool,
     /// Adapter names registered at once (runtime loads beyond it are refused); 0 = no limit.
     #[arg(long, env = "TAILOR_MAX_ADAPTERS", default_value_t = 1024)]
     pub max_adapters: usize,
@@ -355,6 +364,7 @@ impl ServeArgs {
             None => serde_json::Map::new(),
         };
         let (found_adapters, adapters) = startup_adapters(&self.adapters_dir, &self.lora)?;
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
         let mut roots =
             if self.lora_roots.is_empty() { vec![self.adapters_dir.clone()] } else { self.lora_roots.clone() };
         // Canonical roots, so a symlink cannot lead a runtime load elsewhere.
@@ -426,8 +436,11 @@ impl ServeArgs {
                 registry: crate::lora::RegistryOptions {
                     max_rank: self.max_lora_rank,
                     max_loaded: self.max_loaded_adapters,
+                    memory_budget: self.adapter_memory,
                     roots,
                     max_adapters: self.max_adapters,
+                    resolve: self.resolve_adapters,
+                    load_seconds: Some(metrics.adapter_load_seconds.clone()),
                 },
             },
             engine: EngineConfig {
@@ -439,7 +452,7 @@ impl ServeArgs {
                 max_kv_tokens: self.max_kv_tokens,
                 max_batch_tokens: self.max_batch_tokens,
                 prefix_cache_tokens: self.prefix_cache_tokens,
-                metrics: std::sync::Arc::new(crate::metrics::Metrics::new()),
+                metrics,
                 #[cfg(feature = "fault-injection")]
                 faults: crate::engine::faults::Faults {
                     step_panic_token: self.fault_step_panic_token,

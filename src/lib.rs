@@ -27,6 +27,7 @@ pub mod lora;
 pub mod metrics;
 pub mod model;
 pub mod prompt;
+pub mod rng;
 pub mod server;
 pub mod tokenizer;
 pub mod train;

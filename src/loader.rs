@@ -66,7 +66,7 @@ pub struct ModelInfo {
     pub format: ModelFormat,
     pub mode: WeightMode,
     /// LoRA adapters clients can select by name.
-    pub adapters: AdapterRegistry,
+    pub adapters: std::sync::Arc<AdapterRegistry>,
     /// Identifies the weights and chat template served (`system_fingerprint`).
     pub fingerprint: String,
     /// Constrained decoding over this vocabulary, built on first use.
@@ -142,7 +142,7 @@ impl Default for LoadOptions {
             served_model_name: None,
             adapters: Vec::new(),
             found_adapters: Vec::new(),
-            registry: RegistryOptions { max_rank: 64, max_loaded: 0, roots: Vec::new(), max_adapters: 0 },
+            registry: RegistryOptions { max_rank: 64, ..Default::default() },
             max_model_len: ContextCap::Budget(usize::MAX),
             dense_small_models: false,
         }
@@ -204,9 +204,6 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, LoadError> {
         };
         info.chat_template = Some(ChatTemplate::new(source, bos, eos, Clock::Local)?);
     }
-    if let Some(name) = &opts.served_model_name {
-        info.id = name.clone();
-    }
     info.fingerprint = base_fingerprint(path, opts, info.chat_template.as_ref().map(ChatTemplate::source));
     let found = opts.found_adapters.iter().map(|a| (a, true));
     for ((name, path), found) in found.chain(opts.adapters.iter().map(|a| (a, false))) {
@@ -214,7 +211,14 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded, LoadError> {
         if *name == info.id {
             return Err(adapter_err(LoraError::NameTaken(name.clone())));
         }
-        match info.adapters.register(name, path, true) {
+        // With resolution on, the folder's adapters are named at once and
+        // read on first use (thousands start in milliseconds).
+        let registered = if found && opts.registry.resolve {
+            info.adapters.register_lazily(name, path, true)
+        } else {
+            info.adapters.register(name, path, true)
+        };
+        match registered {
             Err(LoraError::Mismatch(why)) if found => {
                 tracing::warn!(adapter = %name, path = %path.display(), reason = %why, "skipped: made for another base model");
             }
@@ -375,7 +379,9 @@ fn build_info(
     eos_token_ids.sort_unstable();
     eos_token_ids.dedup();
     let chat_template = template_source.map(|s| ChatTemplate::new(&s, bos, eos, Clock::Local)).transpose()?;
+    let id = opts.served_model_name.clone().unwrap_or(id);
     Ok(ModelInfo {
+        adapters: std::sync::Arc::new(AdapterRegistry::new(BaseShapes::of(model.config()), opts.registry.clone(), &id)),
         id,
         tokenizer,
         chat_template,
@@ -385,7 +391,6 @@ fn build_info(
         embedding_rows: model.config().vocab_size,
         format,
         mode: opts.mode,
-        adapters: AdapterRegistry::new(BaseShapes::of(model.config()), opts.registry.clone()),
         fingerprint: String::new(),
         grammars: Default::default(),
     })

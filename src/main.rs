@@ -63,6 +63,8 @@ enum Command {
     /// Work with chat templates offline.
     #[command(subcommand)]
     ChatTemplate(ChatTemplateCommand),
+    /// Write random PEFT LoRA adapters for a base model (benchmarks of many adapters).
+    RandomAdapters(RandomAdaptersArgs),
     /// A fine-tuning job's training process, started by `tailor serve` (its
     /// run comes on stdin, its reports go to stdout).
     #[command(name = "fine-tune-worker", hide = true)]
@@ -71,6 +73,37 @@ enum Command {
         #[arg(long)]
         job: Option<String>,
     },
+}
+
+#[derive(clap::Args)]
+struct RandomAdaptersArgs {
+    /// The base model (a GGUF file or a Hugging Face folder): only its shapes are read.
+    #[arg(long)]
+    model: PathBuf,
+    /// The folder to write them into (one sub-folder per adapter).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 20)]
+    count: usize,
+    /// Sub-folder names are PREFIX0, PREFIX1, ...
+    #[arg(long, default_value = "adapter-")]
+    prefix: String,
+    /// Each adapter's rank is drawn uniformly from LOW-HIGH (or one number).
+    #[arg(long, default_value = "8-64", value_parser = rank_range)]
+    ranks: (usize, usize),
+    /// Target modules: comma-separated q, k, v, o, gate, up, down, or all.
+    #[arg(long, default_value = "all", value_parser = tailor::lora::random::parse_modules)]
+    modules: std::vec::Vec<tailor::lora::Module>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn rank_range(text: &str) -> Result<(usize, usize), String> {
+    let parse = |t: &str| t.trim().parse::<usize>().map_err(|_| format!("`{text}` is not RANK or LOW-HIGH"));
+    match text.split_once('-') {
+        Some((lo, hi)) => Ok((parse(lo)?, parse(hi)?)),
+        None => parse(text).map(|r| (r, r)),
+    }
 }
 
 #[derive(Subcommand)]
@@ -116,6 +149,7 @@ fn main() -> anyhow::Result<()> {
         Command::Train(args) => train(args),
         Command::ChatTemplate(ChatTemplateCommand::Render(args)) => render(args),
         Command::Bench(args) => bench(args),
+        Command::RandomAdapters(args) => random_adapters(args),
         Command::BenchKernels { reps, threads } => bench_kernels(reps, threads),
         Command::Tokenize { model, input, text } => tokenize(&model, input, text),
         Command::FineTuneWorker { .. } => std::process::exit(tailor::finetune::worker::child_main()),
@@ -153,6 +187,22 @@ fn bench(args: tailor::bench::BenchArgs) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", serde_json::to_string_pretty(&summary)?)?;
     writeln!(stdout, "{}", summary.one_line())?;
+    Ok(())
+}
+
+fn random_adapters(args: RandomAdaptersArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let source = tailor::loader::open_weights(&args.model, tailor::model::WeightMode::Quantized)?;
+    let base = tailor::lora::BaseShapes::of(source.config());
+    let spec = tailor::lora::random::RandomAdapters {
+        prefix: args.prefix,
+        count: args.count,
+        ranks: args.ranks,
+        modules: args.modules,
+        seed: args.seed,
+    };
+    let folders = tailor::lora::random::write(&args.out, &base, &spec)?;
+    writeln!(std::io::stdout(), "wrote {} adapters under {}", folders.len(), args.out.display())?;
     Ok(())
 }
 

@@ -28,6 +28,9 @@ const REQUEST_BUCKETS: &[f64] = &[
 /// a long prefill chunk of a big one seconds.
 const STEP_BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0];
+/// Adapter loads: a small adapter in a millisecond, a big one in seconds.
+const LOAD_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0, 256.0];
 
 pub struct Metrics {
@@ -54,6 +57,10 @@ pub struct Metrics {
     pub adapter_evictions: IntCounterVec,
     pub adapters_resident: IntGaugeVec,
     pub adapters_registered: IntGaugeVec,
+    pub adapter_bytes_resident: IntGaugeVec,
+    pub adapter_memory_budget: IntGaugeVec,
+    pub adapter_resolve_misses: IntCounterVec,
+    pub adapter_load_seconds: HistogramVec,
     pub step_seconds: HistogramVec,
     pub batch_size: HistogramVec,
     pub batch_tokens: HistogramVec,
@@ -164,6 +171,21 @@ impl Metrics {
             ),
             adapters_resident: gauge("tailor_adapters_resident", "Adapters whose weights are in memory."),
             adapters_registered: gauge("tailor_adapters_registered", "Adapters clients can name."),
+            adapter_bytes_resident: gauge("tailor_adapter_bytes_resident", "Bytes of adapter weights in memory."),
+            adapter_memory_budget: gauge(
+                "tailor_adapter_memory_budget_bytes",
+                "--adapter-memory: bytes of adapter weights kept in memory when no request holds them (0: no limit).",
+            ),
+            adapter_resolve_misses: counter(
+                "tailor_adapter_resolve_misses_total",
+                "Model ids looked up under the adapter roots and found nowhere.",
+                MODEL,
+            ),
+            adapter_load_seconds: histogram(
+                "tailor_adapter_load_seconds",
+                "Time to read and check one adapter's weights from disk.",
+                LOAD_BUCKETS,
+            ),
             step_seconds: histogram("tailor_engine_step_seconds", "Wall time of one engine step.", STEP_BUCKETS),
             batch_size: histogram("tailor_engine_batch_size", "Sequences in one engine step.", BATCH_BUCKETS),
             batch_tokens: histogram(

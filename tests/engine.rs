@@ -30,8 +30,10 @@ fn tiny_model() -> Result<Loaded, String> {
         mode: WeightMode::Quantized,
         adapters: AdapterRegistry::new(
             BaseShapes::of(&config),
-            RegistryOptions { max_rank: 64, max_loaded: 0, roots: Vec::new(), max_adapters: 0 },
-        ),
+            RegistryOptions { max_rank: 64, ..Default::default() },
+            "tiny",
+        )
+        .into(),
         fingerprint: String::new(),
         grammars: Default::default(),
     };

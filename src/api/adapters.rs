@@ -43,10 +43,8 @@ async fn load(State(state): State<AppState>, AppJson(req): AppJson<LoadRequest>)
         return Err(ApiError::invalid("lora_name", "an adapter cannot take the base model's id"));
     }
     let name = req.lora_name.clone();
-    let registry_info = info.clone();
-    tokio::task::spawn_blocking(move || registry_info.adapters.register(&req.lora_name, req.lora_path.as_ref(), false))
-        .await
-        .map_err(|e| ApiError::internal(format!("adapter load failed: {e}")))??;
+    // Read below the engine's priority, like a request's cold adapter.
+    info.adapters.register_off_engine(&req.lora_name, req.lora_path.as_ref(), false).await?;
     tracing::info!(adapter = %name, "adapter loaded");
     Ok(format!("Success: LoRA adapter '{name}' added successfully."))
 }

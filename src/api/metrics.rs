@@ -54,4 +54,7 @@ fn refresh(state: &AppState, info: &crate::loader::ModelInfo) {
     raise_to(&m.adapter_evictions.with_label_values(&model), adapters.evictions);
     m.adapters_resident.with_label_values(&model).set(adapters.resident as i64);
     m.adapters_registered.with_label_values(&model).set(adapters.registered as i64);
+    m.adapter_bytes_resident.with_label_values(&model).set(adapters.resident_bytes as i64);
+    m.adapter_memory_budget.with_label_values(&model).set(info.adapters.memory_budget() as i64);
+    raise_to(&m.adapter_resolve_misses.with_label_values(&model), adapters.resolve_misses);
 }

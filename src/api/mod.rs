@@ -48,6 +48,7 @@ use utoipa_axum::routes;
 
 use crate::engine::{EngineHandle, EngineStatus};
 use crate::loader::ModelInfo;
+use crate::lora::LoraError;
 use crate::metrics::Metrics;
 use crate::model::lora::AdapterWeights;
 use crate::prompt::defaults::Defaults;
@@ -136,10 +137,11 @@ impl AppState {
         }
     }
 
-    /// The loaded model, checked against the id the request named.
+    /// The loaded model, checked against the id the request named (an
+    /// adapter that would resolve from the roots counts; nothing is read).
     pub fn model_named(&self, requested: &str) -> Result<Arc<ModelInfo>, ApiError> {
         let info = self.model()?;
-        if requested != info.id && !info.adapters.contains(requested) && self.presets.get(requested).is_none() {
+        if requested != info.id && self.presets.get(requested).is_none() && !adapter_exists(&info, requested)? {
             return Err(ApiError::model_not_found(requested));
         }
         Ok(info)
@@ -156,7 +158,7 @@ impl AppState {
             (None, Defaults::default())
         } else if let Some(preset) = &preset {
             (preset.adapter.clone(), preset.defaults.clone())
-        } else if info.adapters.contains(requested) {
+        } else if adapter_exists(&info, requested)? {
             (Some(requested.to_string()), Defaults::default())
         } else {
             return Err(ApiError::model_not_found(requested));
@@ -168,15 +170,15 @@ impl AppState {
         let (adapter, adapter_defaults) = match &adapter_name {
             None => (None, Defaults::default()),
             Some(name) => {
-                let lookup = info.clone();
-                let owned = name.clone();
-                let weights = tokio::task::spawn_blocking(move || lookup.adapters.get(&owned))
-                    .await
-                    .map_err(|e| ApiError::internal(format!("adapter lookup failed: {e}")))?
-                    .map_err(|e| {
-                        tracing::error!(adapter = %name, error = %e, "cannot reload adapter");
+                // Off the async workers and below the engine's priority: a
+                // cold adapter delays only the requests that need it.
+                let weights = info.adapters.get_off_engine(name).await.map_err(|e| match e {
+                    LoraError::BadName(_) => ApiError::invalid("model", e.to_string()),
+                    e => {
+                        tracing::error!(adapter = %name, error = %e, "cannot load adapter");
                         ApiError::internal(format!("adapter `{name}` cannot be read: {e}"))
-                    })?;
+                    }
+                })?;
                 match weights {
                     Some(w) => (Some(w), info.adapters.defaults(name).unwrap_or_default()),
                     None if preset.is_some() => {
@@ -221,6 +223,12 @@ impl AppState {
             defaults,
         })
     }
+}
+
+/// Whether `name` is a registered adapter or one the roots would resolve
+/// (a few `stat`s, no reads); a name that could not be a folder is a 400.
+fn adapter_exists(info: &ModelInfo, name: &str) -> Result<bool, ApiError> {
+    info.adapters.exists(name).map_err(|e| ApiError::invalid("model", e.to_string()))
 }
 
 /// HTTP settings the router's layers need.

@@ -225,8 +225,10 @@ mod tests {
             mode: WeightMode::Quantized,
             adapters: AdapterRegistry::new(
                 BaseShapes::of(&config),
-                RegistryOptions { max_rank: 8, max_loaded: 0, roots: Vec::new(), max_adapters: 0 },
-            ),
+                RegistryOptions { max_rank: 8, ..Default::default() },
+                "tiny",
+            )
+            .into(),
             fingerprint: String::new(),
             grammars: Default::default(),
         };

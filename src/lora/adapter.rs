@@ -22,9 +22,9 @@ pub struct BaseShapes {
 
 /// A module an adapter can name (its path under `model.layers.N`) and the
 /// projections it feeds: a fused module's `lora_B` rows split between them.
-struct Site {
-    path: &'static str,
-    parts: Vec<Module>,
+pub(crate) struct Site {
+    pub(crate) path: &'static str,
+    pub(crate) parts: Vec<Module>,
 }
 
 impl BaseShapes {
@@ -38,7 +38,7 @@ impl BaseShapes {
         }
     }
 
-    fn sites(&self) -> Vec<Site> {
+    pub(crate) fn sites(&self) -> Vec<Site> {
         let one = |m: Module| Site { path: m.path(), parts: vec![m] };
         if self.fused {
             vec![
@@ -94,7 +94,8 @@ fn parse_name(name: &str) -> Option<(usize, &str, bool)> {
     Some((layer, module, is_a))
 }
 
-type Matrix = Vec<Vec<f32>>;
+/// A 2-D float32 matrix, row-major: `(rows, cols, values)`.
+type Matrix = (usize, usize, Vec<f32>);
 
 pub fn from_tensors(
     config: &AdapterConfig,
@@ -109,10 +110,11 @@ pub fn from_tensors(
         return Err(LoraError::Weights("the safetensors file holds no tensors".into()));
     }
     for (name, tensor) in tensors {
-        let known = sites.iter().map(|s| s.path).collect::<Vec<_>>().join(", ");
+        let known = || sites.iter().map(|s| s.path).collect::<Vec<_>>().join(", ");
         let unsupported = || {
             LoraError::Unsupported(format!(
-                "tensor `{name}`: only lora_A/lora_B of the base's projections ({known}) are supported"
+                "tensor `{name}`: only lora_A/lora_B of the base's projections ({}) are supported",
+                known()
             ))
         };
         let (layer, path, is_a) = parse_name(&name).ok_or_else(unsupported)?;
@@ -126,15 +128,19 @@ pub fn from_tensors(
         if !config.targets(layer, path) {
             return Err(LoraError::Mismatch(format!("`{name}` is not a target of adapter_config.json")));
         }
-        let rows = tensor
+        let not_2d = |e: String| LoraError::Weights(format!("`{name}` is not a 2-D float tensor: {e}"));
+        let (rows, cols) = tensor.dims2().map_err(|e| not_2d(e.to_string()))?;
+        // One copy, straight into a flat vector (no row vectors).
+        let values = tensor
             .to_dtype(DType::F32)
-            .and_then(|t| t.to_vec2::<f32>())
-            .map_err(|e| LoraError::Weights(format!("`{name}` is not a 2-D float tensor: {e}")))?;
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| not_2d(e.to_string()))?;
         let entry = &mut found[layer][site];
         if is_a {
-            entry.0 = Some(rows);
+            entry.0 = Some((rows, cols, values));
         } else {
-            entry.1 = Some(rows);
+            entry.1 = Some((rows, cols, values));
         }
     }
     let mut layers: Vec<[Option<LoraWeights>; 7]> = vec![Default::default(); base.num_layers];
@@ -152,18 +158,15 @@ pub fn from_tensors(
             };
             let in_features = base.dims[site.parts[0].index()].1;
             let out_features: usize = site.parts.iter().map(|m| base.dims[m.index()].0).sum();
-            let rank = a.len();
-            if rank == 0 || a.iter().any(|row| row.len() != in_features) {
+            let ((rank, a_cols, a), (b_rows, b_cols, b)) = (a, b);
+            if rank == 0 || a_cols != in_features {
                 return Err(LoraError::Mismatch(format!(
-                    "{name}: lora_A must be [rank, {in_features}], got [{rank}, {}]",
-                    a.first().map_or(0, Vec::len)
+                    "{name}: lora_A must be [rank, {in_features}], got [{rank}, {a_cols}]"
                 )));
             }
-            if b.len() != out_features || b.iter().any(|row| row.len() != rank) {
+            if b_rows != out_features || b_cols != rank {
                 return Err(LoraError::Mismatch(format!(
-                    "{name}: lora_B must be [{out_features}, {rank}], got [{}, {}]",
-                    b.len(),
-                    b.first().map_or(0, Vec::len)
+                    "{name}: lora_B must be [{out_features}, {rank}], got [{b_rows}, {b_cols}]"
                 )));
             }
             let configured = config.rank(layer, site.path);
@@ -176,21 +179,20 @@ pub fn from_tensors(
                 return Err(LoraError::Mismatch(format!("{name}: rank {rank} is above --max-lora-rank {max_rank}")));
             }
             let scale = config.scale(layer, site.path) as f32;
-            let a = a.concat();
             // A fused module's delta is x·Aᵀ·Bᵀ with B's rows stacked like the
             // base's: each projection gets its rows of B and the same A.
             let mut first = 0;
             for &module in &site.parts {
                 let part_out = base.dims[module.index()].0;
-                let rows = &b[first..first + part_out];
-                first += part_out;
                 // B is stored transposed: [rank, out].
                 let mut b_t = vec![0f32; rank * part_out];
-                for (o, row) in rows.iter().enumerate() {
+                for o in 0..part_out {
+                    let row = &b[(first + o) * rank..(first + o + 1) * rank];
                     for (j, v) in row.iter().enumerate() {
                         b_t[j * part_out + o] = *v;
                     }
                 }
+                first += part_out;
                 weights[module.index()] =
                     Some(LoraWeights { a: a.clone(), b_t, rank, in_features, out_features: part_out, scale });
             }

@@ -5,11 +5,15 @@
 //! - `config`: `adapter_config.json` (targets, rank, scale, unsupported features);
 //! - `adapter`: a PEFT folder → `model::lora::AdapterWeights`, checked against the base;
 //! - `files`: each file of a folder checked (root, regular file, size) before it is read;
-//! - `registry`: names → folders, runtime load/unload, LRU of resident weights.
+//! - `registry`: names → folders (resolved from the roots on first use),
+//!   runtime load/unload, resident weights within a byte budget;
+//! - `random`: random PEFT adapters for benchmarks and tests.
 
 pub mod adapter;
 pub mod config;
 pub mod files;
+pub mod loads;
+pub mod random;
 pub mod registry;
 
 pub use adapter::BaseShapes;

@@ -1,16 +1,24 @@
-//! The adapters clients can name: each is a folder on disk; its weights are
-//! resident while recently used. Least recently used adapters that no
-//! sequence holds are evicted past `max_loaded` and reloaded on next use.
-//! Requests hold an `Arc` of the weights, so unloading or evicting never
-//! disturbs a generation in flight.
+//! The adapters clients can name, in tiers: each is a folder on disk (any
+//! number); its weights are resident in the form the kernels use while
+//! recently used, within a byte budget (`--adapter-memory`) and a count
+//! (`--max-loaded-adapters`). Least recently used weights that no request
+//! holds are evicted past either bound and read again on next use.
+//! Requests hold an `Arc` of the weights from the moment they are resolved
+//! (before they queue), so unloading or evicting never disturbs a request
+//! waiting or running, and the budget is exceeded only by weights in use.
+//!
+//! With `resolve` on, a name that is not registered is looked up as a
+//! sub-folder of the roots on first use (vLLM's LoRA resolver idea).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use super::adapter::{self, BaseShapes};
 use super::files::AdapterFiles;
+use super::loads::LoadThreads;
 use super::LoraError;
 use crate::model::lora::AdapterWeights;
 use crate::prompt::defaults::Defaults;
@@ -20,10 +28,32 @@ pub struct RegistryOptions {
     pub max_rank: usize,
     /// Adapters resident at once (0 = unbounded).
     pub max_loaded: usize,
+    /// Bytes of adapter weights resident at once (0 = unbounded).
+    pub memory_budget: u64,
     /// Folders runtime loads may read from (canonical paths).
     pub roots: Vec<PathBuf>,
-    /// Names registered at once (0 = unbounded).
+    /// Names registered at once by runtime loads (0 = unbounded); names
+    /// resolved from the roots are bounded by the folders there instead.
     pub max_adapters: usize,
+    /// A name not registered is looked up under the roots on first use.
+    pub resolve: bool,
+    /// Where load times are recorded (`tailor_adapter_load_seconds`,
+    /// labelled with the served model's id).
+    pub load_seconds: Option<prometheus::HistogramVec>,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> Self {
+        Self {
+            max_rank: 64,
+            max_loaded: 0,
+            memory_budget: 0,
+            roots: Vec::new(),
+            max_adapters: 0,
+            resolve: false,
+            load_seconds: None,
+        }
+    }
 }
 
 /// What `/v1/models` shows of an adapter.
@@ -39,8 +69,12 @@ pub struct AdapterInfo {
 pub struct AdapterCounts {
     pub registered: usize,
     pub resident: usize,
+    /// Bytes of the resident weights.
+    pub resident_bytes: u64,
     pub loads: u64,
     pub evictions: u64,
+    /// Names looked up under the roots and found nowhere.
+    pub resolve_misses: u64,
 }
 
 struct Entry {
@@ -55,6 +89,8 @@ struct Entry {
 /// The weights of one folder, however many names point at it.
 struct Slot {
     resident: Option<Arc<AdapterWeights>>,
+    /// Bytes of `resident` (0 when it is not).
+    bytes: u64,
     last_used: u64,
     /// Start-up adapters may follow links anywhere; runtime ones not.
     trusted: bool,
@@ -66,15 +102,24 @@ struct Slot {
 pub struct AdapterRegistry {
     base: BaseShapes,
     options: RegistryOptions,
+    load_seconds: Option<prometheus::Histogram>,
+    /// Started on first use (most registries never read a cold adapter).
+    load_threads: std::sync::OnceLock<LoadThreads>,
     inner: Mutex<Inner>,
     loads: AtomicU64,
     evictions: AtomicU64,
+    resolve_misses: AtomicU64,
 }
 
 #[derive(Default)]
 struct Inner {
     entries: BTreeMap<String, Entry>,
     slots: BTreeMap<PathBuf, Slot>,
+    /// Held while a folder is registered, so concurrent first uses of one
+    /// adapter read it once.
+    registering: BTreeMap<PathBuf, Arc<Mutex<()>>>,
+    resident_bytes: u64,
+    resident_count: usize,
     clock: u64,
 }
 
@@ -82,6 +127,29 @@ impl Inner {
     fn tick(&mut self) -> u64 {
         self.clock += 1;
         self.clock
+    }
+
+    /// Makes `weights` the folder's resident weights unless some are there
+    /// already; returns the resident ones.
+    fn install(&mut self, path: &Path, weights: Arc<AdapterWeights>) -> Arc<AdapterWeights> {
+        let Some(slot) = self.slots.get_mut(path) else { return weights };
+        if let Some(resident) = &slot.resident {
+            return resident.clone();
+        }
+        slot.bytes = weights.bytes();
+        slot.resident = Some(weights.clone());
+        self.resident_bytes += slot.bytes;
+        self.resident_count += 1;
+        weights
+    }
+
+    fn drop_weights(&mut self, path: &Path) {
+        let Some(slot) = self.slots.get_mut(path) else { return };
+        if slot.resident.take().is_some() {
+            self.resident_bytes -= slot.bytes;
+            self.resident_count -= 1;
+            slot.bytes = 0;
+        }
     }
 }
 
@@ -91,35 +159,76 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl AdapterRegistry {
-    pub fn new(base: BaseShapes, options: RegistryOptions) -> Self {
+    /// The registry of the base model served as `model_id`.
+    pub fn new(base: BaseShapes, options: RegistryOptions, model_id: &str) -> Self {
         Self {
             base,
+            load_seconds: options.load_seconds.as_ref().map(|h| h.with_label_values(&[model_id])),
+            load_threads: std::sync::OnceLock::new(),
             options,
             inner: Mutex::new(Inner::default()),
             loads: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
+            resolve_misses: AtomicU64::new(0),
         }
     }
 
-    /// Registers an adapter folder under `name`. Runtime loads (`trusted`
-    /// false) must lie under the roots, every file of them; start-up
-    /// adapters may live anywhere. A folder already resident under another
-    /// name is shared, not read again.
+    /// Registers an adapter folder under `name`, reading and checking its
+    /// weights now. Runtime loads (`trusted` false) must lie under the
+    /// roots, every file of them; start-up adapters may live anywhere. A
+    /// folder already resident under another name is shared, not read again.
     pub fn register(&self, name: &str, path: &Path, trusted: bool) -> Result<(), LoraError> {
+        self.add(name, path, trusted, Weights::ReadNow, !trusted)
+    }
+
+    /// Registers a folder whose weights are read (and checked) on first use:
+    /// thousands of adapters are named at start in milliseconds.
+    pub fn register_lazily(&self, name: &str, path: &Path, trusted: bool) -> Result<(), LoraError> {
+        self.add(name, path, trusted, Weights::OnFirstUse, !trusted)
+    }
+
+    fn add(&self, name: &str, path: &Path, trusted: bool, weights: Weights, capped: bool) -> Result<(), LoraError> {
         validate_name(name)?;
         let path = std::fs::canonicalize(path)
             .map_err(|e| LoraError::Io(format!("cannot open adapter folder {}: {}", path.display(), e.kind())))?;
         if !trusted && !self.options.roots.iter().any(|root| path.starts_with(root)) {
             return Err(LoraError::OutsideRoots(path.display().to_string()));
         }
-        {
-            let inner = lock(&self.inner);
-            if let Some(existing) = inner.entries.get(name) {
-                return if existing.path == path { Ok(()) } else { Err(LoraError::NameTaken(name.to_string())) };
+        let gate = {
+            let mut inner = lock(&self.inner);
+            if already(&inner, name, &path)? {
+                return Ok(());
             }
-            self.check_room(&inner)?;
+            if capped {
+                self.check_room(&inner)?;
+            }
+            inner.registering.entry(path.clone()).or_default().clone()
+        };
+        let result = {
+            let _registering = lock(&gate);
+            self.add_alone(name, &path, trusted, weights, capped)
+        };
+        let mut inner = lock(&self.inner);
+        // The last one through removes the gate (the map's reference and ours).
+        if Arc::strong_count(&gate) == 2 {
+            inner.registering.remove(&path);
         }
-        let files = self.files(&path, trusted);
+        result
+    }
+
+    /// `add` while no one else registers the same folder.
+    fn add_alone(
+        &self,
+        name: &str,
+        path: &Path,
+        trusted: bool,
+        weights: Weights,
+        capped: bool,
+    ) -> Result<(), LoraError> {
+        if already(&lock(&self.inner), name, path)? {
+            return Ok(());
+        }
+        let files = self.files(path, trusted);
         let defaults = match files.read_text("tailor.toml")? {
             Some(text) => {
                 crate::prompt::defaults::adapter_defaults(&text).map_err(|e| LoraError::Config(e.to_string()))?
@@ -127,30 +236,82 @@ impl AdapterRegistry {
             None => Defaults::default(),
         };
         // Validate (and load) the weights unless this folder is resident.
-        let shared = lock(&self.inner).slots.get(&path).and_then(|s| s.resident.clone());
-        let weights = match shared {
-            Some(w) => w,
-            None => Arc::new(self.read(&files)?),
+        let shared = lock(&self.inner).slots.get(path).and_then(|s| s.resident.clone());
+        let weights = match (shared, weights) {
+            (Some(w), _) => Some(w),
+            (None, Weights::ReadNow) => Some(Arc::new(self.read(&files)?)),
+            (None, Weights::OnFirstUse) => None,
         };
         let mut inner = lock(&self.inner);
-        if inner.entries.contains_key(name) {
-            return Err(LoraError::NameTaken(name.to_string()));
+        if already(&inner, name, path)? {
+            return Ok(());
         }
-        self.check_room(&inner)?;
+        if capped {
+            self.check_room(&inner)?;
+        }
         let clock = inner.tick();
-        let slot = inner.slots.entry(path.clone()).or_insert_with(|| Slot {
+        let slot = inner.slots.entry(path.to_path_buf()).or_insert_with(|| Slot {
             resident: None,
+            bytes: 0,
             last_used: clock,
             trusted,
             loading: Arc::new(Mutex::new(())),
         });
         slot.trusted |= trusted;
         slot.last_used = clock;
-        slot.resident.get_or_insert(weights);
-        let generation = clock;
-        inner.entries.insert(name.to_string(), Entry { path, generation, defaults, created: crate::ids::unix_now() });
+        if let Some(weights) = weights {
+            inner.install(path, weights);
+        }
+        let entry = Entry { path: path.to_path_buf(), generation: clock, defaults, created: crate::ids::unix_now() };
+        inner.entries.insert(name.to_string(), entry);
         self.evict(&mut inner);
         Ok(())
+    }
+
+    /// Whether `name` is registered, or (with `resolve` on) names a folder
+    /// under the roots holding an adapter. Checks the name before touching
+    /// any file; reads nothing.
+    pub fn exists(&self, name: &str) -> Result<bool, LoraError> {
+        if self.contains(name) {
+            return Ok(true);
+        }
+        if !self.options.resolve {
+            return Ok(false);
+        }
+        validate_name(name)?;
+        let found = self.find(name).is_some();
+        if !found {
+            self.resolve_misses.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(found)
+    }
+
+    /// Registers `name` from the roots if it is not registered (its weights
+    /// are read by `get`). `Ok(false)` when it is found nowhere.
+    fn resolve(&self, name: &str) -> Result<bool, LoraError> {
+        if self.contains(name) {
+            return Ok(true);
+        }
+        if !self.options.resolve {
+            return Ok(false);
+        }
+        validate_name(name)?;
+        let Some(dir) = self.find(name) else {
+            self.resolve_misses.fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
+        };
+        self.add(name, &dir, false, Weights::OnFirstUse, false)?;
+        Ok(true)
+    }
+
+    /// The folder of a valid name under the first root that has it.
+    fn find(&self, name: &str) -> Option<PathBuf> {
+        self.options.roots.iter().map(|root| root.join(name)).find(|dir| dir.join("adapter_config.json").is_file())
+    }
+
+    /// Whether names not registered are looked up under the roots.
+    pub fn resolves(&self) -> bool {
+        self.options.resolve
     }
 
     fn check_room(&self, inner: &Inner) -> Result<(), LoraError> {
@@ -170,8 +331,12 @@ impl AdapterRegistry {
     }
 
     fn read(&self, files: &AdapterFiles) -> Result<AdapterWeights, LoraError> {
+        let started = Instant::now();
         let weights = adapter::load_files(files, &self.base, self.options.max_rank)?;
         self.loads.fetch_add(1, Ordering::Relaxed);
+        if let Some(histogram) = &self.load_seconds {
+            histogram.observe(started.elapsed().as_secs_f64());
+        }
         Ok(weights)
     }
 
@@ -179,6 +344,7 @@ impl AdapterRegistry {
         let mut inner = lock(&self.inner);
         let entry = inner.entries.remove(name).ok_or_else(|| LoraError::NotFound(name.to_string()))?;
         if !inner.entries.values().any(|e| e.path == entry.path) {
+            inner.drop_weights(&entry.path);
             inner.slots.remove(&entry.path);
         }
         Ok(())
@@ -208,20 +374,34 @@ impl AdapterRegistry {
         self.options.max_loaded
     }
 
+    /// Bytes of weights kept resident when no request holds them (0 = unbounded).
+    pub fn memory_budget(&self) -> u64 {
+        self.options.memory_budget
+    }
+
     pub fn counts(&self) -> AdapterCounts {
-        let inner = lock(&self.inner);
+        let mut inner = lock(&self.inner);
+        // Weights released since the last load go now, so an idle server
+        // is within its budget whenever it is looked at.
+        self.evict(&mut inner);
         AdapterCounts {
             registered: inner.entries.len(),
-            resident: inner.slots.values().filter(|s| s.resident.is_some()).count(),
+            resident: inner.resident_count,
+            resident_bytes: inner.resident_bytes,
             loads: self.loads.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
+            resolve_misses: self.resolve_misses.load(Ordering::Relaxed),
         }
     }
 
-    /// The weights of `name`, read from disk again if they were evicted (by
-    /// one caller; concurrent ones wait for its result). `None` when no
-    /// adapter has that name.
+    /// The weights of `name`, read from disk if they are not resident (by
+    /// one caller; concurrent ones wait for its result); a name not
+    /// registered is resolved from the roots first when that is on. `None`
+    /// when no adapter has that name.
     pub fn get(&self, name: &str) -> Result<Option<Arc<AdapterWeights>>, LoraError> {
+        if !self.resolve(name)? {
+            return Ok(None);
+        }
         let Some((path, loading)) = self.resident_or_lock(name) else { return Ok(None) };
         let loading = match loading {
             Ok(weights) => return Ok(Some(weights)),
@@ -241,7 +421,7 @@ impl AdapterRegistry {
         match inner.slots.get_mut(&path) {
             Some(slot) => {
                 slot.last_used = clock;
-                let weights = slot.resident.get_or_insert(weights).clone();
+                let weights = inner.install(&path, weights);
                 self.evict(&mut inner);
                 Ok(Some(weights))
             }
@@ -250,11 +430,44 @@ impl AdapterRegistry {
         }
     }
 
+    /// `register` on the adapter load threads (below the engine's priority).
+    pub async fn register_off_engine(
+        self: &Arc<Self>,
+        name: &str,
+        path: &Path,
+        trusted: bool,
+    ) -> Result<(), LoraError> {
+        let (registry, name, path) = (self.clone(), name.to_string(), path.to_path_buf());
+        self.load_threads()
+            .run(move || registry.register(&name, &path, trusted))
+            .await
+            .map_err(|_| LoraError::Io("the adapter load failed unexpectedly".into()))?
+    }
+
+    fn load_threads(&self) -> &LoadThreads {
+        self.load_threads.get_or_init(|| LoadThreads::new(LOAD_THREADS))
+    }
+
+    /// `get` on the adapter load threads (below the engine's priority).
+    pub async fn get_off_engine(self: &Arc<Self>, name: &str) -> Result<Option<Arc<AdapterWeights>>, LoraError> {
+        // Resident weights are handed over at once, never queued behind a cold load.
+        if let Some((_, Ok(weights))) = self.resident_or_lock(name) {
+            return Ok(Some(weights));
+        }
+        let (registry, name) = (self.clone(), name.to_string());
+        self.load_threads()
+            .run(move || registry.get(&name))
+            .await
+            .map_err(|_| LoraError::Io("the adapter load failed unexpectedly".into()))?
+    }
+
     /// For a registered name: its folder, and its resident weights or the
     /// lock to hold while reading them.
     #[allow(clippy::type_complexity)]
     fn resident_or_lock(&self, name: &str) -> Option<(PathBuf, Result<Arc<AdapterWeights>, Arc<Mutex<()>>>)> {
         let mut inner = lock(&self.inner);
+        // Weights released since the last load may now go (cheap when within bounds).
+        self.evict(&mut inner);
         let clock = inner.tick();
         let path = inner.entries.get(name)?.path.clone();
         let slot = inner.slots.get_mut(&path)?;
@@ -274,31 +487,43 @@ impl AdapterRegistry {
             .collect()
     }
 
+    /// Drops least recently used weights that no request holds until both
+    /// bounds hold (or only weights in use are left).
     fn evict(&self, inner: &mut Inner) {
-        let max = self.options.max_loaded;
-        if max == 0 {
-            return;
-        }
-        loop {
-            let resident = inner.slots.values().filter(|s| s.resident.is_some()).count();
-            if resident <= max {
-                return;
-            }
-            // Only weights no sequence holds (strong count 1: ours) may go.
+        let (max, budget) = (self.options.max_loaded, self.options.memory_budget);
+        while (max > 0 && inner.resident_count > max) || (budget > 0 && inner.resident_bytes > budget) {
+            // Only weights no request holds (strong count 1: ours) may go.
             let victim = inner
                 .slots
-                .iter_mut()
+                .iter()
                 .filter(|(_, s)| s.resident.as_ref().is_some_and(|w| Arc::strong_count(w) == 1))
-                .min_by_key(|(_, s)| s.last_used);
-            match victim {
-                Some((path, slot)) => {
-                    tracing::info!(adapter = %path.display(), "evicting adapter weights (least recently used)");
-                    slot.resident = None;
-                    self.evictions.fetch_add(1, Ordering::Relaxed);
-                }
-                None => return,
-            }
+                .min_by_key(|(_, s)| s.last_used)
+                .map(|(path, _)| path.clone());
+            let Some(path) = victim else { return };
+            tracing::debug!(adapter = %path.display(), "evicting adapter weights (least recently used)");
+            inner.drop_weights(&path);
+            self.evictions.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// Threads reading adapters at once: two keep a slow disk from
+/// serializing loads without taking more than the engine's spare time.
+const LOAD_THREADS: usize = 2;
+
+/// How `add` treats the weights of a folder not resident yet.
+#[derive(Clone, Copy)]
+enum Weights {
+    ReadNow,
+    OnFirstUse,
+}
+
+/// Whether `name` is registered for `path` already (an error if for another).
+fn already(inner: &Inner, name: &str, path: &Path) -> Result<bool, LoraError> {
+    match inner.entries.get(name) {
+        Some(existing) if existing.path == path => Ok(true),
+        Some(_) => Err(LoraError::NameTaken(name.to_string())),
+        None => Ok(false),
     }
 }
 
@@ -324,5 +549,120 @@ mod tests {
         for bad in ["", "../x", "a/b", ".hidden", "-x", ":x", "a..b", "naïve", &"x".repeat(129)] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tiers {
+    use super::*;
+    use crate::lora::config::Module;
+    use crate::lora::random::{self, RandomAdapters};
+    use crate::model::random::RandomSource;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    /// `count` rank-4 adapters `a0..` under a fresh root, and the base they fit.
+    fn root(count: usize) -> Result<(tempfile::TempDir, PathBuf, BaseShapes), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = std::fs::canonicalize(dir.path())?;
+        let base = BaseShapes::of(&RandomSource::tiny_config(64));
+        let spec =
+            RandomAdapters { prefix: "a".into(), count, ranks: (4, 4), modules: vec![Module::Q, Module::V], seed: 1 };
+        random::write(&path, &base, &spec)?;
+        Ok((dir, path, base))
+    }
+
+    fn registry(base: &BaseShapes, root: &Path, budget: u64) -> AdapterRegistry {
+        let options = RegistryOptions {
+            memory_budget: budget,
+            roots: vec![root.to_path_buf()],
+            resolve: true,
+            ..Default::default()
+        };
+        AdapterRegistry::new(base.clone(), options, "tiny")
+    }
+
+    #[test]
+    fn names_resolve_from_the_roots_on_first_use_and_nothing_else_does() -> TestResult {
+        let (_dir, path, base) = root(2)?;
+        let reg = registry(&base, &path, 0);
+        assert!(reg.list().is_empty());
+        assert!(reg.exists("a1")?);
+        assert_eq!(reg.counts().loads, 0, "exists reads nothing");
+        let weights = reg.get("a1")?.ok_or("a1 resolves")?;
+        assert_eq!(reg.list().iter().map(|a| a.name.as_str()).collect::<Vec<_>>(), ["a1"]);
+        assert_eq!(reg.counts().loads, 1);
+        assert_eq!(reg.counts().resident_bytes, weights.bytes());
+        assert!(reg.get("missing")?.is_none());
+        assert!(!reg.exists("missing")?);
+        assert_eq!((reg.counts().loads, reg.counts().resolve_misses, reg.counts().registered), (1, 2, 1));
+        for bad in ["../a1", "a/b", "..", "x/../a1"] {
+            assert!(matches!(reg.get(bad), Err(LoraError::BadName(_))), "{bad}");
+            assert!(matches!(reg.exists(bad), Err(LoraError::BadName(_))), "{bad}");
+        }
+        // Off by default.
+        let off = AdapterRegistry::new(base, RegistryOptions { roots: vec![path], ..Default::default() }, "tiny");
+        assert!(off.get("a1")?.is_none());
+        assert!(!off.exists("../x")?, "without resolution a name is only looked up, never checked as a path");
+        Ok(())
+    }
+
+    #[test]
+    fn the_byte_budget_holds_and_weights_in_use_are_never_evicted() -> TestResult {
+        let (_dir, path, base) = root(20)?;
+        let one = registry(&base, &path, 0).get("a0")?.ok_or("a0")?.bytes();
+        let reg = registry(&base, &path, 3 * one);
+        let held = reg.get("a0")?.ok_or("a0")?;
+        for round in 0..2 {
+            for i in 1..20 {
+                let w = reg.get(&format!("a{i}"))?.ok_or("resolves")?;
+                let counts = reg.counts();
+                // In use: a0 and w; the rest within the budget.
+                assert!(counts.resident_bytes <= 3 * one + 2 * one, "round {round} a{i}: {counts:?}");
+                drop(w);
+                assert!(reg.counts().resident_bytes <= 3 * one.max(1), "{:?}", reg.counts());
+            }
+        }
+        // a0 was held throughout: still resident, the very same weights, never read again.
+        let again = reg.get("a0")?.ok_or("a0")?;
+        assert!(Arc::ptr_eq(&held, &again));
+        let counts = reg.counts();
+        assert_eq!(counts.loads, 1 + 2 * 19, "{counts:?}");
+        assert!(counts.evictions >= 2 * 19 - 3, "{counts:?}");
+        assert_eq!(counts.registered, 20);
+        Ok(())
+    }
+
+    #[test]
+    fn concurrent_first_uses_of_one_adapter_read_it_once() -> TestResult {
+        let (_dir, path, base) = root(1)?;
+        let reg = Arc::new(registry(&base, &path, 0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let reg = reg.clone();
+                std::thread::spawn(move || reg.get("a0").map(|w| w.map(|w| Arc::as_ptr(&w) as usize)))
+            })
+            .collect();
+        let mut seen = Vec::new();
+        for t in threads {
+            seen.push(t.join().map_err(|_| "thread panicked")??.ok_or("a0")?);
+        }
+        seen.dedup();
+        assert_eq!(seen.len(), 1, "every caller got the same weights");
+        assert_eq!(reg.counts().loads, 1);
+        assert_eq!(reg.counts().registered, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn lazily_registered_adapters_are_read_on_first_use() -> TestResult {
+        let (_dir, path, base) = root(2)?;
+        let reg = registry(&base, &path, 0);
+        reg.register_lazily("first", &path.join("a0"), true)?;
+        reg.register_lazily("second", &path.join("a1"), true)?;
+        assert_eq!((reg.counts().registered, reg.counts().loads), (2, 0));
+        assert!(reg.get("second")?.is_some());
+        assert_eq!((reg.counts().loads, reg.counts().resident), (1, 1));
+        Ok(())
     }
 }

@@ -47,6 +47,12 @@ impl AdapterWeights {
     pub fn get(&self, slot: Slot) -> Option<&LoraWeights> {
         self.layers.get(slot.layer)?.get(slot.module)?.as_ref()
     }
+
+    /// Bytes of the weights in memory.
+    pub fn bytes(&self) -> u64 {
+        let floats: usize = self.layers.iter().flatten().flatten().map(|w| w.a.len() + w.b_t.len()).sum();
+        (floats * std::mem::size_of::<f32>()) as u64
+    }
 }
 
 /// The rows of one step that use one adapter.

@@ -157,21 +157,7 @@ impl<T: Real> Lora<T> {
 
 /// The seeded generator of training (initialisation, example order), so a
 /// run repeats exactly with the same `--seed`.
-pub(crate) struct SplitMix(pub(crate) u64);
-
-impl SplitMix {
-    pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+pub(crate) use crate::rng::SplitMix;
 
 /// A batch: token ids per example and, per position, the weight of
 /// predicting the next token there (0 for prompt tokens).

@@ -26,6 +26,21 @@ pub fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2").join(rel)
 }
 
+/// One of the project's shipped adapters (`adapters/<name>`).
+pub fn project_adapter(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("adapters").join(name)
+}
+
+/// Copies a flat folder (an adapter's files).
+pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+    }
+    Ok(())
+}
+
 pub fn read_json(rel: &str) -> Value {
     let path = fixture(rel);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -203,6 +218,13 @@ pub async fn post_at(addr: SocketAddr, path: &str, body: Value) -> Result<(u16, 
     let response = ::reqwest::Client::new().post(format!("http://{addr}{path}")).json(&body).send().await?;
     let status = response.status().as_u16();
     Ok((status, response.json().await?))
+}
+
+/// POSTs JSON to the server at `addr`: the status and the body as text.
+pub async fn post_text(addr: SocketAddr, path: &str, body: Value) -> Result<(u16, String), ::reqwest::Error> {
+    let response = ::reqwest::Client::new().post(format!("http://{addr}{path}")).json(&body).send().await?;
+    let status = response.status().as_u16();
+    Ok((status, response.text().await?))
 }
 
 /// A streamed reply from the server at `addr`: the raw SSE text and its JSON chunks.

@@ -1,7 +1,6 @@
 //! LoRA adapters: parity with PEFT, behaviour over HTTP, mixed batches,
 //! runtime load/unload and everything that must be refused.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,12 +10,8 @@ use tailor::lora::{adapter, BaseShapes};
 use tailor::model::lora::AdapterWeights;
 use tailor::model::WeightMode;
 
-use crate::common::{server, start_server, TestResult, MODEL_ID};
+use crate::common::{copy_dir, project_adapter, server, start_server, TestResult, MODEL_ID};
 use crate::reference::{check_f32_parity, check_quantized, loaded};
-
-fn project_adapter(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("adapters").join(name)
-}
 
 fn weights(mode: WeightMode, name: &str) -> Arc<AdapterWeights> {
     let shapes = BaseShapes::of(loaded(mode).model.config());
@@ -126,15 +121,6 @@ async fn mixed_adapter_batch_equals_sequential_runs() -> TestResult {
 async fn post_json(url: &str, body: Value) -> Result<(u16, String), Box<dyn std::error::Error>> {
     let resp = reqwest::Client::new().post(url).json(&body).send().await?;
     Ok((resp.status().as_u16(), resp.text().await?))
-}
-
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        std::fs::copy(entry.path(), to.join(entry.file_name()))?;
-    }
-    Ok(())
 }
 
 #[tokio::test]

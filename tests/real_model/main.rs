@@ -6,6 +6,7 @@ mod common;
 mod fine_tuning;
 mod fine_tuning_faults;
 mod lora;
+mod many_adapters;
 mod openai_sdk;
 mod openapi;
 mod operations;
