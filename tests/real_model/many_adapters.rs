@@ -220,3 +220,71 @@ async fn cold_loads_do_not_stall_a_running_stream() -> TestResult {
     assert_eq!(value(&scrape(addr).await?, "tailor_adapter_loads_total", &[]), 40.0);
     Ok(())
 }
+
+#[tokio::test]
+async fn the_workload_generator_reports_every_figure_at_small_scale() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let root_path = std::fs::canonicalize(root.path())?;
+    // Twenty adapters (ranks 8-16 over q and v, tailor random-adapters' defaults otherwise).
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_tailor"))
+        .args(["random-adapters", "--count", "20", "--ranks", "8-16", "--modules", "q,v", "--prefix", "s", "--model"])
+        .arg(model_path())
+        .arg("--out")
+        .arg(&root_path)
+        .output()?;
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    // A budget of about five of them.
+    let addr = start_server(&[
+        "--resolve-adapters",
+        "--lora-root",
+        root_path.to_str().ok_or("utf-8")?,
+        "--adapter-memory",
+        "12MB",
+    ]);
+    let url = format!("http://{addr}");
+    let bench = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tailor"))
+            .args(["bench", "--url", &url, "--adapters", "20", "--adapter-prefix", "s", "--alpha", "1"])
+            .args(["--rate", "2", "--duration", "30", "--prompt-tokens-range", "8:64", "--max-tokens-range", "8:32"])
+            .args(["--seed", "5", "--time-limit", "120"])
+            .output()
+    })
+    .await??;
+    let stdout = String::from_utf8(bench.stdout)?;
+    assert!(bench.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&bench.stderr));
+    let summary: Value =
+        serde_json::Deserializer::from_str(&stdout).into_iter::<Value>().next().ok_or("a JSON summary")??;
+    for field in [
+        "requests_ok",
+        "requests_failed",
+        "rate",
+        "models",
+        "prompt_tokens",
+        "max_tokens",
+        "wall_s",
+        "requests_per_s",
+        "generated_tokens",
+        "generated_tokens_per_s",
+        "ttft_ms_p50",
+        "ttft_ms_p95",
+        "ttft_ms_p99",
+        "itl_ms_p50",
+        "itl_ms_p95",
+        "itl_ms_p99",
+        "e2e_ms_p50",
+        "slo_attainment",
+    ] {
+        assert!(summary[field].is_number(), "{field}: {summary}");
+    }
+    assert_eq!(summary["requests_failed"], 0, "{summary}");
+    assert!(summary["requests_ok"].as_u64().is_some_and(|n| (40..=80).contains(&n)), "~2/s for 30 s: {summary}");
+    assert!(summary["models"].as_u64().is_some_and(|n| n > 5), "{summary}");
+    let server = &summary["server"];
+    for field in ["adapter_loads", "adapter_evictions", "adapter_resolve_misses", "adapter_bytes_resident"] {
+        assert!(server[field].is_number(), "{field}: {summary}");
+    }
+    assert!(server["adapter_loads"].as_f64() >= summary["models"].as_f64(), "each adapter named was read: {summary}");
+    assert_eq!(server["adapter_resolve_misses"], 0.0);
+    assert!(server["adapter_bytes_resident"].as_f64().is_some_and(|b| b <= 12e6), "{summary}");
+    Ok(())
+}

@@ -2,6 +2,16 @@
 //! same workload can be run against tailor and other servers. Prompts for
 //! `/v1/completions` are token-id lists, so their length is exact on any
 //! server that shares the model's vocabulary.
+//!
+//! Two shapes of load: closed (`--concurrency` requests in flight, the next
+//! sent when one ends) and open (`--rate`: Poisson arrivals, S-LoRA's
+//! set-up), over fixed or drawn lengths and a rotation of model ids or N
+//! adapters chosen by a power law (`workload`).
+
+mod server_metrics;
+pub mod workload;
+
+use workload::Planned;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -18,14 +28,47 @@ pub struct BenchArgs {
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
     /// Model ids, comma-separated: requests rotate over them (e.g. several adapters).
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required_unless_present = "adapters")]
     pub model: Vec<String>,
+    /// N adapters named PREFIX0..PREFIX{N-1} (`--adapter-prefix`), chosen per
+    /// request by a power law of exponent `--alpha` (adapter i with weight
+    /// 1/(i+1)^alpha), instead of rotating over `--model`.
+    #[arg(long, default_value_t = 0)]
+    pub adapters: usize,
+    #[arg(long, default_value = "adapter-")]
+    pub adapter_prefix: String,
+    /// The power law's exponent (S-LoRA: 1).
+    #[arg(long, default_value_t = 1.0)]
+    pub alpha: f64,
+    /// Open loop: requests arrive as a Poisson process of this many per
+    /// second, however many are in flight (0 = closed loop at --concurrency).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// With --rate: send arrivals for this many seconds (instead of --requests).
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Prompt lengths drawn uniformly from LOW:HIGH (instead of --prompt-tokens).
+    #[arg(long, value_parser = workload::parse_range)]
+    pub prompt_tokens_range: Option<(usize, usize)>,
+    /// Output lengths drawn uniformly from LOW:HIGH (instead of --max-tokens).
+    #[arg(long, value_parser = workload::parse_range)]
+    pub max_tokens_range: Option<(usize, usize)>,
+    /// Seed of the drawn adapters, lengths and arrival times.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// A request meets its service-level objective when its first token
+    /// comes within this time (S-LoRA's 6 s) ...
+    #[arg(long, default_value_t = 6000.0)]
+    pub slo_ttft_ms: f64,
+    /// ... and its tokens then come at this mean gap or faster.
+    #[arg(long, default_value_t = 200.0)]
+    pub slo_itl_ms: f64,
     /// `completions` (token-id prompts, exact length) or `chat`.
     #[arg(long, default_value = "completions")]
     pub endpoint: String,
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 1)]
-    pub concurrency: usize,
+    /// Requests in flight at once (closed loop; with --rate, a cap if given).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
     /// Requests in total.
     #[arg(long, default_value_t = 8)]
     pub requests: usize,
@@ -85,17 +128,29 @@ pub struct RequestResult {
 pub struct Summary {
     pub requests_ok: usize,
     pub requests_failed: usize,
-    pub concurrency: usize,
+    /// Requests in flight at most (None: open loop without a cap).
+    pub concurrency: Option<usize>,
+    pub rate: f64,
+    /// Distinct model ids the workload named.
+    pub models: usize,
     pub prompt_tokens: usize,
     pub max_tokens: usize,
     pub wall_s: f64,
+    pub requests_per_s: f64,
     pub generated_tokens: usize,
     pub generated_tokens_per_s: f64,
     pub ttft_ms_p50: Option<f64>,
     pub ttft_ms_p95: Option<f64>,
+    pub ttft_ms_p99: Option<f64>,
     pub itl_ms_p50: Option<f64>,
     pub itl_ms_p95: Option<f64>,
+    pub itl_ms_p99: Option<f64>,
     pub e2e_ms_p50: Option<f64>,
+    /// Share of all requests that succeeded within --slo-ttft-ms and --slo-itl-ms.
+    pub slo_attainment: f64,
+    /// The server's adapter counters over the run, from its `/metrics` (None
+    /// when it has none of tailor's).
+    pub server: Option<server_metrics::AdapterActivity>,
     pub errors: Vec<String>,
 }
 
@@ -103,15 +158,17 @@ impl Summary {
     pub fn one_line(&self) -> String {
         let ms = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
         format!(
-            "ok {} failed {} | {:.1} tok/s | ttft p50 {} p95 {} ms | itl p50 {} p95 {} ms | e2e p50 {} ms",
+            "ok {} failed {} | {:.2} req/s {:.1} tok/s | ttft p50 {} p95 {} ms | itl p50 {} p95 {} ms | e2e p50 {} ms | slo {:.0}%",
             self.requests_ok,
             self.requests_failed,
+            self.requests_per_s,
             self.generated_tokens_per_s,
             ms(self.ttft_ms_p50),
             ms(self.ttft_ms_p95),
             ms(self.itl_ms_p50),
             ms(self.itl_ms_p95),
             ms(self.e2e_ms_p50),
+            self.slo_attainment * 100.0,
         )
     }
 }
@@ -145,9 +202,10 @@ fn check_url(args: &BenchArgs) -> Result<(), BenchError> {
 
 pub async fn run(args: BenchArgs) -> Result<Summary, BenchError> {
     check_url(&args)?;
-    if args.concurrency == 0 || args.requests == 0 {
+    if args.concurrency == Some(0) || args.requests == 0 {
         return Err(BenchError::Invalid("--concurrency and --requests must be at least 1".into()));
     }
+    let plan = workload::plan(&args)?;
     // A fresh connection per request: servers differ in how they close idle
     // keep-alive connections, and a reused, already-closed one would count as
     // that server's failure.
@@ -156,17 +214,24 @@ pub async fn run(args: BenchArgs) -> Result<Summary, BenchError> {
         .timeout(Duration::from_secs(args.time_limit))
         .build()
         .map_err(|e| BenchError::Invalid(e.to_string()))?;
-    let gate = Arc::new(Semaphore::new(args.concurrency));
+    let in_flight = match (args.concurrency, args.rate > 0.0) {
+        (Some(n), _) => n,
+        (None, true) => Semaphore::MAX_PERMITS,
+        (None, false) => 1,
+    };
+    let before = server_metrics::read(&client, &args.url).await;
+    let gate = Arc::new(Semaphore::new(in_flight));
     let args = Arc::new(args);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.time_limit);
-    let mut tasks = Vec::with_capacity(args.requests);
-    for i in 0..args.requests {
+    let mut tasks = Vec::with_capacity(plan.len());
+    for planned in plan.iter().cloned() {
         let (client, gate, args) = (client.clone(), gate.clone(), args.clone());
         tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until((started + planned.at).into()).await;
             let _permit = gate.acquire_owned().await;
-            let model = args.model[i % args.model.len()].clone();
-            match tokio::time::timeout_at(deadline.into(), one_request(&client, &args, &model, i)).await {
+            let model = planned.model.clone();
+            match tokio::time::timeout_at(deadline.into(), one_request(&client, &args, &planned)).await {
                 Ok(result) => result,
                 Err(_) => RequestResult { model, error: Some("time limit reached".into()), ..Default::default() },
             }
@@ -176,7 +241,10 @@ pub async fn run(args: BenchArgs) -> Result<Summary, BenchError> {
     for task in tasks {
         results.push(task.await.unwrap_or_else(|e| RequestResult { error: Some(e.to_string()), ..Default::default() }));
     }
-    Ok(summarize(&args, &results, started.elapsed()))
+    let wall = started.elapsed();
+    let after = server_metrics::read(&client, &args.url).await;
+    let server = before.zip(after).map(|(before, after)| after.since(&before));
+    Ok(summarize(&args, &plan, &results, wall, server, in_flight))
 }
 
 fn json_file(path: &str) -> Result<Value, String> {
@@ -184,11 +252,12 @@ fn json_file(path: &str) -> Result<Value, String> {
     serde_json::from_str(&text).map_err(|e| format!("{path} is not JSON: {e}"))
 }
 
-fn body(args: &BenchArgs, model: &str, index: usize) -> (String, Value) {
+fn body(args: &BenchArgs, planned: &Planned) -> (String, Value) {
+    let (model, index) = (&planned.model, planned.index);
     let number = args.first_request + index;
     let common = json!({
         "model": model,
-        "max_tokens": args.max_tokens,
+        "max_tokens": planned.max_tokens,
         "temperature": args.temperature,
         "stream": args.stream,
         "ignore_eos": args.ignore_eos,
@@ -204,7 +273,7 @@ fn body(args: &BenchArgs, model: &str, index: usize) -> (String, Value) {
         body.insert("lora".into(), json!([{"id": index % args.model.len(), "scale": 1.0}]));
     }
     if args.endpoint == "chat" {
-        let words: Vec<String> = (0..args.prompt_tokens).map(|k| format!("w{}", (k + number) % 97)).collect();
+        let words: Vec<String> = (0..planned.prompt_tokens).map(|k| format!("w{}", (k + number) % 97)).collect();
         body.insert("messages".into(), json!([{"role": "user", "content": words.join(" ")}]));
         (format!("{}/v1/chat/completions", args.url), Value::Object(body))
     } else {
@@ -213,7 +282,8 @@ fn body(args: &BenchArgs, model: &str, index: usize) -> (String, Value) {
         let shared = (0..args.shared_prefix_tokens as u32).map(|k| args.prompt_token_start + (k * 11) % 5000);
         let ids: Vec<u32> = shared
             .chain(
-                (0..args.prompt_tokens as u32).map(|k| args.prompt_token_start + (k * 7 + number as u32 * 13) % 5000),
+                (0..planned.prompt_tokens as u32)
+                    .map(|k| args.prompt_token_start + (k * 7 + number as u32 * 13) % 5000),
             )
             .collect();
         body.insert("prompt".into(), json!(ids));
@@ -221,10 +291,10 @@ fn body(args: &BenchArgs, model: &str, index: usize) -> (String, Value) {
     }
 }
 
-async fn one_request(client: &reqwest::Client, args: &BenchArgs, model: &str, index: usize) -> RequestResult {
-    let (url, body) = body(args, model, index);
+async fn one_request(client: &reqwest::Client, args: &BenchArgs, planned: &Planned) -> RequestResult {
+    let (url, body) = body(args, planned);
     let started = Instant::now();
-    let mut result = RequestResult { model: model.to_string(), ..Default::default() };
+    let mut result = RequestResult { model: planned.model.clone(), ..Default::default() };
     let response = match client.post(&url).json(&body).send().await {
         Ok(r) => r,
         Err(e) => {
@@ -303,7 +373,14 @@ fn percentile(values: &mut [f64], p: f64) -> Option<f64> {
     Some(values[rank.min(values.len() - 1)])
 }
 
-fn summarize(args: &BenchArgs, results: &[RequestResult], wall: Duration) -> Summary {
+fn summarize(
+    args: &BenchArgs,
+    plan: &[Planned],
+    results: &[RequestResult],
+    wall: Duration,
+    server: Option<server_metrics::AdapterActivity>,
+    in_flight: usize,
+) -> Summary {
     let ok: Vec<&RequestResult> = results.iter().filter(|r| r.ok).collect();
     let generated: usize = ok.iter().map(|r| r.generated_tokens).sum();
     let mut ttft: Vec<f64> = ok.iter().filter_map(|r| r.ttft_ms).collect();
@@ -311,26 +388,43 @@ fn summarize(args: &BenchArgs, results: &[RequestResult], wall: Duration) -> Sum
     let mut e2e: Vec<f64> = ok.iter().map(|r| r.e2e_ms).collect();
     let mut errors: Vec<String> = results.iter().filter_map(|r| r.error.clone()).collect();
     errors.dedup();
+    let within_slo = ok.iter().filter(|r| meets_slo(args, r)).count();
+    let wall_s = wall.as_secs_f64().max(1e-9);
     Summary {
         requests_ok: ok.len(),
         requests_failed: results.len() - ok.len(),
-        concurrency: args.concurrency,
-        prompt_tokens: args.prompt_tokens,
-        max_tokens: args.max_tokens,
-        wall_s: wall.as_secs_f64(),
+        concurrency: (in_flight != Semaphore::MAX_PERMITS).then_some(in_flight),
+        rate: args.rate,
+        models: plan.iter().map(|p| &p.model).collect::<std::collections::BTreeSet<_>>().len(),
+        prompt_tokens: plan.iter().map(|p| p.prompt_tokens).sum::<usize>() / plan.len().max(1),
+        max_tokens: plan.iter().map(|p| p.max_tokens).sum::<usize>() / plan.len().max(1),
+        wall_s,
+        requests_per_s: ok.len() as f64 / wall_s,
         generated_tokens: generated,
-        generated_tokens_per_s: generated as f64 / wall.as_secs_f64().max(1e-9),
+        generated_tokens_per_s: generated as f64 / wall_s,
         ttft_ms_p50: percentile(&mut ttft, 50.0),
         ttft_ms_p95: percentile(&mut ttft, 95.0),
+        ttft_ms_p99: percentile(&mut ttft, 99.0),
         itl_ms_p50: percentile(&mut itl, 50.0),
         itl_ms_p95: percentile(&mut itl, 95.0),
+        itl_ms_p99: percentile(&mut itl, 99.0),
         e2e_ms_p50: percentile(&mut e2e, 50.0),
+        slo_attainment: within_slo as f64 / results.len().max(1) as f64,
+        server,
         errors,
     }
 }
 
+/// First token within --slo-ttft-ms (or, unstreamed, the whole reply), then
+/// a mean gap within --slo-itl-ms.
+fn meets_slo(args: &BenchArgs, r: &RequestResult) -> bool {
+    let first = r.ttft_ms.unwrap_or(r.e2e_ms);
+    let mean_gap = if r.itl_ms.is_empty() { 0.0 } else { r.itl_ms.iter().sum::<f64>() / r.itl_ms.len() as f64 };
+    first <= args.slo_ttft_ms && mean_gap <= args.slo_itl_ms
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use clap::Parser;
 
@@ -340,12 +434,17 @@ mod tests {
         args: BenchArgs,
     }
 
+    /// `tailor bench` arguments as clap parses them.
+    pub(super) fn parse(extra: &[&str]) -> BenchArgs {
+        Wrapper::parse_from(["bench"].iter().chain(extra)).args
+    }
+
     fn args(url: &str, remote: bool) -> BenchArgs {
-        let mut argv = vec!["bench", "--url", url, "--model", "m"];
+        let mut argv = vec!["--url", url, "--model", "m"];
         if remote {
             argv.push("--allow-remote");
         }
-        Wrapper::parse_from(argv).args
+        parse(&argv)
     }
 
     #[test]
