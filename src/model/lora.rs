@@ -62,99 +62,72 @@ pub struct LoraGroup {
     pub rows: Vec<usize>,
 }
 
+/// Rows per step above which the deltas are split over the rayon pool.
+const PARALLEL_ROWS: usize = 4;
+
 /// Adds every group's delta to `y` (`[tokens, out]`, row-major, in place),
 /// given the input `x` (`[tokens, in]`).
-///
-/// The rows of one adapter are multiplied together (the idea of Punica's
-/// SGMV and S-LoRA's kernels): each row of A and B is read from memory once
-/// per group and block of rows, not once per row, so the cost follows the
-/// distinct adapters of a step rather than its rows. Every output element is
-/// still summed in the same order as for a row alone (batch invariance).
 pub fn apply(x: &Tensor, y: &mut [f32], groups: &[LoraGroup], slot: Slot) -> Result<()> {
     let (tokens, in_features) = x.dims2()?;
     let out_features = y.len() / tokens.max(1);
-    let active: Vec<(&LoraWeights, &[usize])> =
-        groups.iter().filter_map(|g| g.adapter.get(slot).map(|w| (w, g.rows.as_slice()))).collect();
-    if active.is_empty() {
-        return Ok(());
-    }
-    for (w, _) in &active {
-        debug_assert_eq!((w.in_features, w.out_features), (in_features, out_features));
-    }
-    let isa = kernels::isa();
-    let work: usize = active.iter().map(|(w, rows)| rows.len() * w.rank * (in_features + out_features)).sum();
-    let parallel = work >= PARALLEL_WORK;
-    super::ops::with_f32(x, |x| {
-        // 1. Each group's rows in its rank space, by blocks of rows.
-        let down_units: Vec<(usize, &[usize])> = active
-            .iter()
-            .enumerate()
-            .flat_map(|(g, (_, rows))| rows.chunks(ROW_BLOCK).map(move |block| (g, block)))
-            .collect();
-        let down_block = |&(g, block): &(usize, &[usize])| down(isa, active[g].0, x, block);
-        let blocks: Vec<Vec<f32>> = if parallel {
-            down_units.par_iter().map(down_block).collect()
-        } else {
-            down_units.iter().map(down_block).collect()
-        };
-        // `xa[g]`: `[rows of g, rank]`, row-major.
-        let mut xa: Vec<Vec<f32>> = vec![Vec::new(); active.len()];
-        for ((g, _), block) in down_units.iter().zip(blocks) {
-            xa[*g].extend(block);
-        }
-        // 2. The deltas, by (group, column chunk): disjoint pieces of `y`.
-        let mut rows: Vec<Option<&mut [f32]>> = y.chunks_mut(out_features).map(Some).collect();
-        let mut units: Vec<UpUnit> = Vec::new();
-        for (g, (_, group_rows)) in active.iter().enumerate() {
-            let mut chunks: Vec<_> = group_rows
-                .iter()
-                .filter_map(|&r| rows.get_mut(r).and_then(Option::take))
-                .map(|row| row.chunks_mut(COLUMN_CHUNK))
-                .collect();
-            for c in 0..out_features.div_ceil(COLUMN_CHUNK) {
-                let cols: Vec<&mut [f32]> = chunks.iter_mut().filter_map(Iterator::next).collect();
-                units.push(UpUnit { group: g, first: c * COLUMN_CHUNK, cols });
+    // Each row's adapter weights for this projection, if any.
+    let mut per_row: Vec<Option<&LoraWeights>> = vec![None; tokens];
+    for group in groups {
+        if let Some(w) = group.adapter.get(slot) {
+            debug_assert_eq!((w.in_features, w.out_features), (in_features, out_features));
+            for &row in &group.rows {
+                per_row[row] = Some(w);
             }
         }
-        let up_unit = |unit: &mut UpUnit| up(isa, active[unit.group].0, &xa[unit.group], unit.first, &mut unit.cols);
-        if parallel {
-            units.par_iter_mut().for_each(up_unit);
+    }
+    if per_row.iter().all(Option::is_none) {
+        return Ok(());
+    }
+    let isa = kernels::isa();
+    super::ops::with_f32(x, |x| {
+        let row_delta = |(row, y_row): (usize, &mut [f32])| {
+            if let Some(w) = per_row[row] {
+                let xa = down(isa, w, &x[row * in_features..(row + 1) * in_features]);
+                if tokens >= PARALLEL_ROWS || w.rank * out_features < PARALLEL_COLUMN_WORK {
+                    up(isa, w, &xa, 0, y_row);
+                } else {
+                    // A lone row (a single stream): its output columns are split
+                    // over the pool instead, so the second core is not idle.
+                    y_row
+                        .par_chunks_mut(COLUMN_CHUNK)
+                        .enumerate()
+                        .for_each(|(c, cols)| up(isa, w, &xa, c * COLUMN_CHUNK, cols));
+                }
+            }
+        };
+        if tokens >= PARALLEL_ROWS {
+            y.par_chunks_mut(out_features).enumerate().for_each(row_delta);
         } else {
-            units.iter_mut().for_each(up_unit);
+            y.chunks_mut(out_features).enumerate().for_each(row_delta);
         }
     })
 }
 
-/// Columns `first..` of one group's output rows.
-struct UpUnit<'a> {
-    group: usize,
-    first: usize,
-    cols: Vec<&'a mut [f32]>,
-}
-
-/// Multiply-adds of a step's deltas above which they are split over the pool.
-const PARALLEL_WORK: usize = 1 << 15;
-/// Rows multiplied together against one row of A (their inputs stay in L1).
-const ROW_BLOCK: usize = 8;
-/// Output columns per unit of the second product.
+/// Work (rank × output columns) above which a lone row's columns are split.
+const PARALLEL_COLUMN_WORK: usize = 4096;
 const COLUMN_CHUNK: usize = 256;
 
-/// `scale · x_r·Aᵀ` for the rows `block` of `x`: `[block, rank]`.
-fn down(isa: Isa, w: &LoraWeights, x: &[f32], block: &[usize]) -> Vec<f32> {
-    let mut xa = vec![0f32; block.len() * w.rank];
+/// `scale · x_row·Aᵀ`: the row in the adapter's rank space.
+fn down(isa: Isa, w: &LoraWeights, x_row: &[f32]) -> Vec<f32> {
+    let mut xa = vec![0f32; w.rank];
     match isa {
         // SAFETY: the AVX2 ISAs are only chosen when the CPU has AVX2 and FMA.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni => unsafe { down_avx2(w, x, block, &mut xa) },
-        Isa::Scalar => down_impl::<false>(w, x, block, &mut xa),
+        Isa::Avx2 | Isa::Avx512Vnni => unsafe { down_avx2(w, x_row, &mut xa) },
+        Isa::Scalar => down_impl::<false>(w, x_row, &mut xa),
     }
     xa
 }
 
-/// `cols[k] += (xa_k·Bᵀ)[first..]` for each row k of a group: each column
-/// summed over the rank in order — the same bits however rows and columns
+/// `cols += (xa·Bᵀ)[first..]`: output columns `first..first + cols.len()`,
+/// each summed over the rank in order — the same bits however the columns
 /// are split.
-fn up(isa: Isa, w: &LoraWeights, xa: &[f32], first: usize, cols: &mut [&mut [f32]]) {
+fn up(isa: Isa, w: &LoraWeights, xa: &[f32], first: usize, cols: &mut [f32]) {
     match isa {
         // SAFETY: as in `down`.
         #[cfg(target_arch = "x86_64")]
@@ -165,40 +138,32 @@ fn up(isa: Isa, w: &LoraWeights, xa: &[f32], first: usize, cols: &mut [&mut [f32
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn down_avx2(w: &LoraWeights, x: &[f32], block: &[usize], xa: &mut [f32]) {
-    down_impl::<true>(w, x, block, xa)
+unsafe fn down_avx2(w: &LoraWeights, x_row: &[f32], xa: &mut [f32]) {
+    down_impl::<true>(w, x_row, xa)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn up_avx2(w: &LoraWeights, xa: &[f32], first: usize, cols: &mut [&mut [f32]]) {
+unsafe fn up_avx2(w: &LoraWeights, xa: &[f32], first: usize, cols: &mut [f32]) {
     up_impl::<true>(w, xa, first, cols)
 }
 
 /// `FUSED` multiply-adds where the CPU has FMA (elsewhere a fused
 /// multiply-add is a slow library call). Inlined into each ISA's wrapper;
 /// plain loops (a closure would not inherit the wrapper's target features).
-/// Each row of A is read once for the whole block.
 #[inline(always)]
-fn down_impl<const FUSED: bool>(w: &LoraWeights, x: &[f32], block: &[usize], xa: &mut [f32]) {
+fn down_impl<const FUSED: bool>(w: &LoraWeights, x_row: &[f32], xa: &mut [f32]) {
     let n = w.in_features;
-    for j in 0..w.rank {
-        let a = &w.a[j * n..(j + 1) * n];
-        for (k, &row) in block.iter().enumerate() {
-            xa[k * w.rank + j] = w.scale * dot::<FUSED>(&x[row * n..(row + 1) * n], a);
-        }
+    for (j, v) in xa.iter_mut().enumerate() {
+        *v = w.scale * dot::<FUSED>(x_row, &w.a[j * n..(j + 1) * n]);
     }
 }
 
-/// Each piece of a row of B is read once for all the group's rows.
 #[inline(always)]
-fn up_impl<const FUSED: bool>(w: &LoraWeights, xa: &[f32], first: usize, cols: &mut [&mut [f32]]) {
+fn up_impl<const FUSED: bool>(w: &LoraWeights, xa: &[f32], first: usize, cols: &mut [f32]) {
     let n = w.out_features;
-    for j in 0..w.rank {
-        for (k, row) in cols.iter_mut().enumerate() {
-            let b = &w.b_t[j * n + first..j * n + first + row.len()];
-            axpy::<FUSED>(xa[k * w.rank + j], b, row);
-        }
+    for (j, &c) in xa.iter().enumerate() {
+        axpy::<FUSED>(c, &w.b_t[j * n + first..j * n + first + cols.len()], cols);
     }
 }
 
@@ -315,7 +280,7 @@ mod tests {
     }
 
     #[test]
-    fn grouped_rows_equal_each_row_alone_bit_for_bit() -> Result<()> {
+    fn many_rows_of_several_adapters_equal_each_row_alone_bit_for_bit() -> Result<()> {
         // Enough work for the parallel path, groups beyond one block of rows,
         // an output width that is not a multiple of the column chunk.
         let (inf, outf, tokens) = (300, 700, 23);
@@ -331,7 +296,7 @@ mod tests {
         ];
         let slot = Slot { layer: 0, module: 4 };
         // Rows 0 and 11 have no adapter; the rest cycle over the three.
-        let owner = |row: usize| (row % 11 != 0).then_some(row % 3);
+        let owner = |row: usize| (!row.is_multiple_of(11)).then_some(row % 3);
         let groups: Vec<LoraGroup> = (0..3)
             .map(|a| LoraGroup {
                 adapter: adapters[a].clone(),
