@@ -89,21 +89,13 @@ struct RandomAdaptersArgs {
     #[arg(long, default_value = "adapter-")]
     prefix: String,
     /// Each adapter's rank is drawn uniformly from LOW-HIGH (or one number).
-    #[arg(long, default_value = "8-64", value_parser = rank_range)]
+    #[arg(long, default_value = "8-64", value_parser = tailor::bench::workload::parse_range)]
     ranks: (usize, usize),
     /// Target modules: comma-separated q, k, v, o, gate, up, down, or all.
     #[arg(long, default_value = "all", value_parser = tailor::lora::random::parse_modules)]
     modules: std::vec::Vec<tailor::lora::Module>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-}
-
-fn rank_range(text: &str) -> Result<(usize, usize), String> {
-    let parse = |t: &str| t.trim().parse::<usize>().map_err(|_| format!("`{text}` is not RANK or LOW-HIGH"));
-    match text.split_once('-') {
-        Some((lo, hi)) => Ok((parse(lo)?, parse(hi)?)),
-        None => parse(text).map(|r| (r, r)),
-    }
 }
 
 #[derive(Subcommand)]

@@ -98,10 +98,10 @@ impl Popularity {
     }
 }
 
-/// `LOW:HIGH` (or one number) → an inclusive range.
+/// `LOW:HIGH` or `LOW-HIGH` (or one number) → an inclusive range.
 pub fn parse_range(text: &str) -> Result<(usize, usize), String> {
     let parse = |t: &str| t.trim().parse::<usize>().map_err(|_| format!("`{text}` is not N or LOW:HIGH"));
-    let (lo, hi) = match text.split_once(':') {
+    let (lo, hi) = match text.split_once([':', '-']) {
         Some((lo, hi)) => (parse(lo)?, parse(hi)?),
         None => (parse(text)?, parse(text)?),
     };
@@ -157,6 +157,7 @@ mod tests {
         assert!(super::plan(&args(&["--model", "a", "--duration", "5"])).is_err());
         assert!(parse_range("9:3").is_err());
         assert_eq!(parse_range("7"), Ok((7, 7)));
+        assert_eq!(parse_range("8-64"), Ok((8, 64)));
         Ok(())
     }
 }

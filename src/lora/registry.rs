@@ -272,46 +272,38 @@ impl AdapterRegistry {
     /// under the roots holding an adapter. Checks the name before touching
     /// any file; reads nothing.
     pub fn exists(&self, name: &str) -> Result<bool, LoraError> {
-        if self.contains(name) {
-            return Ok(true);
-        }
-        if !self.options.resolve {
-            return Ok(false);
-        }
-        validate_name(name)?;
-        let found = self.find(name).is_some();
-        if !found {
-            self.resolve_misses.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(found)
+        Ok(!matches!(self.locate(name)?, Located::Nowhere))
     }
 
     /// Registers `name` from the roots if it is not registered (its weights
     /// are read by `get`). `Ok(false)` when it is found nowhere.
     fn resolve(&self, name: &str) -> Result<bool, LoraError> {
+        match self.locate(name)? {
+            Located::Registered => Ok(true),
+            Located::Folder(dir) => self.add(name, &dir, false, Weights::OnFirstUse, false).map(|()| true),
+            Located::Nowhere => Ok(false),
+        }
+    }
+
+    /// Where `name` is: registered, a folder under the roots (resolution
+    /// on, the name checked first), or nowhere (a miss, counted).
+    fn locate(&self, name: &str) -> Result<Located, LoraError> {
         if self.contains(name) {
-            return Ok(true);
+            return Ok(Located::Registered);
         }
         if !self.options.resolve {
-            return Ok(false);
+            return Ok(Located::Nowhere);
         }
         validate_name(name)?;
-        let Some(dir) = self.find(name) else {
-            self.resolve_misses.fetch_add(1, Ordering::Relaxed);
-            return Ok(false);
-        };
-        self.add(name, &dir, false, Weights::OnFirstUse, false)?;
-        Ok(true)
-    }
-
-    /// The folder of a valid name under the first root that has it.
-    fn find(&self, name: &str) -> Option<PathBuf> {
-        self.options.roots.iter().map(|root| root.join(name)).find(|dir| dir.join("adapter_config.json").is_file())
-    }
-
-    /// Whether names not registered are looked up under the roots.
-    pub fn resolves(&self) -> bool {
-        self.options.resolve
+        let found =
+            self.options.roots.iter().map(|root| root.join(name)).find(|dir| dir.join("adapter_config.json").is_file());
+        Ok(match found {
+            Some(dir) => Located::Folder(dir),
+            None => {
+                self.resolve_misses.fetch_add(1, Ordering::Relaxed);
+                Located::Nowhere
+            }
+        })
     }
 
     fn check_room(&self, inner: &Inner) -> Result<(), LoraError> {
@@ -437,15 +429,21 @@ impl AdapterRegistry {
         path: &Path,
         trusted: bool,
     ) -> Result<(), LoraError> {
-        let (registry, name, path) = (self.clone(), name.to_string(), path.to_path_buf());
-        self.load_threads()
-            .run(move || registry.register(&name, &path, trusted))
-            .await
-            .map_err(|_| LoraError::Io("the adapter load failed unexpectedly".into()))?
+        let (name, path) = (name.to_string(), path.to_path_buf());
+        self.off_engine(move |registry| registry.register(&name, &path, trusted)).await
     }
 
-    fn load_threads(&self) -> &LoadThreads {
-        self.load_threads.get_or_init(|| LoadThreads::new(LOAD_THREADS))
+    /// Runs `work` on the load threads (started on first use).
+    async fn off_engine<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&Self) -> Result<T, LoraError> + Send + 'static,
+    ) -> Result<T, LoraError> {
+        let registry = self.clone();
+        self.load_threads
+            .get_or_init(|| LoadThreads::new(LOAD_THREADS))
+            .run(move || work(&registry))
+            .await
+            .map_err(|_| LoraError::Io("the adapter load failed unexpectedly".into()))?
     }
 
     /// `get` on the adapter load threads (below the engine's priority).
@@ -454,11 +452,8 @@ impl AdapterRegistry {
         if let Some((_, Ok(weights))) = self.resident_or_lock(name) {
             return Ok(Some(weights));
         }
-        let (registry, name) = (self.clone(), name.to_string());
-        self.load_threads()
-            .run(move || registry.get(&name))
-            .await
-            .map_err(|_| LoraError::Io("the adapter load failed unexpectedly".into()))?
+        let name = name.to_string();
+        self.off_engine(move |registry| registry.get(&name)).await
     }
 
     /// For a registered name: its folder, and its resident weights or the
@@ -510,6 +505,13 @@ impl AdapterRegistry {
 /// Threads reading adapters at once: two keep a slow disk from
 /// serializing loads without taking more than the engine's spare time.
 const LOAD_THREADS: usize = 2;
+
+/// Where a name was found by `locate`.
+enum Located {
+    Registered,
+    Folder(PathBuf),
+    Nowhere,
+}
 
 /// How `add` treats the weights of a folder not resident yet.
 #[derive(Clone, Copy)]
