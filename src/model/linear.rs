@@ -106,7 +106,11 @@ impl Linear {
         let y = match &self.weight {
             Weight::Quantized(w) => w.forward(x)?.flatten_all()?.to_vec1::<f32>()?,
             Weight::Dense(w) => super::ops::with_f32(x, |x| w.matmul(x, kernels::isa()))?,
-            Weight::Kernel(w) => kernels::matmul(w.as_ref(), &input.activations(&[w.as_ref()])?, kernels::isa()),
+            Weight::Kernel(w) => {
+                return Self::forward_kernels(&[self], &[w.as_ref()], input, adapters)?
+                    .pop()
+                    .ok_or_else(|| super::ModelError::Invalid("no output".into()))
+            }
             Weight::Half(w) => super::ops::with_f32(x, |x| w.matmul(x, kernels::isa()))?,
         };
         self.finish(y, input, adapters)
@@ -123,11 +127,48 @@ impl Linear {
                 _ => None,
             })
             .collect();
-        let Some(matrices) = kernels else {
-            return linears.iter().map(|l| l.forward(input, adapters)).collect();
-        };
-        let outputs = kernels::matmul_many(&matrices, &input.activations(&matrices)?, kernels::isa());
-        linears.iter().zip(outputs).map(|(l, y)| l.finish(y, input, adapters)).collect()
+        match kernels {
+            Some(matrices) => Self::forward_kernels(linears, &matrices, input, adapters),
+            None => linears.iter().map(|l| l.forward(input, adapters)).collect(),
+        }
+    }
+
+    /// Projections on our kernels: the bias and each row's LoRA delta are
+    /// added by the matmul's own pieces as they finish, so adapters cost no
+    /// parallel region of their own (only the down products, when a step
+    /// has many rows).
+    fn forward_kernels(
+        linears: &[&Linear],
+        matrices: &[&dyn QuantMatrix],
+        input: &Input,
+        adapters: &[LoraGroup],
+    ) -> Result<Vec<Tensor>> {
+        let (tokens, in_features) = input.x.dims2()?;
+        let biases = linears
+            .iter()
+            .map(|l| l.bias.as_ref().map(|b| b.flatten_all()?.to_vec1::<f32>()).transpose())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let slots: Vec<Option<Slot>> = linears.iter().map(|l| l.slot.filter(|_| !adapters.is_empty())).collect();
+        let activations = input.activations(matrices)?;
+        let outputs = super::ops::with_f32(&input.x, |x| {
+            let deltas = lora::Deltas::compute(x, in_features, adapters, &slots);
+            let finish = |m: usize, t: usize, first: usize, cols: &mut [f32]| {
+                if let Some(bias) = &biases[m] {
+                    for (v, b) in cols.iter_mut().zip(&bias[first..]) {
+                        *v += b;
+                    }
+                }
+                if let Some(deltas) = &deltas[m] {
+                    deltas.add(t, first, cols);
+                }
+            };
+            kernels::matmul_many_then(matrices, &activations, kernels::isa(), &finish)
+        })?;
+        linears
+            .iter()
+            .zip(outputs)
+            .map(|(l, y)| Ok(Tensor::from_vec(y, (tokens, l.out_features), &Device::Cpu)?))
+            .collect()
     }
 
     /// The base output `y` (`[tokens, out_features]`, row-major) plus the

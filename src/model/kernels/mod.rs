@@ -174,11 +174,27 @@ pub fn matmul(w: &dyn QuantMatrix, x: &Activations<'_>, isa: Isa) -> Vec<f32> {
 /// `matmul` of several matrices over the same activations (q/k/v,
 /// gate/up) in one parallel region; each result as `matmul` gives it.
 pub fn matmul_many(matrices: &[&dyn QuantMatrix], x: &Activations<'_>, isa: Isa) -> Vec<Vec<f32>> {
+    matmul_many_then(matrices, x, isa, &|_, _, _, _| {})
+}
+
+/// What a piece of a matmul does to its output before storing it: called
+/// with (matrix, token row, first column, the columns' values) — a bias or
+/// LoRA deltas added inside the matmul's own parallel region.
+pub type Finish<'a> = &'a (dyn Fn(usize, usize, usize, &mut [f32]) + Sync);
+
+/// `matmul_many`, each piece of output passed through `finish` first.
+pub fn matmul_many_then(
+    matrices: &[&dyn QuantMatrix],
+    x: &Activations<'_>,
+    isa: Isa,
+    finish: Finish<'_>,
+) -> Vec<Vec<f32>> {
     let rows: Vec<usize> = matrices.iter().map(|w| w.rows()).collect();
     let group = matrices.iter().map(|w| w.row_group()).max().unwrap_or(1);
-    matmul_rows_many(&rows, group, x.tokens(), |m, first, count, tokens, tile| {
+    let dot = |m: usize, first, count, tokens, tile: &mut [f32]| {
         matrices[m].dot_rows(first, count, x.rows(matrices[m].format(), tokens), tile, isa)
-    })
+    };
+    matmul_rows_many(&rows, group, x.tokens(), dot, finish)
 }
 
 /// `dot_row` of a matrix whose kernel computes `group` rows at once: the
@@ -324,7 +340,7 @@ pub(crate) use by_count;
 /// `t`: `dot(o, range, out)` fills `out[i]` for weight row `o` and the (at
 /// most eight) activation rows `range`.
 fn matmul_rows(rows: usize, tokens: usize, dot: impl Fn(usize, std::ops::Range<usize>, &mut [f32]) + Sync) -> Vec<f32> {
-    matmul_rows_many(&[rows], 1, tokens, |_, first, count, range, tile| {
+    let dot = |_, first, count, range: std::ops::Range<usize>, tile: &mut [f32]| {
         let mut column = [0f32; TOKEN_CHUNK];
         let n = range.len();
         for o in 0..count {
@@ -333,9 +349,8 @@ fn matmul_rows(rows: usize, tokens: usize, dot: impl Fn(usize, std::ops::Range<u
                 tile[t * count + o] = v;
             }
         }
-    })
-    .pop()
-    .unwrap_or_default()
+    };
+    matmul_rows_many(&[rows], 1, tokens, dot, &|_, _, _, _| {}).pop().unwrap_or_default()
 }
 
 /// Several matrices that read the same activations (q/k/v, gate/up) in one
@@ -354,6 +369,7 @@ fn matmul_rows_many(
     group: usize,
     tokens: usize,
     dot: impl Fn(usize, usize, usize, std::ops::Range<usize>, &mut [f32]) + Sync,
+    finish: Finish<'_>,
 ) -> Vec<Vec<f32>> {
     use rayon::prelude::*;
     /// An output buffer shared by pieces that write disjoint columns.
@@ -380,8 +396,9 @@ fn matmul_rows_many(
         for start in (0..tokens).step_by(TOKEN_CHUNK) {
             let count = TOKEN_CHUNK.min(tokens - start);
             dot(m, first, width, start..start + count, &mut tile[..count * width]);
-            for (i, run) in tile.chunks_exact(width).take(count).enumerate() {
+            for (i, run) in tile.chunks_exact_mut(width).take(count).enumerate() {
                 let t = start + i;
+                finish(m, t, first, run);
                 // SAFETY: t < tokens and first + width ≤ rows[m]; these
                 // columns of matrix m belong to this piece alone.
                 unsafe { std::ptr::copy_nonoverlapping(run.as_ptr(), columns[m].0.add(t * rows[m] + first), width) };

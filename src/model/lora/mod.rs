@@ -11,8 +11,11 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use super::kernels::{self, Isa};
+use super::kernels::{self as quant, Isa};
 use super::Result;
+
+mod kernels;
+use kernels::{down, up, DOWN_BLOCK};
 
 /// One module's adapter weights, float32, row-major.
 #[derive(Debug, Clone)]
@@ -65,40 +68,113 @@ pub struct LoraGroup {
 /// Rows per step above which the deltas are split over the rayon pool.
 const PARALLEL_ROWS: usize = 4;
 
+/// Multiply-adds of down products below which they run on the calling
+/// thread: a decode step's handful of rows costs less than waking the pool.
+const PARALLEL_DOWN_WORK: usize = 1 << 17;
+
+/// One projection's LoRA work in a step: each row's adapter weights and its
+/// down product `scale · x·Aᵀ`, from which any output columns' delta is
+/// added (`add`) — by the base kernel's own pieces, or by `apply`.
+pub struct Deltas<'a> {
+    /// Per token row: the weights and where its down product starts in `xa`.
+    rows: Vec<Option<(&'a LoraWeights, usize)>>,
+    xa: Vec<f32>,
+    isa: Isa,
+}
+
+impl<'a> Deltas<'a> {
+    /// The down products of every slot in `slots` over the same input `x`
+    /// (`[tokens, in_features]`), in one parallel region when there is
+    /// enough work; `None` where no row's adapter targets the slot.
+    pub fn compute(
+        x: &[f32],
+        in_features: usize,
+        groups: &'a [LoraGroup],
+        slots: &[Option<Slot>],
+    ) -> Vec<Option<Deltas<'a>>> {
+        let tokens = x.len() / in_features.max(1);
+        let isa = quant::isa();
+        // Each slot's down products laid out group by group, so that the
+        // rows of one adapter are neighbours in `xa`.
+        let mut all: Vec<Option<Deltas<'a>>> = slots
+            .iter()
+            .map(|slot| {
+                let slot = (*slot)?;
+                let mut rows: Vec<Option<(&'a LoraWeights, usize)>> = vec![None; tokens];
+                let mut len = 0;
+                for group in groups {
+                    if let Some(w) = group.adapter.get(slot) {
+                        debug_assert_eq!(w.in_features, in_features);
+                        for &row in &group.rows {
+                            rows[row] = Some((w, len));
+                            len += w.rank;
+                        }
+                    }
+                }
+                (len > 0).then(|| Deltas { rows, xa: vec![0f32; len], isa })
+            })
+            .collect();
+        // Blocks of up to `DOWN_BLOCK` rows of one adapter, each owning its
+        // part of its slot's `xa`.
+        let mut blocks: Vec<(&'a LoraWeights, &'a [usize], &mut [f32])> = Vec::new();
+        let mut work = 0;
+        for (deltas, slot) in all.iter_mut().zip(slots) {
+            let (Some(deltas), Some(slot)) = (deltas, slot) else { continue };
+            let mut rest: &mut [f32] = &mut deltas.xa;
+            for group in groups {
+                let Some(w) = group.adapter.get(*slot) else { continue };
+                for rows in group.rows.chunks(DOWN_BLOCK) {
+                    let (part, tail) = std::mem::take(&mut rest).split_at_mut(rows.len() * w.rank);
+                    rest = tail;
+                    blocks.push((w, rows, part));
+                    work += rows.len() * w.rank * in_features;
+                }
+            }
+        }
+        let down_block = |(w, rows, out): (&LoraWeights, &[usize], &mut [f32])| down(isa, w, x, rows, out);
+        if work >= PARALLEL_DOWN_WORK {
+            blocks.into_par_iter().for_each(down_block);
+        } else {
+            blocks.into_iter().for_each(down_block);
+        }
+        all
+    }
+
+    /// Adds token row `t`'s delta on output columns `first..first +
+    /// cols.len()` to `cols`; each column summed over the rank in order, so
+    /// the bits do not depend on how the columns are split.
+    pub fn add(&self, t: usize, first: usize, cols: &mut [f32]) {
+        if let Some((w, offset)) = self.rows[t] {
+            up(self.isa, w, &self.xa[offset..offset + w.rank], first, cols);
+        }
+    }
+
+    fn adapts(&self, t: usize) -> Option<&LoraWeights> {
+        self.rows[t].map(|(w, _)| w)
+    }
+}
+
 /// Adds every group's delta to `y` (`[tokens, out]`, row-major, in place),
-/// given the input `x` (`[tokens, in]`).
+/// given the input `x` (`[tokens, in]`): for projections whose base kernel
+/// does not add them itself.
 pub fn apply(x: &Tensor, y: &mut [f32], groups: &[LoraGroup], slot: Slot) -> Result<()> {
     let (tokens, in_features) = x.dims2()?;
     let out_features = y.len() / tokens.max(1);
-    // Each row's adapter weights for this projection, if any.
-    let mut per_row: Vec<Option<&LoraWeights>> = vec![None; tokens];
-    for group in groups {
-        if let Some(w) = group.adapter.get(slot) {
-            debug_assert_eq!((w.in_features, w.out_features), (in_features, out_features));
-            for &row in &group.rows {
-                per_row[row] = Some(w);
-            }
-        }
-    }
-    if per_row.iter().all(Option::is_none) {
-        return Ok(());
-    }
-    let isa = kernels::isa();
     super::ops::with_f32(x, |x| {
-        let row_delta = |(row, y_row): (usize, &mut [f32])| {
-            if let Some(w) = per_row[row] {
-                let xa = down(isa, w, &x[row * in_features..(row + 1) * in_features]);
-                if tokens >= PARALLEL_ROWS || w.rank * out_features < PARALLEL_COLUMN_WORK {
-                    up(isa, w, &xa, 0, y_row);
-                } else {
-                    // A lone row (a single stream): its output columns are split
-                    // over the pool instead, so the second core is not idle.
-                    y_row
-                        .par_chunks_mut(COLUMN_CHUNK)
-                        .enumerate()
-                        .for_each(|(c, cols)| up(isa, w, &xa, c * COLUMN_CHUNK, cols));
-                }
+        let Some(Some(deltas)) = Deltas::compute(x, in_features, groups, &[Some(slot)]).pop() else {
+            return;
+        };
+        let row_delta = |(row, y_row): (usize, &mut [f32])| match deltas.adapts(row) {
+            Some(w) if tokens < PARALLEL_ROWS && w.rank * out_features >= PARALLEL_COLUMN_WORK => {
+                // A lone row (a single stream): its output columns are split
+                // over the pool instead, so the second core is not idle.
+                y_row
+                    .par_chunks_mut(COLUMN_CHUNK)
+                    .enumerate()
+                    .for_each(|(c, cols)| deltas.add(row, c * COLUMN_CHUNK, cols));
             }
+            Some(_) => deltas.add(row, 0, y_row),
+            None => {}
         };
         if tokens >= PARALLEL_ROWS {
             y.par_chunks_mut(out_features).enumerate().for_each(row_delta);
@@ -111,95 +187,6 @@ pub fn apply(x: &Tensor, y: &mut [f32], groups: &[LoraGroup], slot: Slot) -> Res
 /// Work (rank × output columns) above which a lone row's columns are split.
 const PARALLEL_COLUMN_WORK: usize = 4096;
 const COLUMN_CHUNK: usize = 256;
-
-/// `scale · x_row·Aᵀ`: the row in the adapter's rank space.
-fn down(isa: Isa, w: &LoraWeights, x_row: &[f32]) -> Vec<f32> {
-    let mut xa = vec![0f32; w.rank];
-    match isa {
-        // SAFETY: the AVX2 ISAs are only chosen when the CPU has AVX2 and FMA.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni => unsafe { down_avx2(w, x_row, &mut xa) },
-        Isa::Scalar => down_impl::<false>(w, x_row, &mut xa),
-    }
-    xa
-}
-
-/// `cols += (xa·Bᵀ)[first..]`: output columns `first..first + cols.len()`,
-/// each summed over the rank in order — the same bits however the columns
-/// are split.
-fn up(isa: Isa, w: &LoraWeights, xa: &[f32], first: usize, cols: &mut [f32]) {
-    match isa {
-        // SAFETY: as in `down`.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni => unsafe { up_avx2(w, xa, first, cols) },
-        Isa::Scalar => up_impl::<false>(w, xa, first, cols),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn down_avx2(w: &LoraWeights, x_row: &[f32], xa: &mut [f32]) {
-    down_impl::<true>(w, x_row, xa)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn up_avx2(w: &LoraWeights, xa: &[f32], first: usize, cols: &mut [f32]) {
-    up_impl::<true>(w, xa, first, cols)
-}
-
-/// `FUSED` multiply-adds where the CPU has FMA (elsewhere a fused
-/// multiply-add is a slow library call). Inlined into each ISA's wrapper;
-/// plain loops (a closure would not inherit the wrapper's target features).
-#[inline(always)]
-fn down_impl<const FUSED: bool>(w: &LoraWeights, x_row: &[f32], xa: &mut [f32]) {
-    let n = w.in_features;
-    for (j, v) in xa.iter_mut().enumerate() {
-        *v = w.scale * dot::<FUSED>(x_row, &w.a[j * n..(j + 1) * n]);
-    }
-}
-
-#[inline(always)]
-fn up_impl<const FUSED: bool>(w: &LoraWeights, xa: &[f32], first: usize, cols: &mut [f32]) {
-    let n = w.out_features;
-    for (j, &c) in xa.iter().enumerate() {
-        axpy::<FUSED>(c, &w.b_t[j * n + first..j * n + first + cols.len()], cols);
-    }
-}
-
-#[inline(always)]
-fn madd<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FUSED {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}
-
-/// A dot product in a fixed order (eight lanes, then the tail), which the
-/// compiler vectorizes.
-#[inline(always)]
-fn dot<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let chunks = a.len() / 8;
-    for (ca, cb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-        for k in 0..8 {
-            lanes[k] = madd::<FUSED>(ca[k], cb[k], lanes[k]);
-        }
-    }
-    let mut sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-    for i in chunks * 8..a.len() {
-        sum = madd::<FUSED>(a[i], b[i], sum);
-    }
-    sum
-}
-
-#[inline(always)]
-fn axpy<const FUSED: bool>(c: f32, x: &[f32], y: &mut [f32]) {
-    for (yi, &xi) in y.iter_mut().zip(x) {
-        *yi = madd::<FUSED>(c, xi, *yi);
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# S-LoRA's workload at several adapter counts, side by side in one run: a
+# fresh server per count (adapters loaded by name from one folder, within
+# one memory budget), Poisson arrivals at one rate, power-law popularity,
+# drawn lengths. Prints one line per count and, at the end, a Markdown table.
+#
+# usage: scripts/bench-many-adapters.sh MODEL.gguf [COUNTS...]   (default 5 50 500 5000)
+# env:   ADAPTERS (folder of the random adapters, made if short; default
+#        /tmp/tailor-many-adapters), RANKS (8-64), MODULES (q,v), BUDGET
+#        (--adapter-memory, 200MiB), RATE (req/s, 4), DURATION (s, 60),
+#        PROMPTS (8:128), OUTPUTS (8:128), ALPHA (1), SEED (1),
+#        THREADS (2), TAILOR (default target/release/tailor)
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+model="$1"
+shift
+counts=("$@")
+[ ${#counts[@]} -gt 0 ] || counts=(5 50 500 5000)
+tailor="${TAILOR:-$here/target/release/tailor}"
+adapters="${ADAPTERS:-/tmp/tailor-many-adapters}"
+budget="${BUDGET:-200MiB}"
+port=18131
+work="$(mktemp -d)"
+trap 'kill "${pid:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
+
+# shellcheck source=scripts/bench-common.sh
+source "$(dirname "$0")/bench-common.sh"
+
+largest=$(printf '%s\n' "${counts[@]}" | sort -n | tail -1)
+have=$(find "$adapters" -maxdepth 1 -name 'a*' -type d 2>/dev/null | wc -l)
+if [ "$have" -lt "$largest" ]; then
+  echo "writing $largest random adapters (ranks ${RANKS:-8-64}, modules ${MODULES:-q,v}) to $adapters" >&2
+  "$tailor" random-adapters --model "$model" --out "$adapters" --count "$largest" \
+    --ranks "${RANKS:-8-64}" --modules "${MODULES:-q,v}" --prefix a --seed "${SEED:-1}" >&2
+fi
+
+rows=()
+for n in "${counts[@]}"; do
+  "$tailor" serve --model "$model" --dtype quantized --threads "${THREADS:-2}" --port "$port" \
+    --adapters-dir "$work/none" --lora-root "$adapters" --resolve-adapters \
+    --adapter-memory "$budget" >"$work/server-$n.log" 2>&1 &
+  pid=$!
+  wait_healthy
+  rss_idle=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
+  "$tailor" bench --url "http://127.0.0.1:$port" --adapters "$n" --adapter-prefix a \
+    --alpha "${ALPHA:-1}" --rate "${RATE:-4}" --duration "${DURATION:-60}" \
+    --prompt-tokens-range "${PROMPTS:-8:128}" --max-tokens-range "${OUTPUTS:-8:128}" \
+    --seed "${SEED:-1}" --time-limit 1200 >"$work/bench-$n.out"
+  hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
+  rss=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
+  kill "$pid"
+  wait "$pid" 2>/dev/null || true
+  echo "N=$n: $(tail -1 "$work/bench-$n.out") | rss idle $((rss_idle / 1024)) MiB, end $((rss / 1024)) MiB, peak $((hwm / 1024)) MiB"
+  rows+=("$(python3 - "$work/bench-$n.out" "$n" "$rss" "$hwm" <<'PY'
+import json, sys
+text = open(sys.argv[1]).read()
+s = json.loads(text[: text.rstrip().rfind("\n")])
+n, rss, hwm = sys.argv[2], int(sys.argv[3]) / 1024, int(sys.argv[4]) / 1024
+a = s.get("server") or {}
+f = lambda v: "-" if v is None else f"{v:.0f}"
+print(f"| {n} | {s['requests_per_s']:.2f} | {s['generated_tokens_per_s']:.1f} | {f(s['ttft_ms_p50'])} | {f(s['ttft_ms_p95'])} "
+      f"| {f(s['itl_ms_p50'])} | {f(s['itl_ms_p99'])} | {s['slo_attainment'] * 100:.0f}% | {a.get('adapter_loads', 0):.0f} "
+      f"| {a.get('adapter_evictions', 0):.0f} | {a.get('adapter_bytes_resident', 0) / 2**20:.0f} MiB | {rss:.0f} / {hwm:.0f} MiB |")
+PY
+)")
+done
+
+echo
+echo "| adapters | req/s | tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p99 ms | SLO | loads | evictions | adapter bytes | RSS end / peak |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+printf '%s\n' "${rows[@]}"
