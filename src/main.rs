@@ -38,6 +38,9 @@ enum Command {
     /// Load-test any OpenAI-compatible server (tailor, vLLM, llama.cpp, ...).
     Bench(tailor::bench::BenchArgs),
     /// Time the quantized matmul kernels alone (every ISA vs the scalar path).
+    /// The model's decode step alone, in process: a batch on the base
+    /// against the same batch over adapters, in alternating rounds.
+    BenchStep(tailor::bench::step::StepArgs),
     BenchKernels {
         /// Repetitions per measurement (the median is reported).
         #[arg(long, default_value_t = 50)]
@@ -143,6 +146,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench(args),
         Command::RandomAdapters(args) => random_adapters(args),
         Command::BenchKernels { reps, threads } => bench_kernels(reps, threads),
+        Command::BenchStep(args) => bench_step(&args),
         Command::Tokenize { model, input, text } => tokenize(&model, input, text),
         Command::FineTuneWorker { .. } => std::process::exit(tailor::finetune::worker::child_main()),
     }
@@ -249,6 +253,19 @@ fn checkpoint_on_ctrl_c(interrupted: std::sync::Arc<std::sync::atomic::AtomicBoo
             }
         });
     });
+}
+
+fn bench_step(args: &tailor::bench::step::StepArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let report = tailor::bench::step::run(args)?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{}", serde_json::to_string_pretty(&report)?)?;
+    writeln!(
+        stdout,
+        "{} rows over {} adapters: {:.2} ms a step against {:.2} ms on the base ({:.3}x)",
+        report.rows, report.adapters, report.adapters_ms_median, report.base_ms_median, report.ratio
+    )?;
+    Ok(())
 }
 
 fn bench_kernels(reps: usize, threads: Option<usize>) -> anyhow::Result<()> {

@@ -9,6 +9,7 @@
 //! adapters chosen by a power law (`workload`).
 
 mod server_metrics;
+pub mod step;
 pub mod workload;
 
 use workload::Planned;

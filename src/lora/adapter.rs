@@ -1,5 +1,6 @@
 //! A PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`)
-//! turned into float32 weights, validated against the base model's shapes.
+//! turned into the weights the kernels read (float32, or float16 beside a
+//! quantized base), validated against the base model's shapes.
 
 use std::path::Path;
 
@@ -8,7 +9,7 @@ use candle_core::{DType, Device};
 use super::config::{AdapterConfig, Module};
 use super::files::{AdapterFiles, MAX_WEIGHTS_BYTES};
 use super::LoraError;
-use crate::model::lora::{AdapterWeights, LoraWeights};
+use crate::model::lora::{AdapterWeights, LoraWeights, Precision, Values};
 use crate::model::ModelConfig;
 
 /// `(out_features, in_features)` of every projection of the base, and
@@ -18,6 +19,8 @@ pub struct BaseShapes {
     pub num_layers: usize,
     pub dims: [(usize, usize); 7],
     pub fused: bool,
+    /// How loaded adapters keep their weights (`WeightMode::lora_precision`).
+    pub precision: Precision,
 }
 
 /// A module an adapter can name (its path under `model.layers.N`) and the
@@ -35,6 +38,7 @@ impl BaseShapes {
             num_layers: cfg.num_layers,
             dims: [(q, h), (kv, h), (kv, h), (h, q), (ff, h), (ff, h), (h, ff)],
             fused: cfg.architecture.fused_projections(),
+            precision: Precision::F32,
         }
     }
 
@@ -193,8 +197,14 @@ pub fn from_tensors(
                     }
                 }
                 first += part_out;
-                weights[module.index()] =
-                    Some(LoraWeights { a: a.clone(), b_t, rank, in_features, out_features: part_out, scale });
+                weights[module.index()] = Some(LoraWeights {
+                    a: Values::new(a.clone(), base.precision),
+                    b_t: Values::new(b_t, base.precision),
+                    rank,
+                    in_features,
+                    out_features: part_out,
+                    scale,
+                });
             }
         }
     }

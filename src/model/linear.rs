@@ -75,6 +75,11 @@ impl Linear {
         }
     }
 
+    /// Whether the weight is dense float32.
+    pub fn is_float32(&self) -> bool {
+        matches!(&self.weight, Weight::Dense(_) | Weight::Quantized(QMatMul::Tensor(_)))
+    }
+
     pub fn in_features(&self) -> usize {
         self.in_features
     }

@@ -290,6 +290,18 @@ impl Llama {
         &self.config
     }
 
+    /// How adapters on this model keep their weights: float32 beside float32
+    /// projections (exact parity with PEFT), float16 beside quantized or
+    /// 16-bit ones, whose own rounding is far coarser.
+    pub fn adapter_precision(&self) -> super::lora::Precision {
+        let dense = self.layers.first().is_some_and(|l| l.self_attn.q_proj.is_float32());
+        if dense {
+            super::lora::Precision::F32
+        } else {
+            super::lora::Precision::F16
+        }
+    }
+
     /// Bytes the projection and head weights hold in memory (embeddings,
     /// norms and adapters aside).
     pub fn projection_bytes(&self) -> usize {

@@ -17,14 +17,66 @@ use super::Result;
 mod kernels;
 use kernels::{down, up, DOWN_BLOCK};
 
-/// One module's adapter weights, float32, row-major.
+/// How adapter weights are kept in memory: float32, or float16 — half the
+/// bytes to hold and to stream each step, for a base that is itself
+/// quantized or 16-bit (its own rounding is far coarser).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    F32,
+    F16,
+}
+
+/// Adapter weight values in their `Precision`.
+#[derive(Debug, Clone)]
+pub enum Values {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+}
+
+impl Values {
+    pub fn new(values: Vec<f32>, precision: Precision) -> Self {
+        match precision {
+            Precision::F32 => Values::F32(values),
+            Precision::F16 => Values::F16(values.iter().map(|&v| half::f16::from_f32(v)).collect()),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Values::F32(v) => v.len(),
+            Values::F16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn bytes(&self) -> usize {
+        match self {
+            Values::F32(v) => std::mem::size_of_val(v.as_slice()),
+            Values::F16(v) => std::mem::size_of_val(v.as_slice()),
+        }
+    }
+
+    /// The values widened to float32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Values::F32(v) => v.clone(),
+            Values::F16(v) => v.iter().map(|h| h.to_f32()).collect(),
+        }
+    }
+}
+
+/// One module's adapter weights, row-major.
 #[derive(Debug, Clone)]
 pub struct LoraWeights {
     /// `[rank, in_features]` (PEFT's `lora_A`).
-    pub a: Vec<f32>,
+    pub a: Values,
     /// `[rank, out_features]`: PEFT's `lora_B` transposed, so the second
     /// product runs along contiguous memory.
-    pub b_t: Vec<f32>,
+    pub b_t: Values,
     pub rank: usize,
     pub in_features: usize,
     pub out_features: usize,
@@ -53,8 +105,7 @@ impl AdapterWeights {
 
     /// Bytes of the weights in memory.
     pub fn bytes(&self) -> u64 {
-        let floats: usize = self.layers.iter().flatten().flatten().map(|w| w.a.len() + w.b_t.len()).sum();
-        (floats * std::mem::size_of::<f32>()) as u64
+        self.layers.iter().flatten().flatten().map(|w| (w.a.bytes() + w.b_t.bytes()) as u64).sum()
     }
 }
 
@@ -69,17 +120,37 @@ pub struct LoraGroup {
 const PARALLEL_ROWS: usize = 4;
 
 /// Multiply-adds of down products below which they run on the calling
-/// thread: a decode step's handful of rows costs less than waking the pool.
-const PARALLEL_DOWN_WORK: usize = 1 << 17;
+/// thread (one small adapter's rows cost less than waking the pool), and
+/// the size the work is cut into otherwise.
+const PARALLEL_DOWN_WORK: usize = 1 << 18;
+
+/// Where one row's down product lives in `Deltas::xa`: its block's rank-major
+/// part (`xa[start + j·count + index]` for rank entry `j`).
+#[derive(Clone, Copy)]
+struct RowDelta<'a> {
+    weights: &'a LoraWeights,
+    start: usize,
+    count: usize,
+    index: usize,
+}
 
 /// One projection's LoRA work in a step: each row's adapter weights and its
 /// down product `scale · x·Aᵀ`, from which any output columns' delta is
 /// added (`add`) — by the base kernel's own pieces, or by `apply`.
 pub struct Deltas<'a> {
-    /// Per token row: the weights and where its down product starts in `xa`.
-    rows: Vec<Option<(&'a LoraWeights, usize)>>,
+    rows: Vec<Option<RowDelta<'a>>>,
+    /// The down products of blocks of up to `DOWN_BLOCK` rows of one
+    /// adapter, each block rank-major so that it splits by rank entries.
     xa: Vec<f32>,
     isa: Isa,
+}
+
+/// A piece of down-product work: rank entries `js` of a block of rows.
+struct DownTask<'a, 'b> {
+    weights: &'a LoraWeights,
+    rows: &'a [usize],
+    js: std::ops::Range<usize>,
+    out: &'b mut [f32],
 }
 
 impl<'a> Deltas<'a> {
@@ -94,48 +165,51 @@ impl<'a> Deltas<'a> {
     ) -> Vec<Option<Deltas<'a>>> {
         let tokens = x.len() / in_features.max(1);
         let isa = quant::isa();
-        // Each slot's down products laid out group by group, so that the
-        // rows of one adapter are neighbours in `xa`.
+        let blocks = |slot: Slot| {
+            groups.iter().filter_map(move |g| Some((g.adapter.get(slot)?, &g.rows))).flat_map(|(w, rows)| {
+                debug_assert_eq!(w.in_features, in_features);
+                rows.chunks(DOWN_BLOCK).map(move |block| (w, block))
+            })
+        };
         let mut all: Vec<Option<Deltas<'a>>> = slots
             .iter()
             .map(|slot| {
                 let slot = (*slot)?;
-                let mut rows: Vec<Option<(&'a LoraWeights, usize)>> = vec![None; tokens];
+                let mut rows: Vec<Option<RowDelta<'a>>> = vec![None; tokens];
                 let mut len = 0;
-                for group in groups {
-                    if let Some(w) = group.adapter.get(slot) {
-                        debug_assert_eq!(w.in_features, in_features);
-                        for &row in &group.rows {
-                            rows[row] = Some((w, len));
-                            len += w.rank;
-                        }
+                for (weights, block) in blocks(slot) {
+                    for (index, &row) in block.iter().enumerate() {
+                        rows[row] = Some(RowDelta { weights, start: len, count: block.len(), index });
                     }
+                    len += block.len() * weights.rank;
                 }
                 (len > 0).then(|| Deltas { rows, xa: vec![0f32; len], isa })
             })
             .collect();
-        // Blocks of up to `DOWN_BLOCK` rows of one adapter, each owning its
-        // part of its slot's `xa`.
-        let mut blocks: Vec<(&'a LoraWeights, &'a [usize], &mut [f32])> = Vec::new();
+        // Each block cut by rank entries into tasks of about
+        // PARALLEL_DOWN_WORK multiply-adds, each owning its part of `xa`.
+        let mut tasks: Vec<DownTask<'a, '_>> = Vec::new();
         let mut work = 0;
         for (deltas, slot) in all.iter_mut().zip(slots) {
             let (Some(deltas), Some(slot)) = (deltas, slot) else { continue };
             let mut rest: &mut [f32] = &mut deltas.xa;
-            for group in groups {
-                let Some(w) = group.adapter.get(*slot) else { continue };
-                for rows in group.rows.chunks(DOWN_BLOCK) {
-                    let (part, tail) = std::mem::take(&mut rest).split_at_mut(rows.len() * w.rank);
+            for (weights, rows) in blocks(*slot) {
+                let per_entry = rows.len() * in_features;
+                let step = PARALLEL_DOWN_WORK.div_ceil(per_entry).clamp(1, weights.rank);
+                for first in (0..weights.rank).step_by(step) {
+                    let js = first..(first + step).min(weights.rank);
+                    let (out, tail) = std::mem::take(&mut rest).split_at_mut(js.len() * rows.len());
                     rest = tail;
-                    blocks.push((w, rows, part));
-                    work += rows.len() * w.rank * in_features;
+                    tasks.push(DownTask { weights, rows, js, out });
                 }
+                work += per_entry * weights.rank;
             }
         }
-        let down_block = |(w, rows, out): (&LoraWeights, &[usize], &mut [f32])| down(isa, w, x, rows, out);
-        if work >= PARALLEL_DOWN_WORK {
-            blocks.into_par_iter().for_each(down_block);
+        let run = |t: DownTask| down(isa, t.weights, x, t.rows, t.js, t.out);
+        if work >= PARALLEL_DOWN_WORK && tasks.len() > 1 {
+            tasks.into_par_iter().for_each(run);
         } else {
-            blocks.into_iter().for_each(down_block);
+            tasks.into_iter().for_each(run);
         }
         all
     }
@@ -144,13 +218,28 @@ impl<'a> Deltas<'a> {
     /// cols.len()` to `cols`; each column summed over the rank in order, so
     /// the bits do not depend on how the columns are split.
     pub fn add(&self, t: usize, first: usize, cols: &mut [f32]) {
-        if let Some((w, offset)) = self.rows[t] {
-            up(self.isa, w, &self.xa[offset..offset + w.rank], first, cols);
-        }
+        let Some(row) = self.rows[t] else { return };
+        let rank = row.weights.rank;
+        let gather = |xa: &mut [f32]| {
+            for (j, v) in xa.iter_mut().enumerate() {
+                *v = self.xa[row.start + j * row.count + row.index];
+            }
+        };
+        // Ranks up to 256 on the stack (--max-lora-rank allows more).
+        let mut stack = [0f32; 256];
+        let mut heap = Vec::new();
+        let xa = if rank <= stack.len() {
+            &mut stack[..rank]
+        } else {
+            heap.resize(rank, 0f32);
+            &mut heap[..]
+        };
+        gather(xa);
+        up(self.isa, row.weights, xa, first, cols);
     }
 
     fn adapts(&self, t: usize) -> Option<&LoraWeights> {
-        self.rows[t].map(|(w, _)| w)
+        self.rows[t].map(|r| r.weights)
     }
 }
 
@@ -195,8 +284,8 @@ mod tests {
 
     fn weights(rank: usize, inf: usize, outf: usize, scale: f32, seed: f32) -> LoraWeights {
         LoraWeights {
-            a: (0..rank * inf).map(|i| ((i as f32 + seed) * 0.37).sin()).collect(),
-            b_t: (0..rank * outf).map(|i| ((i as f32 + seed) * 0.11).cos()).collect(),
+            a: Values::F32((0..rank * inf).map(|i| ((i as f32 + seed) * 0.37).sin()).collect()),
+            b_t: Values::F32((0..rank * outf).map(|i| ((i as f32 + seed) * 0.11).cos()).collect()),
             rank,
             in_features: inf,
             out_features: outf,
@@ -206,8 +295,8 @@ mod tests {
 
     /// The plain reference: scale · (x·Aᵀ)·Bᵀ with candle matmuls.
     fn reference(x: &Tensor, w: &LoraWeights) -> Result<Tensor> {
-        let a = Tensor::from_vec(w.a.clone(), (w.rank, w.in_features), &Device::Cpu)?;
-        let b_t = Tensor::from_vec(w.b_t.clone(), (w.rank, w.out_features), &Device::Cpu)?;
+        let a = Tensor::from_vec(w.a.to_f32(), (w.rank, w.in_features), &Device::Cpu)?;
+        let b_t = Tensor::from_vec(w.b_t.to_f32(), (w.rank, w.out_features), &Device::Cpu)?;
         Ok((x.matmul(&a.t()?)?.matmul(&b_t)? * w.scale as f64)?)
     }
 

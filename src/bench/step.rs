@@ -1,0 +1,139 @@
+//! `tailor bench-step`: the model's decode step alone, in process — a batch
+//! of rows decoding together on the base and then with adapters, timed in
+//! alternating rounds. No HTTP and no scheduler: the figure to read LoRA's
+//! cost from, which a server-level run on a noisy machine blurs.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::lora::{adapter, BaseShapes};
+use crate::model::llama::Logits;
+use crate::model::lora::AdapterWeights;
+use crate::model::BatchRow;
+
+#[derive(Debug, clap::Args)]
+pub struct StepArgs {
+    /// GGUF file or Hugging Face folder (default: the cached SmolLM2).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// PEFT adapter folders; the rows cycle over them (row i takes adapter
+    /// i mod N). Repeatable.
+    #[arg(long = "adapter")]
+    pub adapters: Vec<PathBuf>,
+    /// Rows decoding together.
+    #[arg(long, default_value_t = 8)]
+    pub rows: usize,
+    /// Prompt tokens each row holds before the timed steps.
+    #[arg(long, default_value_t = 16)]
+    pub prompt_tokens: usize,
+    /// Decode steps per measurement.
+    #[arg(long, default_value_t = 64)]
+    pub steps: usize,
+    /// Alternating rounds (base, then adapters); medians are reported.
+    #[arg(long, default_value_t = 7)]
+    pub rounds: usize,
+    /// Compute threads.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// `quantized` (as stored) or `f32`.
+    #[arg(long, default_value = "quantized")]
+    pub dtype: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StepReport {
+    pub rows: usize,
+    pub adapters: usize,
+    /// Milliseconds per decode step, one figure per round.
+    pub base_ms: Vec<f64>,
+    pub adapters_ms: Vec<f64>,
+    pub base_ms_median: f64,
+    pub adapters_ms_median: f64,
+    /// Base step time over the adapters' step time (1.0 = adapters cost nothing).
+    pub ratio: f64,
+}
+
+pub fn run(args: &StepArgs) -> anyhow::Result<StepReport> {
+    crate::server::set_compute_threads(args.threads);
+    let mode = match args.dtype.as_str() {
+        "quantized" => crate::model::WeightMode::Quantized,
+        "f32" => crate::model::WeightMode::F32,
+        other => anyhow::bail!("--dtype must be quantized or f32, not {other}"),
+    };
+    let path = args.model.clone().unwrap_or_else(crate::loader::default_model_path);
+    let loaded = crate::loader::load(&path, &crate::loader::LoadOptions { mode, ..Default::default() })
+        .with_context(|| format!("cannot load {}", path.display()))?;
+    let model = &loaded.model;
+    let shapes = BaseShapes { precision: model.adapter_precision(), ..BaseShapes::of(model.config()) };
+    let adapters: Vec<Arc<AdapterWeights>> = args
+        .adapters
+        .iter()
+        .map(|dir| {
+            adapter::load(dir, &shapes, usize::MAX)
+                .map(Arc::new)
+                .with_context(|| format!("cannot load the adapter {}", dir.display()))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    anyhow::ensure!(!adapters.is_empty(), "give at least one --adapter");
+    anyhow::ensure!(
+        args.rows > 0 && args.steps > 0 && args.prompt_tokens > 0,
+        "rows, steps and prompt tokens must be positive"
+    );
+    let (mut base_ms, mut adapters_ms) = (Vec::new(), Vec::new());
+    for round in 0..args.rounds.max(1) {
+        base_ms.push(time_steps(model, args, round, &[])?);
+        adapters_ms.push(time_steps(model, args, round, &adapters)?);
+    }
+    let median = |v: &[f64]| crate::train::report::median(v).unwrap_or(f64::NAN);
+    let (base, with) = (median(&base_ms), median(&adapters_ms));
+    Ok(StepReport {
+        rows: args.rows,
+        adapters: adapters.len(),
+        base_ms,
+        adapters_ms,
+        base_ms_median: base,
+        adapters_ms_median: with,
+        ratio: base / with,
+    })
+}
+
+/// Milliseconds per step over `args.steps` decode steps of `args.rows` rows
+/// (row i on `adapters[i mod N]`, none when empty), after a prefill.
+fn time_steps(
+    model: &crate::model::Llama,
+    args: &StepArgs,
+    round: usize,
+    adapters: &[Arc<AdapterWeights>],
+) -> anyhow::Result<f64> {
+    let mut caches: Vec<_> = (0..args.rows).map(|_| model.new_cache()).collect();
+    let adapter_of = |i: usize| (!adapters.is_empty()).then(|| &adapters[i % adapters.len()]);
+    // Distinct prompts per row and round, so nothing is shared.
+    let prompts: Vec<Vec<u32>> = (0..args.rows)
+        .map(|i| {
+            (0..args.prompt_tokens).map(|t| (1000 + (round * args.rows + i) * args.prompt_tokens + t) as u32).collect()
+        })
+        .collect();
+    let mut rows: Vec<BatchRow> = caches
+        .iter_mut()
+        .zip(&prompts)
+        .enumerate()
+        .map(|(i, (cache, tokens))| BatchRow { tokens, cache, logits: Logits::Last, adapter: adapter_of(i) })
+        .collect();
+    model.forward(&mut rows)?;
+    drop(rows);
+    let token = [1234u32];
+    let start = Instant::now();
+    for _ in 0..args.steps {
+        let mut rows: Vec<BatchRow> = caches
+            .iter_mut()
+            .enumerate()
+            .map(|(i, cache)| BatchRow { tokens: &token, cache, logits: Logits::Last, adapter: adapter_of(i) })
+            .collect();
+        model.forward(&mut rows)?;
+    }
+    Ok(start.elapsed().as_secs_f64() * 1000.0 / args.steps as f64)
+}
