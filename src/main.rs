@@ -37,10 +37,10 @@ enum Command {
     Train(tailor::train::run::TrainArgs),
     /// Load-test any OpenAI-compatible server (tailor, vLLM, llama.cpp, ...).
     Bench(tailor::bench::BenchArgs),
-    /// Time the quantized matmul kernels alone (every ISA vs the scalar path).
     /// The model's decode step alone, in process: a batch on the base
     /// against the same batch over adapters, in alternating rounds.
     BenchStep(tailor::bench::step::StepArgs),
+    /// Time the quantized matmul kernels alone (every ISA vs the scalar path).
     BenchKernels {
         /// Repetitions per measurement (the median is reported).
         #[arg(long, default_value_t = 50)]

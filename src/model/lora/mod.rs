@@ -38,7 +38,12 @@ impl Values {
     pub fn new(values: Vec<f32>, precision: Precision) -> Self {
         match precision {
             Precision::F32 => Values::F32(values),
-            Precision::F16 => Values::F16(values.iter().map(|&v| half::f16::from_f32(v)).collect()),
+            Precision::F16 => {
+                use half::slice::HalfFloatSliceExt;
+                let mut halves = vec![half::f16::ZERO; values.len()];
+                halves.convert_from_f32_slice(&values);
+                Values::F16(halves)
+            }
         }
     }
 
