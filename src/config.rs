@@ -25,6 +25,20 @@ pub enum DTypeArg {
     Bf16,
 }
 
+impl DTypeArg {
+    /// The weight mode this precision loads in (`Auto` as `Quantized`; the
+    /// loader turns small models to float32 when `dense_small_models` is set).
+    pub fn weight_mode(self) -> WeightMode {
+        use crate::model::kernels::half::HalfKind;
+        match self {
+            DTypeArg::Quantized | DTypeArg::Auto => WeightMode::Quantized,
+            DTypeArg::F32 => WeightMode::F32,
+            DTypeArg::F16 => WeightMode::Half(HalfKind::F16),
+            DTypeArg::Bf16 => WeightMode::Half(HalfKind::Bf16),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Address to listen on.
@@ -417,12 +431,9 @@ impl ServeArgs {
             addr,
             model,
             load: LoadOptions {
-                mode: match (self.quantize, self.dtype) {
-                    (Some(to), _) => WeightMode::QuantizeTo(to),
-                    (None, DTypeArg::Quantized | DTypeArg::Auto) => WeightMode::Quantized,
-                    (None, DTypeArg::F32) => WeightMode::F32,
-                    (None, DTypeArg::F16) => WeightMode::Half(crate::model::kernels::half::HalfKind::F16),
-                    (None, DTypeArg::Bf16) => WeightMode::Half(crate::model::kernels::half::HalfKind::Bf16),
+                mode: match self.quantize {
+                    Some(to) => WeightMode::QuantizeTo(to),
+                    None => self.dtype.weight_mode(),
                 },
                 dense_small_models: self.quantize.is_none() && self.dtype == DTypeArg::Auto,
                 chat_template_override,

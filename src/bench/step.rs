@@ -39,9 +39,9 @@ pub struct StepArgs {
     /// Compute threads.
     #[arg(long)]
     pub threads: Option<usize>,
-    /// `quantized` (as stored) or `f32`.
-    #[arg(long, default_value = "quantized")]
-    pub dtype: String,
+    /// Weight precision, as `tailor serve --dtype`.
+    #[arg(long, value_enum, default_value = "quantized")]
+    pub dtype: crate::config::DTypeArg,
 }
 
 #[derive(Debug, Serialize)]
@@ -59,14 +59,16 @@ pub struct StepReport {
 
 pub fn run(args: &StepArgs) -> anyhow::Result<StepReport> {
     crate::server::set_compute_threads(args.threads);
-    let mode = match args.dtype.as_str() {
-        "quantized" => crate::model::WeightMode::Quantized,
-        "f32" => crate::model::WeightMode::F32,
-        other => anyhow::bail!("--dtype must be quantized or f32, not {other}"),
-    };
     let path = args.model.clone().unwrap_or_else(crate::loader::default_model_path);
-    let loaded = crate::loader::load(&path, &crate::loader::LoadOptions { mode, ..Default::default() })
-        .with_context(|| format!("cannot load {}", path.display()))?;
+    let loaded = crate::loader::load(
+        &path,
+        &crate::loader::LoadOptions {
+            mode: args.dtype.weight_mode(),
+            dense_small_models: args.dtype == crate::config::DTypeArg::Auto,
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("cannot load {}", path.display()))?;
     let model = &loaded.model;
     let shapes = BaseShapes { precision: model.adapter_precision(), ..BaseShapes::of(model.config()) };
     let adapters: Vec<Arc<AdapterWeights>> = args

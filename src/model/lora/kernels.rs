@@ -72,19 +72,22 @@ pub fn down(isa: Isa, w: &LoraWeights, x: &[f32], rows: &[usize], js: Range<usiz
 
 /// `cols += (xa·Bᵀ)[first..]`: output columns `first..first + cols.len()`,
 /// each summed over the rank in order — the same bits however the columns
-/// are split.
-pub fn up(isa: Isa, w: &LoraWeights, xa: &[f32], first: usize, cols: &mut [f32]) {
-    debug_assert!(first + cols.len() <= w.out_features && xa.len() == w.rank);
+/// are split. The row's rank entries are `xa[0]`, `xa[stride]`, … (a
+/// block's down products are rank-major).
+pub fn up(isa: Isa, w: &LoraWeights, xa: &[f32], stride: usize, first: usize, cols: &mut [f32]) {
+    assert!(first + cols.len() <= w.out_features && stride > 0 && xa.len() > (w.rank - 1) * stride);
     match (isa, &w.b_t) {
         // SAFETY: as in `down`.
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2 | Isa::Avx512Vnni, Values::F32(b)) => unsafe { avx2_f32::up(w, b, xa, first, cols) },
+        (Isa::Avx2 | Isa::Avx512Vnni, Values::F32(b)) => unsafe { avx2_f32::up(w, b, xa, stride, first, cols) },
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2 | Isa::Avx512Vnni, Values::F16(b)) if f16c() => unsafe { avx2_f16::up(w, b, xa, first, cols) },
+        (Isa::Avx2 | Isa::Avx512Vnni, Values::F16(b)) if f16c() => unsafe {
+            avx2_f16::up(w, b, xa, stride, first, cols)
+        },
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2 | Isa::Avx512Vnni, Values::F16(b)) => portable::up::<true, _>(w, b, xa, first, cols),
-        (Isa::Scalar, Values::F32(b)) => portable::up::<false, _>(w, b, xa, first, cols),
-        (Isa::Scalar, Values::F16(b)) => portable::up::<false, _>(w, b, xa, first, cols),
+        (Isa::Avx2 | Isa::Avx512Vnni, Values::F16(b)) => portable::up::<true, _>(w, b, xa, stride, first, cols),
+        (Isa::Scalar, Values::F32(b)) => portable::up::<false, _>(w, b, xa, stride, first, cols),
+        (Isa::Scalar, Values::F16(b)) => portable::up::<false, _>(w, b, xa, stride, first, cols),
     }
 }
 
@@ -108,9 +111,16 @@ mod portable {
         }
     }
 
-    pub fn up<const FUSED: bool, E: Element>(w: &LoraWeights, b_t: &[E], xa: &[f32], first: usize, cols: &mut [f32]) {
+    pub fn up<const FUSED: bool, E: Element>(
+        w: &LoraWeights,
+        b_t: &[E],
+        xa: &[f32],
+        stride: usize,
+        first: usize,
+        cols: &mut [f32],
+    ) {
         let n = w.out_features;
-        for (j, &c) in xa.iter().enumerate() {
+        for (j, &c) in xa.iter().step_by(stride).take(w.rank).enumerate() {
             let b = &b_t[j * n + first..j * n + first + cols.len()];
             for (y, &v) in cols.iter_mut().zip(b) {
                 *y = madd::<FUSED>(c, v.widen(), *y);
@@ -250,16 +260,24 @@ macro_rules! avx2_kernels {
             /// rank: each column still adds the rank's terms in order, one
             /// fused multiply-add each, as the plain loop does.
             #[target_feature(enable = $features)]
-            pub unsafe fn up(w: &LoraWeights, b_t: &[$elem], xa: &[f32], first: usize, cols: &mut [f32]) {
+            pub unsafe fn up(
+                w: &LoraWeights,
+                b_t: &[$elem],
+                xa: &[f32],
+                stride: usize,
+                first: usize,
+                cols: &mut [f32],
+            ) {
                 let n = w.out_features;
                 let width = cols.len();
-                assert!(b_t.len() >= (xa.len().max(1) - 1) * n + first + width);
+                assert!(b_t.len() >= (w.rank - 1) * n + first + width);
+                let xa = || xa.iter().step_by(stride).take(w.rank);
                 let b = b_t.as_ptr().add(first);
                 let y = cols.as_mut_ptr();
                 let mut c = 0;
                 while c + 32 <= width {
                     let mut acc: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(y.add(c + 8 * i)));
-                    for (j, &v) in xa.iter().enumerate() {
+                    for (j, &v) in xa().enumerate() {
                         let vc = _mm256_set1_ps(v);
                         let row = b.add(j * n + c);
                         for (i, acc) in acc.iter_mut().enumerate() {
@@ -273,14 +291,14 @@ macro_rules! avx2_kernels {
                 }
                 while c + 8 <= width {
                     let mut acc = _mm256_loadu_ps(y.add(c));
-                    for (j, &v) in xa.iter().enumerate() {
+                    for (j, &v) in xa().enumerate() {
                         acc = _mm256_fmadd_ps(_mm256_set1_ps(v), $load!(b.add(j * n + c)), acc);
                     }
                     _mm256_storeu_ps(y.add(c), acc);
                     c += 8;
                 }
                 for (c, v) in cols.iter_mut().enumerate().skip(c) {
-                    for (j, &s) in xa.iter().enumerate() {
+                    for (j, &s) in xa().enumerate() {
                         *v = s.mul_add(b_t[j * n + first + c].widen(), *v);
                     }
                 }
@@ -346,12 +364,12 @@ mod tests {
                     let (mut fast, mut plain) = (base.clone(), base);
                     match &w.b_t {
                         Values::F32(b) => {
-                            unsafe { avx2_f32::up(&w, b, &xa, first, &mut fast) };
-                            portable::up::<true, _>(&w, b, &xa, first, &mut plain);
+                            unsafe { avx2_f32::up(&w, b, &xa, 1, first, &mut fast) };
+                            portable::up::<true, _>(&w, b, &xa, 1, first, &mut plain);
                         }
                         Values::F16(b) => {
-                            unsafe { avx2_f16::up(&w, b, &xa, first, &mut fast) };
-                            portable::up::<true, _>(&w, b, &xa, first, &mut plain);
+                            unsafe { avx2_f16::up(&w, b, &xa, 1, first, &mut fast) };
+                            portable::up::<true, _>(&w, b, &xa, 1, first, &mut plain);
                         }
                     }
                     assert_eq!(fast, plain, "up {precision:?} rank {rank} out {outf} from {first}");
@@ -371,7 +389,7 @@ mod tests {
         let delta = |w: &LoraWeights| {
             let (mut xa, mut y) = (vec![0f32; rank], vec![0f32; outf]);
             down(isa, w, &x, &[0], 0..rank, &mut xa);
-            up(isa, w, &xa, 0, &mut y);
+            up(isa, w, &xa, 1, 0, &mut y);
             y
         };
         let (y32, y16) = (delta(&w32), delta(&w16));

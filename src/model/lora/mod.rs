@@ -223,24 +223,10 @@ impl<'a> Deltas<'a> {
     /// cols.len()` to `cols`; each column summed over the rank in order, so
     /// the bits do not depend on how the columns are split.
     pub fn add(&self, t: usize, first: usize, cols: &mut [f32]) {
-        let Some(row) = self.rows[t] else { return };
-        let rank = row.weights.rank;
-        let gather = |xa: &mut [f32]| {
-            for (j, v) in xa.iter_mut().enumerate() {
-                *v = self.xa[row.start + j * row.count + row.index];
-            }
-        };
-        // Ranks up to 256 on the stack (--max-lora-rank allows more).
-        let mut stack = [0f32; 256];
-        let mut heap = Vec::new();
-        let xa = if rank <= stack.len() {
-            &mut stack[..rank]
-        } else {
-            heap.resize(rank, 0f32);
-            &mut heap[..]
-        };
-        gather(xa);
-        up(self.isa, row.weights, xa, first, cols);
+        if let Some(row) = self.rows[t] {
+            let xa = &self.xa[row.start + row.index..row.start + row.count * row.weights.rank];
+            up(self.isa, row.weights, xa, row.count, first, cols);
+        }
     }
 
     fn adapts(&self, t: usize) -> Option<&LoraWeights> {
