@@ -4,10 +4,11 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device};
+use safetensors::SafeTensors;
 
 use super::config::{AdapterConfig, Module};
 use super::files::{AdapterFiles, MAX_WEIGHTS_BYTES};
+use super::stored::Stored;
 use super::LoraError;
 use crate::model::lora::{AdapterWeights, LoraWeights, Precision, Values};
 use crate::model::ModelConfig;
@@ -76,9 +77,7 @@ pub fn load_files(files: &AdapterFiles, base: &BaseShapes, max_rank: usize) -> R
         }
         return Err(LoraError::Io(format!("{} has no adapter_model.safetensors", files.dir().display())));
     };
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .map_err(|e| LoraError::Weights(format!("adapter_model.safetensors: {e}")))?;
-    from_tensors(&config, tensors, base, max_rank)
+    from_safetensors(&config, &bytes, base, max_rank)
 }
 
 /// `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight` →
@@ -98,22 +97,23 @@ fn parse_name(name: &str) -> Option<(usize, &str, bool)> {
     Some((layer, module, is_a))
 }
 
-/// A 2-D float32 matrix, row-major: `(rows, cols, values)`.
-type Matrix = (usize, usize, Vec<f32>);
-
-pub fn from_tensors(
+/// The weights of `adapter_model.safetensors` (its bytes), checked against
+/// `config` and the base and converted straight from the file's bytes.
+pub fn from_safetensors(
     config: &AdapterConfig,
-    tensors: std::collections::HashMap<String, candle_core::Tensor>,
+    bytes: &[u8],
     base: &BaseShapes,
     max_rank: usize,
 ) -> Result<AdapterWeights, LoraError> {
+    let file =
+        SafeTensors::deserialize(bytes).map_err(|e| LoraError::Weights(format!("adapter_model.safetensors: {e}")))?;
     let sites = base.sites();
-    // (A, B) per layer and site, as the file holds them.
-    let mut found: Vec<Vec<(Option<Matrix>, Option<Matrix>)>> = vec![vec![(None, None); sites.len()]; base.num_layers];
-    if tensors.is_empty() {
+    // (A, B) per layer and site, read in place.
+    let mut found: Vec<Vec<(Option<Stored>, Option<Stored>)>> = vec![vec![(None, None); sites.len()]; base.num_layers];
+    if file.is_empty() {
         return Err(LoraError::Weights("the safetensors file holds no tensors".into()));
     }
-    for (name, tensor) in tensors {
+    for (name, view) in file.iter() {
         let known = || sites.iter().map(|s| s.path).collect::<Vec<_>>().join(", ");
         let unsupported = || {
             LoraError::Unsupported(format!(
@@ -121,7 +121,7 @@ pub fn from_tensors(
                 known()
             ))
         };
-        let (layer, path, is_a) = parse_name(&name).ok_or_else(unsupported)?;
+        let (layer, path, is_a) = parse_name(name).ok_or_else(unsupported)?;
         let site = sites.iter().position(|s| s.path == path).ok_or_else(unsupported)?;
         if layer >= base.num_layers {
             return Err(LoraError::Mismatch(format!(
@@ -132,19 +132,12 @@ pub fn from_tensors(
         if !config.targets(layer, path) {
             return Err(LoraError::Mismatch(format!("`{name}` is not a target of adapter_config.json")));
         }
-        let not_2d = |e: String| LoraError::Weights(format!("`{name}` is not a 2-D float tensor: {e}"));
-        let (rows, cols) = tensor.dims2().map_err(|e| not_2d(e.to_string()))?;
-        // One copy, straight into a flat vector (no row vectors).
-        let values = tensor
-            .to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| not_2d(e.to_string()))?;
+        let stored = Stored::of(name, &view)?;
         let entry = &mut found[layer][site];
         if is_a {
-            entry.0 = Some((rows, cols, values));
+            entry.0 = Some(stored);
         } else {
-            entry.1 = Some((rows, cols, values));
+            entry.1 = Some(stored);
         }
     }
     let mut layers: Vec<[Option<LoraWeights>; 7]> = vec![Default::default(); base.num_layers];
@@ -162,7 +155,7 @@ pub fn from_tensors(
             };
             let in_features = base.dims[site.parts[0].index()].1;
             let out_features: usize = site.parts.iter().map(|m| base.dims[m.index()].0).sum();
-            let ((rank, a_cols, a), (b_rows, b_cols, b)) = (a, b);
+            let (rank, a_cols, b_rows, b_cols) = (a.rows, a.cols, b.rows, b.cols);
             if rank == 0 || a_cols != in_features {
                 return Err(LoraError::Mismatch(format!(
                     "{name}: lora_A must be [rank, {in_features}], got [{rank}, {a_cols}]"
@@ -185,26 +178,21 @@ pub fn from_tensors(
             let scale = config.scale(layer, site.path) as f32;
             // A fused module's delta is x·Aᵀ·Bᵀ with B's rows stacked like the
             // base's: each projection gets its rows of B and the same A.
+            let mut a = a.values(base.precision);
             let mut first = 0;
-            for &module in &site.parts {
+            for (index, &module) in site.parts.iter().enumerate() {
                 let part_out = base.dims[module.index()].0;
-                // B is stored transposed: [rank, out].
-                let mut b_t = vec![0f32; rank * part_out];
-                for o in 0..part_out {
-                    let row = &b[(first + o) * rank..(first + o + 1) * rank];
-                    for (j, v) in row.iter().enumerate() {
-                        b_t[j * part_out + o] = *v;
-                    }
-                }
+                // B is kept transposed: [rank, out].
+                let b_t = b.transposed(first, part_out, base.precision);
                 first += part_out;
-                weights[module.index()] = Some(LoraWeights {
-                    a: Values::new(a.clone(), base.precision),
-                    b_t: Values::new(b_t, base.precision),
-                    rank,
-                    in_features,
-                    out_features: part_out,
-                    scale,
-                });
+                // The last projection takes A, the others a copy.
+                let a = if index + 1 < site.parts.len() {
+                    a.clone()
+                } else {
+                    std::mem::replace(&mut a, Values::F32(Vec::new()))
+                };
+                weights[module.index()] =
+                    Some(LoraWeights { a, b_t, rank, in_features, out_features: part_out, scale });
             }
         }
     }

@@ -4,6 +4,7 @@
 //! Layout:
 //! - `config`: `adapter_config.json` (targets, rank, scale, unsupported features);
 //! - `adapter`: a PEFT folder → `model::lora::AdapterWeights`, checked against the base;
+//! - `stored`: one tensor read in place from the safetensors bytes, converted once;
 //! - `files`: each file of a folder checked (root, regular file, size) before it is read;
 //! - `registry`: names → folders (resolved from the roots on first use),
 //!   runtime load/unload, resident weights within a byte budget;
@@ -15,6 +16,7 @@ pub mod files;
 pub mod loads;
 pub mod random;
 pub mod registry;
+mod stored;
 
 pub use adapter::BaseShapes;
 pub use config::{AdapterConfig, Module};

@@ -105,8 +105,9 @@ async fn a_budget_of_three_holds_with_twenty_adapters_in_rotation() -> TestResul
     let root_path = std::fs::canonicalize(root.path())?;
     random_adapters(&root_path, "r", 20, 8, vec![Module::Q, Module::V])?;
     let lora_root = root_path.to_str().ok_or("utf-8")?;
-    // rank 8 over q (576 → 576) and v (576 → 192), 30 layers, float32.
-    let one = 8 * ((576 + 576) + (576 + 192)) * 30 * 4;
+    // rank 8 over q (576 → 576) and v (576 → 192), 30 layers, float16
+    // (adapter weights beside the quantized base the test servers run).
+    let one = 8 * ((576 + 576) + (576 + 192)) * 30 * 2;
     let budget = (3 * one + one / 2).to_string();
     let unbounded = start_server(&["--resolve-adapters", "--lora-root", lora_root, "--adapter-memory", "0"]);
     let bounded = start_server(&[

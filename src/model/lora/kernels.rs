@@ -359,19 +359,25 @@ mod tests {
                     assert_eq!(fast, plain, "down {precision:?} rank {rank} in {inf} rows {rows} entries {js:?}");
                 }
                 let xa: Vec<f32> = (0..rank).map(|j| (j as f32 * 0.7).sin()).collect();
+                // The same row's entries as the second of a three-row block (rank-major).
+                let block: Vec<f32> = (0..3 * rank).map(|i| if i % 3 == 1 { xa[i / 3] } else { 1e3 }).collect();
+                let strided = &block[1..];
                 for (first, width) in [(0, outf), (3, outf - 3), (outf / 2, outf - outf / 2)] {
                     let base: Vec<f32> = (0..width).map(|i| i as f32 * 0.01).collect();
-                    let (mut fast, mut plain) = (base.clone(), base);
+                    let (mut fast, mut plain, mut in_block) = (base.clone(), base.clone(), base);
                     match &w.b_t {
                         Values::F32(b) => {
                             unsafe { avx2_f32::up(&w, b, &xa, 1, first, &mut fast) };
                             portable::up::<true, _>(&w, b, &xa, 1, first, &mut plain);
+                            unsafe { avx2_f32::up(&w, b, strided, 3, first, &mut in_block) };
                         }
                         Values::F16(b) => {
                             unsafe { avx2_f16::up(&w, b, &xa, 1, first, &mut fast) };
                             portable::up::<true, _>(&w, b, &xa, 1, first, &mut plain);
+                            unsafe { avx2_f16::up(&w, b, strided, 3, first, &mut in_block) };
                         }
                     }
+                    assert_eq!(in_block, fast, "strided up {precision:?} rank {rank} out {outf} from {first}");
                     assert_eq!(fast, plain, "up {precision:?} rank {rank} out {outf} from {first}");
                 }
             }
