@@ -4,16 +4,12 @@
 
 use std::borrow::Cow;
 
-use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+use half::slice::HalfBitsSliceExt;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
 use super::LoraError;
 use crate::model::lora::{Precision, Values};
-
-/// Values converted per chunk on their way to float16: small enough to stay
-/// in L1, large enough for the slice conversion's vector loop.
-const CHUNK: usize = 1024;
 
 /// A row-major `[rows, cols]` float tensor, its little-endian bytes as stored.
 #[derive(Clone, Copy)]
@@ -35,13 +31,6 @@ impl<'a> Stored<'a> {
             other => return Err(LoraError::Weights(format!("`{name}` is {other}, not a float tensor"))),
         }
         Ok(Self { rows, cols, dtype: view.dtype(), bytes: view.data() })
-    }
-
-    /// The values in place, when they are float32 aligned for it (as
-    /// safetensors' writers align them): read without decoding.
-    fn as_f32(&self) -> Option<&'a [f32]> {
-        let ordered = cfg!(target_endian = "little") && self.dtype == Dtype::F32;
-        ordered.then(|| bytemuck::try_cast_slice(self.bytes).ok()).flatten()
     }
 
     /// The values in place, when they are float16 aligned for it.
@@ -67,37 +56,24 @@ impl<'a> Stored<'a> {
         }
     }
 
+    /// Elements `first..first + count` (row-major) as float32: in place when
+    /// they are float32 aligned for it (as safetensors' writers align them),
+    /// decoded otherwise.
+    fn f32s(&self, first: usize, count: usize) -> Cow<'a, [f32]> {
+        let ordered = cfg!(target_endian = "little") && self.dtype == Dtype::F32;
+        if let Some(all) = ordered.then(|| bytemuck::try_cast_slice::<u8, f32>(self.bytes).ok()).flatten() {
+            return Cow::Borrowed(&all[first..first + count]);
+        }
+        let mut out = vec![0f32; count];
+        self.decode(first, &mut out);
+        Cow::Owned(out)
+    }
+
     /// The whole tensor, as stored (row-major), in `precision`.
     pub(crate) fn values(&self, precision: Precision) -> Values {
-        let len = self.rows * self.cols;
-        match (precision, self.as_f32(), self.as_f16()) {
-            (Precision::F32, Some(values), _) => Values::F32(values.to_vec()),
-            (Precision::F16, Some(values), _) => {
-                let mut out = vec![half::f16::ZERO; len];
-                out.convert_from_f32_slice(values);
-                Values::F16(out)
-            }
-            (Precision::F16, _, Some(values)) => Values::F16(values.to_vec()),
-            (Precision::F32, _, Some(values)) => {
-                let mut out = vec![0f32; len];
-                values.convert_to_f32_slice(&mut out);
-                Values::F32(out)
-            }
-            (Precision::F32, ..) => {
-                let mut out = vec![0f32; len];
-                self.decode(0, &mut out);
-                Values::F32(out)
-            }
-            (Precision::F16, ..) => {
-                let mut out = vec![half::f16::ZERO; len];
-                let mut chunk = [0f32; CHUNK];
-                for (index, halves) in out.chunks_mut(CHUNK).enumerate() {
-                    let chunk = &mut chunk[..halves.len()];
-                    self.decode(index * CHUNK, chunk);
-                    halves.convert_from_f32_slice(chunk);
-                }
-                Values::F16(out)
-            }
+        match (precision, self.as_f16()) {
+            (Precision::F16, Some(halves)) => Values::F16(halves.to_vec()),
+            _ => Values::new(self.f32s(0, self.rows * self.cols).into_owned(), precision),
         }
     }
 
@@ -105,37 +81,14 @@ impl<'a> Stored<'a> {
     /// `precision`: a `lora_B` part as the up kernels read it.
     pub(crate) fn transposed(&self, first: usize, count: usize, precision: Precision) -> Values {
         let cols = self.cols;
-        let rows: Cow<[f32]> = match self.as_f32() {
-            Some(all) => Cow::Borrowed(&all[first * cols..(first + count) * cols]),
-            None => {
-                let mut rows = vec![0f32; count * cols];
-                self.decode(first * cols, &mut rows);
-                Cow::Owned(rows)
-            }
-        };
-        let column = |j: usize, out: &mut [f32]| {
-            for (o, value) in out.iter_mut().enumerate() {
-                *value = rows[o * cols + j];
-            }
-        };
-        match precision {
-            Precision::F32 => {
-                let mut out = vec![0f32; cols * count];
-                for (j, out) in out.chunks_exact_mut(count.max(1)).enumerate() {
-                    column(j, out);
-                }
-                Values::F32(out)
-            }
-            Precision::F16 => {
-                let mut out = vec![half::f16::ZERO; cols * count];
-                let mut staged = vec![0f32; count];
-                for (j, out) in out.chunks_exact_mut(count.max(1)).enumerate() {
-                    column(j, &mut staged);
-                    out.convert_from_f32_slice(&staged);
-                }
-                Values::F16(out)
+        let rows = self.f32s(first * cols, count * cols);
+        let mut out = vec![0f32; cols * count];
+        for (o, row) in rows.chunks_exact(cols.max(1)).enumerate() {
+            for (j, value) in row.iter().enumerate() {
+                out[j * count + o] = *value;
             }
         }
+        Values::new(out, precision)
     }
 }
 
@@ -168,7 +121,7 @@ mod tests {
         ] {
             let view = view(dtype, &[3, 2], bytes);
             let stored = Stored::of("t", &view).expect("a float tensor");
-            let in_place = stored.as_f32().is_some() || stored.as_f16().is_some();
+            let in_place = matches!(stored.f32s(0, 6), Cow::Borrowed(_)) || stored.as_f16().is_some();
             let aligned = bytes.as_ptr().align_offset(dtype.bitsize() / 8) == 0;
             assert_eq!(in_place, matches!(dtype, Dtype::F32 | Dtype::F16) && aligned, "{dtype:?}");
             let Values::F32(all) = stored.values(Precision::F32) else { panic!("float32 asked for") };
@@ -184,8 +137,8 @@ mod tests {
     }
 
     #[test]
-    fn float16_conversion_crosses_chunks() {
-        let values: Vec<f32> = (0..2 * CHUNK + 7).map(|i| i as f32 * 0.25).collect();
+    fn float16_conversion_of_a_long_tensor_rounds_each_value() {
+        let values: Vec<f32> = (0..2055).map(|i| i as f32 * 0.25).collect();
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         let view = view(Dtype::F32, &[values.len(), 1], &bytes);
         let Values::F16(halves) = Stored::of("t", &view).expect("float").values(Precision::F16) else {
