@@ -139,6 +139,9 @@ pub struct ServeArgs {
     /// used adapters no request holds are evicted past it; 0 = no limit.
     #[arg(long, env = "TAILOR_ADAPTER_MEMORY", value_parser = parse_bytes, default_value = "1GiB")]
     pub adapter_memory: u64,
+    /// Adapters one request may compose in its `adapters` list.
+    #[arg(long, env = "TAILOR_MAX_ADAPTERS_PER_REQUEST", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub max_adapters_per_request: u16,
     /// A model id that is not registered is looked up as a sub-folder of the
     /// adapter roots and loaded on first use; the adapters folder is then
     /// registered at start without reading any weights.
@@ -451,6 +454,7 @@ impl ServeArgs {
                     roots,
                     max_adapters: self.max_adapters,
                     resolve: self.resolve_adapters,
+                    max_per_request: self.max_adapters_per_request.into(),
                     load_seconds: Some(metrics.adapter_load_seconds.clone()),
                 },
             },

@@ -55,6 +55,7 @@ pub struct Metrics {
     pub model_generation_tokens: IntCounterVec,
     pub adapter_loads: IntCounterVec,
     pub adapter_evictions: IntCounterVec,
+    pub adapter_merges: IntCounterVec,
     pub adapters_resident: IntGaugeVec,
     pub adapters_registered: IntGaugeVec,
     pub adapter_bytes_resident: IntGaugeVec,
@@ -164,6 +165,11 @@ impl Metrics {
                 &["model_name", "model"],
             ),
             adapter_loads: counter("tailor_adapter_loads_total", "Adapter weights read from disk.", MODEL),
+            adapter_merges: counter(
+                "tailor_adapter_merges_total",
+                "Adapter compositions merged into a new adapter (adapter_merge linear).",
+                MODEL,
+            ),
             adapter_evictions: counter(
                 "tailor_adapter_evictions_total",
                 "Adapter weights dropped from memory (least recently used).",

@@ -169,7 +169,7 @@ fn report_broken_presets(state: AppState) {
             return;
         };
         for preset in state.presets.list() {
-            if let Some(adapter) = preset.adapter.as_ref().filter(|a| !info.adapters.exists(a).unwrap_or(false)) {
+            for adapter in preset.adapter_names().iter().filter(|a| !info.adapters.exists(a).unwrap_or(false)) {
                 tracing::error!(preset = %preset.name, %adapter, "preset names an adapter that is not loaded");
             }
             if let Some(template) = preset.defaults.template.as_ref().filter(|t| state.templates.get(t).is_none()) {

@@ -56,7 +56,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         ignore_eos: true,
         prompt_logprobs: None,
         skip_special_tokens: true,
-        tags: RequestTags { model: "tiny".into(), adapter: None },
+        tags: RequestTags { model: "tiny".into(), adapters: Vec::new() },
         constraint: None,
         span: tracing::Span::none(),
         cache_partition: 0,

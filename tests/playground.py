@@ -90,6 +90,19 @@ try:
     wait(driver, lambda d: "copied" in d.find_element(By.ID, "status").text, 10, "the copy")
     print("copy as curl and as Python: both run and answer the same")
 
+    # A composition in a fourth column: the base with two weighted adapters.
+    driver.find_element(By.ID, "compare-add").click()
+    Select(driver.find_element(By.ID, "col-4-model")).select_by_value(BASE)
+    driver.find_element(By.ID, "col-4-adapters").send_keys("pirate:0.7, shout:0.5")
+    bodies = driver.execute_script("return compareBodies()")
+    assert bodies[3]["adapters"] == [{"name": "pirate", "weight": 0.7}, {"name": "shout", "weight": 0.5}], bodies[3]
+    columns = run_compare(driver)
+    composed = driver.find_element(By.ID, "col-4-reply").text
+    assert columns[3].get_attribute("data-state") == "done" and composed, composed
+    assert chat_api(root, bodies[3]) == composed, (bodies[3], composed)
+    driver.find_element(By.ID, "compare-remove").click()
+    print("compare: a composition of pirate 0.7 and shout 0.5 in a column says", repr(composed[:40]))
+
     # Prompt view: the summarize template, its variables, the exact rendering.
     tab = driver.find_element(By.ID, "tab-compare")
     tab.send_keys(Keys.ARROW_RIGHT)  # keyboard: the next tab

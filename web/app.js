@@ -297,15 +297,17 @@ function addColumn(model = "", template = "") {
   const templateSelect = el("select", { id: `col-${n}-template`, "aria-label": `Column ${n} template` });
   fillSelect(templateSelect, templateOptions(), { empty: "(no template)" });
   templateSelect.value = template;
+  const adapters = el("input", { id: `col-${n}-adapters`, type: "text", placeholder: "pirate:0.7, shout:0.5", "aria-label": `Column ${n} adapters with weights` });
   const temperature = el("input", { id: `col-${n}-temperature`, type: "number", min: 0, max: 2, step: 0.1, placeholder: "shared", "aria-label": `Column ${n} temperature` });
   const maxTokens = el("input", { id: `col-${n}-max-tokens`, type: "number", min: 1, placeholder: "shared", "aria-label": `Column ${n} max tokens` });
   const reply = el("pre", { id: `col-${n}-reply`, class: "reply", "aria-live": "polite", tabindex: 0, "aria-label": `Column ${n} reply` });
   const stats = el("p", { id: `col-${n}-stats`, class: "stats muted" });
-  Object.assign(column, { modelSelect, templateSelect, temperature, maxTokens, reply, stats });
+  Object.assign(column, { modelSelect, templateSelect, adapters, temperature, maxTokens, reply, stats });
   const node = el("article", { class: "column", id: `col-${n}` }, [
     el("h3", { text: `Column ${n}` }),
     el("label", {}, ["Model ", modelSelect]),
     el("label", { class: "column-template" }, ["Template ", templateSelect]),
+    el("label", { title: "Adapters applied together on the base or a preset, each name:weight (weight 1 when left out)" }, ["Adapters ", adapters]),
     el("div", { class: "row small" }, [el("label", {}, ["Temp. ", temperature]), el("label", {}, ["Max tokens ", maxTokens])]),
     reply,
     stats,
@@ -343,6 +345,17 @@ function sharedParams() {
   };
 }
 
+/** `pirate:0.7, shout` → the request's `adapters` list (undefined when empty). */
+function readAdapters(text) {
+  const list = text.split(",").map((s) => s.trim()).filter(Boolean).map((entry) => {
+    const at = entry.lastIndexOf(":");
+    if (at < 0) return { name: entry };
+    const weight = Number(entry.slice(at + 1));
+    return { name: entry.slice(0, at).trim(), weight: Number.isNaN(weight) ? entry.slice(at + 1) : weight };
+  });
+  return list.length ? list : undefined;
+}
+
 /** The request body of each column, as it will be sent. */
 function compareBodies() {
   const shared = sharedParams();
@@ -357,6 +370,8 @@ function compareBodies() {
       body.messages = [{ role: "user", content: $("compare-message").value }];
       if (c.templateSelect.value) body.template = c.templateSelect.value;
     }
+    const adapters = readAdapters(c.adapters.value);
+    if (adapters) body.adapters = adapters;
     const temperature = c.temperature.value === "" ? shared.temperature : Number(c.temperature.value);
     const maxTokens = c.maxTokens.value === "" ? shared.max_tokens : Number(c.maxTokens.value);
     if (temperature !== undefined) body.temperature = temperature;

@@ -53,7 +53,7 @@ pub fn submit_all(
                 ignore_eos: params.ignore_eos,
                 skip_special_tokens: params.skip_special_tokens,
                 prompt_logprobs: params.prompt_logprobs,
-                tags: RequestTags { model: target.requested.clone(), adapter: target.adapter_name.clone() },
+                tags: RequestTags { model: target.requested.clone(), adapters: target.adapter_names.clone() },
                 constraint: constraints.pop(),
                 span: tracing::Span::current(),
                 cache_partition: params.cache_partition,

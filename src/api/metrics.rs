@@ -52,6 +52,7 @@ fn refresh(state: &AppState, info: &crate::loader::ModelInfo) {
         .set(now);
     raise_to(&m.adapter_loads.with_label_values(&model), adapters.loads);
     raise_to(&m.adapter_evictions.with_label_values(&model), adapters.evictions);
+    raise_to(&m.adapter_merges.with_label_values(&model), adapters.merges);
     m.adapters_resident.with_label_values(&model).set(adapters.resident as i64);
     m.adapters_registered.with_label_values(&model).set(adapters.registered as i64);
     m.adapter_bytes_resident.with_label_values(&model).set(adapters.resident_bytes as i64);

@@ -26,6 +26,7 @@ pub mod playground;
 pub mod prompting;
 pub mod responses;
 pub mod stall;
+pub mod target;
 pub mod templates;
 pub mod tokenize;
 pub mod tools;
@@ -48,13 +49,12 @@ use utoipa_axum::routes;
 
 use crate::engine::{EngineHandle, EngineStatus};
 use crate::loader::ModelInfo;
-use crate::lora::LoraError;
 use crate::metrics::Metrics;
-use crate::model::lora::AdapterWeights;
-use crate::prompt::defaults::Defaults;
 use crate::prompt::presets::PresetStore;
-use crate::prompt::templates::{NamedTemplate, TemplateStore};
+use crate::prompt::templates::TemplateStore;
 pub use error::ApiError;
+use target::adapter_exists;
+pub use target::Target;
 
 /// Shared by every handler.
 #[derive(Clone)]
@@ -82,23 +82,6 @@ pub struct AppState {
     pub prefix_cache_isolation: observe::CacheIsolation,
     /// Uploaded files and fine-tuning jobs (None: the data directory could not be opened).
     pub fine_tuning: Option<Arc<crate::finetune::FineTuning>>,
-}
-
-/// What a request's `model` (and `template`) resolve to: the base, maybe an
-/// adapter, maybe a named template, and the request defaults of all layers.
-pub struct Target {
-    pub info: Arc<ModelInfo>,
-    /// The id the client named.
-    pub requested: String,
-    pub adapter: Option<Arc<AdapterWeights>>,
-    pub adapter_name: Option<String>,
-    /// The preset the id named, if it named one.
-    pub preset: Option<String>,
-    /// `system_fingerprint`: the base's, and the adapter's generation.
-    pub fingerprint: String,
-    pub template: Option<Arc<NamedTemplate>>,
-    /// Preset over adapter over template; the request still wins over these.
-    pub defaults: Defaults,
 }
 
 impl AppState {
@@ -146,89 +129,6 @@ impl AppState {
         }
         Ok(info)
     }
-
-    /// Resolves `model` (the base id, a preset, or an adapter name, in that
-    /// order) and the template (`requested_template`, else the preset's or
-    /// adapter's). Unknown names are 404; a preset whose adapter or template
-    /// is missing is a 400 that says which.
-    pub async fn resolve(&self, requested: &str, requested_template: Option<&str>) -> Result<Target, ApiError> {
-        let info = self.model()?;
-        let preset = self.presets.get(requested);
-        let (adapter_name, preset_defaults) = if requested == info.id {
-            (None, Defaults::default())
-        } else if let Some(preset) = &preset {
-            (preset.adapter.clone(), preset.defaults.clone())
-        } else if adapter_exists(&info, requested)? {
-            (Some(requested.to_string()), Defaults::default())
-        } else {
-            return Err(ApiError::model_not_found(requested));
-        };
-        let preset_error = |what: String| ApiError {
-            code: Some("preset_unavailable"),
-            ..ApiError::invalid("model", format!("preset `{requested}` {what}"))
-        };
-        let (adapter, adapter_defaults) = match &adapter_name {
-            None => (None, Defaults::default()),
-            Some(name) => {
-                // Off the async workers and below the engine's priority: a
-                // cold adapter delays only the requests that need it.
-                let weights = info.adapters.get_off_engine(name).await.map_err(|e| match e {
-                    LoraError::BadName(_) => ApiError::invalid("model", e.to_string()),
-                    e => {
-                        tracing::error!(adapter = %name, error = %e, "cannot load adapter");
-                        ApiError::internal(format!("adapter `{name}` cannot be read: {e}"))
-                    }
-                })?;
-                match weights {
-                    Some(w) => (Some(w), info.adapters.defaults(name).unwrap_or_default()),
-                    None if preset.is_some() => {
-                        return Err(preset_error(format!("names adapter `{name}`, which is not loaded")))
-                    }
-                    None => return Err(ApiError::model_not_found(requested)),
-                }
-            }
-        };
-        let layered = preset_defaults.over(&adapter_defaults);
-        let template = match (requested_template, layered.template.as_deref()) {
-            (Some(name), _) => Some(self.templates.get(name).ok_or_else(|| ApiError {
-                code: Some("template_not_found"),
-                ..ApiError::not_found(format!("no template named `{name}`"))
-            })?),
-            (None, Some(name)) => Some(
-                self.templates
-                    .get(name)
-                    .ok_or_else(|| preset_error(format!("names template `{name}`, which does not exist")))?,
-            ),
-            (None, None) => None,
-        };
-        let defaults = match &template {
-            Some(t) => layered.over(&t.defaults),
-            None => layered,
-        };
-        let fingerprint = match &adapter_name {
-            None => info.fingerprint.clone(),
-            Some(name) => {
-                let generation = info.adapters.generation(name).unwrap_or(0).to_string();
-                crate::loader::fingerprint(&[&info.fingerprint, name, &generation])
-            }
-        };
-        Ok(Target {
-            fingerprint,
-            info,
-            requested: requested.to_string(),
-            adapter,
-            adapter_name,
-            preset: preset.map(|p| p.name),
-            template,
-            defaults,
-        })
-    }
-}
-
-/// Whether `name` is a registered adapter or one the roots would resolve
-/// (a few `stat`s, no reads); a name that could not be a folder is a 400.
-fn adapter_exists(info: &ModelInfo, name: &str) -> Result<bool, ApiError> {
-    info.adapters.exists(name).map_err(|e| ApiError::invalid("model", e.to_string()))
 }
 
 /// HTTP settings the router's layers need.

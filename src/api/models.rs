@@ -39,7 +39,7 @@ fn cards(state: &AppState) -> Result<Vec<ModelCard>, ApiError> {
         kind: "adapter",
     }));
     cards.extend(state.presets.list().into_iter().map(|p| ModelCard {
-        root: p.adapter.clone().unwrap_or_else(|| info.id.clone()),
+        root: Some(p.adapter_names().join("+")).filter(|r| !r.is_empty()).unwrap_or_else(|| info.id.clone()),
         id: p.name,
         object: "model",
         created: state.created,

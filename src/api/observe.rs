@@ -53,7 +53,7 @@ impl Facts {
     pub fn resolved(&self, target: &Target) {
         let mut k = self.known();
         k.model = Some(target.requested.clone());
-        k.adapter = target.adapter_name.clone();
+        k.adapter = target.adapter_label();
         k.preset = target.preset.clone();
         k.template = target.template.as_ref().map(|t| t.name.clone());
     }

@@ -23,8 +23,10 @@ pub async fn prepare(
     facts: &Facts,
     req: &mut impl HasSampling,
 ) -> Result<(Target, Validated), ApiError> {
+    let adapters = req.sampling_mut().adapters.take();
+    let merge = req.sampling_mut().adapter_merge.take();
     let (model, template) = req.target_names();
-    let target = state.resolve(model, template).await?;
+    let target = state.resolve(model, template, adapters.as_deref(), merge).await?;
     let d = &target.defaults;
     let max_tokens = req.max_tokens_mut();
     *max_tokens = max_tokens.or(d.max_tokens);

@@ -12,7 +12,7 @@ use super::chat::{merged_kwargs, render_chat};
 use super::error::{ApiError, ErrorEnvelope};
 use super::json::AppJson;
 use super::prompting;
-use super::types::Prompt;
+use super::types::{AdapterChoice, MergeOptions, Prompt};
 use super::{AppState, Target};
 use crate::prompt::templates::TemplateCard;
 use crate::prompt::ChatRequest;
@@ -59,6 +59,9 @@ struct RenderRequest {
     /// Completion mode: text for the template's input variable.
     prompt: Option<String>,
     chat_template_kwargs: Option<Map<String, Json_>>,
+    /// A weighted composition of adapters (as on generation requests): their defaults apply.
+    adapters: Option<Vec<AdapterChoice>>,
+    adapter_merge: Option<MergeOptions>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -82,7 +85,7 @@ async fn render(
         Some(m) => m.clone(),
         None => state.model()?.id.clone(),
     };
-    let target = state.resolve(&model, Some(&name)).await?;
+    let target = state.resolve(&model, Some(&name), req.adapters.as_deref(), req.adapter_merge).await?;
     let info = target.info.clone();
     let kwargs = merged_kwargs(&state, &target, req.chat_template_kwargs.as_ref());
     let (tokens, prompt) = state.blocking(move || render_request(&target, req, kwargs)).await?;

@@ -28,6 +28,8 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
+pub use crate::lora::{AdapterChoice, MergeOptions};
+
 /// Sampling and stopping fields shared by completions and chat.
 #[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 pub struct SamplingFields {
@@ -56,6 +58,11 @@ pub struct SamplingFields {
     /// vLLM's extension: only requests with the same salt share cached
     /// prompt prefixes (so timing and `cached_tokens` reveal nothing to others).
     pub cache_salt: Option<String>,
+    /// Adapters applied together, each delta with its weight (PEFT's `cat`
+    /// combination), on the base model or a preset (in place of its adapter).
+    pub adapters: Option<Vec<AdapterChoice>>,
+    /// How `adapters` combine (`{"combination_type": "cat" | "linear"}`).
+    pub adapter_merge: Option<MergeOptions>,
 }
 
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]

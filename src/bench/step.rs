@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::lora::{adapter, BaseShapes};
 use crate::model::llama::Logits;
-use crate::model::lora::AdapterWeights;
+use crate::model::lora::{AdapterWeights, Part};
 use crate::model::BatchRow;
 
 #[derive(Debug, clap::Args)]
@@ -24,6 +24,10 @@ pub struct StepArgs {
     /// i mod N). Repeatable.
     #[arg(long = "adapter")]
     pub adapters: Vec<PathBuf>,
+    /// Adapters each row composes (`adapters` at weight 1/K each): row i
+    /// applies adapters i, i+1, … i+K-1 (mod N), un-merged.
+    #[arg(long, default_value_t = 1)]
+    pub compose: usize,
     /// Rows decoding together.
     #[arg(long, default_value_t = 8)]
     pub rows: usize,
@@ -48,6 +52,8 @@ pub struct StepArgs {
 pub struct StepReport {
     pub rows: usize,
     pub adapters: usize,
+    /// Adapters each row composes.
+    pub compose: usize,
     /// Milliseconds per decode step, one figure per round.
     pub base_ms: Vec<f64>,
     pub adapters_ms: Vec<f64>,
@@ -81,6 +87,17 @@ pub fn run(args: &StepArgs) -> anyhow::Result<StepReport> {
         })
         .collect::<anyhow::Result<_>>()?;
     anyhow::ensure!(!adapters.is_empty(), "give at least one --adapter");
+    anyhow::ensure!((1..=adapters.len()).contains(&args.compose), "--compose must be between 1 and the adapters given");
+    let adapters: Vec<Arc<AdapterWeights>> = match args.compose {
+        1 => adapters,
+        k => (0..adapters.len())
+            .map(|i| {
+                let parts = (0..k)
+                    .map(|j| Part { adapter: adapters[(i + j) % adapters.len()].clone(), factor: 1.0 / k as f32 });
+                Arc::new(AdapterWeights::composed(parts.collect()))
+            })
+            .collect(),
+    };
     anyhow::ensure!(
         args.rows > 0 && args.steps > 0 && args.prompt_tokens > 0,
         "rows, steps and prompt tokens must be positive"
@@ -94,7 +111,8 @@ pub fn run(args: &StepArgs) -> anyhow::Result<StepReport> {
     let (base, with) = (median(&base_ms), median(&adapters_ms));
     Ok(StepReport {
         rows: args.rows,
-        adapters: adapters.len(),
+        adapters: args.adapters.len(),
+        compose: args.compose,
         base_ms,
         adapters_ms,
         base_ms_median: base,

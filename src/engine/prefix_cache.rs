@@ -286,7 +286,7 @@ mod tests {
     fn the_longest_prefix_on_the_same_adapter_is_reused() {
         let count = BlockCount::default();
         let mut prefixes = PrefixCache::new(10_000);
-        let adapter = Arc::new(AdapterWeights { layers: Vec::new() });
+        let adapter = Arc::new(AdapterWeights::default());
         keep(&mut prefixes, &count, None, (0..40).collect());
         keep(&mut prefixes, &count, None, (0..10).chain(100..130).collect());
         let prompt: Vec<u32> = (0..50).collect();
@@ -301,7 +301,7 @@ mod tests {
         keep(&mut prefixes, &count, Some(&adapter), (0..20).collect());
         assert_eq!(hit(&prefixes, Some(&adapter), &prompt), Some(20));
         assert_eq!(hit(&prefixes, None, &prompt), Some(40));
-        let reloaded = Arc::new(AdapterWeights { layers: Vec::new() });
+        let reloaded = Arc::new(AdapterWeights::default());
         assert_eq!(hit(&prefixes, Some(&reloaded), &prompt), None);
         // Unloaded: nobody holds the weights, so their entries go.
         drop(adapter);

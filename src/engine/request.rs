@@ -11,8 +11,8 @@ use super::SamplingParams;
 pub struct RequestTags {
     /// The model id the client named (base, adapter or preset).
     pub model: String,
-    /// The adapter's name, when one applies.
-    pub adapter: Option<String>,
+    /// The adapters it applies, by name (one, or a composition's).
+    pub adapters: Vec<String>,
 }
 
 /// A validated generation request: token ids in; events come back through

@@ -284,7 +284,7 @@ impl Engine<'_> {
     }
 
     fn publish(&self, running: &[Sequence], waiting: &VecDeque<Queued>, steps: u64) {
-        let names = |tags: &mut dyn Iterator<Item = &Option<String>>| {
+        let names = |tags: &mut dyn Iterator<Item = &Vec<String>>| {
             let mut names: Vec<String> = tags.flatten().cloned().collect();
             names.sort();
             names.dedup();
@@ -296,8 +296,8 @@ impl Engine<'_> {
             kv_tokens: running.iter().map(|s| s.cache.len()).sum(),
             reserved_tokens: running.iter().map(Sequence::reservation).sum(),
             steps,
-            running_adapters: names(&mut running.iter().map(|s| &s.tags.adapter)),
-            waiting_adapters: names(&mut waiting.iter().map(|q| &q.request.tags.adapter)),
+            running_adapters: names(&mut running.iter().map(|s| &s.tags.adapters)),
+            waiting_adapters: names(&mut waiting.iter().map(|q| &q.request.tags.adapters)),
         });
     }
 

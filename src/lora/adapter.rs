@@ -196,7 +196,7 @@ pub fn from_safetensors(
             }
         }
     }
-    Ok(AdapterWeights { layers })
+    Ok(AdapterWeights { layers, parts: Vec::new(), config: Some(std::sync::Arc::new(config.clone())) })
 }
 
 #[cfg(test)]

@@ -239,6 +239,13 @@ impl AdapterConfig {
         self.targets.matches(&name)
     }
 
+    /// The config of a merge of this adapter with others (PEFT's
+    /// `replace(peft_config[adapters[0]], r=rank, lora_alpha=rank)`:
+    /// patterns and rsLoRA kept).
+    pub fn merged(&self, rank: usize) -> AdapterConfig {
+        AdapterConfig { r: rank, alpha: rank as f64, ..self.clone() }
+    }
+
     /// Rank of a module: the first matching `rank_pattern` key, else `r`.
     pub fn rank(&self, layer: usize, path: &str) -> usize {
         let name = module_name(layer, path);

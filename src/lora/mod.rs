@@ -8,12 +8,16 @@
 //! - `files`: each file of a folder checked (root, regular file, size) before it is read;
 //! - `registry`: names → folders (resolved from the roots on first use),
 //!   runtime load/unload, resident weights within a byte budget;
+//! - `compositions`: weighted compositions shared while requests hold them;
+//! - `merge`: PEFT's combinations that build one adapter from several (`linear`);
 //! - `random`: random PEFT adapters for benchmarks and tests.
 
 pub mod adapter;
+mod compositions;
 pub mod config;
 pub mod files;
 pub mod loads;
+pub mod merge;
 pub mod random;
 pub mod registry;
 mod stored;
@@ -21,6 +25,30 @@ mod stored;
 pub use adapter::BaseShapes;
 pub use config::{AdapterConfig, Module};
 pub use registry::{AdapterRegistry, RegistryOptions};
+
+/// One adapter of a weighted composition (a request's or a preset's `adapters`).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterChoice {
+    /// A registered adapter (or one the adapter roots resolve).
+    #[schema(example = "pirate")]
+    pub name: String,
+    /// Its delta's weight (default 1); 0 leaves it out, negative subtracts it.
+    #[schema(example = 0.7)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f64>,
+}
+
+/// How a composition combines its adapters (PEFT's `add_weighted_adapter`
+/// options; a request's or a preset's `adapter_merge`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MergeOptions {
+    /// `cat` (default): every delta with its weight, un-merged; `linear`: A
+    /// and B summed separately with √(weight × scale), merged once.
+    #[serde(default)]
+    pub combination_type: merge::Combination,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoraError {

@@ -17,10 +17,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use super::adapter::{self, BaseShapes};
+use super::compositions::Compositions;
 use super::files::AdapterFiles;
 use super::loads::LoadThreads;
+use super::merge::{self, Combination};
 use super::LoraError;
-use crate::model::lora::AdapterWeights;
+use crate::model::lora::{AdapterWeights, Part};
 use crate::prompt::defaults::Defaults;
 
 #[derive(Debug, Clone)]
@@ -37,6 +39,8 @@ pub struct RegistryOptions {
     pub max_adapters: usize,
     /// A name not registered is looked up under the roots on first use.
     pub resolve: bool,
+    /// Adapters one request may compose (`adapters`).
+    pub max_per_request: usize,
     /// Where load times are recorded (`tailor_adapter_load_seconds`,
     /// labelled with the served model's id).
     pub load_seconds: Option<prometheus::HistogramVec>,
@@ -51,6 +55,7 @@ impl Default for RegistryOptions {
             roots: Vec::new(),
             max_adapters: 0,
             resolve: false,
+            max_per_request: 8,
             load_seconds: None,
         }
     }
@@ -73,6 +78,8 @@ pub struct AdapterCounts {
     pub resident_bytes: u64,
     pub loads: u64,
     pub evictions: u64,
+    /// Compositions merged into a new adapter (`linear`).
+    pub merges: u64,
     /// Names looked up under the roots and found nowhere.
     pub resolve_misses: u64,
 }
@@ -109,6 +116,8 @@ pub struct AdapterRegistry {
     loads: AtomicU64,
     evictions: AtomicU64,
     resolve_misses: AtomicU64,
+    compositions: Compositions,
+    merges: AtomicU64,
 }
 
 #[derive(Default)]
@@ -170,6 +179,8 @@ impl AdapterRegistry {
             loads: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
             resolve_misses: AtomicU64::new(0),
+            compositions: Compositions::default(),
+            merges: AtomicU64::new(0),
         }
     }
 
@@ -361,6 +372,29 @@ impl AdapterRegistry {
         self.options.max_rank
     }
 
+    /// The composition of `parts` (loaded single adapters, each with its
+    /// weight): the one requests in flight already share, or a new one —
+    /// un-merged for `cat`, merged here (call it off the async workers) for
+    /// the others.
+    pub fn compose(&self, parts: Vec<Part>, combination: Combination) -> Result<Arc<AdapterWeights>, LoraError> {
+        let merge = match combination {
+            Combination::Cat => return Ok(self.compositions.get_or_make(parts)),
+            Combination::Linear => merge::linear,
+        };
+        let key = super::compositions::key(combination, &parts);
+        if let Some(shared) = self.compositions.get(&key) {
+            return Ok(shared);
+        }
+        let merged = Arc::new(merge(&parts, &self.base)?);
+        self.merges.fetch_add(1, Ordering::Relaxed);
+        Ok(self.compositions.share(key, merged))
+    }
+
+    /// Adapters one request may compose.
+    pub fn max_per_request(&self) -> usize {
+        self.options.max_per_request
+    }
+
     /// Adapters resident at once (0 = unbounded).
     pub fn max_loaded(&self) -> usize {
         self.options.max_loaded
@@ -382,6 +416,7 @@ impl AdapterRegistry {
             resident_bytes: inner.resident_bytes,
             loads: self.loads.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
+            merges: self.merges.load(Ordering::Relaxed),
             resolve_misses: self.resolve_misses.load(Ordering::Relaxed),
         }
     }

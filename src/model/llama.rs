@@ -352,7 +352,8 @@ impl Llama {
             spans.push((ids.len(), row.tokens.len()));
             ids.extend_from_slice(row.tokens);
         }
-        let adapters = adapter_groups(rows, &spans);
+        let adapters =
+            super::lora::groups(rows.iter().zip(&spans).map(|(row, &(at, len))| (row.adapter, at..at + len)));
         // [total_tokens, hidden]
         let mut x = self.embed_tokens.lookup(&ids)?;
         for (index, layer) in self.layers.iter().enumerate() {
@@ -395,20 +396,6 @@ impl Llama {
         }
         Ok(out)
     }
-}
-
-/// Token rows grouped by adapter (rows without one are left out).
-fn adapter_groups(rows: &[BatchRow], spans: &[(usize, usize)]) -> Vec<LoraGroup> {
-    let mut groups: Vec<LoraGroup> = Vec::new();
-    for (row, &(offset, len)) in rows.iter().zip(spans) {
-        let Some(adapter) = row.adapter else { continue };
-        let tokens = offset..offset + len;
-        match groups.iter_mut().find(|g| Arc::ptr_eq(&g.adapter, adapter)) {
-            Some(group) => group.rows.extend(tokens),
-            None => groups.push(LoraGroup { adapter: adapter.clone(), rows: tokens.collect() }),
-        }
-    }
-    groups
 }
 
 /// The output head shares the embedding table (SmolLM2, Llama 3.2 small).

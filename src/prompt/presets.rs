@@ -3,7 +3,9 @@
 //!
 //! ```toml
 //! [support-bot]
-//! adapter = "support"        # optional LoRA adapter
+//! adapter = "support"        # optional LoRA adapter, or a weighted composition:
+//! # adapters = [{ name = "support", weight = 0.8 }, { name = "formal", weight = 0.4 }]
+//! # adapter_merge = { combination_type = "linear" }   # default "cat"
 //! template = "ticket"        # optional named template
 //! system = "You are ..."     # plus any request default:
 //! temperature = 0.2          # top_p, top_k, max_tokens, stop, seed, penalties,
@@ -25,7 +27,22 @@ use super::PromptError;
 pub struct Preset {
     pub name: String,
     pub adapter: Option<String>,
+    /// A weighted composition applied instead of one adapter.
+    pub adapters: Option<Vec<crate::lora::AdapterChoice>>,
+    /// How `adapters` combine.
+    pub adapter_merge: Option<crate::lora::MergeOptions>,
     pub defaults: Defaults,
+}
+
+impl Preset {
+    /// The adapters it applies, by name, in order.
+    pub fn adapter_names(&self) -> Vec<String> {
+        match (&self.adapter, &self.adapters) {
+            (Some(name), _) => vec![name.clone()],
+            (None, Some(list)) => list.iter().map(|c| c.name.clone()).collect(),
+            (None, None) => Vec::new(),
+        }
+    }
 }
 
 /// Parses one presets file.
@@ -45,6 +62,28 @@ pub fn parse(text: &str, origin: &str) -> Result<Vec<Preset>, PromptError> {
                 Some(toml::Value::String(s)) => Some(s),
                 Some(_) => return Err(PromptError::Invalid(format!("{origin}: [{name}] adapter must be a string"))),
             };
+            let adapters: Option<Vec<crate::lora::AdapterChoice>> = match fields.remove("adapters") {
+                None => None,
+                Some(_) if adapter.is_some() => {
+                    return Err(PromptError::Invalid(format!(
+                        "{origin}: [{name}] declares both `adapter` and `adapters`; list the one adapter in `adapters`"
+                    )))
+                }
+                Some(list) => Some(
+                    list.try_into().map_err(|e| PromptError::Invalid(format!("{origin}: [{name}] adapters: {e}")))?,
+                ),
+            };
+            let adapter_merge: Option<crate::lora::MergeOptions> = match fields.remove("adapter_merge") {
+                None => None,
+                Some(_) if adapters.is_none() => {
+                    return Err(PromptError::Invalid(format!("{origin}: [{name}] adapter_merge needs `adapters`")))
+                }
+                Some(merge) => Some(
+                    merge
+                        .try_into()
+                        .map_err(|e| PromptError::Invalid(format!("{origin}: [{name}] adapter_merge: {e}")))?,
+                ),
+            };
             let defaults: Defaults = toml::Value::Table(fields)
                 .try_into()
                 .map_err(|e| PromptError::Invalid(format!("{origin}: [{name}]: {e}")))?;
@@ -52,7 +91,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Vec<Preset>, PromptError> {
                 crate::grammar::from_response_format(format)
                     .map_err(|e| PromptError::Invalid(format!("{origin}: [{name}] response_format: {e}")))?;
             }
-            Ok(Preset { name, adapter, defaults })
+            Ok(Preset { name, adapter, adapters, adapter_merge, defaults })
         })
         .collect()
 }
@@ -189,6 +228,18 @@ system = "Be terse."
         assert_eq!(ok[0].defaults.response_format, Some(serde_json::json!({"type": "json_object"})));
         let bad = parse("[p]\nresponse_format = { type = \"xml\" }\n", "t").expect_err("unknown type");
         assert!(bad.to_string().contains("response_format"), "{bad}");
+    }
+
+    #[test]
+    fn a_preset_may_compose_adapters_but_not_also_name_one() {
+        let mix = parse("[mix]\nadapters = [{ name = \"pirate\", weight = 0.7 }, { name = \"shout\" }]\n", "t")
+            .expect("valid");
+        assert_eq!(mix[0].adapter_names(), ["pirate", "shout"]);
+        assert_eq!(mix[0].adapters.as_ref().map(|a| a[0].weight), Some(Some(0.7)));
+        let both = parse("[mix]\nadapter = \"pirate\"\nadapters = [{ name = \"shout\" }]\n", "t");
+        assert!(both.is_err_and(|e| e.to_string().contains("both")));
+        let typo = parse("[mix]\nadapters = [{ name = \"shout\", wieght = 2 }]\n", "t");
+        assert!(typo.is_err_and(|e| e.to_string().contains("wieght")));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 mod api;
 mod common;
+mod compose;
 mod fine_tuning;
 mod fine_tuning_faults;
 mod lora;

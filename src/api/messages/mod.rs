@@ -81,8 +81,16 @@ pub struct MessagesRequest {
 }
 
 /// Chat fields a Messages body may carry as they are (tailor's extensions).
-const PASSED_ON: &[&str] =
-    &["seed", "min_p", "repetition_penalty", "template", "template_vars", "chat_template_kwargs"];
+const PASSED_ON: &[&str] = &[
+    "adapters",
+    "adapter_merge",
+    "seed",
+    "min_p",
+    "repetition_penalty",
+    "template",
+    "template_vars",
+    "chat_template_kwargs",
+];
 
 /// Chat's names for the fields, as the client named them.
 const PARAMS: &[(&str, &str)] = &[("stop", "stop_sequences")];

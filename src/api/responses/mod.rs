@@ -85,6 +85,8 @@ pub struct TextOptions {
 
 /// Chat fields a Responses body may carry as they are (tailor's and vLLM's extensions).
 const PASSED_ON: &[&str] = &[
+    "adapters",
+    "adapter_merge",
     "stop",
     "seed",
     "top_k",

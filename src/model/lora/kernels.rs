@@ -48,7 +48,8 @@ fn f16c() -> bool {
 /// `out[(j - js.start)·rows.len() + i] = scale · x_{rows[i]}·A_j` for the
 /// rank entries `js` and the (at most `DOWN_BLOCK`) `rows` of `x`
 /// (`[tokens, in]`): rank-major, so a block's entries split into pieces.
-pub fn down(isa: Isa, w: &LoraWeights, x: &[f32], rows: &[usize], js: Range<usize>, out: &mut [f32]) {
+/// `scale` is the adapter's own (`w.scale`) times the rows' weight in a composition.
+pub fn down(isa: Isa, w: &LoraWeights, scale: f32, x: &[f32], rows: &[usize], js: Range<usize>, out: &mut [f32]) {
     assert!(!rows.is_empty() && rows.len() <= DOWN_BLOCK && js.end <= w.rank && out.len() == js.len() * rows.len());
     let n = w.in_features;
     let mut xs = [&x[..0]; DOWN_BLOCK];
@@ -60,13 +61,13 @@ pub fn down(isa: Isa, w: &LoraWeights, x: &[f32], rows: &[usize], js: Range<usiz
         // SAFETY: the AVX2 ISAs are only chosen when the CPU has AVX2 and FMA;
         // the float16 kernels only run where it converts float16 as well.
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2 | Isa::Avx512Vnni, Values::F32(a)) => unsafe { avx2_f32::down(w, a, xs, js, out) },
+        (Isa::Avx2 | Isa::Avx512Vnni, Values::F32(a)) => unsafe { avx2_f32::down(w, scale, a, xs, js, out) },
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2 | Isa::Avx512Vnni, Values::F16(a)) if f16c() => unsafe { avx2_f16::down(w, a, xs, js, out) },
+        (Isa::Avx2 | Isa::Avx512Vnni, Values::F16(a)) if f16c() => unsafe { avx2_f16::down(w, scale, a, xs, js, out) },
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2 | Isa::Avx512Vnni, Values::F16(a)) => portable::down::<true, _>(w, a, xs, js, out),
-        (Isa::Scalar, Values::F32(a)) => portable::down::<false, _>(w, a, xs, js.clone(), out),
-        (Isa::Scalar, Values::F16(a)) => portable::down::<false, _>(w, a, xs, js.clone(), out),
+        (Isa::Avx2 | Isa::Avx512Vnni, Values::F16(a)) => portable::down::<true, _>(w, scale, a, xs, js, out),
+        (Isa::Scalar, Values::F32(a)) => portable::down::<false, _>(w, scale, a, xs, js.clone(), out),
+        (Isa::Scalar, Values::F16(a)) => portable::down::<false, _>(w, scale, a, xs, js.clone(), out),
     }
 }
 
@@ -98,6 +99,7 @@ mod portable {
 
     pub fn down<const FUSED: bool, E: Element>(
         w: &LoraWeights,
+        scale: f32,
         a: &[E],
         xs: &[&[f32]],
         js: std::ops::Range<usize>,
@@ -106,7 +108,7 @@ mod portable {
         let n = w.in_features;
         for (i, x_row) in xs.iter().enumerate() {
             for j in js.clone() {
-                out[(j - js.start) * xs.len() + i] = w.scale * dot::<FUSED, E>(x_row, &a[j * n..(j + 1) * n]);
+                out[(j - js.start) * xs.len() + i] = scale * dot::<FUSED, E>(x_row, &a[j * n..(j + 1) * n]);
             }
         }
     }
@@ -186,12 +188,19 @@ macro_rules! avx2_kernels {
             /// rows × rank entries; each entry keeps its own accumulator, so
             /// its sums are those it would have alone.
             #[target_feature(enable = $features)]
-            pub unsafe fn down(w: &LoraWeights, a: &[$elem], xs: &[&[f32]], js: Range<usize>, out: &mut [f32]) {
+            pub unsafe fn down(
+                w: &LoraWeights,
+                scale: f32,
+                a: &[$elem],
+                xs: &[&[f32]],
+                js: Range<usize>,
+                out: &mut [f32],
+            ) {
                 match xs.len() {
-                    1 => down_tiles::<1, 4>(w, a, xs, js, out),
-                    2 => down_tiles::<2, 4>(w, a, xs, js, out),
-                    3 => down_tiles::<3, 2>(w, a, xs, js, out),
-                    _ => down_tiles::<DOWN_BLOCK, 2>(w, a, xs, js, out),
+                    1 => down_tiles::<1, 4>(w, scale, a, xs, js, out),
+                    2 => down_tiles::<2, 4>(w, scale, a, xs, js, out),
+                    3 => down_tiles::<3, 2>(w, scale, a, xs, js, out),
+                    _ => down_tiles::<DOWN_BLOCK, 2>(w, scale, a, xs, js, out),
                 }
             }
 
@@ -199,6 +208,7 @@ macro_rules! avx2_kernels {
             #[target_feature(enable = $features)]
             unsafe fn down_tiles<const R: usize, const J: usize>(
                 w: &LoraWeights,
+                scale: f32,
                 a: &[$elem],
                 xs: &[&[f32]],
                 js: Range<usize>,
@@ -209,7 +219,7 @@ macro_rules! avx2_kernels {
                 let mut j = js.start;
                 while j < js.end {
                     let step = if j + J <= js.end { J } else { 1 };
-                    let mut put = |r: usize, jj: usize, sum: f32| out[(j + jj - js.start) * R + r] = w.scale * sum;
+                    let mut put = |r: usize, jj: usize, sum: f32| out[(j + jj - js.start) * R + r] = scale * sum;
                     if step == J {
                         for (r, row) in dots::<R, J>(&xs, &a[j * n..(j + J) * n], n).iter().enumerate() {
                             for (jj, &sum) in row.iter().enumerate() {
@@ -348,12 +358,12 @@ mod tests {
                     let (mut fast, mut plain) = (vec![0f32; size], vec![0f32; size]);
                     match &w.a {
                         Values::F32(a) => {
-                            unsafe { avx2_f32::down(&w, a, &xs, js.clone(), &mut fast) };
-                            portable::down::<true, _>(&w, a, &xs, js.clone(), &mut plain);
+                            unsafe { avx2_f32::down(&w, w.scale, a, &xs, js.clone(), &mut fast) };
+                            portable::down::<true, _>(&w, w.scale, a, &xs, js.clone(), &mut plain);
                         }
                         Values::F16(a) => {
-                            unsafe { avx2_f16::down(&w, a, &xs, js.clone(), &mut fast) };
-                            portable::down::<true, _>(&w, a, &xs, js.clone(), &mut plain);
+                            unsafe { avx2_f16::down(&w, w.scale, a, &xs, js.clone(), &mut fast) };
+                            portable::down::<true, _>(&w, w.scale, a, &xs, js.clone(), &mut plain);
                         }
                     }
                     assert_eq!(fast, plain, "down {precision:?} rank {rank} in {inf} rows {rows} entries {js:?}");
@@ -394,7 +404,7 @@ mod tests {
         let isa = crate::model::kernels::isa();
         let delta = |w: &LoraWeights| {
             let (mut xa, mut y) = (vec![0f32; rank], vec![0f32; outf]);
-            down(isa, w, &x, &[0], 0..rank, &mut xa);
+            down(isa, w, w.scale, &x, &[0], 0..rank, &mut xa);
             up(isa, w, &xa, 1, 0, &mut y);
             y
         };

@@ -6,6 +6,7 @@
 //! in the same order whatever else is in the batch, so batched generation
 //! equals one-at-a-time generation bit for bit.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::Tensor;
@@ -96,29 +97,91 @@ pub struct Slot {
     pub module: usize,
 }
 
-/// An adapter's weights for every layer and module it targets.
+/// An adapter's weights for every layer and module it targets, or a
+/// weighted composition of adapters (`parts`, applied un-merged).
 #[derive(Debug, Default)]
 pub struct AdapterWeights {
-    /// `layers[layer][module]`.
+    /// `layers[layer][module]` (empty for a composition).
     pub layers: Vec<[Option<LoraWeights>; 7]>,
+    /// A composition's adapters, each with the factor on its own scale
+    /// (PEFT's `cat`: the delta is `Σ factorᵢ · scaleᵢ · BᵢAᵢ`).
+    pub parts: Vec<Part>,
+    /// The adapter's config, which a merge with others starts from (None
+    /// for a composition).
+    pub config: Option<Arc<crate::lora::AdapterConfig>>,
+}
+
+/// One adapter of a composition and its weight.
+#[derive(Debug, Clone)]
+pub struct Part {
+    pub adapter: Arc<AdapterWeights>,
+    pub factor: f32,
 }
 
 impl AdapterWeights {
+    /// A weighted composition of (single) adapters.
+    pub fn composed(parts: Vec<Part>) -> Self {
+        debug_assert!(parts.iter().all(|p| p.adapter.parts.is_empty()), "parts are single adapters");
+        Self { layers: Vec::new(), parts, config: None }
+    }
+
     pub fn get(&self, slot: Slot) -> Option<&LoraWeights> {
         self.layers.get(slot.layer)?.get(slot.module)?.as_ref()
     }
 
-    /// Bytes of the weights in memory.
+    /// Bytes of the weights in memory (a composition holds none of its own).
     pub fn bytes(&self) -> u64 {
         self.layers.iter().flatten().flatten().map(|w| (w.a.bytes() + w.b_t.bytes()) as u64).sum()
     }
 }
 
-/// The rows of one step that use one adapter.
+/// The single adapters a row of `adapter` applies, in order, each with the
+/// factor on its scale: the adapter itself at 1, or a composition's parts.
+pub fn terms(adapter: &Arc<AdapterWeights>) -> Vec<(&Arc<AdapterWeights>, f32)> {
+    if adapter.parts.is_empty() {
+        vec![(adapter, 1.0)]
+    } else {
+        adapter.parts.iter().map(|p| (&p.adapter, p.factor)).collect()
+    }
+}
+
+/// The rows of one step that apply one adapter with one factor as the
+/// `term`-th delta of their composition (0 for a single adapter).
 pub struct LoraGroup {
     pub adapter: Arc<AdapterWeights>,
+    pub factor: f32,
+    pub term: usize,
     /// Token rows (indices into the step's `[tokens, hidden]` activations).
     pub rows: Vec<usize>,
+}
+
+impl LoraGroup {
+    /// Rows that apply `adapter` alone, at full strength.
+    pub fn single(adapter: Arc<AdapterWeights>, rows: Vec<usize>) -> Self {
+        Self { adapter, factor: 1.0, term: 0, rows }
+    }
+}
+
+/// The token rows of a step grouped by what they apply: for each span of
+/// rows with an adapter, one group per term of its composition (rows
+/// without one are left out).
+pub fn groups<'a>(spans: impl IntoIterator<Item = (Option<&'a Arc<AdapterWeights>>, Range<usize>)>) -> Vec<LoraGroup> {
+    let mut groups: Vec<LoraGroup> = Vec::new();
+    for (adapter, tokens) in spans {
+        let Some(adapter) = adapter else { continue };
+        for (term, (single, factor)) in terms(adapter).into_iter().enumerate() {
+            let same = |g: &&mut LoraGroup| {
+                Arc::ptr_eq(&g.adapter, single) && g.factor.to_bits() == factor.to_bits() && g.term == term
+            };
+            match groups.iter_mut().find(same) {
+                Some(group) => group.rows.extend(tokens.clone()),
+                None => {
+                    groups.push(LoraGroup { adapter: single.clone(), factor, term, rows: tokens.clone().collect() })
+                }
+            }
+        }
+    }
+    groups
 }
 
 /// Rows per step above which the deltas are split over the rayon pool.
@@ -139,13 +202,18 @@ struct RowDelta<'a> {
     index: usize,
 }
 
-/// One projection's LoRA work in a step: each row's adapter weights and its
-/// down product `scale · x·Aᵀ`, from which any output columns' delta is
-/// added (`add`) — by the base kernel's own pieces, or by `apply`.
+/// One projection's LoRA work in a step: each row's deltas (one per term of
+/// its composition that targets the projection) and their down products
+/// `scale · x·Aᵀ`, from which any output columns' delta is added (`add`) —
+/// by the base kernel's own pieces, or by `apply`.
 pub struct Deltas<'a> {
-    rows: Vec<Option<RowDelta<'a>>>,
+    /// Token row `t`'s deltas are `deltas[offsets[t]..offsets[t + 1]]`, in
+    /// the order of its composition's terms, so a row's sum is the same
+    /// whatever else is in the batch.
+    offsets: Vec<usize>,
+    deltas: Vec<RowDelta<'a>>,
     /// The down products of blocks of up to `DOWN_BLOCK` rows of one
-    /// adapter, each block rank-major so that it splits by rank entries.
+    /// group, each block rank-major so that it splits by rank entries.
     xa: Vec<f32>,
     isa: Isa,
 }
@@ -153,6 +221,7 @@ pub struct Deltas<'a> {
 /// A piece of down-product work: rank entries `js` of a block of rows.
 struct DownTask<'a, 'b> {
     weights: &'a LoraWeights,
+    scale: f32,
     rows: &'a [usize],
     js: std::ops::Range<usize>,
     out: &'b mut [f32],
@@ -171,24 +240,36 @@ impl<'a> Deltas<'a> {
         let tokens = x.len() / in_features.max(1);
         let isa = quant::isa();
         let blocks = |slot: Slot| {
-            groups.iter().filter_map(move |g| Some((g.adapter.get(slot)?, &g.rows))).flat_map(|(w, rows)| {
+            groups.iter().filter_map(move |g| Some((g.adapter.get(slot)?, g))).flat_map(|(w, g)| {
                 debug_assert_eq!(w.in_features, in_features);
-                rows.chunks(DOWN_BLOCK).map(move |block| (w, block))
+                g.rows.chunks(DOWN_BLOCK).map(move |block| (w, g, block))
             })
         };
         let mut all: Vec<Option<Deltas<'a>>> = slots
             .iter()
             .map(|slot| {
                 let slot = (*slot)?;
-                let mut rows: Vec<Option<RowDelta<'a>>> = vec![None; tokens];
+                let mut placed: Vec<(usize, usize, RowDelta<'a>)> = Vec::new();
                 let mut len = 0;
-                for (weights, block) in blocks(slot) {
+                for (weights, group, block) in blocks(slot) {
                     for (index, &row) in block.iter().enumerate() {
-                        rows[row] = Some(RowDelta { weights, start: len, count: block.len(), index });
+                        placed.push((row, group.term, RowDelta { weights, start: len, count: block.len(), index }));
                     }
                     len += block.len() * weights.rank;
                 }
-                (len > 0).then(|| Deltas { rows, xa: vec![0f32; len], isa })
+                if len == 0 {
+                    return None;
+                }
+                placed.sort_unstable_by_key(|&(row, term, _)| (row, term));
+                let mut offsets = vec![0; tokens + 1];
+                for &(row, _, _) in &placed {
+                    offsets[row + 1] += 1;
+                }
+                for t in 0..tokens {
+                    offsets[t + 1] += offsets[t];
+                }
+                let deltas = placed.into_iter().map(|(_, _, delta)| delta).collect();
+                Some(Deltas { offsets, deltas, xa: vec![0f32; len], isa })
             })
             .collect();
         // Each block cut by rank entries into tasks of about
@@ -198,19 +279,20 @@ impl<'a> Deltas<'a> {
         for (deltas, slot) in all.iter_mut().zip(slots) {
             let (Some(deltas), Some(slot)) = (deltas, slot) else { continue };
             let mut rest: &mut [f32] = &mut deltas.xa;
-            for (weights, rows) in blocks(*slot) {
+            for (weights, group, rows) in blocks(*slot) {
                 let per_entry = rows.len() * in_features;
                 let step = PARALLEL_DOWN_WORK.div_ceil(per_entry).clamp(1, weights.rank);
+                let scale = weights.scale * group.factor;
                 for first in (0..weights.rank).step_by(step) {
                     let js = first..(first + step).min(weights.rank);
                     let (out, tail) = std::mem::take(&mut rest).split_at_mut(js.len() * rows.len());
                     rest = tail;
-                    tasks.push(DownTask { weights, rows, js, out });
+                    tasks.push(DownTask { weights, scale, rows, js, out });
                 }
                 work += per_entry * weights.rank;
             }
         }
-        let run = |t: DownTask| down(isa, t.weights, x, t.rows, t.js, t.out);
+        let run = |t: DownTask| down(isa, t.weights, t.scale, x, t.rows, t.js, t.out);
         if work >= PARALLEL_DOWN_WORK && tasks.len() > 1 {
             tasks.into_par_iter().for_each(run);
         } else {
@@ -219,18 +301,24 @@ impl<'a> Deltas<'a> {
         all
     }
 
+    fn row(&self, t: usize) -> &[RowDelta<'a>] {
+        &self.deltas[self.offsets[t]..self.offsets[t + 1]]
+    }
+
     /// Adds token row `t`'s delta on output columns `first..first +
-    /// cols.len()` to `cols`; each column summed over the rank in order, so
-    /// the bits do not depend on how the columns are split.
+    /// cols.len()` to `cols`: its terms in order, each column summed over
+    /// the rank in order, so the bits do not depend on how the columns are
+    /// split nor on the other rows.
     pub fn add(&self, t: usize, first: usize, cols: &mut [f32]) {
-        if let Some(row) = self.rows[t] {
+        for row in self.row(t) {
             let xa = &self.xa[row.start + row.index..row.start + row.count * row.weights.rank];
             up(self.isa, row.weights, xa, row.count, first, cols);
         }
     }
 
-    fn adapts(&self, t: usize) -> Option<&LoraWeights> {
-        self.rows[t].map(|r| r.weights)
+    /// The up-product work of row `t` per output column (its ranks' sum).
+    fn rank(&self, t: usize) -> usize {
+        self.row(t).iter().map(|r| r.weights.rank).sum()
     }
 }
 
@@ -244,8 +332,9 @@ pub fn apply(x: &Tensor, y: &mut [f32], groups: &[LoraGroup], slot: Slot) -> Res
         let Some(Some(deltas)) = Deltas::compute(x, in_features, groups, &[Some(slot)]).pop() else {
             return;
         };
-        let row_delta = |(row, y_row): (usize, &mut [f32])| match deltas.adapts(row) {
-            Some(w) if tokens < PARALLEL_ROWS && w.rank * out_features >= PARALLEL_COLUMN_WORK => {
+        let row_delta = |(row, y_row): (usize, &mut [f32])| match deltas.rank(row) {
+            0 => {}
+            rank if tokens < PARALLEL_ROWS && rank * out_features >= PARALLEL_COLUMN_WORK => {
                 // A lone row (a single stream): its output columns are split
                 // over the pool instead, so the second core is not idle.
                 y_row
@@ -253,8 +342,7 @@ pub fn apply(x: &Tensor, y: &mut [f32], groups: &[LoraGroup], slot: Slot) -> Res
                     .enumerate()
                     .for_each(|(c, cols)| deltas.add(row, c * COLUMN_CHUNK, cols));
             }
-            Some(_) => deltas.add(row, 0, y_row),
-            None => {}
+            _ => deltas.add(row, 0, y_row),
         };
         if tokens >= PARALLEL_ROWS {
             y.par_chunks_mut(out_features).enumerate().for_each(row_delta);
@@ -284,6 +372,13 @@ mod tests {
         }
     }
 
+    /// An adapter of layer 0 with weights `w` on `module` only.
+    fn on_module(module: usize, w: LoraWeights) -> Arc<AdapterWeights> {
+        let mut layer: [Option<LoraWeights>; 7] = Default::default();
+        layer[module] = Some(w);
+        Arc::new(AdapterWeights { layers: vec![layer], ..Default::default() })
+    }
+
     /// The plain reference: scale · (x·Aᵀ)·Bᵀ with candle matmuls.
     fn reference(x: &Tensor, w: &LoraWeights) -> Result<Tensor> {
         let a = Tensor::from_vec(w.a.to_f32(), (w.rank, w.in_features), &Device::Cpu)?;
@@ -297,17 +392,10 @@ mod tests {
         let x = Tensor::from_vec((0..4 * inf).map(|i| (i as f32 * 0.05).cos()).collect(), (4, inf), &Device::Cpu)?;
         let base = Tensor::from_vec((0..4 * outf).map(|i| i as f32 * 0.01).collect(), (4, outf), &Device::Cpu)?;
         let slot = Slot { layer: 0, module: 0 };
-        let mk = |w: LoraWeights| {
-            let mut layer: [Option<LoraWeights>; 7] = Default::default();
-            layer[0] = Some(w);
-            Arc::new(AdapterWeights { layers: vec![layer] })
-        };
+        let mk = |w: LoraWeights| on_module(0, w);
         let (wa, wb) = (weights(3, inf, outf, 2.0, 1.0), weights(5, inf, outf, 0.5, 7.0));
         // Row 0: no adapter; rows 1, 3: adapter A; row 2: adapter B.
-        let groups = vec![
-            LoraGroup { adapter: mk(wa.clone()), rows: vec![1, 3] },
-            LoraGroup { adapter: mk(wb.clone()), rows: vec![2] },
-        ];
+        let groups = vec![LoraGroup::single(mk(wa.clone()), vec![1, 3]), LoraGroup::single(mk(wb.clone()), vec![2])];
         let base_rows = base.to_vec2::<f32>()?;
         let mut flat = base_rows.concat();
         apply(&x, &mut flat, &groups, slot)?;
@@ -323,7 +411,7 @@ mod tests {
         }
         // Batch invariance: a row alone gives the same bits as in the batch.
         let mut alone = base_rows[2].clone();
-        apply(&x.narrow(0, 2, 1)?, &mut alone, &[LoraGroup { adapter: mk(wb), rows: vec![0] }], slot)?;
+        apply(&x.narrow(0, 2, 1)?, &mut alone, &[LoraGroup::single(mk(wb), vec![0])], slot)?;
         assert_eq!(alone, got[2]);
         Ok(())
     }
@@ -332,16 +420,13 @@ mod tests {
     fn a_lone_row_split_by_columns_equals_the_row_in_a_batch() -> Result<()> {
         // rank 8 × 1024 outputs: one row takes the column-split path, five rows the row path.
         let (inf, outf) = (64, 1024);
-        let w = weights(8, inf, outf, 1.5, 3.0);
-        let mut layer: [Option<LoraWeights>; 7] = Default::default();
-        layer[2] = Some(w);
-        let adapter = Arc::new(AdapterWeights { layers: vec![layer] });
+        let adapter = on_module(2, weights(8, inf, outf, 1.5, 3.0));
         let slot = Slot { layer: 0, module: 2 };
         let x = Tensor::from_vec((0..5 * inf).map(|i| (i as f32 * 0.03).sin()).collect(), (5, inf), &Device::Cpu)?;
         let mut batch: Vec<f32> = (0..5 * outf).map(|i| i as f32 * 1e-3).collect();
-        apply(&x, &mut batch, &[LoraGroup { adapter: adapter.clone(), rows: (0..5).collect() }], slot)?;
+        apply(&x, &mut batch, &[LoraGroup::single(adapter.clone(), (0..5).collect())], slot)?;
         let mut alone: Vec<f32> = (3 * outf..4 * outf).map(|i| i as f32 * 1e-3).collect();
-        apply(&x.narrow(0, 3, 1)?, &mut alone, &[LoraGroup { adapter, rows: vec![0] }], slot)?;
+        apply(&x.narrow(0, 3, 1)?, &mut alone, &[LoraGroup::single(adapter, vec![0])], slot)?;
         assert_eq!(alone.as_slice(), &batch[3 * outf..4 * outf]);
         Ok(())
     }
@@ -351,11 +436,7 @@ mod tests {
         // Enough work for the parallel path, groups beyond one block of rows,
         // an output width that is not a multiple of the column chunk.
         let (inf, outf, tokens) = (300, 700, 23);
-        let mk = |w: LoraWeights| {
-            let mut layer: [Option<LoraWeights>; 7] = Default::default();
-            layer[4] = Some(w);
-            Arc::new(AdapterWeights { layers: vec![layer] })
-        };
+        let mk = |w: LoraWeights| on_module(4, w);
         let adapters = [
             mk(weights(5, inf, outf, 2.0, 1.0)),
             mk(weights(12, inf, outf, 0.5, 2.0)),
@@ -365,10 +446,7 @@ mod tests {
         // Rows 0 and 11 have no adapter; the rest cycle over the three.
         let owner = |row: usize| (!row.is_multiple_of(11)).then_some(row % 3);
         let groups: Vec<LoraGroup> = (0..3)
-            .map(|a| LoraGroup {
-                adapter: adapters[a].clone(),
-                rows: (0..tokens).filter(|&r| owner(r) == Some(a)).collect(),
-            })
+            .map(|a| LoraGroup::single(adapters[a].clone(), (0..tokens).filter(|&r| owner(r) == Some(a)).collect()))
             .collect();
         let x = Tensor::from_vec(
             (0..tokens * inf).map(|i| (i as f32 * 0.013).sin()).collect(),
@@ -381,7 +459,7 @@ mod tests {
         for row in 0..tokens {
             let mut alone = base[row * outf..(row + 1) * outf].to_vec();
             if let Some(a) = owner(row) {
-                let group = [LoraGroup { adapter: adapters[a].clone(), rows: vec![0] }];
+                let group = [LoraGroup::single(adapters[a].clone(), vec![0])];
                 apply(&x.narrow(0, row, 1)?, &mut alone, &group, slot)?;
                 let w = adapters[a].get(slot).expect("targeted");
                 let want = reference(&x.narrow(0, row, 1)?, w)?.to_vec2::<f32>()?;
@@ -390,6 +468,54 @@ mod tests {
                 }
             }
             assert_eq!(alone.as_slice(), &batch[row * outf..(row + 1) * outf], "row {row}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn composed_rows_add_each_weighted_delta_in_order_whatever_the_batch() -> Result<()> {
+        let (inf, outf, tokens) = (40, 300, 7);
+        let mk = |w: LoraWeights| on_module(1, w);
+        let (a, b) = (mk(weights(4, inf, outf, 2.0, 1.0)), mk(weights(9, inf, outf, 0.5, 5.0)));
+        let part = |w: &Arc<AdapterWeights>, factor| Part { adapter: w.clone(), factor };
+        let ab = Arc::new(AdapterWeights::composed(vec![part(&a, 0.7), part(&b, -0.5)]));
+        let ba = Arc::new(AdapterWeights::composed(vec![part(&b, -0.5), part(&a, 0.7)]));
+        let at_one = Arc::new(AdapterWeights::composed(vec![part(&a, 1.0)]));
+        let at_zero = Arc::new(AdapterWeights::composed(vec![part(&a, 0.0)]));
+        // One row each: a composition, the base, b alone (term 0 where the
+        // composition has it as term 1), the reverse composition, a at
+        // weight 1 and 0, and a alone.
+        let owners = [Some(&ab), None, Some(&b), Some(&ba), Some(&at_one), Some(&at_zero), Some(&a)];
+        let slot = Slot { layer: 0, module: 1 };
+        let x = Tensor::from_vec(
+            (0..tokens * inf).map(|i| (i as f32 * 0.021).sin()).collect(),
+            (tokens, inf),
+            &Device::Cpu,
+        )?;
+        let base: Vec<f32> = (0..tokens * outf).map(|i| (i as f32 * 0.003).cos()).collect();
+        let mut batch = base.clone();
+        apply(&x, &mut batch, &groups(owners.iter().enumerate().map(|(t, o)| (*o, t..t + 1))), slot)?;
+        let delta = |w: &Arc<AdapterWeights>, row: usize| -> Result<Vec<f32>> {
+            Ok(reference(&x.narrow(0, row, 1)?, w.get(slot).expect("targeted"))?.flatten_all()?.to_vec1()?)
+        };
+        let row = |t: usize| &batch[t * outf..(t + 1) * outf];
+        let base_row = |t: usize| &base[t * outf..(t + 1) * outf];
+        for t in [0, 3] {
+            let (da, db) = (delta(&a, t)?, delta(&b, t)?);
+            for o in 0..outf {
+                let want = base_row(t)[o] + 0.7 * da[o] - 0.5 * db[o];
+                assert!((row(t)[o] - want).abs() < 1e-4, "row {t} col {o}: {} vs {want}", row(t)[o]);
+            }
+        }
+        assert_eq!(row(1), base_row(1));
+        assert_eq!(row(5), base_row(5), "weight 0 adds nothing");
+        let mut single = base_row(4).to_vec();
+        apply(&x.narrow(0, 4, 1)?, &mut single, &[LoraGroup::single(a.clone(), vec![0])], slot)?;
+        assert_eq!(row(4), single.as_slice(), "weight 1 is the adapter itself");
+        for (t, owner) in owners.iter().enumerate() {
+            let mut alone = base_row(t).to_vec();
+            apply(&x.narrow(0, t, 1)?, &mut alone, &groups([(*owner, 0..1)]), slot)?;
+            assert_eq!(alone.as_slice(), row(t), "row {t} alone");
         }
         Ok(())
     }
