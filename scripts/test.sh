@@ -24,13 +24,16 @@ if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
 fi
 export TAILOR_TEST_PYTHON="$PYTHON"
+echo "test.sh: set-up done at ${SECONDS}s"
 cargo test --locked --all-targets "$@"
+echo "test.sh: cargo test done at ${SECONDS}s"
 
 # Coverage-guided fuzzing of what the server parses (GGUF files, PEFT
 # adapters, the tokenizer, templates) from the kept corpus, bounded in time
-# (TAILOR_FUZZ_SECONDS per target, default 60; 0 leaves it out).
-if [ "${TAILOR_FUZZ_SECONDS:-60}" != 0 ]; then
-  fuzz/run.sh "${TAILOR_FUZZ_SECONDS:-60}"
+# (TAILOR_FUZZ_SECONDS per target, default 30; 0 leaves it out).
+if [ "${TAILOR_FUZZ_SECONDS:-30}" != 0 ]; then
+  fuzz/run.sh "${TAILOR_FUZZ_SECONDS:-30}"
+  echo "test.sh: fuzzing done at ${SECONDS}s"
 fi
 
 # The container, built and run for real, around the binary the tests just
@@ -42,4 +45,5 @@ elif ! docker info >/dev/null 2>&1; then
   exit 1
 else
   docker/test.sh --binary "${CARGO_TARGET_DIR:-target}/debug/tailor"
+  echo "test.sh: container tests done at ${SECONDS}s"
 fi

@@ -262,8 +262,8 @@ fn bench_step(args: &tailor::bench::step::StepArgs) -> anyhow::Result<()> {
     writeln!(stdout, "{}", serde_json::to_string_pretty(&report)?)?;
     writeln!(
         stdout,
-        "{} rows over {} adapters: {:.2} ms a step against {:.2} ms on the base ({:.3}x)",
-        report.rows, report.adapters, report.adapters_ms_median, report.base_ms_median, report.ratio
+        "{} rows over {} adapters ({} to a row): {:.2} ms a step against {:.2} ms on the base ({:.3}x)",
+        report.rows, report.adapters, report.compose, report.adapters_ms_median, report.base_ms_median, report.ratio
     )?;
     Ok(())
 }

@@ -10,6 +10,7 @@ use std::time::Instant;
 use anyhow::Context;
 use serde::Serialize;
 
+use crate::lora::merge::{self, Combination};
 use crate::lora::{adapter, BaseShapes};
 use crate::model::llama::Logits;
 use crate::model::lora::{AdapterWeights, Part};
@@ -28,6 +29,10 @@ pub struct StepArgs {
     /// applies adapters i, i+1, … i+K-1 (mod N), un-merged.
     #[arg(long, default_value_t = 1)]
     pub compose: usize,
+    /// How composed adapters combine: `cat` (un-merged) or `linear` (merged
+    /// once into one adapter; equal ranks).
+    #[arg(long, value_enum, default_value = "cat")]
+    pub combination: Combination,
     /// Rows decoding together.
     #[arg(long, default_value_t = 8)]
     pub rows: usize,
@@ -93,10 +98,14 @@ pub fn run(args: &StepArgs) -> anyhow::Result<StepReport> {
         k => (0..adapters.len())
             .map(|i| {
                 let parts = (0..k)
-                    .map(|j| Part { adapter: adapters[(i + j) % adapters.len()].clone(), factor: 1.0 / k as f32 });
-                Arc::new(AdapterWeights::composed(parts.collect()))
+                    .map(|j| Part { adapter: adapters[(i + j) % adapters.len()].clone(), factor: 1.0 / k as f32 })
+                    .collect();
+                Ok(Arc::new(match args.combination {
+                    Combination::Cat => AdapterWeights::composed(parts),
+                    Combination::Linear => merge::linear(&parts, &shapes)?,
+                }))
             })
-            .collect(),
+            .collect::<anyhow::Result<_>>()?,
     };
     anyhow::ensure!(
         args.rows > 0 && args.steps > 0 && args.prompt_tokens > 0,

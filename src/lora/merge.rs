@@ -16,7 +16,19 @@ use super::LoraError;
 use crate::model::lora::{AdapterWeights, LoraWeights, Part, Values};
 
 /// The strategies a composition can take (PEFT's `combination_type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Default,
+    serde::Deserialize,
+    serde::Serialize,
+    utoipa::ToSchema,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Combination {
     /// Every adapter's delta with its weight, un-merged: exact for any ranks.

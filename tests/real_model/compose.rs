@@ -59,22 +59,24 @@ fn a_composition_equals_peft_cat_and_its_edge_weights_equal_the_adapter_and_the_
     let (pirate, shout) = (weights("pirate"), weights("shout"));
     let reference = read_json("reference/pirate.json");
     let stop = ids(&reference["stop_ids"]);
-    for (w_pirate, w_shout) in [(0.7, 0.5), (1.0, -0.4)] {
+    let prompts = reference["prompts"].as_array().expect("prompts");
+    // Every prompt at one set of weights (greedy on three), two prompts at another.
+    for (w_pirate, w_shout, count, greedy_count) in [(0.7, 0.5, prompts.len(), 3), (1.0, -0.4, 2, 0)] {
         let parts = [(&pirate, w_pirate), (&shout, w_shout)];
         let (served, cat) = (composed(&parts), peft_cat(&parts));
-        for prompt in reference["prompts"].as_array().expect("prompts") {
+        for (i, prompt) in prompts.iter().take(count).enumerate() {
             let tokens = ids(&prompt["prompt_ids"]);
-            let (got, want) = (all_logits(model, &tokens, Some(&served)), all_logits(model, &tokens, Some(&cat)));
-            let max_diff =
-                got.iter().flatten().zip(want.iter().flatten()).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+            let max_diff = max_logit_diff(&tokens, &served, &cat);
             println!("cat {w_pirate}/{w_shout} {}: max |Δ| logits = {max_diff:.2e}", prompt["name"]);
             assert!(max_diff < 1e-3, "{}: the composition differs from PEFT's cat by {max_diff}", prompt["name"]);
-            assert_eq!(
-                greedy(model, &tokens, 12, &stop, Some(&served)),
-                greedy(model, &tokens, 12, &stop, Some(&cat)),
-                "{}: greedy continuation",
-                prompt["name"]
-            );
+            if i < greedy_count {
+                assert_eq!(
+                    greedy(model, &tokens, 12, &stop, Some(&served)),
+                    greedy(model, &tokens, 12, &stop, Some(&cat)),
+                    "{}: greedy continuation",
+                    prompt["name"]
+                );
+            }
         }
     }
     let tokens = ids(&reference["prompts"][0]["prompt_ids"]);
@@ -299,13 +301,13 @@ fn linear_merges_a_and_b_separately_as_peft_does() -> TestResult {
     let merged = Arc::new(merge::linear(&[part(&pirate, 0.7), part(&other, 0.5)], &shapes)?);
     assert_eq!(merged.layers[0][0].as_ref().map(|w| (w.rank, w.scale)), Some((8, 1.0)), "r = lora_alpha = 8");
     let reference = read_json("reference/pirate.json");
-    for prompt in reference["prompts"].as_array().expect("prompts") {
+    let formula = peft_linear(&[(&pirate, 0.7), (&other, 0.5)], 1.0);
+    // The cross terms make it another adapter than cat's weighted sum.
+    let cat = composed(&[(&pirate, 0.7), (&other, 0.5)]);
+    for prompt in reference["prompts"].as_array().expect("prompts").iter().take(3) {
         let tokens = ids(&prompt["prompt_ids"]);
-        let formula = peft_linear(&[(&pirate, 0.7), (&other, 0.5)], 1.0);
         let diff = max_logit_diff(&tokens, &merged, &formula);
         assert!(diff < 1e-4, "{}: linear differs from PEFT's formula by {diff}", prompt["name"]);
-        // The cross terms make it another adapter than cat's weighted sum.
-        let cat = composed(&[(&pirate, 0.7), (&other, 0.5)]);
         assert!(max_logit_diff(&tokens, &merged, &cat) > 1e-2, "{}: linear equals cat", prompt["name"]);
     }
     // json is rsLoRA at r = 4: PEFT's merged config keeps rsLoRA with
