@@ -175,9 +175,9 @@ impl AdapterConfig {
         if raw.bias.as_deref().is_some_and(|b| b != "none") || raw.lora_bias {
             return unsupported("LoRA bias (bias other than \"none\")");
         }
-        if raw.fan_in_fan_out {
-            return unsupported("fan_in_fan_out");
-        }
+        // `fan_in_fan_out` describes Conv1D bases (GPT-2); every base tailor
+        // serves is made of nn.Linear, where PEFT turns the flag off and
+        // reads the weights as usual — so does tailor.
         for (name, value) in [
             ("layer_replication", &raw.layer_replication),
             ("target_parameters", &raw.target_parameters),
@@ -352,10 +352,25 @@ mod tests {
             (r#", "use_dora": true"#, "DoRA"),
             (r#", "modules_to_save": ["lm_head"]"#, "modules_to_save"),
             (r#", "bias": "all""#, "bias"),
-            (r#", "fan_in_fan_out": true"#, "fan_in_fan_out"),
         ] {
             let err = config(extra).expect_err(feature).to_string();
             assert!(err.contains(feature), "{err}");
         }
+    }
+
+    #[test]
+    fn fan_in_fan_out_is_off_on_linear_bases_as_peft_makes_it() -> Result<(), LoraError> {
+        let plain = config("")?;
+        let flagged = config(r#", "fan_in_fan_out": true"#)?;
+        for layer in 0..3 {
+            for m in Module::ALL {
+                let (path, p) = (m.path(), &plain);
+                assert_eq!(
+                    (flagged.targets(layer, path), flagged.rank(layer, path), flagged.scale(layer, path)),
+                    (p.targets(layer, path), p.rank(layer, path), p.scale(layer, path))
+                );
+            }
+        }
+        Ok(())
     }
 }
