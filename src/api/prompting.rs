@@ -23,8 +23,21 @@ pub async fn prepare(
     facts: &Facts,
     req: &mut impl HasSampling,
 ) -> Result<(Target, Validated), ApiError> {
-    let adapters = req.sampling_mut().adapters.take();
-    let merge = req.sampling_mut().adapter_merge.take();
+    let sampling = req.sampling_mut();
+    let (adapters, merge) =
+        match (sampling.adapters.take(), sampling.adapter_merge.take(), sampling.merged_adapters.take()) {
+            (None, None, Some(lorax)) => {
+                let (adapters, merge) = lorax.to_adapters()?;
+                (Some(adapters), Some(merge))
+            }
+            (_, _, Some(_)) => {
+                return Err(ApiError::invalid(
+                    "merged_adapters",
+                    "`merged_adapters` (LoRAX's shape) and `adapters`/`adapter_merge` say the same thing: send one",
+                ))
+            }
+            (adapters, merge, None) => (adapters, merge),
+        };
     let (model, template) = req.target_names();
     let target = state.resolve(model, template, adapters.as_deref(), merge).await?;
     let d = &target.defaults;

@@ -63,6 +63,52 @@ pub struct SamplingFields {
     pub adapters: Option<Vec<AdapterChoice>>,
     /// How `adapters` combine (`{"combination_type": "cat" | "linear"}`).
     pub adapter_merge: Option<MergeOptions>,
+    /// LoRAX's shape for the same (`ids`, `weights`, `merge_strategy`).
+    pub merged_adapters: Option<LoraxMerge>,
+}
+
+/// LoRAX's `merged_adapters`, taken so its clients work unchanged; the
+/// strategies compute what PEFT's `add_weighted_adapter` does.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoraxMerge {
+    pub ids: Vec<String>,
+    /// One per id (default 1 each).
+    pub weights: Option<Vec<f64>>,
+    /// `linear` (LoRAX's default); `ties`, `dare_linear` and `dare_ties` are refused for now.
+    pub merge_strategy: Option<String>,
+    /// Read by strategies that prune (not `linear`).
+    pub density: Option<f64>,
+    pub majority_sign_method: Option<String>,
+}
+
+impl LoraxMerge {
+    /// The same request in tailor's fields (`adapters`, `adapter_merge`).
+    pub fn to_adapters(&self) -> Result<(Vec<AdapterChoice>, MergeOptions), super::ApiError> {
+        use super::ApiError;
+        let combination_type = match self.merge_strategy.as_deref().unwrap_or("linear") {
+            "linear" => crate::lora::merge::Combination::Linear,
+            other => {
+                return Err(ApiError::invalid(
+                    "merged_adapters.merge_strategy",
+                    format!("merge_strategy `{other}` is not supported; use `linear` (or tailor's `adapters`)"),
+                ))
+            }
+        };
+        let weights = match &self.weights {
+            Some(w) if w.len() != self.ids.len() => {
+                return Err(ApiError::invalid(
+                    "merged_adapters.weights",
+                    format!("`weights` has {} entries for {} ids", w.len(), self.ids.len()),
+                ))
+            }
+            Some(w) => w.iter().map(|&w| Some(w)).collect(),
+            None => vec![None; self.ids.len()],
+        };
+        let adapters =
+            self.ids.iter().zip(weights).map(|(name, weight)| AdapterChoice { name: name.clone(), weight }).collect();
+        Ok((adapters, MergeOptions { combination_type }))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]

@@ -244,6 +244,24 @@ async fn bad_adapter_lists_are_refused_naming_the_field() -> TestResult {
     assert_eq!(status, 200, "{reply}");
     let families = crate::common::scrape(addr).await?;
     assert!(crate::common::value(&families, "tailor_adapter_merges_total", &[]) >= 1.0);
+    // LoRAX's shape says the same (its default strategy is linear).
+    let mut lorax = chat_body(MODEL_ID, None, "Hi");
+    lorax["merged_adapters"] = json!({"ids": ["pirate"], "weights": [0.6]});
+    let (status, from_lorax) = post_at(addr, "/v1/chat/completions", lorax.clone()).await?;
+    assert_eq!(status, 200, "{from_lorax}");
+    assert_eq!(outcome(&from_lorax), outcome(&reply));
+    for (merged, param) in [
+        (json!({"ids": ["pirate"], "merge_strategy": "ties", "density": 0.5}), "merged_adapters.merge_strategy"),
+        (json!({"ids": ["pirate", "shout"], "weights": [1.0]}), "merged_adapters.weights"),
+    ] {
+        lorax["merged_adapters"] = merged;
+        let (status, bad) = post_at(addr, "/v1/chat/completions", lorax.clone()).await?;
+        assert_eq!((status, bad["error"]["param"].clone()), (400, json!(param)), "{bad}");
+    }
+    lorax["merged_adapters"] = json!({"ids": ["pirate"]});
+    lorax["adapters"] = json!([{"name": "pirate"}]);
+    let (status, bad) = post_at(addr, "/v1/chat/completions", lorax).await?;
+    assert_eq!((status, bad["error"]["param"].clone()), (400, json!("merged_adapters")), "{bad}");
     // On an adapter id the list is ambiguous: refused, naming the way out.
     let (status, reply) =
         post_at(addr, "/v1/completions", json!({"model": "pirate", "prompt": "Hi", "adapters": [{"name": "shout"}]}))

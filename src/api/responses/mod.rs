@@ -87,6 +87,7 @@ pub struct TextOptions {
 const PASSED_ON: &[&str] = &[
     "adapters",
     "adapter_merge",
+    "merged_adapters",
     "stop",
     "seed",
     "top_k",
