@@ -349,9 +349,12 @@ function sharedParams() {
 function readAdapters(text) {
   const list = text.split(",").map((s) => s.trim()).filter(Boolean).map((entry) => {
     const at = entry.lastIndexOf(":");
-    if (at < 0) return { name: entry };
-    const weight = Number(entry.slice(at + 1));
-    return { name: entry.slice(0, at).trim(), weight: Number.isNaN(weight) ? entry.slice(at + 1) : weight };
+    const raw = at < 0 ? "" : entry.slice(at + 1).trim();
+    const name = at < 0 ? entry : entry.slice(0, at).trim();
+    if (raw === "") return { name };
+    // Anything but a finite number goes as typed, for the server to refuse.
+    const weight = Number(raw);
+    return { name, weight: Number.isFinite(weight) ? weight : raw };
   });
   return list.length ? list : undefined;
 }

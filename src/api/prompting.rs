@@ -24,6 +24,7 @@ pub async fn prepare(
     req: &mut impl HasSampling,
 ) -> Result<(Target, Validated), ApiError> {
     let sampling = req.sampling_mut();
+    let lorax = sampling.merged_adapters.is_some();
     let (adapters, merge) =
         match (sampling.adapters.take(), sampling.adapter_merge.take(), sampling.merged_adapters.take()) {
             (None, None, Some(lorax)) => {
@@ -39,7 +40,10 @@ pub async fn prepare(
             (adapters, merge, None) => (adapters, merge),
         };
     let (model, template) = req.target_names();
-    let target = state.resolve(model, template, adapters.as_deref(), merge).await?;
+    let target = state.resolve(model, template, adapters.as_deref(), merge).await.map_err(|e| match lorax {
+        true => super::types::LoraxMerge::rename_param(e),
+        false => e,
+    })?;
     let d = &target.defaults;
     let max_tokens = req.max_tokens_mut();
     *max_tokens = max_tokens.or(d.max_tokens);

@@ -32,9 +32,12 @@ pub struct Target {
 
 impl Target {
     /// The adapters as one label (`pirate`, `pirate+shout`): for logs and
-    /// metrics, without the weights so that labels stay few.
+    /// metrics, sorted and without the weights so that labels stay few.
     pub fn adapter_label(&self) -> Option<String> {
-        (!self.adapter_names.is_empty()).then(|| self.adapter_names.join("+"))
+        let mut names = self.adapter_names.clone();
+        names.sort();
+        names.dedup();
+        (!names.is_empty()).then(|| names.join("+"))
     }
 }
 
@@ -79,6 +82,13 @@ impl AppState {
         } else {
             return Err(ApiError::model_not_found(requested));
         };
+        // A template the request names must exist before any adapter is read.
+        if let Some(name) = requested_template.filter(|name| self.templates.get(name).is_none()) {
+            return Err(ApiError {
+                code: Some("template_not_found"),
+                ..ApiError::not_found(format!("no template named `{name}`"))
+            });
+        }
         let preset_error = |what: String| ApiError {
             code: Some("preset_unavailable"),
             ..ApiError::invalid("model", format!("preset `{requested}` {what}"))
@@ -87,15 +97,17 @@ impl AppState {
         // list are the preset's, not the request's.
         let from_preset = adapters.is_none().then(|| preset.as_ref().and_then(|p| p.adapters.clone())).flatten();
         let preset_list = from_preset.is_some();
-        let merge = match (&from_preset, merge) {
-            (Some(_), _) => preset.as_ref().and_then(|p| p.adapter_merge).unwrap_or_default(),
-            (None, Some(_)) if adapters.is_none() => {
+        // The request's `adapter_merge` wins, over its own list or the preset's.
+        let merge = match (merge, &from_preset) {
+            (Some(_), None) if adapters.is_none() => {
                 return Err(ApiError::invalid(
                     "adapter_merge",
                     "`adapter_merge` combines the adapters of `adapters`, which is missing",
                 ))
             }
-            (None, merge) => merge.unwrap_or_default(),
+            (Some(merge), _) => merge,
+            (None, Some(_)) => preset.as_ref().and_then(|p| p.adapter_merge).unwrap_or_default(),
+            (None, None) => MergeOptions::default(),
         };
         let adapters = adapters.or(from_preset.as_deref());
         let resolved = match (adapters, &adapter_name) {

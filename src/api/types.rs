@@ -83,6 +83,22 @@ pub struct LoraxMerge {
 }
 
 impl LoraxMerge {
+    /// An error about the `adapters` this became, naming LoRAX's field
+    /// instead (`adapters[1].name` → `merged_adapters.ids[1]`).
+    pub fn rename_param(mut e: super::ApiError) -> super::ApiError {
+        if let Some(param) = e.param.as_deref().and_then(|p| p.strip_prefix("adapters")) {
+            let renamed = match param.split_once(']') {
+                Some((index, ".name")) => format!("merged_adapters.ids{index}]"),
+                Some((index, ".weight")) => format!("merged_adapters.weights{index}]"),
+                _ => "merged_adapters".to_string(),
+            };
+            e.param = Some(renamed);
+        } else if e.param.as_deref() == Some("adapter_merge") {
+            e.param = Some("merged_adapters.merge_strategy".into());
+        }
+        e
+    }
+
     /// The same request in tailor's fields (`adapters`, `adapter_merge`).
     pub fn to_adapters(&self) -> Result<(Vec<AdapterChoice>, MergeOptions), super::ApiError> {
         use super::ApiError;

@@ -26,7 +26,7 @@ pub struct StepArgs {
     #[arg(long = "adapter")]
     pub adapters: Vec<PathBuf>,
     /// Adapters each row composes (`adapters` at weight 1/K each): row i
-    /// applies adapters i, i+1, … i+K-1 (mod N), un-merged.
+    /// applies adapters i, i+1, … i+K-1 (mod N), as `--combination` says.
     #[arg(long, default_value_t = 1)]
     pub compose: usize,
     /// How composed adapters combine: `cat` (un-merged) or `linear` (merged

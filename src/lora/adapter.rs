@@ -196,7 +196,7 @@ pub fn from_safetensors(
             }
         }
     }
-    Ok(AdapterWeights { layers, parts: Vec::new(), config: Some(std::sync::Arc::new(config.clone())) })
+    Ok(AdapterWeights { layers, config: Some(std::sync::Arc::new(config.clone())), ..Default::default() })
 }
 
 #[cfg(test)]

@@ -10,9 +10,8 @@ use super::merge::Combination;
 use crate::model::lora::{AdapterWeights, Part};
 
 /// A composition's identity: its combination, and each part's weights (by
-/// address: while a composition lives it holds them, or was made from them
-/// while they were held, so a live entry's addresses are its parts') and its
-/// factor's bits.
+/// address: a live composition or merge holds its parts, so a live entry's
+/// addresses are its parts') and its factor's bits.
 type Key = (Combination, Vec<(usize, u32)>);
 
 pub(crate) fn key(combination: Combination, parts: &[Part]) -> Key {
@@ -30,7 +29,7 @@ impl Compositions {
     /// The un-merged composition of `parts`.
     pub(crate) fn get_or_make(&self, parts: Vec<Part>) -> Arc<AdapterWeights> {
         let key = key(Combination::Cat, &parts);
-        self.share(key, Arc::new(AdapterWeights::composed(parts)))
+        self.share(key, Arc::new(AdapterWeights::composed(parts))).0
     }
 
     /// The composition under `key` that some request holds.
@@ -38,15 +37,16 @@ impl Compositions {
         self.live.lock().unwrap_or_else(|p| p.into_inner()).get(key).and_then(Weak::upgrade)
     }
 
-    /// `made` under `key`, unless another is there already (then that one).
-    pub(crate) fn share(&self, key: Key, made: Arc<AdapterWeights>) -> Arc<AdapterWeights> {
+    /// `made` under `key`, unless another is there already (then that one,
+    /// and false: `made` was not needed).
+    pub(crate) fn share(&self, key: Key, made: Arc<AdapterWeights>) -> (Arc<AdapterWeights>, bool) {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(shared) = live.get(&key).and_then(Weak::upgrade) {
-            return shared;
+            return (shared, false);
         }
         live.retain(|_, c| c.strong_count() > 0);
         live.insert(key, Arc::downgrade(&made));
-        made
+        (made, true)
     }
 }
 

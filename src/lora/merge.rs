@@ -113,5 +113,6 @@ pub fn linear(parts: &[Part], base: &BaseShapes) -> Result<AdapterWeights, LoraE
             Ok(out)
         })
         .collect::<Result<Vec<_>, LoraError>>()?;
-    Ok(AdapterWeights { layers, parts: Vec::new(), config: Some(merged) })
+    let merged_from = parts.iter().map(|p| p.adapter.clone()).collect();
+    Ok(AdapterWeights { layers, parts: Vec::new(), config: Some(merged), merged_from })
 }

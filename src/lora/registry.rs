@@ -385,9 +385,13 @@ impl AdapterRegistry {
         if let Some(shared) = self.compositions.get(&key) {
             return Ok(shared);
         }
-        let merged = Arc::new(merge(&parts, &self.base)?);
-        self.merges.fetch_add(1, Ordering::Relaxed);
-        Ok(self.compositions.share(key, merged))
+        // Two first requests at once may both merge (milliseconds); the
+        // first stored is shared, and only it is counted.
+        let (merged, stored) = self.compositions.share(key, Arc::new(merge(&parts, &self.base)?));
+        if stored {
+            self.merges.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(merged)
     }
 
     /// Adapters one request may compose.

@@ -253,6 +253,7 @@ async fn bad_adapter_lists_are_refused_naming_the_field() -> TestResult {
     for (merged, param) in [
         (json!({"ids": ["pirate"], "merge_strategy": "ties", "density": 0.5}), "merged_adapters.merge_strategy"),
         (json!({"ids": ["pirate", "shout"], "weights": [1.0]}), "merged_adapters.weights"),
+        (json!({"ids": ["pirate", "nowhere"]}), "merged_adapters.ids[1]"),
     ] {
         lorax["merged_adapters"] = merged;
         let (status, bad) = post_at(addr, "/v1/chat/completions", lorax.clone()).await?;
@@ -318,6 +319,8 @@ fn linear_merges_a_and_b_separately_as_peft_does() -> TestResult {
     let part = |w: &Arc<AdapterWeights>, factor| Part { adapter: w.clone(), factor };
     let merged = Arc::new(merge::linear(&[part(&pirate, 0.7), part(&other, 0.5)], &shapes)?);
     assert_eq!(merged.layers[0][0].as_ref().map(|w| (w.rank, w.scale)), Some((8, 1.0)), "r = lora_alpha = 8");
+    // It holds what it was made from (so the registry keeps them while it is used).
+    assert!(Arc::ptr_eq(&merged.merged_from[0], &pirate) && Arc::ptr_eq(&merged.merged_from[1], &other));
     let reference = read_json("reference/pirate.json");
     let formula = peft_linear(&[(&pirate, 0.7), (&other, 0.5)], 1.0);
     // The cross terms make it another adapter than cat's weighted sum.

@@ -84,6 +84,7 @@ pub struct MessagesRequest {
 const PASSED_ON: &[&str] = &[
     "adapters",
     "adapter_merge",
+    "merged_adapters",
     "seed",
     "min_p",
     "repetition_penalty",

@@ -109,6 +109,10 @@ pub struct AdapterWeights {
     /// The adapter's config, which a merge with others starts from (None
     /// for a composition).
     pub config: Option<Arc<crate::lora::AdapterConfig>>,
+    /// The adapters a merge was computed from, held while it lives: the
+    /// registry keeps them (they are in use), and their addresses, which
+    /// key the merge, stay theirs.
+    pub merged_from: Vec<Arc<AdapterWeights>>,
 }
 
 /// One adapter of a composition and its weight.
@@ -122,7 +126,7 @@ impl AdapterWeights {
     /// A weighted composition of (single) adapters.
     pub fn composed(parts: Vec<Part>) -> Self {
         debug_assert!(parts.iter().all(|p| p.adapter.parts.is_empty()), "parts are single adapters");
-        Self { layers: Vec::new(), parts, config: None }
+        Self { layers: Vec::new(), parts, config: None, merged_from: Vec::new() }
     }
 
     pub fn get(&self, slot: Slot) -> Option<&LoraWeights> {
@@ -170,6 +174,9 @@ pub fn groups<'a>(spans: impl IntoIterator<Item = (Option<&'a Arc<AdapterWeights
     for (adapter, tokens) in spans {
         let Some(adapter) = adapter else { continue };
         for (term, (single, factor)) in terms(adapter).into_iter().enumerate() {
+            if factor == 0.0 {
+                continue; // weight 0 leaves the adapter out
+            }
             let same = |g: &&mut LoraGroup| {
                 Arc::ptr_eq(&g.adapter, single) && g.factor.to_bits() == factor.to_bits() && g.term == term
             };
@@ -474,7 +481,7 @@ mod tests {
 
     #[test]
     fn composed_rows_add_each_weighted_delta_in_order_whatever_the_batch() -> Result<()> {
-        let (inf, outf, tokens) = (40, 300, 7);
+        let (inf, outf, tokens) = (40, 300, 8);
         let mk = |w: LoraWeights| on_module(1, w);
         let (a, b) = (mk(weights(4, inf, outf, 2.0, 1.0)), mk(weights(9, inf, outf, 0.5, 5.0)));
         let part = |w: &Arc<AdapterWeights>, factor| Part { adapter: w.clone(), factor };
@@ -482,10 +489,14 @@ mod tests {
         let ba = Arc::new(AdapterWeights::composed(vec![part(&b, -0.5), part(&a, 0.7)]));
         let at_one = Arc::new(AdapterWeights::composed(vec![part(&a, 1.0)]));
         let at_zero = Arc::new(AdapterWeights::composed(vec![part(&a, 0.0)]));
+        // c then a: its second term's group (a at 0.7, term 1) is made, by
+        // `ba`, before its first term's, so only the term order puts c first.
+        let c = on_module(1, weights(3, inf, outf, 1.5, 9.0));
+        let ca = Arc::new(AdapterWeights::composed(vec![part(&c, 0.3), part(&a, 0.7)]));
         // One row each: a composition, the base, b alone (term 0 where the
         // composition has it as term 1), the reverse composition, a at
-        // weight 1 and 0, and a alone.
-        let owners = [Some(&ab), None, Some(&b), Some(&ba), Some(&at_one), Some(&at_zero), Some(&a)];
+        // weight 1 and 0, a alone, and c with a.
+        let owners = [Some(&ab), None, Some(&b), Some(&ba), Some(&at_one), Some(&at_zero), Some(&a), Some(&ca)];
         let slot = Slot { layer: 0, module: 1 };
         let x = Tensor::from_vec(
             (0..tokens * inf).map(|i| (i as f32 * 0.021).sin()).collect(),
