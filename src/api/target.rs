@@ -82,13 +82,15 @@ impl AppState {
         } else {
             return Err(ApiError::model_not_found(requested));
         };
-        // A template the request names must exist before any adapter is read.
-        if let Some(name) = requested_template.filter(|name| self.templates.get(name).is_none()) {
-            return Err(ApiError {
-                code: Some("template_not_found"),
-                ..ApiError::not_found(format!("no template named `{name}`"))
-            });
-        }
+        // A template the request names is found before any adapter is read.
+        let requested_template = requested_template
+            .map(|name| {
+                self.templates.get(name).ok_or_else(|| ApiError {
+                    code: Some("template_not_found"),
+                    ..ApiError::not_found(format!("no template named `{name}`"))
+                })
+            })
+            .transpose()?;
         let preset_error = |what: String| ApiError {
             code: Some("preset_unavailable"),
             ..ApiError::invalid("model", format!("preset `{requested}` {what}"))
@@ -146,10 +148,7 @@ impl AppState {
         let adapter_defaults = resolved.as_ref().map(|r| r.defaults.clone()).unwrap_or_default();
         let layered = preset_defaults.over(&adapter_defaults);
         let template = match (requested_template, layered.template.as_deref()) {
-            (Some(name), _) => Some(self.templates.get(name).ok_or_else(|| ApiError {
-                code: Some("template_not_found"),
-                ..ApiError::not_found(format!("no template named `{name}`"))
-            })?),
+            (Some(template), _) => Some(template),
             (None, Some(name)) => Some(
                 self.templates
                     .get(name)
