@@ -381,11 +381,7 @@ fn build_info(
     let chat_template = template_source.map(|s| ChatTemplate::new(&s, bos, eos, Clock::Local)).transpose()?;
     let id = opts.served_model_name.clone().unwrap_or(id);
     Ok(ModelInfo {
-        adapters: std::sync::Arc::new(AdapterRegistry::new(
-            BaseShapes { precision: model.adapter_precision(), ..BaseShapes::of(model.config()) },
-            opts.registry.clone(),
-            &id,
-        )),
+        adapters: std::sync::Arc::new(AdapterRegistry::new(BaseShapes::of_model(model), opts.registry.clone(), &id)),
         id,
         tokenizer,
         chat_template,

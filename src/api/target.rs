@@ -238,6 +238,17 @@ impl AppState {
             let (weights, own) =
                 load(info, &choice.name, &param).await?.ok_or_else(|| unknown_adapter(&param, &choice.name))?;
             let factor = choice.weight.unwrap_or(1.0) as f32;
+            if weights.is_dora() && (choices.len() > 1 || factor != 1.0 || merge.combination_type != Combination::Cat) {
+                let field = if choices.len() > 1 { param.clone() } else { format!("adapters[{i}].weight") };
+                return Err(ApiError::invalid(
+                    field,
+                    format!(
+                        "`{}` is a DoRA adapter, served alone at weight 1: its norms are those of its own scale \
+                         (PEFT's add_weighted_adapter refuses DoRA too)",
+                        choice.name
+                    ),
+                ));
+            }
             parts.push(Part { adapter: weights, factor });
             let generation = info.adapters.generation(&choice.name).unwrap_or(0);
             identity.push(format!("{}@{generation}*{factor}", choice.name));

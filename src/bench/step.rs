@@ -81,7 +81,7 @@ pub fn run(args: &StepArgs) -> anyhow::Result<StepReport> {
     )
     .with_context(|| format!("cannot load {}", path.display()))?;
     let model = &loaded.model;
-    let shapes = BaseShapes { precision: model.adapter_precision(), ..BaseShapes::of(model.config()) };
+    let shapes = BaseShapes::of_model(model);
     let adapters: Vec<Arc<AdapterWeights>> = args
         .adapters
         .iter()

@@ -10,8 +10,8 @@ use super::config::{AdapterConfig, Module};
 use super::files::{AdapterFiles, MAX_WEIGHTS_BYTES};
 use super::stored::Stored;
 use super::LoraError;
-use crate::model::lora::{AdapterWeights, LoraWeights, Precision, Values};
-use crate::model::ModelConfig;
+use crate::model::lora::{AdapterWeights, LoraWeights, Precision, Slot, Values};
+use crate::model::{ModelConfig, Projections};
 
 /// `(out_features, in_features)` of every projection of the base, and
 /// whether its checkpoint fuses q/k/v and gate/up (Phi-3).
@@ -22,6 +22,9 @@ pub struct BaseShapes {
     pub fused: bool,
     /// How loaded adapters keep their weights (`WeightMode::lora_precision`).
     pub precision: Precision,
+    /// The base's weights, which DoRA's norms are computed from (None where
+    /// only the shapes are known: DoRA adapters are refused there).
+    pub weights: Option<Projections>,
 }
 
 /// A module an adapter can name (its path under `model.layers.N`) and the
@@ -40,7 +43,13 @@ impl BaseShapes {
             dims: [(q, h), (kv, h), (kv, h), (h, q), (ff, h), (ff, h), (h, ff)],
             fused: cfg.architecture.fused_projections(),
             precision: Precision::F32,
+            weights: None,
         }
+    }
+
+    /// The shapes of a loaded model, its adapters' precision and its weights.
+    pub fn of_model(model: &crate::model::llama::Llama) -> Self {
+        Self { precision: model.adapter_precision(), weights: Some(model.projections()), ..Self::of(model.config()) }
     }
 
     pub(crate) fn sites(&self) -> Vec<Site> {
@@ -80,21 +89,54 @@ pub fn load_files(files: &AdapterFiles, base: &BaseShapes, max_rank: usize) -> R
     from_safetensors(&config, &bytes, base, max_rank)
 }
 
+/// What an adapter tensor of a module is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    A,
+    B,
+    /// `lora_B.bias` (`lora_bias`).
+    BBias,
+    /// DoRA's `lora_magnitude_vector`.
+    Magnitude,
+}
+
 /// `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight` →
 /// (3, "self_attn.q_proj", A).
-fn parse_name(name: &str) -> Option<(usize, &str, bool)> {
+fn parse_name(name: &str) -> Option<(usize, &str, Kind)> {
     let rest = name.strip_prefix("base_model.model.")?;
     let rest = rest.strip_prefix("model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let (module, kind) =
-        rest.strip_suffix(".weight")?.rsplit_once(".lora_").map(|(m, k)| (m, k.trim_end_matches(".default")))?;
-    let is_a = match kind {
-        "A" => true,
-        "B" => false,
-        _ => return None,
+    // PEFT drops the adapter name (and, for DoRA, the layer's `.weight`) on save.
+    let rest = rest.strip_suffix(".weight").unwrap_or(rest);
+    let rest = rest.strip_suffix(".default").unwrap_or(rest);
+    if let Some(module) = rest.strip_suffix(".lora_magnitude_vector") {
+        return Some((layer, module, Kind::Magnitude));
+    }
+    let (module, kind) = match rest.strip_suffix(".bias") {
+        Some(rest) => (rest.strip_suffix(".lora_B").or_else(|| rest.strip_suffix(".lora_B.default"))?, Kind::BBias),
+        None => {
+            let (module, kind) = rest.rsplit_once(".lora_")?;
+            (
+                module,
+                match kind {
+                    "A" => Kind::A,
+                    "B" => Kind::B,
+                    _ => return None,
+                },
+            )
+        }
     };
-    Some((layer, module, is_a))
+    Some((layer, module, kind))
+}
+
+/// The tensors one module of an adapter has in the file.
+#[derive(Clone, Copy, Default)]
+struct Found<'a> {
+    a: Option<Stored<'a>>,
+    b: Option<Stored<'a>>,
+    bias: Option<Stored<'a>>,
+    magnitude: Option<Stored<'a>>,
 }
 
 /// The weights of `adapter_model.safetensors` (its bytes), checked against
@@ -108,8 +150,8 @@ pub fn from_safetensors(
     let file =
         SafeTensors::deserialize(bytes).map_err(|e| LoraError::Weights(format!("adapter_model.safetensors: {e}")))?;
     let sites = base.sites();
-    // (A, B) per layer and site, read in place.
-    let mut found: Vec<Vec<(Option<Stored>, Option<Stored>)>> = vec![vec![(None, None); sites.len()]; base.num_layers];
+    // The tensors of each layer and site, read in place.
+    let mut found: Vec<Vec<Found>> = vec![vec![Found::default(); sites.len()]; base.num_layers];
     if file.is_empty() {
         return Err(LoraError::Weights("the safetensors file holds no tensors".into()));
     }
@@ -117,11 +159,12 @@ pub fn from_safetensors(
         let known = || sites.iter().map(|s| s.path).collect::<Vec<_>>().join(", ");
         let unsupported = || {
             LoraError::Unsupported(format!(
-                "tensor `{name}`: only lora_A/lora_B of the base's projections ({}) are supported",
+                "tensor `{name}`: only lora_A/lora_B (and DoRA's magnitude, lora_B's bias) of the base's \
+                 projections ({}) are supported",
                 known()
             ))
         };
-        let (layer, path, is_a) = parse_name(name).ok_or_else(unsupported)?;
+        let (layer, path, kind) = parse_name(name).ok_or_else(unsupported)?;
         let site = sites.iter().position(|s| s.path == path).ok_or_else(unsupported)?;
         if layer >= base.num_layers {
             return Err(LoraError::Mismatch(format!(
@@ -132,19 +175,32 @@ pub fn from_safetensors(
         if !config.targets(layer, path) {
             return Err(LoraError::Mismatch(format!("`{name}` is not a target of adapter_config.json")));
         }
-        let stored = Stored::of(name, &view)?;
+        let declared = |flag: bool, what: &str| {
+            if flag {
+                Ok(())
+            } else {
+                Err(LoraError::Mismatch(format!("`{name}` is {what}, which adapter_config.json does not declare")))
+            }
+        };
         let entry = &mut found[layer][site];
-        if is_a {
-            entry.0 = Some(stored);
-        } else {
-            entry.1 = Some(stored);
+        match kind {
+            Kind::A => entry.a = Some(Stored::of(name, &view)?),
+            Kind::B => entry.b = Some(Stored::of(name, &view)?),
+            Kind::BBias => {
+                declared(config.lora_bias, "a lora_B bias (`lora_bias`)")?;
+                entry.bias = Some(Stored::vector(name, &view)?);
+            }
+            Kind::Magnitude => {
+                declared(config.use_dora, "a DoRA magnitude (`use_dora`)")?;
+                entry.magnitude = Some(Stored::vector(name, &view)?);
+            }
         }
     }
     let mut layers: Vec<[Option<LoraWeights>; 7]> = vec![Default::default(); base.num_layers];
     for (layer, weights) in layers.iter_mut().enumerate() {
         for (site, found) in sites.iter().zip(&mut found[layer]) {
             let name = super::config::module_name(layer, site.path);
-            let (a, b) = match (found.0.take(), found.1.take()) {
+            let (a, b) = match (found.a.take(), found.b.take()) {
                 (None, None) if config.targets(layer, site.path) => {
                     return Err(LoraError::Weights(format!("{name}: lora_A and lora_B are missing")))
                 }
@@ -175,15 +231,28 @@ pub fn from_safetensors(
             if rank > max_rank {
                 return Err(LoraError::Mismatch(format!("{name}: rank {rank} is above --max-lora-rank {max_rank}")));
             }
+            let vector = |stored: &Option<Stored>, declared: bool, what: &str| match stored {
+                Some(v) if v.rows != out_features => {
+                    Err(LoraError::Mismatch(format!("{name}: {what} must have {out_features} values, got {}", v.rows)))
+                }
+                None if declared => Err(LoraError::Weights(format!("{name}: {what} is missing"))),
+                _ => Ok(()),
+            };
+            vector(&found.bias, config.lora_bias, "lora_B.bias")?;
+            vector(&found.magnitude, config.use_dora, "lora_magnitude_vector")?;
+            let (bias, magnitude) = (found.bias.take(), found.magnitude.take());
             let scale = config.scale(layer, site.path) as f32;
             // A fused module's delta is x·Aᵀ·Bᵀ with B's rows stacked like the
-            // base's: each projection gets its rows of B and the same A.
+            // base's: each projection gets its rows of B (and of the bias and
+            // magnitude) and the same A.
             let mut a = a.values(base.precision);
             let mut first = 0;
             for (index, &module) in site.parts.iter().enumerate() {
                 let part_out = base.dims[module.index()].0;
                 // B is kept transposed: [rank, out].
                 let b_t = b.transposed(first, part_out, base.precision);
+                let bias = bias.map(|v| v.part(first, part_out));
+                let magnitude = magnitude.map(|v| v.part(first, part_out));
                 first += part_out;
                 // The last projection takes A, the others a copy.
                 let a = if index + 1 < site.parts.len() {
@@ -191,8 +260,17 @@ pub fn from_safetensors(
                 } else {
                     std::mem::replace(&mut a, Values::F32(Vec::new()))
                 };
-                weights[module.index()] =
-                    Some(LoraWeights { a, b_t, rank, in_features, out_features: part_out, scale });
+                let mut w = LoraWeights { a, b_t, rank, in_features, out_features: part_out, scale, bias, dora: None };
+                if let Some(magnitude) = magnitude {
+                    let projections = base.weights.as_ref().ok_or_else(|| {
+                        LoraError::Unsupported("DoRA here: it needs the base model's weights, not loaded".into())
+                    })?;
+                    let base_weight = projections
+                        .dense(Slot { layer, module: module.index() })
+                        .map_err(|e| LoraError::Weights(format!("{name}: the base weight for DoRA: {e}")))?;
+                    w.dora = Some(super::dora::norm_scale(&w, &base_weight, &magnitude));
+                }
+                weights[module.index()] = Some(w);
             }
         }
     }
@@ -207,12 +285,24 @@ mod tests {
     fn peft_tensor_names_parse() {
         assert_eq!(
             parse_name("base_model.model.model.layers.12.mlp.down_proj.lora_B.weight"),
-            Some((12, "mlp.down_proj", false))
+            Some((12, "mlp.down_proj", Kind::B))
         );
         assert_eq!(
             parse_name("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"),
-            Some((0, "self_attn.q_proj", true))
+            Some((0, "self_attn.q_proj", Kind::A))
         );
+        assert_eq!(
+            parse_name("base_model.model.model.layers.1.self_attn.v_proj.lora_B.bias"),
+            Some((1, "self_attn.v_proj", Kind::BBias))
+        );
+        for saved in ["lora_magnitude_vector", "lora_magnitude_vector.weight", "lora_magnitude_vector.default.weight"] {
+            assert_eq!(
+                parse_name(&format!("base_model.model.model.layers.2.mlp.up_proj.{saved}")),
+                Some((2, "mlp.up_proj", Kind::Magnitude)),
+                "{saved}"
+            );
+        }
+        assert_eq!(parse_name("base_model.model.model.layers.2.mlp.up_proj.lora_C.weight"), None);
         assert_eq!(parse_name("base_model.model.model.embed_tokens.lora_embedding_A"), None);
         assert_eq!(parse_name("base_model.model.lm_head.lora_A.weight"), None);
     }

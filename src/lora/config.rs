@@ -102,6 +102,10 @@ pub struct AdapterConfig {
     pub r: usize,
     pub alpha: f64,
     pub use_rslora: bool,
+    /// DoRA: each targeted module has a magnitude vector.
+    pub use_dora: bool,
+    /// Each targeted module's lora_B has a bias.
+    pub lora_bias: bool,
     targets: Targets,
     exclude: Option<Targets>,
     rank_pattern: Vec<(Regex, String, usize)>,
@@ -166,14 +170,16 @@ impl AdapterConfig {
         if let Some(kind) = raw.peft_type.as_deref().filter(|t| *t != "LORA") {
             return unsupported(&format!("peft_type {kind} (only LORA)"));
         }
-        if raw.use_dora {
-            return unsupported("DoRA (use_dora)");
-        }
         if raw.modules_to_save.as_ref().is_some_and(is_set) {
             return unsupported("modules_to_save");
         }
-        if raw.bias.as_deref().is_some_and(|b| b != "none") || raw.lora_bias {
-            return unsupported("LoRA bias (bias other than \"none\")");
+        // `bias` trains the base's own biases (saved beside the adapter's
+        // tensors); `lora_bias` is lora_B's bias, part of the delta.
+        if raw.bias.as_deref().is_some_and(|b| b != "none") {
+            return unsupported("trained base biases (`bias` other than \"none\"; `lora_bias` is supported)");
+        }
+        if raw.use_dora && raw.lora_bias {
+            return unsupported("`lora_bias` with DoRA (PEFT refuses the pair too)");
         }
         // `fan_in_fan_out` describes Conv1D bases (GPT-2); every base tailor
         // serves is made of nn.Linear, where PEFT turns the flag off and
@@ -218,6 +224,8 @@ impl AdapterConfig {
             r: raw.r,
             alpha: raw.lora_alpha,
             use_rslora: raw.use_rslora,
+            use_dora: raw.use_dora,
+            lora_bias: raw.lora_bias,
             targets,
             exclude,
             rank_pattern,
@@ -239,11 +247,20 @@ impl AdapterConfig {
         self.targets.matches(&name)
     }
 
-    /// The config of a merge of this adapter with others (PEFT's
-    /// `replace(peft_config[adapters[0]], r=rank, lora_alpha=rank)`:
-    /// patterns and rsLoRA kept).
+    /// The config of a merge of this adapter with others: PEFT's
+    /// `replace(peft_config[adapters[0]], r=rank, lora_alpha=rank,
+    /// use_rslora=False, alpha_pattern={}, rank_pattern={})` — scale 1
+    /// everywhere, each part's scale being folded into the merged weights.
     pub fn merged(&self, rank: usize) -> AdapterConfig {
-        AdapterConfig { r: rank, alpha: rank as f64, ..self.clone() }
+        AdapterConfig {
+            r: rank,
+            alpha: rank as f64,
+            use_rslora: false,
+            use_dora: false,
+            rank_pattern: Vec::new(),
+            alpha_pattern: Vec::new(),
+            ..self.clone()
+        }
     }
 
     /// Rank of a module: the first matching `rank_pattern` key, else `r`.
@@ -349,13 +366,22 @@ mod tests {
     #[test]
     fn unsupported_features_are_named() {
         for (extra, feature) in [
-            (r#", "use_dora": true"#, "DoRA"),
+            (r#", "use_dora": true, "lora_bias": true"#, "lora_bias` with DoRA"),
             (r#", "modules_to_save": ["lm_head"]"#, "modules_to_save"),
             (r#", "bias": "all""#, "bias"),
         ] {
             let err = config(extra).expect_err(feature).to_string();
             assert!(err.contains(feature), "{err}");
         }
+    }
+
+    #[test]
+    fn dora_and_lora_bias_are_read() -> Result<(), LoraError> {
+        let plain = config("")?;
+        assert!(!plain.use_dora && !plain.lora_bias);
+        assert!(config(r#", "use_dora": true"#)?.use_dora);
+        assert!(config(r#", "lora_bias": true"#)?.lora_bias);
+        Ok(())
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! `linear`: per module, `A = Σ cᵢ·Aᵢ` and `B = Σ cᵢ·Bᵢ` with
 //! `cᵢ = √(weightᵢ · scaleᵢ)` over the adapters that target it, all of one
 //! rank; the merged adapter takes the first adapter's config with
-//! `r = lora_alpha = rank`, so its scale is 1 (√r under rsLoRA, patterns
-//! kept) — exactly what PEFT builds, cross terms `cᵢcⱼ·BᵢAⱼ` included.
+//! `r = lora_alpha = rank`, no rsLoRA and no patterns, so its scale is 1 —
+//! exactly what PEFT (0.22) builds, cross terms `cᵢcⱼ·BᵢAⱼ` included.
+//! Biases of lora_B (`lora_bias`) sum as `Σ weightᵢ·scaleᵢ·biasᵢ`.
 
 use std::sync::Arc;
 
@@ -77,6 +78,9 @@ pub fn linear(parts: &[Part], base: &BaseShapes) -> Result<AdapterWeights, LoraE
                 let Some(&(shape, _)) = present.first() else { continue };
                 let (rank, in_features, out_features) = (shape.rank, shape.in_features, shape.out_features);
                 let (mut a, mut b_t) = (vec![0f32; rank * in_features], vec![0f32; rank * out_features]);
+                // lora_B's biases add to the output apart from A and B:
+                // `Σ weightᵢ · scaleᵢ · biasᵢ`, under the merged scale.
+                let mut bias = present.iter().any(|(w, _)| w.bias.is_some()).then(|| vec![0f32; out_features]);
                 for (w, factor) in &present {
                     if w.rank != rank {
                         return Err(LoraError::Mismatch(format!(
@@ -99,6 +103,11 @@ pub fn linear(parts: &[Part], base: &BaseShapes) -> Result<AdapterWeights, LoraE
                     for (sum, v) in b_t.iter_mut().zip(w.b_t.to_f32()) {
                         *sum += c * v;
                     }
+                    if let (Some(sum), Some(b)) = (bias.as_mut(), &w.bias) {
+                        for (sum, v) in sum.iter_mut().zip(b) {
+                            *sum += product * v;
+                        }
+                    }
                 }
                 let path = site_of(module).ok_or_else(|| LoraError::Config(format!("module {module} has no site")))?;
                 *slot = Some(LoraWeights {
@@ -108,6 +117,8 @@ pub fn linear(parts: &[Part], base: &BaseShapes) -> Result<AdapterWeights, LoraE
                     in_features,
                     out_features,
                     scale: merged.scale(layer, path) as f32,
+                    bias,
+                    dora: None,
                 });
             }
             Ok(out)

@@ -9,12 +9,14 @@
 //! - `registry`: names → folders (resolved from the roots on first use),
 //!   runtime load/unload, resident weights within a byte budget;
 //! - `compositions`: weighted compositions shared while requests hold them;
+//! - `dora`: DoRA's per-output scale, computed at load from the base;
 //! - `merge`: PEFT's combinations that build one adapter from several (`linear`);
 //! - `random`: random PEFT adapters for benchmarks and tests.
 
 pub mod adapter;
 mod compositions;
 pub mod config;
+mod dora;
 pub mod files;
 pub mod loads;
 pub mod merge;

@@ -377,6 +377,12 @@ impl AdapterRegistry {
     /// un-merged for `cat`, merged here (call it off the async workers) for
     /// the others.
     pub fn compose(&self, parts: Vec<Part>, combination: Combination) -> Result<Arc<AdapterWeights>, LoraError> {
+        let alone = parts.len() == 1 && parts[0].factor == 1.0 && combination == Combination::Cat;
+        if !alone && parts.iter().any(|p| p.adapter.is_dora()) {
+            return Err(LoraError::Unsupported(
+                "DoRA in a composition (a DoRA adapter is served alone at weight 1)".into(),
+            ));
+        }
         let merge = match combination {
             Combination::Cat => return Ok(self.compositions.get_or_make(parts)),
             Combination::Linear => merge::linear,

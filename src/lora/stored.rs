@@ -1,4 +1,4 @@
-//! One 2-D float tensor of an adapter's safetensors file, read in place from
+//! One 2-D (or 1-D) float tensor of an adapter's safetensors file, read in place from
 //! the file's bytes and converted once into the layout and precision the
 //! kernels read (no intermediate tensors: a cold load is on a request's path).
 
@@ -31,6 +31,22 @@ impl<'a> Stored<'a> {
             other => return Err(LoraError::Weights(format!("`{name}` is {other}, not a float tensor"))),
         }
         Ok(Self { rows, cols, dtype: view.dtype(), bytes: view.data() })
+    }
+
+    /// The 1-D tensor `name` (a bias or a magnitude), as `[len, 1]`.
+    pub(crate) fn vector(name: &str, view: &TensorView<'a>) -> Result<Self, LoraError> {
+        let &[len] = view.shape() else {
+            return Err(LoraError::Weights(format!("`{name}` is not a 1-D tensor (shape {:?})", view.shape())));
+        };
+        let bytes = view.data();
+        let column = TensorView::new(view.dtype(), vec![len, 1], bytes)
+            .map_err(|e| LoraError::Weights(format!("`{name}`: {e}")))?;
+        Self::of(name, &column)
+    }
+
+    /// Elements `first..first + count` (row-major) as float32, owned.
+    pub(crate) fn part(&self, first: usize, count: usize) -> Vec<f32> {
+        self.f32s(first, count).into_owned()
     }
 
     /// The values in place, when they are float16 aligned for it.

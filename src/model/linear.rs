@@ -157,15 +157,9 @@ impl Linear {
         let activations = input.activations(matrices)?;
         let outputs = super::ops::with_f32(&input.x, |x| {
             let deltas = lora::Deltas::compute(x, in_features, adapters, &slots);
-            let finish = |m: usize, t: usize, first: usize, cols: &mut [f32]| {
-                if let Some(bias) = &biases[m] {
-                    for (v, b) in cols.iter_mut().zip(&bias[first..]) {
-                        *v += b;
-                    }
-                }
-                if let Some(deltas) = &deltas[m] {
-                    deltas.add(t, first, cols);
-                }
+            let finish = |m: usize, t: usize, first: usize, cols: &mut [f32]| match &deltas[m] {
+                Some(deltas) => deltas.add(t, first, cols, biases[m].as_deref()),
+                None => lora::add_bias(cols, biases[m].as_deref(), first),
             };
             kernels::matmul_many_then(matrices, &activations, kernels::isa(), &finish)
         })?;
@@ -176,25 +170,58 @@ impl Linear {
             .collect()
     }
 
-    /// The base output `y` (`[tokens, out_features]`, row-major) plus the
-    /// bias, then each adapter group's delta on its rows, added in place.
+    /// The base output `y` (`[tokens, out_features]`, row-major) finished in
+    /// place: the bias and each adapter group's delta on its rows.
     fn finish(&self, mut y: Vec<f32>, input: &Input, adapters: &[LoraGroup]) -> Result<Tensor> {
         let tokens = input.x.dim(0)?;
-        if let Some(bias) = &self.bias {
-            super::ops::with_f32(bias, |bias| {
-                for row in y.chunks_exact_mut(self.out_features) {
-                    for (v, b) in row.iter_mut().zip(bias) {
-                        *v += b;
-                    }
-                }
-            })?;
-        }
-        if let Some(slot) = self.slot.filter(|_| !adapters.is_empty()) {
-            lora::apply(&input.x, &mut y, adapters, slot)?;
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|b| b.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>())
+            .transpose()?;
+        match self.slot.filter(|_| !adapters.is_empty()) {
+            Some(slot) => lora::apply(&input.x, &mut y, adapters, slot, bias.as_deref())?,
+            None => y.chunks_exact_mut(self.out_features).for_each(|row| lora::add_bias(row, bias.as_deref(), 0)),
         }
         Ok(Tensor::from_vec(y, (tokens, self.out_features), &Device::Cpu)?)
     }
 }
+
+/// The base's projections that adapters can target, `[layer][module]`
+/// (cheap clones: the weights are shared): what DoRA reads at adapter load.
+#[derive(Clone)]
+pub struct Projections(std::sync::Arc<Vec<[Linear; 7]>>);
+
+impl Projections {
+    pub fn new(layers: Vec<[Linear; 7]>) -> Self {
+        Self(std::sync::Arc::new(layers))
+    }
+
+    /// The weight of `slot` as dense float32, `[out, in]` row-major.
+    pub fn dense(&self, slot: Slot) -> Result<Vec<f32>> {
+        let linear = self
+            .0
+            .get(slot.layer)
+            .and_then(|l| l.get(slot.module))
+            .ok_or_else(|| super::ModelError::Invalid(format!("no projection at {slot:?}")))?;
+        Ok(linear.dense_weight()?.0.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
+
+impl std::fmt::Debug for Projections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Projections({} layers)", self.0.len())
+    }
+}
+
+/// The same loaded projections (one model's).
+impl PartialEq for Projections {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Projections {}
 
 /// A projection's input, `[tokens, in_features]`: projections that read the
 /// same activations (q/k/v, gate/up) share one 8-bit quantization of them

@@ -290,6 +290,20 @@ impl Llama {
         &self.config
     }
 
+    /// The projections adapters target (shared with this model).
+    pub fn projections(&self) -> super::Projections {
+        super::Projections::new(
+            self.layers
+                .iter()
+                .map(|l| {
+                    let (a, m) = (&l.self_attn, &l.mlp);
+                    [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+                        .map(Clone::clone)
+                })
+                .collect(),
+        )
+    }
+
     /// How adapters on this model keep their weights: float32 beside float32
     /// projections (exact parity with PEFT), float16 beside quantized or
     /// 16-bit ones, whose own rounding is far coarser.

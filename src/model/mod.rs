@@ -29,7 +29,7 @@ pub mod source;
 
 pub use config::ModelConfig;
 pub use kv_cache::{KvBlock, KvCache, BLOCK_TOKENS};
-pub use linear::Linear;
+pub use linear::{Linear, Projections};
 pub use llama::{BatchRow, Llama};
 pub use source::{ModelFormat, QuantType, WeightMode};
 

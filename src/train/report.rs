@@ -44,8 +44,12 @@ pub fn eval_replies(
     let info = &loaded.info;
     let template = info.chat_template.as_ref().ok_or_else(|| invalid("the model has no chat template".into()))?;
     let weights = Arc::new(
-        adapter::load(adapter_dir, &BaseShapes::of(loaded.model.config()), usize::MAX)
-            .map_err(|e| TrainError::Invalid(format!("the adapter just written does not load: {e}")))?,
+        adapter::load(
+            adapter_dir,
+            &BaseShapes { weights: Some(loaded.model.projections()), ..BaseShapes::of(loaded.model.config()) },
+            usize::MAX,
+        )
+        .map_err(|e| TrainError::Invalid(format!("the adapter just written does not load: {e}")))?,
     );
     let mut replies = Vec::with_capacity(prompts.len());
     for prompt in prompts {

@@ -6,6 +6,7 @@ mod common;
 mod compose;
 mod fine_tuning;
 mod fine_tuning_faults;
+mod formats;
 mod lora;
 mod many_adapters;
 mod openai_sdk;

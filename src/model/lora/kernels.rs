@@ -335,6 +335,8 @@ mod tests {
             in_features: inf,
             out_features: outf,
             scale: 0.75,
+            bias: None,
+            dora: None,
         }
     }
 

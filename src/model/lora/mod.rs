@@ -87,6 +87,21 @@ pub struct LoraWeights {
     pub in_features: usize,
     pub out_features: usize,
     pub scale: f32,
+    /// PEFT's `lora_B.bias` (`lora_bias`), `[out_features]`: part of the
+    /// up product, so the delta is `scale · (B·A·x + b)`.
+    pub bias: Option<Vec<f32>>,
+    /// DoRA's `m / ‖W + scale·B·A‖` per output feature (the norm of each
+    /// row of the adapted weight, the base as tailor holds it): the output
+    /// becomes `g ⊙ (W·x + scale·B·A·x)`, then the base's bias.
+    pub dora: Option<Vec<f32>>,
+}
+
+impl LoraWeights {
+    /// Bytes held in memory.
+    pub fn bytes(&self) -> usize {
+        let extra = |v: &Option<Vec<f32>>| v.as_ref().map_or(0, |v| std::mem::size_of_val(v.as_slice()));
+        self.a.bytes() + self.b_t.bytes() + extra(&self.bias) + extra(&self.dora)
+    }
 }
 
 /// Which projection of a decoder layer a `Linear` is.
@@ -135,7 +150,13 @@ impl AdapterWeights {
 
     /// Bytes of the weights in memory (a composition holds none of its own).
     pub fn bytes(&self) -> u64 {
-        self.layers.iter().flatten().flatten().map(|w| (w.a.bytes() + w.b_t.bytes()) as u64).sum()
+        self.layers.iter().flatten().flatten().map(|w| w.bytes() as u64).sum()
+    }
+
+    /// Whether any module is DoRA (its delta rescales the base output, so it
+    /// is served alone and at its own scale).
+    pub fn is_dora(&self) -> bool {
+        self.layers.iter().flatten().flatten().any(|w| w.dora.is_some())
     }
 }
 
@@ -204,6 +225,8 @@ const PARALLEL_DOWN_WORK: usize = 1 << 18;
 #[derive(Clone, Copy)]
 struct RowDelta<'a> {
     weights: &'a LoraWeights,
+    /// The effective scale (the adapter's times its factor), for the bias.
+    scale: f32,
     start: usize,
     count: usize,
     index: usize,
@@ -260,7 +283,9 @@ impl<'a> Deltas<'a> {
                 let mut len = 0;
                 for (weights, group, block) in blocks(slot) {
                     for (index, &row) in block.iter().enumerate() {
-                        placed.push((row, group.term, RowDelta { weights, start: len, count: block.len(), index }));
+                        let scale = weights.scale * group.factor;
+                        let delta = RowDelta { weights, scale, start: len, count: block.len(), index };
+                        placed.push((row, group.term, delta));
                     }
                     len += block.len() * weights.rank;
                 }
@@ -312,14 +337,33 @@ impl<'a> Deltas<'a> {
         &self.deltas[self.offsets[t]..self.offsets[t + 1]]
     }
 
-    /// Adds token row `t`'s delta on output columns `first..first +
-    /// cols.len()` to `cols`: its terms in order, each column summed over
-    /// the rank in order, so the bits do not depend on how the columns are
-    /// split nor on the other rows.
-    pub fn add(&self, t: usize, first: usize, cols: &mut [f32]) {
-        for row in self.row(t) {
+    /// Finishes token row `t`'s base output on columns `first..first +
+    /// cols.len()`: the projection's `bias` (all its columns) and the row's
+    /// delta, its terms in order, each column summed over the rank in order,
+    /// so the bits do not depend on how the columns are split nor on the
+    /// other rows. A DoRA term rescales what is there before the bias.
+    pub fn add(&self, t: usize, first: usize, cols: &mut [f32], bias: Option<&[f32]>) {
+        let terms = self.row(t);
+        let dora = terms.iter().any(|r| r.weights.dora.is_some());
+        if !dora {
+            add_bias(cols, bias, first);
+        }
+        for row in terms {
             let xa = &self.xa[row.start + row.index..row.start + row.count * row.weights.rank];
             up(self.isa, row.weights, xa, row.count, first, cols);
+            if let Some(b) = &row.weights.bias {
+                for (y, b) in cols.iter_mut().zip(&b[first..]) {
+                    *y += row.scale * b;
+                }
+            }
+            if let Some(g) = &row.weights.dora {
+                for (y, g) in cols.iter_mut().zip(&g[first..]) {
+                    *y *= g;
+                }
+            }
+        }
+        if dora {
+            add_bias(cols, bias, first);
         }
     }
 
@@ -329,27 +373,39 @@ impl<'a> Deltas<'a> {
     }
 }
 
-/// Adds every group's delta to `y` (`[tokens, out]`, row-major, in place),
-/// given the input `x` (`[tokens, in]`): for projections whose base kernel
-/// does not add them itself.
-pub fn apply(x: &Tensor, y: &mut [f32], groups: &[LoraGroup], slot: Slot) -> Result<()> {
+/// Adds `bias` (a projection's, all its columns), from column `first` on,
+/// to `cols`.
+pub fn add_bias(cols: &mut [f32], bias: Option<&[f32]>, first: usize) {
+    if let Some(bias) = bias {
+        for (v, b) in cols.iter_mut().zip(&bias[first..]) {
+            *v += b;
+        }
+    }
+}
+
+/// Finishes the base output `y` (`[tokens, out]`, row-major, in place) of
+/// the input `x` (`[tokens, in]`): the projection's `bias` and every
+/// group's delta on its rows, for projections whose base kernel does not
+/// add them itself.
+pub fn apply(x: &Tensor, y: &mut [f32], groups: &[LoraGroup], slot: Slot, bias: Option<&[f32]>) -> Result<()> {
     let (tokens, in_features) = x.dims2()?;
     let out_features = y.len() / tokens.max(1);
     super::ops::with_f32(x, |x| {
         let Some(Some(deltas)) = Deltas::compute(x, in_features, groups, &[Some(slot)]).pop() else {
+            y.chunks_mut(out_features.max(1)).for_each(|row| add_bias(row, bias, 0));
             return;
         };
         let row_delta = |(row, y_row): (usize, &mut [f32])| match deltas.rank(row) {
-            0 => {}
+            0 => add_bias(y_row, bias, 0),
             rank if tokens < PARALLEL_ROWS && rank * out_features >= PARALLEL_COLUMN_WORK => {
                 // A lone row (a single stream): its output columns are split
                 // over the pool instead, so the second core is not idle.
                 y_row
                     .par_chunks_mut(COLUMN_CHUNK)
                     .enumerate()
-                    .for_each(|(c, cols)| deltas.add(row, c * COLUMN_CHUNK, cols));
+                    .for_each(|(c, cols)| deltas.add(row, c * COLUMN_CHUNK, cols, bias));
             }
-            _ => deltas.add(row, 0, y_row),
+            _ => deltas.add(row, 0, y_row, bias),
         };
         if tokens >= PARALLEL_ROWS {
             y.par_chunks_mut(out_features).enumerate().for_each(row_delta);
@@ -376,6 +432,8 @@ mod tests {
             in_features: inf,
             out_features: outf,
             scale,
+            bias: None,
+            dora: None,
         }
     }
 
@@ -405,7 +463,7 @@ mod tests {
         let groups = vec![LoraGroup::single(mk(wa.clone()), vec![1, 3]), LoraGroup::single(mk(wb.clone()), vec![2])];
         let base_rows = base.to_vec2::<f32>()?;
         let mut flat = base_rows.concat();
-        apply(&x, &mut flat, &groups, slot)?;
+        apply(&x, &mut flat, &groups, slot, None)?;
         let got: Vec<Vec<f32>> = flat.chunks(outf).map(|r| r.to_vec()).collect();
         let ra = reference(&x, &wa)?.to_vec2::<f32>()?;
         let rb = reference(&x, &wb)?.to_vec2::<f32>()?;
@@ -418,7 +476,7 @@ mod tests {
         }
         // Batch invariance: a row alone gives the same bits as in the batch.
         let mut alone = base_rows[2].clone();
-        apply(&x.narrow(0, 2, 1)?, &mut alone, &[LoraGroup::single(mk(wb), vec![0])], slot)?;
+        apply(&x.narrow(0, 2, 1)?, &mut alone, &[LoraGroup::single(mk(wb), vec![0])], slot, None)?;
         assert_eq!(alone, got[2]);
         Ok(())
     }
@@ -431,9 +489,9 @@ mod tests {
         let slot = Slot { layer: 0, module: 2 };
         let x = Tensor::from_vec((0..5 * inf).map(|i| (i as f32 * 0.03).sin()).collect(), (5, inf), &Device::Cpu)?;
         let mut batch: Vec<f32> = (0..5 * outf).map(|i| i as f32 * 1e-3).collect();
-        apply(&x, &mut batch, &[LoraGroup::single(adapter.clone(), (0..5).collect())], slot)?;
+        apply(&x, &mut batch, &[LoraGroup::single(adapter.clone(), (0..5).collect())], slot, None)?;
         let mut alone: Vec<f32> = (3 * outf..4 * outf).map(|i| i as f32 * 1e-3).collect();
-        apply(&x.narrow(0, 3, 1)?, &mut alone, &[LoraGroup::single(adapter, vec![0])], slot)?;
+        apply(&x.narrow(0, 3, 1)?, &mut alone, &[LoraGroup::single(adapter, vec![0])], slot, None)?;
         assert_eq!(alone.as_slice(), &batch[3 * outf..4 * outf]);
         Ok(())
     }
@@ -462,12 +520,12 @@ mod tests {
         )?;
         let base: Vec<f32> = (0..tokens * outf).map(|i| (i as f32 * 0.007).cos()).collect();
         let mut batch = base.clone();
-        apply(&x, &mut batch, &groups, slot)?;
+        apply(&x, &mut batch, &groups, slot, None)?;
         for row in 0..tokens {
             let mut alone = base[row * outf..(row + 1) * outf].to_vec();
             if let Some(a) = owner(row) {
                 let group = [LoraGroup::single(adapters[a].clone(), vec![0])];
-                apply(&x.narrow(0, row, 1)?, &mut alone, &group, slot)?;
+                apply(&x.narrow(0, row, 1)?, &mut alone, &group, slot, None)?;
                 let w = adapters[a].get(slot).expect("targeted");
                 let want = reference(&x.narrow(0, row, 1)?, w)?.to_vec2::<f32>()?;
                 for o in 0..outf {
@@ -505,7 +563,7 @@ mod tests {
         )?;
         let base: Vec<f32> = (0..tokens * outf).map(|i| (i as f32 * 0.003).cos()).collect();
         let mut batch = base.clone();
-        apply(&x, &mut batch, &groups(owners.iter().enumerate().map(|(t, o)| (*o, t..t + 1))), slot)?;
+        apply(&x, &mut batch, &groups(owners.iter().enumerate().map(|(t, o)| (*o, t..t + 1))), slot, None)?;
         let delta = |w: &Arc<AdapterWeights>, row: usize| -> Result<Vec<f32>> {
             Ok(reference(&x.narrow(0, row, 1)?, w.get(slot).expect("targeted"))?.flatten_all()?.to_vec1()?)
         };
@@ -521,12 +579,64 @@ mod tests {
         assert_eq!(row(1), base_row(1));
         assert_eq!(row(5), base_row(5), "weight 0 adds nothing");
         let mut single = base_row(4).to_vec();
-        apply(&x.narrow(0, 4, 1)?, &mut single, &[LoraGroup::single(a.clone(), vec![0])], slot)?;
+        apply(&x.narrow(0, 4, 1)?, &mut single, &[LoraGroup::single(a.clone(), vec![0])], slot, None)?;
         assert_eq!(row(4), single.as_slice(), "weight 1 is the adapter itself");
         for (t, owner) in owners.iter().enumerate() {
             let mut alone = base_row(t).to_vec();
-            apply(&x.narrow(0, t, 1)?, &mut alone, &groups([(*owner, 0..1)]), slot)?;
+            apply(&x.narrow(0, t, 1)?, &mut alone, &groups([(*owner, 0..1)]), slot, None)?;
             assert_eq!(alone.as_slice(), row(t), "row {t} alone");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn dora_rescales_and_lora_bias_adds_per_row_whatever_the_batch() -> Result<()> {
+        let (inf, outf, tokens) = (24, 90, 5);
+        let slot = Slot { layer: 0, module: 3 };
+        let mut with_bias = weights(3, inf, outf, 1.5, 2.0);
+        with_bias.bias = Some((0..outf).map(|i| (i as f32 * 0.3).sin()).collect());
+        let mut dora = weights(4, inf, outf, 0.5, 4.0);
+        dora.dora = Some((0..outf).map(|i| 0.8 + (i as f32 * 0.05).cos() * 0.3).collect());
+        let (biased, dora_w) = (on_module(3, with_bias.clone()), on_module(3, dora.clone()));
+        let half = Arc::new(AdapterWeights::composed(vec![Part { adapter: biased.clone(), factor: 0.5 }]));
+        // Rows: DoRA, the bias adapter, it at weight 0.5, the base, DoRA.
+        let owners = [Some(&dora_w), Some(&biased), Some(&half), None, Some(&dora_w)];
+        let x = Tensor::from_vec(
+            (0..tokens * inf).map(|i| (i as f32 * 0.017).cos()).collect(),
+            (tokens, inf),
+            &Device::Cpu,
+        )?;
+        let projection_bias: Vec<f32> = (0..outf).map(|i| i as f32 * 0.02 - 0.5).collect();
+        let base: Vec<f32> = (0..tokens * outf).map(|i| (i as f32 * 0.005).sin()).collect();
+        let mut batch = base.clone();
+        let spans = owners.iter().enumerate().map(|(t, o)| (*o, t..t + 1));
+        apply(&x, &mut batch, &groups(spans), slot, Some(&projection_bias))?;
+        for (t, owner) in owners.iter().enumerate() {
+            let row = &batch[t * outf..(t + 1) * outf];
+            let base_row = &base[t * outf..(t + 1) * outf];
+            let delta = |w: &LoraWeights| -> Result<Vec<f32>> {
+                Ok(reference(&x.narrow(0, t, 1)?, w)?.flatten_all()?.to_vec1()?)
+            };
+            let want: Vec<f32> = match t {
+                0 | 4 => {
+                    let (d, g) = (delta(&dora)?, dora.dora.as_ref().expect("dora"));
+                    (0..outf).map(|o| g[o] * (base_row[o] + d[o]) + projection_bias[o]).collect()
+                }
+                1 | 2 => {
+                    let factor = if t == 1 { 1.0 } else { 0.5 };
+                    let (d, b) = (delta(&with_bias)?, with_bias.bias.as_ref().expect("bias"));
+                    (0..outf)
+                        .map(|o| base_row[o] + projection_bias[o] + factor * (d[o] + with_bias.scale * b[o]))
+                        .collect()
+                }
+                _ => (0..outf).map(|o| base_row[o] + projection_bias[o]).collect(),
+            };
+            for o in 0..outf {
+                assert!((row[o] - want[o]).abs() < 1e-4, "row {t} col {o}: {} vs {}", row[o], want[o]);
+            }
+            let mut alone = base_row.to_vec();
+            apply(&x.narrow(0, t, 1)?, &mut alone, &groups([(*owner, 0..1)]), slot, Some(&projection_bias))?;
+            assert_eq!(alone.as_slice(), row, "row {t} alone");
         }
         Ok(())
     }
