@@ -61,15 +61,19 @@ def randomize(model, seed: int, a_std: float, b_std: float, bias_std: float = 0.
                 dora.weight.copy_(norm * jitter)
 
 
-def make_adapter(gguf: Path, out: Path, config: LoraConfig, **draw):
+def make_adapter(gguf: Path, out: Path, config: LoraConfig, half: bool, **draw):
     model = get_peft_model(base(gguf), config)
     randomize(model, **draw)
     if out.exists():
         shutil.rmtree(out)
     model.save_pretrained(str(out))
     (out / "README.md").unlink(missing_ok=True)
+    if not half:
+        return out
     # Stored in float16 (half the bytes in the repository); the references
     # are computed from the saved folder, so they are of these very values.
+    # (Not for an adapter the pruning merges read: float16 repeats values,
+    # and which of equal magnitudes torch.topk keeps is its own affair.)
     weights = out / "adapter_model.safetensors"
     tensors = {k: v.half().contiguous() for k, v in load_file(str(weights)).items()}
     save_file(tensors, str(weights), metadata={"format": "pt"})
@@ -132,38 +136,59 @@ def write(path: Path, data):
     print(f"wrote {path.relative_to(ROOT)} (smallest greedy margin {data['min_greedy_margin']:.4f})")
 
 
+# (file name, weights of [bias, pirate], combination_type, other arguments)
+COMPOSITIONS = [
+    ("bias_pirate_cat", [0.6, 0.8], "cat", {}),
+    ("bias_pirate_linear", [0.6, 0.8], "linear", {}),
+    ("bias_pirate_linear_negative", [0.6, -0.8], "linear", {}),
+    ("bias_pirate_ties", [0.6, 0.8], "ties", {"density": 0.5}),
+    ("bias_pirate_ties_frequency", [0.6, 0.7], "ties", {"density": 0.5, "majority_sign_method": "frequency"}),
+    ("bias_pirate_magnitude_prune", [0.6, 0.8], "magnitude_prune", {"density": 0.5}),
+]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", type=Path, default=GGUF)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--only", nargs="*", help="remake only these compositions (keeps the adapters)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     adapters = args.out / "adapters"
     shipped = ROOT / "adapters"
 
+    if args.only is not None:
+        return compositions(args, adapters / "bias", shipped)
     # DoRA with rank and alpha patterns: q/v at rank 4, down at rank 2.
     dora = make_adapter(args.gguf, adapters / "dora", LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"down_proj": 2},
         alpha_pattern={"v_proj": 16}, use_dora=True, init_lora_weights=False, lora_dropout=0.0,
-    ), seed=26, a_std=0.05, b_std=0.05, magnitude_jitter=0.3)
-    # lora_B with a bias, rank 8 like `pirate` (so `linear` can merge the two).
+    ), half=True, seed=26, a_std=0.05, b_std=0.05, magnitude_jitter=0.3)
+    # lora_B with a bias, rank 8 like `pirate` (so the merges can take the two).
     bias = make_adapter(args.gguf, adapters / "bias", LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "o_proj", "up_proj"], alpha_pattern={"o_proj": 32},
+        r=8, lora_alpha=16, target_modules=["q_proj", "o_proj"], alpha_pattern={"o_proj": 32},
         lora_bias=True, init_lora_weights=False, lora_dropout=0.0,
-    ), seed=27, a_std=0.05, b_std=0.03, bias_std=0.05)
+    ), half=False, seed=27, a_std=0.05, b_std=0.03, bias_std=0.05)
 
     for name, folder in [("dora", dora), ("bias", bias)]:
         model = PeftModel.from_pretrained(base(args.gguf), str(folder)).eval()
         write(args.out / f"{name}.json", reference(model, name, f"PeftModel.from_pretrained(adapters/{name}), un-merged"))
 
-    # add_weighted_adapter over the bias adapter and the shipped pirate.
-    for combination in ["cat", "linear"]:
+    compositions(args, bias, shipped)
+
+
+def compositions(args, bias: Path, shipped: Path):
+    """add_weighted_adapter over the bias adapter and the shipped pirate."""
+    for name, weights, combination, extra in COMPOSITIONS:
+        if args.only and name not in args.only:
+            continue
         model = PeftModel.from_pretrained(base(args.gguf), str(bias), adapter_name="bias").eval()
         model.load_adapter(str(shipped / "pirate"), adapter_name="pirate")
-        model.add_weighted_adapter(["bias", "pirate"], [0.6, 0.8], "mix", combination_type=combination)
+        model.add_weighted_adapter(["bias", "pirate"], weights, "mix", combination_type=combination, **extra)
         model.set_adapter("mix")
-        about = f"add_weighted_adapter(['bias', 'pirate'], [0.6, 0.8], combination_type='{combination}')"
-        write(args.out / f"bias_pirate_{combination}.json", reference(model, f"bias_pirate_{combination}", about))
+        shown = "".join(f", {k}={v!r}" for k, v in extra.items())
+        about = f"add_weighted_adapter(['bias', 'pirate'], {weights}, combination_type='{combination}'{shown})"
+        write(args.out / f"{name}.json", reference(model, name, about))
 
 
 if __name__ == "__main__":

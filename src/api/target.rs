@@ -210,6 +210,7 @@ impl AppState {
         choices: &[AdapterChoice],
         merge: MergeOptions,
     ) -> Result<Adapters, ApiError> {
+        merge.check().map_err(|(field, message)| ApiError::invalid(format!("adapter_merge.{field}"), message))?;
         let max = info.adapters.max_per_request();
         if choices.is_empty() || choices.len() > max {
             return Err(ApiError::invalid(
@@ -239,7 +240,11 @@ impl AppState {
                 load(info, &choice.name, &param).await?.ok_or_else(|| unknown_adapter(&param, &choice.name))?;
             let factor = choice.weight.unwrap_or(1.0) as f32;
             if weights.is_dora() && (choices.len() > 1 || factor != 1.0 || merge.combination_type != Combination::Cat) {
-                let field = if choices.len() > 1 { param.clone() } else { format!("adapters[{i}].weight") };
+                let field = match () {
+                    _ if choices.len() > 1 => param.clone(),
+                    _ if factor != 1.0 => format!("adapters[{i}].weight"),
+                    _ => "adapter_merge.combination_type".to_string(),
+                };
                 return Err(ApiError::invalid(
                     field,
                     format!(
@@ -256,10 +261,10 @@ impl AppState {
             defaults = defaults.over(&own);
         }
         let combination = merge.combination_type;
-        identity.push(combination.name().to_string());
+        identity.push(format!("{:?}", merge.key()));
         let registry = info.adapters.clone();
         let compose = move || {
-            registry.compose(parts, combination).map_err(|e| {
+            registry.compose(parts, &merge).map_err(|e| {
                 ApiError::invalid(
                     "adapter_merge",
                     format!("cannot combine these adapters with `{}`: {e}", combination.name()),

@@ -61,7 +61,7 @@ pub struct SamplingFields {
     /// Adapters applied together, each delta with its weight (PEFT's `cat`
     /// combination), on the base model or a preset (in place of its adapter).
     pub adapters: Option<Vec<AdapterChoice>>,
-    /// How `adapters` combine (`{"combination_type": "cat" | "linear"}`).
+    /// How `adapters` combine (`{"combination_type": "cat" | "linear" | "ties" | …, "density", …}`).
     pub adapter_merge: Option<MergeOptions>,
     /// LoRAX's shape for the same (`ids`, `weights`, `merge_strategy`).
     pub merged_adapters: Option<LoraxMerge>,
@@ -75,10 +75,11 @@ pub struct LoraxMerge {
     pub ids: Vec<String>,
     /// One per id (default 1 each).
     pub weights: Option<Vec<f64>>,
-    /// `linear` (LoRAX's default); `ties`, `dare_linear` and `dare_ties` are refused for now.
+    /// `linear` (LoRAX's default), `ties`, `dare_linear` or `dare_ties`.
     pub merge_strategy: Option<String>,
-    /// Read by strategies that prune (not `linear`).
+    /// Read by strategies that prune (not `linear`), in (0, 1].
     pub density: Option<f64>,
+    /// `total` (default) or `frequency`.
     pub majority_sign_method: Option<String>,
 }
 
@@ -93,8 +94,10 @@ impl LoraxMerge {
                 _ => "merged_adapters".to_string(),
             };
             e.param = Some(renamed);
-        } else if e.param.as_deref() == Some("adapter_merge") {
+        } else if matches!(e.param.as_deref(), Some("adapter_merge" | "adapter_merge.combination_type")) {
             e.param = Some("merged_adapters.merge_strategy".into());
+        } else if let Some(field) = e.param.as_deref().and_then(|p| p.strip_prefix("adapter_merge.")) {
+            e.param = Some(format!("merged_adapters.{field}"));
         }
         e
     }
@@ -102,12 +105,32 @@ impl LoraxMerge {
     /// The same request in tailor's fields (`adapters`, `adapter_merge`).
     pub fn to_adapters(&self) -> Result<(Vec<AdapterChoice>, MergeOptions), super::ApiError> {
         use super::ApiError;
+        use crate::lora::merge::{Combination, SignMethod};
+        // LoRAX's strategy names, computed as PEFT's combinations of the same
+        // names (LoRAX's own merge weighs A and B by wᵢ each and leaves the
+        // adapters' scales out; tailor follows PEFT).
         let combination_type = match self.merge_strategy.as_deref().unwrap_or("linear") {
-            "linear" => crate::lora::merge::Combination::Linear,
+            "linear" => Combination::Linear,
+            "ties" => Combination::Ties,
+            "dare_linear" => Combination::DareLinear,
+            "dare_ties" => Combination::DareTies,
             other => {
                 return Err(ApiError::invalid(
                     "merged_adapters.merge_strategy",
-                    format!("merge_strategy `{other}` is not supported; use `linear` (or tailor's `adapters`)"),
+                    format!(
+                        "merge_strategy `{other}` is not one of `linear`, `ties`, `dare_linear`, `dare_ties` \
+                         (tailor's `adapter_merge` has `cat` and `magnitude_prune` too)"
+                    ),
+                ))
+            }
+        };
+        let majority_sign_method = match self.majority_sign_method.as_deref() {
+            None | Some("total") => SignMethod::Total,
+            Some("frequency") => SignMethod::Frequency,
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "merged_adapters.majority_sign_method",
+                    format!("majority_sign_method `{other}` is not `total` or `frequency`"),
                 ))
             }
         };
@@ -123,7 +146,13 @@ impl LoraxMerge {
         };
         let adapters =
             self.ids.iter().zip(weights).map(|(name, weight)| AdapterChoice { name: name.clone(), weight }).collect();
-        Ok((adapters, MergeOptions { combination_type }))
+        let merge = MergeOptions {
+            combination_type,
+            density: self.density,
+            majority_sign_method: Some(majority_sign_method),
+            seed: None,
+        };
+        Ok((adapters, merge))
     }
 }
 

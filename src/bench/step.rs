@@ -11,7 +11,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::lora::merge::{self, Combination};
-use crate::lora::{adapter, BaseShapes};
+use crate::lora::{adapter, BaseShapes, MergeOptions};
 use crate::model::llama::Logits;
 use crate::model::lora::{AdapterWeights, Part};
 use crate::model::BatchRow;
@@ -29,10 +29,13 @@ pub struct StepArgs {
     /// applies adapters i, i+1, … i+K-1 (mod N), as `--combination` says.
     #[arg(long, default_value_t = 1)]
     pub compose: usize,
-    /// How composed adapters combine: `cat` (un-merged) or `linear` (merged
-    /// once into one adapter; equal ranks).
+    /// How composed adapters combine: `cat` (un-merged) or a merge made once
+    /// into one adapter (`linear`, `ties`, … ; equal ranks).
     #[arg(long, value_enum, default_value = "cat")]
     pub combination: Combination,
+    /// The fraction the pruning combinations keep (`--combination ties` …).
+    #[arg(long)]
+    pub density: Option<f64>,
     /// Rows decoding together.
     #[arg(long, default_value_t = 8)]
     pub rows: usize,
@@ -102,7 +105,11 @@ pub fn run(args: &StepArgs) -> anyhow::Result<StepReport> {
                     .collect();
                 Ok(Arc::new(match args.combination {
                     Combination::Cat => AdapterWeights::composed(parts),
-                    Combination::Linear => merge::linear(&parts, &shapes)?,
+                    combination_type => merge::merge(
+                        &parts,
+                        &shapes,
+                        &MergeOptions { combination_type, density: args.density, ..Default::default() },
+                    )?,
                 }))
             })
             .collect::<anyhow::Result<_>>()?,

@@ -6,16 +6,17 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
-use super::merge::Combination;
+use super::merge::{Combination, SignMethod};
+use super::MergeOptions;
 use crate::model::lora::{AdapterWeights, Part};
 
-/// A composition's identity: its combination, and each part's weights (by
-/// address: a live composition or merge holds its parts, so a live entry's
-/// addresses are its parts') and its factor's bits.
-type Key = (Combination, Vec<(usize, u32)>);
+/// A composition's identity: its combination and the options it reads, and
+/// each part's weights (by address: a live composition or merge holds its
+/// parts, so a live entry's addresses are its parts') and its factor's bits.
+type Key = ((Combination, u64, Option<SignMethod>, u64), Vec<(usize, u32)>);
 
-pub(crate) fn key(combination: Combination, parts: &[Part]) -> Key {
-    (combination, parts.iter().map(|p| (Arc::as_ptr(&p.adapter) as usize, p.factor.to_bits())).collect())
+pub(crate) fn key(options: &MergeOptions, parts: &[Part]) -> Key {
+    (options.key(), parts.iter().map(|p| (Arc::as_ptr(&p.adapter) as usize, p.factor.to_bits())).collect())
 }
 
 #[derive(Default)]
@@ -28,7 +29,7 @@ pub(crate) struct Compositions {
 impl Compositions {
     /// The un-merged composition of `parts`.
     pub(crate) fn get_or_make(&self, parts: Vec<Part>) -> Arc<AdapterWeights> {
-        let key = key(Combination::Cat, &parts);
+        let key = key(&MergeOptions::default(), &parts);
         self.share(key, Arc::new(AdapterWeights::composed(parts))).0
     }
 

@@ -46,10 +46,49 @@ pub struct AdapterChoice {
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MergeOptions {
-    /// `cat` (default): every delta with its weight, un-merged; `linear`: A
-    /// and B summed separately with √(weight × scale), merged once.
+    /// `cat` (default): every delta with its weight, un-merged; the others
+    /// merge the A's and the B's once (`linear`, `ties`, `magnitude_prune`,
+    /// `dare_linear`, `dare_ties`; see `merge`).
     #[serde(default)]
     pub combination_type: merge::Combination,
+    /// The fraction of each tensor the pruning strategies keep, in (0, 1]
+    /// (default 1: nothing pruned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub density: Option<f64>,
+    /// `ties` and `dare_ties`: `total` (default) or `frequency`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub majority_sign_method: Option<merge::SignMethod>,
+    /// `dare_*`: the seed of the random drop (default 0), so a composition is
+    /// the same every time it is made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+impl MergeOptions {
+    /// What tells two merges apart: the fields the combination reads.
+    pub fn key(&self) -> (merge::Combination, u64, Option<merge::SignMethod>, u64) {
+        let c = self.combination_type;
+        let density = if c.prunes() { self.density.unwrap_or(1.0).to_bits() } else { 0 };
+        let method = if c.elects_signs() { Some(self.majority_sign_method.unwrap_or_default()) } else { None };
+        let seed = if c.is_random() { self.seed.unwrap_or(0) } else { 0 };
+        (c, density, method, seed)
+    }
+
+    /// The field that is out of range, and why. `density` is read only by
+    /// the strategies that prune (LoRAX clients send one with `linear`):
+    /// in [0, 1] for the magnitude ones, (0, 1] for DARE, which divides by it.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        let c = self.combination_type;
+        match self.density {
+            Some(d) if c.is_random() && !(d > 0.0 && d <= 1.0) => {
+                Err(("density", format!("`{}` needs a `density` above 0 and at most 1, got {d}", c.name())))
+            }
+            Some(d) if c.prunes() && !(0.0..=1.0).contains(&d) => {
+                Err(("density", format!("`{}` needs a `density` from 0 to 1, got {d}", c.name())))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -21,7 +21,7 @@ use super::compositions::Compositions;
 use super::files::AdapterFiles;
 use super::loads::LoadThreads;
 use super::merge::{self, Combination};
-use super::LoraError;
+use super::{LoraError, MergeOptions};
 use crate::model::lora::{AdapterWeights, Part};
 use crate::prompt::defaults::Defaults;
 
@@ -376,24 +376,24 @@ impl AdapterRegistry {
     /// weight): the one requests in flight already share, or a new one —
     /// un-merged for `cat`, merged here (call it off the async workers) for
     /// the others.
-    pub fn compose(&self, parts: Vec<Part>, combination: Combination) -> Result<Arc<AdapterWeights>, LoraError> {
+    pub fn compose(&self, parts: Vec<Part>, options: &MergeOptions) -> Result<Arc<AdapterWeights>, LoraError> {
+        let combination = options.combination_type;
         let alone = parts.len() == 1 && parts[0].factor == 1.0 && combination == Combination::Cat;
         if !alone && parts.iter().any(|p| p.adapter.is_dora()) {
             return Err(LoraError::Unsupported(
                 "DoRA in a composition (a DoRA adapter is served alone at weight 1)".into(),
             ));
         }
-        let merge = match combination {
-            Combination::Cat => return Ok(self.compositions.get_or_make(parts)),
-            Combination::Linear => merge::linear,
-        };
-        let key = super::compositions::key(combination, &parts);
+        if combination == Combination::Cat {
+            return Ok(self.compositions.get_or_make(parts));
+        }
+        let key = super::compositions::key(options, &parts);
         if let Some(shared) = self.compositions.get(&key) {
             return Ok(shared);
         }
         // Two first requests at once may both merge (milliseconds); the
         // first stored is shared, and only it is counted.
-        let (merged, stored) = self.compositions.share(key, Arc::new(merge(&parts, &self.base)?));
+        let (merged, stored) = self.compositions.share(key, Arc::new(merge::merge(&parts, &self.base, options)?));
         if stored {
             self.merges.fetch_add(1, Ordering::Relaxed);
         }

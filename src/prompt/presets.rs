@@ -5,7 +5,7 @@
 //! [support-bot]
 //! adapter = "support"        # optional LoRA adapter, or a weighted composition:
 //! # adapters = [{ name = "support", weight = 0.8 }, { name = "formal", weight = 0.4 }]
-//! # adapter_merge = { combination_type = "linear" }   # default "cat"
+//! # adapter_merge = { combination_type = "ties", density = 0.5 }   # default "cat"
 //! template = "ticket"        # optional named template
 //! system = "You are ..."     # plus any request default:
 //! temperature = 0.2          # top_p, top_k, max_tokens, stop, seed, penalties,
@@ -78,11 +78,12 @@ pub fn parse(text: &str, origin: &str) -> Result<Vec<Preset>, PromptError> {
                 Some(_) if adapters.is_none() => {
                     return Err(PromptError::Invalid(format!("{origin}: [{name}] adapter_merge needs `adapters`")))
                 }
-                Some(merge) => Some(
-                    merge
-                        .try_into()
-                        .map_err(|e| PromptError::Invalid(format!("{origin}: [{name}] adapter_merge: {e}")))?,
-                ),
+                Some(merge) => {
+                    let invalid = |e: String| PromptError::Invalid(format!("{origin}: [{name}] adapter_merge: {e}"));
+                    let merge: crate::lora::MergeOptions = merge.try_into().map_err(|e| invalid(format!("{e}")))?;
+                    merge.check().map_err(|(_, message)| invalid(message))?;
+                    Some(merge)
+                }
             };
             let defaults: Defaults = toml::Value::Table(fields)
                 .try_into()
@@ -240,6 +241,11 @@ system = "Be terse."
         assert!(both.is_err_and(|e| e.to_string().contains("both")));
         let typo = parse("[mix]\nadapters = [{ name = \"shout\", wieght = 2 }]\n", "t");
         assert!(typo.is_err_and(|e| e.to_string().contains("wieght")));
+        let ties = "[mix]\nadapters = [{ name = \"a\" }]\nadapter_merge = { combination_type = \"ties\", density = ";
+        let merge = parse(&format!("{ties}0.5 }}\n"), "t").expect("valid").remove(0).adapter_merge;
+        assert_eq!(merge.and_then(|m| m.density), Some(0.5));
+        let dense = parse(&format!("{ties}1.5 }}\n"), "t");
+        assert!(dense.is_err_and(|e| e.to_string().contains("density")));
     }
 
     #[test]

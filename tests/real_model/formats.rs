@@ -1,15 +1,15 @@
 //! PEFT formats beyond plain LoRA: DoRA (`use_dora`) and lora_B biases
 //! (`lora_bias`), against PEFT's own outputs for adapters PEFT wrote
-//! (`tests/fixtures/smollm2/peft`, made by `scripts/make-peft-fixtures.py`),
-//! alone and in PEFT's `add_weighted_adapter` compositions; then over HTTP,
+//! (`tests/fixtures/smollm2/peft`, made by `scripts/make-peft-fixtures.py`;
+//! their compositions are in `merges`); then over HTTP,
 //! batched with everything else, and refused where PEFT refuses them.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use tailor::lora::{adapter, merge, BaseShapes};
-use tailor::model::lora::{AdapterWeights, Part};
+use tailor::lora::{adapter, BaseShapes};
+use tailor::model::lora::AdapterWeights;
 use tailor::model::WeightMode;
 
 use crate::common::{copy_dir, fixture, post_at, start_server, TestResult, MODEL_ID};
@@ -31,19 +31,6 @@ fn dora_and_lora_bias_adapters_match_peft() -> TestResult {
         assert_eq!(weights.is_dora(), name == "dora");
         check_f32_parity(loaded(WeightMode::F32), &format!("peft/{name}.json"), Some(&weights))?;
     }
-    Ok(())
-}
-
-#[test]
-fn compositions_with_a_lora_bias_match_add_weighted_adapter() -> TestResult {
-    let bias = load(WeightMode::F32, &peft_adapter("bias"))?;
-    let pirate = load(WeightMode::F32, &crate::common::project_adapter("pirate"))?;
-    let parts = vec![Part { adapter: bias, factor: 0.6 }, Part { adapter: pirate, factor: 0.8 }];
-    let cat = Arc::new(AdapterWeights::composed(parts.clone()));
-    check_f32_parity(loaded(WeightMode::F32), "peft/bias_pirate_cat.json", Some(&cat))?;
-    let shapes = BaseShapes::of_model(&loaded(WeightMode::F32).model);
-    let linear = Arc::new(merge::linear(&parts, &shapes)?);
-    check_f32_parity(loaded(WeightMode::F32), "peft/bias_pirate_linear.json", Some(&linear))?;
     Ok(())
 }
 
@@ -137,7 +124,7 @@ async fn dora_and_bias_adapters_serve_in_mixed_batches_and_dora_is_served_alone(
     for (adapters, merge, param) in [
         (json!([{"name": "dora", "weight": 0.5}]), None, "adapters[0].weight"),
         (json!([{"name": "pirate"}, {"name": "dora"}]), None, "adapters[1].name"),
-        (json!([{"name": "dora"}]), Some(json!({"combination_type": "linear"})), "adapters[0].weight"),
+        (json!([{"name": "dora"}]), Some(json!({"combination_type": "linear"})), "adapter_merge.combination_type"),
     ] {
         let mut body = chat_body(MODEL_ID, Some(adapters), "Hi?");
         if let Some(merge) = merge {

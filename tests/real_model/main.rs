@@ -9,6 +9,7 @@ mod fine_tuning_faults;
 mod formats;
 mod lora;
 mod many_adapters;
+mod merges;
 mod openai_sdk;
 mod openapi;
 mod operations;
