@@ -144,6 +144,8 @@ COMPOSITIONS = [
     ("bias_pirate_ties", [0.6, 0.8], "ties", {"density": 0.5}),
     ("bias_pirate_ties_frequency", [0.6, 0.7], "ties", {"density": 0.5, "majority_sign_method": "frequency"}),
     ("bias_pirate_magnitude_prune", [0.6, 0.8], "magnitude_prune", {"density": 0.5}),
+    ("bias_pirate_svd", [0.6, 0.8], "svd", {}),
+    ("bias_pirate_svd_rank4", [0.6, 0.8], "svd", {"svd_rank": 4}),
 ]
 
 

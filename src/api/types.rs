@@ -151,6 +151,7 @@ impl LoraxMerge {
             density: self.density,
             majority_sign_method: Some(majority_sign_method),
             seed: None,
+            svd_rank: None,
         };
         Ok((adapters, merge))
     }

@@ -6,14 +6,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
-use super::merge::{Combination, SignMethod};
-use super::MergeOptions;
+use super::{MergeKey, MergeOptions};
 use crate::model::lora::{AdapterWeights, Part};
 
 /// A composition's identity: its combination and the options it reads, and
 /// each part's weights (by address: a live composition or merge holds its
 /// parts, so a live entry's addresses are its parts') and its factor's bits.
-type Key = ((Combination, u64, Option<SignMethod>, u64), Vec<(usize, u32)>);
+type Key = (MergeKey, Vec<(usize, u32)>);
 
 pub(crate) fn key(options: &MergeOptions, parts: &[Part]) -> Key {
     (options.key(), parts.iter().map(|p| (Arc::as_ptr(&p.adapter) as usize, p.factor.to_bits())).collect())

@@ -11,7 +11,9 @@
 //! (`total`: of the sum, `frequency`: of the count) and averages the weighted
 //! entries that agree; `dare_linear` and `dare_ties` prune at random instead,
 //! keeping each entry with probability `density` (rescaled by 1/density),
-//! seeded. All need one rank. The merged adapter takes the first adapter's
+//! seeded. All need one rank. `svd` instead sums the weighted deltas
+//! `Σ wᵢ·sᵢ·Bᵢ·Aᵢ` and keeps their best rank-`svd_rank` approximation
+//! (`svd`), any ranks. The merged adapter takes the first adapter's
 //! config with `r = lora_alpha = rank`, no rsLoRA and no patterns, so its scale
 //! is 1 — what PEFT (0.22) builds, cross terms `cᵢcⱼ·BᵢAⱼ` included. Biases of
 //! lora_B (`lora_bias`) sum as `Σ wᵢ·sᵢ·biasᵢ`.
@@ -53,6 +55,9 @@ pub enum Combination {
     DareLinear,
     /// Drop at random, then `ties`' sign election and average.
     DareTies,
+    /// The weighted sum of the deltas truncated to a rank (`svd_rank`, default
+    /// the largest adapter's): any ranks.
+    Svd,
 }
 
 impl Combination {
@@ -64,12 +69,13 @@ impl Combination {
             Combination::MagnitudePrune => "magnitude_prune",
             Combination::DareLinear => "dare_linear",
             Combination::DareTies => "dare_ties",
+            Combination::Svd => "svd",
         }
     }
 
     /// Whether it keeps only part of each tensor (reads `density`).
     pub fn prunes(self) -> bool {
-        !matches!(self, Combination::Cat | Combination::Linear)
+        !matches!(self, Combination::Cat | Combination::Linear | Combination::Svd)
     }
 
     /// Whether it drops entries at random (reads `seed`).
@@ -106,7 +112,8 @@ pub fn merge(parts: &[Part], base: &BaseShapes, options: &MergeOptions) -> Resul
     let config =
         first.adapter.config.as_deref().ok_or_else(|| LoraError::Config("the first adapter has no config".into()))?;
     let mut ranks = parts.iter().filter_map(|p| p.adapter.config.as_ref().map(|c| c.r));
-    if ranks.any(|r| r != config.r) {
+    let one_rank = combination != Combination::Svd || parts.len() == 1;
+    if one_rank && ranks.any(|r| r != config.r) {
         return Err(LoraError::Mismatch(format!(
             "`{}` merges adapters of one rank; these have r = {}",
             combination.name(),
@@ -117,7 +124,10 @@ pub fn merge(parts: &[Part], base: &BaseShapes, options: &MergeOptions) -> Resul
                 .join(", ")
         )));
     }
-    let merged = Arc::new(config.merged(config.r));
+    // `svd`'s rank: asked, or the largest of the adapters' (rank patterns included).
+    let largest = parts.iter().flat_map(|p| p.adapter.layers.iter().flatten().flatten().map(|w| w.rank)).max();
+    let svd_rank = options.svd_rank.or(largest).unwrap_or(config.r);
+    let merged = Arc::new(config.merged(if combination == Combination::Svd { svd_rank } else { config.r }));
     // PEFT merges one adapter `linear`, whatever was asked.
     let options =
         if parts.len() == 1 { &MergeOptions { combination_type: Combination::Linear, ..*options } } else { options };
@@ -137,6 +147,13 @@ pub fn merge(parts: &[Part], base: &BaseShapes, options: &MergeOptions) -> Resul
                     })
                     .collect();
                 let Some((shape, _)) = present.first() else { continue };
+                if options.combination_type == Combination::Svd {
+                    let scale = merged.scale(layer, site.path) as f32;
+                    for (module, w) in modules.iter().zip(svd_site(&present, svd_rank, scale, base)) {
+                        out[*module] = Some(w);
+                    }
+                    continue;
+                }
                 let (rank, in_features) = (shape[0].rank, shape[0].in_features);
                 if let Some((w, _)) = present.iter().find(|(w, _)| w[0].rank != rank) {
                     return Err(LoraError::Mismatch(format!(
@@ -183,6 +200,69 @@ pub fn merge(parts: &[Part], base: &BaseShapes, options: &MergeOptions) -> Resul
         .collect::<Result<Vec<_>, LoraError>>()?;
     let merged_from = parts.iter().map(|p| p.adapter.clone()).collect();
     Ok(AdapterWeights { layers, parts: Vec::new(), config: Some(merged), merged_from })
+}
+
+/// PEFT's `svd` for one checkpoint module (its projections' weights per
+/// adapter, with the adapter's weight): `Σ wᵢ·sᵢ·Bᵢ·Aᵢ` (a fused module's
+/// rows stacked) truncated to `rank`, as `B = U·S`, `A = Vᵀ`, at `scale`.
+fn svd_site(present: &[(Vec<&LoraWeights>, f32)], rank: usize, scale: f32, base: &BaseShapes) -> Vec<LoraWeights> {
+    let shape = &present[0].0;
+    let outs: Vec<usize> = shape.iter().map(|w| w.out_features).collect();
+    let mut b_columns = Vec::new();
+    let mut a_rows = Vec::new();
+    for (weights, factor) in present {
+        let (a, w0) = (weights[0].a.to_f32(), weights[0]);
+        let b_t: Vec<Vec<f32>> = weights.iter().map(|w| w.b_t.to_f32()).collect();
+        let product = f64::from(factor * w0.scale);
+        for k in 0..w0.rank {
+            a_rows.push(a[k * w0.in_features..(k + 1) * w0.in_features].iter().map(|&v| f64::from(v)).collect());
+            let column = b_t
+                .iter()
+                .zip(&outs)
+                .flat_map(|(b, &out)| b[k * out..(k + 1) * out].iter().map(|&v| product * f64::from(v)))
+                .collect();
+            b_columns.push(column);
+        }
+    }
+    let (new_b, new_a) = super::svd::truncate(&b_columns, &a_rows, rank);
+    let kept = new_b.len().max(1);
+    let in_features = shape[0].in_features;
+    let a: Vec<f32> = match new_a.is_empty() {
+        true => vec![0.0; in_features],
+        false => new_a.iter().flatten().map(|&v| v as f32).collect(),
+    };
+    let mut first = 0;
+    shape
+        .iter()
+        .enumerate()
+        .map(|(j, w)| {
+            let out = w.out_features;
+            // b_t is [rank, out]: row k is B's column k, this projection's rows.
+            let b_t: Vec<f32> = match new_b.is_empty() {
+                true => vec![0.0; out],
+                false => new_b.iter().flat_map(|column| column[first..first + out].iter().map(|&v| v as f32)).collect(),
+            };
+            first += out;
+            let mut bias = present.iter().any(|(w, _)| w[j].bias.is_some()).then(|| vec![0f32; out]);
+            for (weights, factor) in present {
+                if let (Some(sum), Some(b)) = (bias.as_mut(), &weights[j].bias) {
+                    for (sum, v) in sum.iter_mut().zip(b) {
+                        *sum += factor * weights[j].scale * v;
+                    }
+                }
+            }
+            LoraWeights {
+                a: Values::new(a.clone(), base.precision),
+                b_t: Values::new(b_t, base.precision),
+                rank: kept,
+                in_features,
+                out_features: out,
+                scale,
+                bias,
+                dora: None,
+            }
+        })
+        .collect()
 }
 
 /// One side's task tensors (all of one length) combined with `weights`.
@@ -280,7 +360,13 @@ mod tests {
     use super::*;
 
     fn options(combination_type: Combination, density: f64, method: SignMethod) -> MergeOptions {
-        MergeOptions { combination_type, density: Some(density), majority_sign_method: Some(method), seed: Some(7) }
+        MergeOptions {
+            combination_type,
+            density: Some(density),
+            majority_sign_method: Some(method),
+            seed: Some(7),
+            svd_rank: None,
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //!   runtime load/unload, resident weights within a byte budget;
 //! - `compositions`: weighted compositions shared while requests hold them;
 //! - `dora`: DoRA's per-output scale, computed at load from the base;
+//! - `svd`: the rank truncation of a low-rank product, for the `svd` merge;
 //! - `merge`: PEFT's combinations that build one adapter from several (`linear`);
 //! - `random`: random PEFT adapters for benchmarks and tests.
 
@@ -23,6 +24,7 @@ pub mod merge;
 pub mod random;
 pub mod registry;
 mod stored;
+mod svd;
 
 pub use adapter::BaseShapes;
 pub use config::{AdapterConfig, Module};
@@ -40,6 +42,9 @@ pub struct AdapterChoice {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weight: Option<f64>,
 }
+
+/// What tells merges apart: combination, density bits, sign method, seed, rank.
+pub type MergeKey = (merge::Combination, u64, Option<merge::SignMethod>, u64, Option<usize>);
 
 /// How a composition combines its adapters (PEFT's `add_weighted_adapter`
 /// options; a request's or a preset's `adapter_merge`).
@@ -62,16 +67,20 @@ pub struct MergeOptions {
     /// the same every time it is made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// `svd`: the merged adapter's rank (default the largest of its parts').
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub svd_rank: Option<usize>,
 }
 
 impl MergeOptions {
     /// What tells two merges apart: the fields the combination reads.
-    pub fn key(&self) -> (merge::Combination, u64, Option<merge::SignMethod>, u64) {
+    pub fn key(&self) -> MergeKey {
         let c = self.combination_type;
         let density = if c.prunes() { self.density.unwrap_or(1.0).to_bits() } else { 0 };
         let method = if c.elects_signs() { Some(self.majority_sign_method.unwrap_or_default()) } else { None };
         let seed = if c.is_random() { self.seed.unwrap_or(0) } else { 0 };
-        (c, density, method, seed)
+        let rank = if c == merge::Combination::Svd { self.svd_rank } else { None };
+        (c, density, method, seed, rank)
     }
 
     /// The field that is out of range, and why. `density` is read only by
@@ -86,6 +95,7 @@ impl MergeOptions {
             Some(d) if c.prunes() && !(0.0..=1.0).contains(&d) => {
                 Err(("density", format!("`{}` needs a `density` from 0 to 1, got {d}", c.name())))
             }
+            _ if self.svd_rank == Some(0) => Err(("svd_rank", "`svd_rank` must be at least 1".to_string())),
             _ => Ok(()),
         }
     }

@@ -235,7 +235,8 @@ async fn bad_adapter_lists_are_refused_naming_the_field() -> TestResult {
         (json!([{"name": "pirate"}, {"name": "shout"}]), json!({"combination_type": "ties", "density": 0.5}), "ties"),
         (json!([{"name": "pirate"}]), json!({"combination_type": "ties", "density": 1.5}), "density"),
         (json!([{"name": "pirate"}]), json!({"combination_type": "dare_ties", "density": 0}), "density"),
-        (json!([{"name": "pirate"}]), json!({"combination_type": "svd"}), "svd"),
+        (json!([{"name": "pirate"}]), json!({"combination_type": "svd_ties"}), "svd_ties"),
+        (json!([{"name": "pirate"}]), json!({"combination_type": "svd", "svd_rank": 0}), "svd_rank"),
         (json!([{"name": "pirate"}]), json!({"combination_type": "ties", "majority_sign_method": "most"}), "most"),
     ];
     for (adapters, merge, says) in merges {

@@ -16,7 +16,7 @@ use crate::compose::{chat_body, outcome};
 use crate::reference::{check_f32_parity, loaded};
 
 fn options(combination_type: Combination, density: Option<f64>, method: Option<SignMethod>) -> MergeOptions {
-    MergeOptions { combination_type, density, majority_sign_method: method, seed: None }
+    MergeOptions { combination_type, density, majority_sign_method: method, seed: None, svd_rank: None }
 }
 
 #[test]
@@ -34,6 +34,8 @@ fn deterministic_strategies_match_add_weighted_adapter() -> TestResult {
         ("bias_pirate_ties", 0.8, options(Combination::Ties, Some(0.5), None)),
         ("bias_pirate_ties_frequency", 0.7, options(Combination::Ties, Some(0.5), Some(SignMethod::Frequency))),
         ("bias_pirate_magnitude_prune", 0.8, options(Combination::MagnitudePrune, Some(0.5), None)),
+        ("bias_pirate_svd", 0.8, options(Combination::Svd, None, None)),
+        ("bias_pirate_svd_rank4", 0.8, MergeOptions { svd_rank: Some(4), ..options(Combination::Svd, None, None) }),
     ];
     for (file, pirate_weight, merge) in cases {
         let parts =
@@ -76,6 +78,11 @@ async fn every_strategy_serves_over_http_and_dare_repeats_with_its_seed() -> Tes
     // DARE keeping everything is linear.
     let (_, full) = ask(json!({"combination_type": "dare_linear", "density": 1.0, "seed": 5})).await?;
     assert_eq!(outcome(&full), seen[0]);
+    // svd takes any ranks: pirate (8) with shout (16), truncated to 16.
+    let mut body = chat_body(MODEL_ID, Some(json!([{"name": "pirate"}, {"name": "shout", "weight": 0.5}])), "Hi");
+    body["adapter_merge"] = json!({"combination_type": "svd"});
+    let (status, reply) = post_at(addr, "/v1/chat/completions", body).await?;
+    assert_eq!(status, 200, "{reply}");
     // One adapter alone is merged linear, whatever is asked (as PEFT does).
     let alone = |merge: serde_json::Value| {
         let mut body = chat_body(MODEL_ID, Some(json!([{"name": "pirate", "weight": 0.8}])), "Where do ships sail?");
