@@ -129,6 +129,9 @@ struct Inner {
     registering: BTreeMap<PathBuf, Arc<Mutex<()>>>,
     resident_bytes: u64,
     resident_count: usize,
+    /// Merges kept after their last request (by address), with when they
+    /// were last used: counted in `resident_bytes`, evicted like adapters.
+    merges: BTreeMap<usize, (Arc<AdapterWeights>, u64)>,
     clock: u64,
 }
 
@@ -347,6 +350,16 @@ impl AdapterRegistry {
         let mut inner = lock(&self.inner);
         let entry = inner.entries.remove(name).ok_or_else(|| LoraError::NotFound(name.to_string()))?;
         if !inner.entries.values().any(|e| e.path == entry.path) {
+            // Kept merges of its weights go with it (requests holding one keep theirs).
+            if let Some(weights) = inner.slots.get(&entry.path).and_then(|s| s.resident.clone()) {
+                let made_of = |m: &AdapterWeights| m.merged_from.iter().any(|p| Arc::ptr_eq(p, &weights));
+                let stale: Vec<usize> = inner.merges.iter().filter(|(_, (m, _))| made_of(m)).map(|(a, _)| *a).collect();
+                for address in stale {
+                    if let Some((merged, _)) = inner.merges.remove(&address) {
+                        inner.resident_bytes -= merged.bytes();
+                    }
+                }
+            }
             inner.drop_weights(&entry.path);
             inner.slots.remove(&entry.path);
         }
@@ -389,6 +402,7 @@ impl AdapterRegistry {
         }
         let key = super::compositions::key(options, &parts);
         if let Some(shared) = self.compositions.get(&key) {
+            self.keep(&shared);
             return Ok(shared);
         }
         // Two first requests at once may both merge (milliseconds); the
@@ -397,7 +411,23 @@ impl AdapterRegistry {
         if stored {
             self.merges.fetch_add(1, Ordering::Relaxed);
         }
+        self.keep(&merged);
         Ok(merged)
+    }
+
+    /// Keeps a merge after its requests end, within the memory budget (it
+    /// holds its parts, so they stay too until it goes).
+    fn keep(&self, merged: &Arc<AdapterWeights>) {
+        let mut inner = lock(&self.inner);
+        let clock = inner.tick();
+        let address = Arc::as_ptr(merged) as usize;
+        if let Some(kept) = inner.merges.get_mut(&address) {
+            kept.1 = clock;
+            return;
+        }
+        inner.resident_bytes += merged.bytes();
+        inner.merges.insert(address, (merged.clone(), clock));
+        self.evict(&mut inner);
     }
 
     /// Adapters one request may compose.
@@ -527,21 +557,39 @@ impl AdapterRegistry {
             .collect()
     }
 
-    /// Drops least recently used weights that no request holds until both
-    /// bounds hold (or only weights in use are left).
+    /// Drops least recently used weights (an adapter's or a kept merge's)
+    /// that no request holds until both bounds hold (or only weights in use
+    /// are left).
     fn evict(&self, inner: &mut Inner) {
         let (max, budget) = (self.options.max_loaded, self.options.memory_budget);
         while (max > 0 && inner.resident_count > max) || (budget > 0 && inner.resident_bytes > budget) {
-            // Only weights no request holds (strong count 1: ours) may go.
-            let victim = inner
+            // Only weights no request holds (strong count 1: ours) may go; a
+            // kept merge holds its parts, so they go after it.
+            let adapter = inner
                 .slots
                 .iter()
                 .filter(|(_, s)| s.resident.as_ref().is_some_and(|w| Arc::strong_count(w) == 1))
                 .min_by_key(|(_, s)| s.last_used)
-                .map(|(path, _)| path.clone());
-            let Some(path) = victim else { return };
-            tracing::debug!(adapter = %path.display(), "evicting adapter weights (least recently used)");
-            inner.drop_weights(&path);
+                .map(|(path, s)| (s.last_used, path.clone()));
+            let merge = inner
+                .merges
+                .iter()
+                .filter(|(_, (w, _))| Arc::strong_count(w) == 1)
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(address, (_, used))| (*used, *address));
+            match (adapter, merge) {
+                (Some((used, path)), merge) if merge.is_none_or(|(m, _)| used < m) => {
+                    tracing::debug!(adapter = %path.display(), "evicting adapter weights (least recently used)");
+                    inner.drop_weights(&path);
+                }
+                (_, Some((_, address))) => {
+                    if let Some((merged, _)) = inner.merges.remove(&address) {
+                        tracing::debug!(bytes = merged.bytes(), "evicting a merge (least recently used)");
+                        inner.resident_bytes -= merged.bytes();
+                    }
+                }
+                _ => return,
+            }
             self.evictions.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -677,6 +725,41 @@ mod tiers {
         assert_eq!(counts.loads, 1 + 2 * 19, "{counts:?}");
         assert!(counts.evictions >= 2 * 19 - 3, "{counts:?}");
         assert_eq!(counts.registered, 20);
+        Ok(())
+    }
+
+    #[test]
+    fn a_merge_outlives_its_requests_within_the_budget_and_is_evicted_past_it() -> TestResult {
+        let (_dir, path, base) = root(12)?;
+        let one = registry(&base, &path, 0).get("a0")?.ok_or("a0")?.bytes();
+        // Room for the two parts and their merge, not for much more.
+        let reg = registry(&base, &path, 3 * one + one / 2);
+        let linear = MergeOptions { combination_type: Combination::Linear, ..Default::default() };
+        let parts = |reg: &AdapterRegistry| -> Result<Vec<Part>, Box<dyn std::error::Error>> {
+            let part = |name: &str| -> Result<Part, Box<dyn std::error::Error>> {
+                Ok(Part { adapter: reg.get(name)?.ok_or("resolves")?, factor: 0.5 })
+            };
+            Ok(vec![part("a0")?, part("a1")?])
+        };
+        let first = Arc::as_ptr(&reg.compose(parts(&reg)?, &linear)?) as usize;
+        // No request holds it now: kept, so the next request finds it.
+        let again = reg.compose(parts(&reg)?, &linear)?;
+        assert_eq!(Arc::as_ptr(&again) as usize, first);
+        assert_eq!(reg.counts().merges, 1);
+        assert_eq!(reg.counts().resident_bytes, 2 * one + again.bytes());
+        drop(again);
+        // Other adapters' use pushes it out (and then its parts).
+        for i in 2..12 {
+            reg.get(&format!("a{i}"))?.ok_or("resolves")?;
+        }
+        assert!(reg.counts().resident_bytes <= 3 * one + one / 2, "{:?}", reg.counts());
+        reg.compose(parts(&reg)?, &linear)?;
+        assert_eq!(reg.counts().merges, 2, "merged again once evicted");
+        // Unloading a part takes its kept merges with it.
+        let before = reg.counts().resident_bytes;
+        reg.unregister("a1")?;
+        // a1's weights and the merge (rank 4 on q and v like each part: one adapter's bytes).
+        assert_eq!(reg.counts().resident_bytes, before - 2 * one, "{:?}", reg.counts());
         Ok(())
     }
 
