@@ -174,15 +174,7 @@ pub fn merge(parts: &[Part], base: &BaseShapes, options: &MergeOptions) -> Resul
                 let mut b_t = combine(&b_t, &on_b, options, seed(1)).into_iter();
                 for (j, &module) in modules.iter().enumerate() {
                     let out_features = shape[j].out_features;
-                    // lora_B's biases add to the output apart from A and B.
-                    let mut bias = present.iter().any(|(w, _)| w[j].bias.is_some()).then(|| vec![0f32; out_features]);
-                    for ((w, _), product) in present.iter().zip(&products) {
-                        if let (Some(sum), Some(b)) = (bias.as_mut(), &w[j].bias) {
-                            for (sum, v) in sum.iter_mut().zip(b) {
-                                *sum += product * v;
-                            }
-                        }
-                    }
+                    let bias = merged_bias(&present, j);
                     out[module] = Some(LoraWeights {
                         a: Values::new(a.clone(), base.precision),
                         b_t: Values::new(b_t.by_ref().take(rank * out_features).collect(), base.precision),
@@ -243,14 +235,7 @@ fn svd_site(present: &[(Vec<&LoraWeights>, f32)], rank: usize, scale: f32, base:
                 false => new_b.iter().flat_map(|column| column[first..first + out].iter().map(|&v| v as f32)).collect(),
             };
             first += out;
-            let mut bias = present.iter().any(|(w, _)| w[j].bias.is_some()).then(|| vec![0f32; out]);
-            for (weights, factor) in present {
-                if let (Some(sum), Some(b)) = (bias.as_mut(), &weights[j].bias) {
-                    for (sum, v) in sum.iter_mut().zip(b) {
-                        *sum += factor * weights[j].scale * v;
-                    }
-                }
-            }
+            let bias = merged_bias(present, j);
             LoraWeights {
                 a: Values::new(a.clone(), base.precision),
                 b_t: Values::new(b_t, base.precision),
@@ -263,6 +248,21 @@ fn svd_site(present: &[(Vec<&LoraWeights>, f32)], rank: usize, scale: f32, base:
             }
         })
         .collect()
+}
+
+/// The merged lora_B bias of a module's `j`-th projection: `Σ wᵢ·sᵢ·biasᵢ`
+/// over the adapters that have one (biases add to the output apart from A
+/// and B, whatever the combination); None when none has.
+fn merged_bias(present: &[(Vec<&LoraWeights>, f32)], j: usize) -> Option<Vec<f32>> {
+    let mut sum = present.iter().any(|(w, _)| w[j].bias.is_some()).then(|| vec![0f32; present[0].0[j].out_features])?;
+    for (weights, factor) in present {
+        if let Some(b) = &weights[j].bias {
+            for (s, v) in sum.iter_mut().zip(b) {
+                *s += factor * weights[j].scale * v;
+            }
+        }
+    }
+    Some(sum)
 }
 
 /// One side's task tensors (all of one length) combined with `weights`.
