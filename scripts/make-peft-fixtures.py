@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Makes the PEFT fixtures of tests/fixtures/smollm2/peft: adapters in the
-formats tailor serves beyond plain LoRA (DoRA, lora_B bias), written by PEFT
+formats tailor serves beyond plain LoRA (DoRA, lora_B bias, modules_to_save), written by PEFT
 itself, and PEFT's float32 outputs for them and for add_weighted_adapter
 compositions, in the format of tests/fixtures/smollm2/reference/*.json.
 
@@ -20,6 +20,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+import copy
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -153,12 +155,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", type=Path, default=GGUF)
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--only", nargs="*", help="remake only these compositions (keeps the adapters)")
+    parser.add_argument("--only", nargs="*", help="remake only these compositions (keeps the adapters), "
+                        "or `saved_modules` (the modules_to_save adapters and their references), "
+                        "or `dora_weights` (the DoRA adapter at other weights)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     adapters = args.out / "adapters"
     shipped = ROOT / "adapters"
 
+    if args.only == ["saved_modules"]:
+        return saved_modules(args, adapters, shipped)
+    if args.only == ["dora_weights"]:
+        return dora_weights(args, adapters / "dora")
     if args.only is not None:
         return compositions(args, adapters / "bias", shipped)
     # DoRA with rank and alpha patterns: q/v at rank 4, down at rank 2.
@@ -176,7 +184,116 @@ def main():
         model = PeftModel.from_pretrained(base(args.gguf), str(folder)).eval()
         write(args.out / f"{name}.json", reference(model, name, f"PeftModel.from_pretrained(adapters/{name}), un-merged"))
 
+    dora_weights(args, dora)
+    saved_modules(args, adapters, shipped)
     compositions(args, bias, shipped)
+
+
+# A DoRA adapter at a request's weight: PEFT's set_scale (the scale times
+# the weight, in the norms too).
+DORA_WEIGHTS = [("dora_weight_half", 0.5), ("dora_weight_negative", -0.5)]
+
+
+def dora_weights(args, dora: Path):
+    for name, weight in DORA_WEIGHTS:
+        model = PeftModel.from_pretrained(base(args.gguf), str(dora)).eval()
+        for module in model.modules():
+            if hasattr(module, "set_scale") and hasattr(module, "lora_A"):
+                module.set_scale("default", weight)
+        about = f"PeftModel.from_pretrained(adapters/dora), every LoRA layer set_scale('default', {weight})"
+        write(args.out / f"{name}.json", reference(model, name, about))
+
+
+def saved_modules(args, adapters: Path, shipped: Path):
+    wholes = {}
+    for seed, name in enumerate(SAVED_MODULES, start=28):
+        wholes[name] = make_saved(args.gguf, adapters / name, name, seed)
+        model = PeftModel.from_pretrained(base(args.gguf), str(wholes[name])).eval()
+        about = f"PeftModel.from_pretrained(adapters/{name} with its tables rebuilt from {RECIPE})"
+        write(args.out / f"{name}.json", reference(model, name, about))
+    saved_compositions(args, wholes["saved"], shipped)
+
+
+# Whole modules an adapter replaces. The embedding and the head are the
+# base's plus a rank-one change u·vᵀ; the repository keeps u and v
+# (`saved_recipe.safetensors`) and the tests rebuild the tables from the
+# base they load, so no 57 MB table is committed.
+SAVED_MODULES = {
+    "saved": dict(modules_to_save=["embed_tokens", "lm_head", "input_layernorm", "norm"]),
+    "tied": dict(modules_to_save=["embed_tokens"], ensure_weight_tying=True),
+}
+RECIPE = "saved_recipe.safetensors"
+
+
+def make_saved(gguf: Path, out: Path, name: str, seed: int):
+    """The adapter folder to commit (LoRA and norms; the tables as a recipe)
+    and, in a temporary folder, the whole adapter PEFT loads."""
+    model = get_peft_model(base(gguf), LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj"], init_lora_weights=False, lora_dropout=0.0,
+        **SAVED_MODULES[name],
+    ))
+    randomize(model, seed=seed, a_std=0.05, b_std=0.05)
+    gen = torch.Generator().manual_seed(seed + 1)
+    # u and v per table, and which pair each table is made with (a head
+    # tied to the saved embedding is the same tensor, changed once).
+    recipe, owner, pairs = {}, {}, {}
+    with torch.no_grad():
+        for module_name, module in sorted(model.named_modules(), key=lambda m: m[0]):
+            if type(module).__name__ != "ModulesToSaveWrapper":
+                continue
+            weight = module.modules_to_save["default"].weight
+            if weight.dim() == 1:  # a norm: each weight jittered by up to 20 %
+                weight.mul_(1 + 0.2 * (2 * torch.rand(weight.shape, generator=gen) - 1))
+                continue
+            key = "lm_head" if module_name.endswith("lm_head") else "embed_tokens"
+            if weight.data_ptr() in owner:
+                pairs[key] = owner[weight.data_ptr()]
+                continue
+            owner[weight.data_ptr()] = pairs[key] = key
+            # Values float16 can hold, so both sides compute the same sums.
+            u = (torch.randn(weight.shape[0], generator=gen) * 0.2).half().float()
+            v = (torch.randn(weight.shape[1], generator=gen) * 0.2).half().float()
+            weight.add_(torch.outer(u, v))
+            recipe[f"{key}.u"], recipe[f"{key}.v"] = u.contiguous(), v.contiguous()
+    whole = Path(tempfile.mkdtemp()) / name
+    model.save_pretrained(str(whole))
+    tensors = load_file(str(whole / "adapter_model.safetensors"))
+    tables = {k for k in tensors if k.endswith(("embed_tokens.weight", "lm_head.weight"))}
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    shutil.copy(whole / "adapter_config.json", out / "adapter_config.json")
+    kept = {k: v.half().contiguous() if "lora_" in k else v.contiguous() for k, v in tensors.items() if k not in tables}
+    save_file(kept, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    made_with = ",".join(f"{t}={pairs['lm_head' if t.endswith('lm_head.weight') else 'embed_tokens']}"
+                         for t in sorted(tables))
+    save_file(recipe, str(out / RECIPE), metadata={"format": "pt", "tables": made_with})
+    # The reference loads exactly what the tests rebuild: the committed
+    # (float16) LoRA and the tables from u·vᵀ.
+    save_file({**kept, **{k: tensors[k] for k in tables}}, str(whole / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    return whole
+
+
+def saved_compositions(args, whole: Path, shipped: Path):
+    """add_weighted_adapter of `saved` and pirate, with saved's whole modules
+    kept in the result: PEFT's merged adapter runs the base's modules
+    instead (it drops modules_to_save; tailor keeps each from the one
+    adapter that replaces it)."""
+    for combination in ["cat", "linear"]:
+        model = PeftModel.from_pretrained(base(args.gguf), str(whole), adapter_name="saved").eval()
+        model.load_adapter(str(shipped / "pirate"), adapter_name="pirate")
+        model.add_weighted_adapter(["saved", "pirate"], [0.6, 0.8], "mix", combination_type=combination)
+        for module in model.modules():
+            if type(module).__name__ == "ModulesToSaveWrapper" and "saved" in module.modules_to_save:
+                module.modules_to_save["mix"] = copy.deepcopy(module.modules_to_save["saved"])
+        model.set_adapter("mix")
+        for module in model.modules():
+            if type(module).__name__ == "ModulesToSaveWrapper":
+                assert module.active_adapters == ["mix"], module.active_adapters
+        about = (f"add_weighted_adapter(['saved', 'pirate'], [0.6, 0.8], combination_type='{combination}'), "
+                 "saved's modules_to_save copied into the result")
+        write(args.out / f"saved_pirate_{combination}.json", reference(model, f"saved_pirate_{combination}", about))
 
 
 def compositions(args, bias: Path, shipped: Path):

@@ -234,25 +234,40 @@ impl AppState {
         }
         let (mut parts, mut names, mut identity) = (Vec::new(), Vec::new(), Vec::new());
         let mut defaults = Defaults::default();
+        // Which listed adapter replaces each whole module (`modules_to_save`).
+        let mut replaced: std::collections::HashMap<String, &str> = Default::default();
+        let mut dora_weighted = false;
         for (i, choice) in choices.iter().enumerate() {
             let param = format!("adapters[{i}].name");
             let (weights, own) =
                 load(info, &choice.name, &param).await?.ok_or_else(|| unknown_adapter(&param, &choice.name))?;
             let factor = choice.weight.unwrap_or(1.0) as f32;
-            if weights.is_dora() && (choices.len() > 1 || factor != 1.0 || merge.combination_type != Combination::Cat) {
-                let field = match () {
-                    _ if choices.len() > 1 => param.clone(),
-                    _ if factor != 1.0 => format!("adapters[{i}].weight"),
-                    _ => "adapter_merge.combination_type".to_string(),
+            if weights.is_dora() && (choices.len() > 1 || merge.combination_type != Combination::Cat) {
+                let field = match choices.len() > 1 {
+                    true => param.clone(),
+                    false => "adapter_merge.combination_type".to_string(),
                 };
                 return Err(ApiError::invalid(
                     field,
                     format!(
-                        "`{}` is a DoRA adapter, served alone at weight 1: its norms are those of its own scale \
+                        "`{}` is a DoRA adapter, served alone (at any weight): its norms belong to its own delta \
                          (PEFT's add_weighted_adapter refuses DoRA too)",
                         choice.name
                     ),
                 ));
+            }
+            dora_weighted |= weights.is_dora() && ![0.0, 1.0].contains(&factor);
+            for module in weights.saved.names().into_iter().filter(|_| factor != 0.0) {
+                if let Some(other) = replaced.insert(module.clone(), &choice.name) {
+                    return Err(ApiError::invalid(
+                        param,
+                        format!(
+                            "`{other}` and `{}` both replace `{module}` (modules_to_save): a whole module cannot be \
+                             weighted or merged (PEFT's add_weighted_adapter refuses the pair too)",
+                            choice.name
+                        ),
+                    ));
+                }
             }
             parts.push(Part { adapter: weights, factor });
             let generation = info.adapters.generation(&choice.name).unwrap_or(0);
@@ -271,9 +286,10 @@ impl AppState {
                 )
             })
         };
-        // Only a merge computes anything worth moving off the async workers.
+        // Only a merge (or DoRA's norms at a new weight) computes anything
+        // worth moving off the async workers.
         let weights = match combination {
-            Combination::Cat => compose()?,
+            Combination::Cat if !dora_weighted => compose()?,
             _ => self.blocking(compose).await?,
         };
         Ok(Adapters { weights, names, defaults, identity })

@@ -108,6 +108,15 @@ pub struct BenchArgs {
     /// llama-server with the adapters in --model order and --lora-init-without-apply).
     #[arg(long)]
     pub llama_cpp_lora: bool,
+    /// Every request composes this many of --compose-adapters (rotating,
+    /// each at weight 1/N) on --model: tailor's `adapters`, or with
+    /// --llama-cpp-lora llama.cpp's `lora` list (ids in --compose-adapters
+    /// order).
+    #[arg(long, default_value_t = 0, requires = "compose_adapters")]
+    pub compose: usize,
+    /// The adapters --compose draws from, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub compose_adapters: Vec<String>,
     /// A JSON file holding a `response_format` object sent with every
     /// request (constrained decoding against free generation).
     #[arg(long, value_parser = json_file)]
@@ -253,6 +262,13 @@ fn json_file(path: &str) -> Result<Value, String> {
     serde_json::from_str(&text).map_err(|e| format!("{path} is not JSON: {e}"))
 }
 
+/// The adapters request `index` composes (indices into --compose-adapters)
+/// and their weight.
+fn compose(args: &BenchArgs, index: usize) -> Vec<(usize, f64)> {
+    let n = args.compose_adapters.len();
+    (0..args.compose.min(n)).map(|j| ((index + j) % n, 1.0 / args.compose.min(n) as f64)).collect()
+}
+
 fn body(args: &BenchArgs, planned: &Planned) -> (String, Value) {
     let (model, index) = (&planned.model, planned.index);
     let number = args.first_request + index;
@@ -270,8 +286,17 @@ fn body(args: &BenchArgs, planned: &Planned) -> (String, Value) {
     if let Some(format) = &args.response_format {
         body.insert("response_format".into(), format.clone());
     }
+    let composed = compose(args, index);
     if args.llama_cpp_lora {
-        body.insert("lora".into(), json!([{"id": index % args.model.len(), "scale": 1.0}]));
+        let lora = match composed.is_empty() {
+            true => json!([{"id": index % args.model.len(), "scale": 1.0}]),
+            false => composed.iter().map(|&(id, weight)| json!({"id": id, "scale": weight})).collect(),
+        };
+        body.insert("lora".into(), lora);
+    } else if !composed.is_empty() {
+        let adapters =
+            composed.iter().map(|&(id, weight)| json!({"name": args.compose_adapters[id], "weight": weight})).collect();
+        body.insert("adapters".into(), adapters);
     }
     if args.endpoint == "chat" {
         let words: Vec<String> = (0..planned.prompt_tokens).map(|k| format!("w{}", (k + number) % 97)).collect();
@@ -446,6 +471,26 @@ pub(crate) mod tests {
             argv.push("--allow-remote");
         }
         parse(&argv)
+    }
+
+    #[test]
+    fn composed_requests_name_rotating_adapters_in_either_dialect() {
+        let planned = |index| Planned {
+            index,
+            model: "base".into(),
+            prompt_tokens: 4,
+            max_tokens: 2,
+            at: std::time::Duration::ZERO,
+        };
+        let tailor = parse(&["--model", "base", "--compose", "2", "--compose-adapters", "a,b,c"]);
+        let (_, sent) = body(&tailor, &planned(2));
+        assert_eq!(sent["model"], "base");
+        assert_eq!(sent["adapters"], json!([{"name": "c", "weight": 0.5}, {"name": "a", "weight": 0.5}]));
+        assert!(sent.get("lora").is_none());
+        let llama = parse(&["--model", "base", "--compose", "2", "--compose-adapters", "a,b,c", "--llama-cpp-lora"]);
+        let (_, sent) = body(&llama, &planned(1));
+        assert_eq!(sent["lora"], json!([{"id": 1, "scale": 0.5}, {"id": 2, "scale": 0.5}]));
+        assert!(sent.get("adapters").is_none());
     }
 
     #[test]

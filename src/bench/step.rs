@@ -104,7 +104,9 @@ pub fn run(args: &StepArgs) -> anyhow::Result<StepReport> {
                     .map(|j| Part { adapter: adapters[(i + j) % adapters.len()].clone(), factor: 1.0 / k as f32 })
                     .collect();
                 Ok(Arc::new(match args.combination {
-                    Combination::Cat => AdapterWeights::composed(parts),
+                    Combination::Cat => {
+                        AdapterWeights::composed(parts).map_err(|m| anyhow::anyhow!("two adapters replace `{m}`"))?
+                    }
                     combination_type => merge::merge(
                         &parts,
                         &shapes,

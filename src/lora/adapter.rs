@@ -20,6 +20,11 @@ pub struct BaseShapes {
     pub num_layers: usize,
     pub dims: [(usize, usize); 7],
     pub fused: bool,
+    pub vocab_size: usize,
+    /// The output head is the token embedding (`tie_word_embeddings`).
+    pub tied_embeddings: bool,
+    /// Per-head q/k norms (Qwen3).
+    pub qk_norm: bool,
     /// How loaded adapters keep their weights (`WeightMode::lora_precision`).
     pub precision: Precision,
     /// The base's weights, which DoRA's norms are computed from (None where
@@ -42,6 +47,9 @@ impl BaseShapes {
             num_layers: cfg.num_layers,
             dims: [(q, h), (kv, h), (kv, h), (h, q), (ff, h), (ff, h), (h, ff)],
             fused: cfg.architecture.fused_projections(),
+            vocab_size: cfg.vocab_size,
+            tied_embeddings: cfg.tie_word_embeddings,
+            qk_norm: cfg.qk_norm,
             precision: Precision::F32,
             weights: None,
         }
@@ -152,6 +160,7 @@ pub fn from_safetensors(
     let sites = base.sites();
     // The tensors of each layer and site, read in place.
     let mut found: Vec<Vec<Found>> = vec![vec![Found::default(); sites.len()]; base.num_layers];
+    let mut saved = super::saved::Reader::new(config, base)?;
     if file.is_empty() {
         return Err(LoraError::Weights("the safetensors file holds no tensors".into()));
     }
@@ -160,10 +169,14 @@ pub fn from_safetensors(
         let unsupported = || {
             LoraError::Unsupported(format!(
                 "tensor `{name}`: only lora_A/lora_B (and DoRA's magnitude, lora_B's bias) of the base's \
-                 projections ({}) are supported",
+                 projections ({}), and whole embedding, head and norm modules (`modules_to_save`) are supported",
                 known()
             ))
         };
+        if let Some(slot) = super::saved::Slot::of_tensor(name) {
+            saved.add(name, slot, &view)?;
+            continue;
+        }
         let (layer, path, kind) = parse_name(name).ok_or_else(unsupported)?;
         let site = sites.iter().position(|s| s.path == path).ok_or_else(unsupported)?;
         if layer >= base.num_layers {
@@ -274,7 +287,8 @@ pub fn from_safetensors(
             }
         }
     }
-    Ok(AdapterWeights { layers, config: Some(std::sync::Arc::new(config.clone())), ..Default::default() })
+    let saved = saved.finish(base)?;
+    Ok(AdapterWeights { layers, config: Some(std::sync::Arc::new(config.clone())), saved, ..Default::default() })
 }
 
 #[cfg(test)]

@@ -26,10 +26,10 @@ pub(crate) struct Compositions {
 }
 
 impl Compositions {
-    /// The un-merged composition of `parts`.
-    pub(crate) fn get_or_make(&self, parts: Vec<Part>) -> Arc<AdapterWeights> {
+    /// The un-merged composition of `parts` (Err: a module two replace).
+    pub(crate) fn get_or_make(&self, parts: Vec<Part>) -> Result<Arc<AdapterWeights>, String> {
         let key = key(&MergeOptions::default(), &parts);
-        self.share(key, Arc::new(AdapterWeights::composed(parts))).0
+        Ok(self.share(key, Arc::new(AdapterWeights::composed(parts)?)).0)
     }
 
     /// The composition under `key` that some request holds.
@@ -59,10 +59,13 @@ mod tests {
         let (a, b) = (Arc::new(AdapterWeights::default()), Arc::new(AdapterWeights::default()));
         let part = |w: &Arc<AdapterWeights>, factor| Part { adapter: w.clone(), factor };
         let made = Compositions::default();
-        let first = made.get_or_make(vec![part(&a, 0.5), part(&b, 1.0)]);
-        assert!(Arc::ptr_eq(&first, &made.get_or_make(vec![part(&a, 0.5), part(&b, 1.0)])));
-        assert!(!Arc::ptr_eq(&first, &made.get_or_make(vec![part(&a, 0.25), part(&b, 1.0)])));
-        assert!(!Arc::ptr_eq(&first, &made.get_or_make(vec![part(&b, 1.0), part(&a, 0.5)])));
+        let first = made.get_or_make(vec![part(&a, 0.5), part(&b, 1.0)]).expect("no saved modules");
+        assert!(Arc::ptr_eq(&first, &made.get_or_make(vec![part(&a, 0.5), part(&b, 1.0)]).expect("no saved modules")));
+        assert!(!Arc::ptr_eq(
+            &first,
+            &made.get_or_make(vec![part(&a, 0.25), part(&b, 1.0)]).expect("no saved modules")
+        ));
+        assert!(!Arc::ptr_eq(&first, &made.get_or_make(vec![part(&b, 1.0), part(&a, 0.5)]).expect("no saved modules")));
         // Held only by its holders: once they are gone, the parts are free.
         let weak = Arc::downgrade(&first);
         drop(first);

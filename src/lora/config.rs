@@ -83,7 +83,11 @@ pub struct AdapterConfigFile {
     pub fan_in_fan_out: bool,
     #[serde(default)]
     pub use_dora: bool,
-    pub modules_to_save: Option<Json>,
+    pub modules_to_save: Option<Vec<String>>,
+    /// With `modules_to_save` on a base whose head shares the embedding:
+    /// the saved embedding serves as the head too.
+    #[serde(default)]
+    pub ensure_weight_tying: bool,
     #[serde(default)]
     pub lora_bias: bool,
     pub layer_replication: Option<Json>,
@@ -106,6 +110,9 @@ pub struct AdapterConfig {
     pub use_dora: bool,
     /// Each targeted module's lora_B has a bias.
     pub lora_bias: bool,
+    /// Whole modules the adapter replaces (PEFT's `modules_to_save`).
+    pub modules_to_save: Vec<String>,
+    pub ensure_weight_tying: bool,
     targets: Targets,
     exclude: Option<Targets>,
     rank_pattern: Vec<(Regex, String, usize)>,
@@ -170,9 +177,6 @@ impl AdapterConfig {
         if let Some(kind) = raw.peft_type.as_deref().filter(|t| *t != "LORA") {
             return unsupported(&format!("peft_type {kind} (only LORA)"));
         }
-        if raw.modules_to_save.as_ref().is_some_and(is_set) {
-            return unsupported("modules_to_save");
-        }
         // `bias` trains the base's own biases (saved beside the adapter's
         // tensors); `lora_bias` is lora_B's bias, part of the delta.
         if raw.bias.as_deref().is_some_and(|b| b != "none") {
@@ -226,6 +230,8 @@ impl AdapterConfig {
             use_rslora: raw.use_rslora,
             use_dora: raw.use_dora,
             lora_bias: raw.lora_bias,
+            modules_to_save: raw.modules_to_save.unwrap_or_default(),
+            ensure_weight_tying: raw.ensure_weight_tying,
             targets,
             exclude,
             rank_pattern,
@@ -247,6 +253,12 @@ impl AdapterConfig {
         self.targets.matches(&name)
     }
 
+    /// Whether `modules_to_save` names module `name` (PEFT's match: the
+    /// whole name or a dot-separated suffix of it).
+    pub fn saves(&self, name: &str) -> bool {
+        self.modules_to_save.iter().any(|m| name == m || name.ends_with(&format!(".{m}")))
+    }
+
     /// The config of a merge of this adapter with others: PEFT's
     /// `replace(peft_config[adapters[0]], r=rank, lora_alpha=rank,
     /// use_rslora=False, alpha_pattern={}, rank_pattern={})` — scale 1
@@ -259,6 +271,8 @@ impl AdapterConfig {
             use_dora: false,
             rank_pattern: Vec::new(),
             alpha_pattern: Vec::new(),
+            // A merge's replaced modules are its parts' (`AdapterWeights::saved`).
+            modules_to_save: Vec::new(),
             ..self.clone()
         }
     }
@@ -365,11 +379,9 @@ mod tests {
 
     #[test]
     fn unsupported_features_are_named() {
-        for (extra, feature) in [
-            (r#", "use_dora": true, "lora_bias": true"#, "lora_bias` with DoRA"),
-            (r#", "modules_to_save": ["lm_head"]"#, "modules_to_save"),
-            (r#", "bias": "all""#, "bias"),
-        ] {
+        for (extra, feature) in
+            [(r#", "use_dora": true, "lora_bias": true"#, "lora_bias` with DoRA"), (r#", "bias": "all""#, "bias")]
+        {
             let err = config(extra).expect_err(feature).to_string();
             assert!(err.contains(feature), "{err}");
         }
@@ -381,6 +393,17 @@ mod tests {
         assert!(!plain.use_dora && !plain.lora_bias);
         assert!(config(r#", "use_dora": true"#)?.use_dora);
         assert!(config(r#", "lora_bias": true"#)?.lora_bias);
+        Ok(())
+    }
+
+    #[test]
+    fn modules_to_save_match_whole_names_or_dotted_suffixes_as_peft_matches() -> Result<(), LoraError> {
+        let c = config(r#", "modules_to_save": ["lm_head", "norm", "layers.1.input_layernorm"]"#)?;
+        assert!(c.saves("lm_head") && c.saves("model.norm") && c.saves("model.layers.1.input_layernorm"));
+        // `norm` is not a suffix of `input_layernorm` at a dot.
+        assert!(!c.saves("model.layers.0.input_layernorm") && !c.saves("model.layers.0.post_attention_layernorm"));
+        assert!(!c.saves("model.layers.11.input_layernorm"));
+        assert!(config(r#", "modules_to_save": null"#)?.modules_to_save.is_empty());
         Ok(())
     }
 

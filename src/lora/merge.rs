@@ -191,7 +191,10 @@ pub fn merge(parts: &[Part], base: &BaseShapes, options: &MergeOptions) -> Resul
         })
         .collect::<Result<Vec<_>, LoraError>>()?;
     let merged_from = parts.iter().map(|p| p.adapter.clone()).collect();
-    Ok(AdapterWeights { layers, parts: Vec::new(), config: Some(merged), merged_from })
+    let saved = crate::model::lora::saved_of(parts).map_err(|module| {
+        LoraError::Unsupported(format!("two of these adapters replace `{module}` (modules_to_save)"))
+    })?;
+    Ok(AdapterWeights { layers, parts: Vec::new(), config: Some(merged), merged_from, saved })
 }
 
 /// PEFT's `svd` for one checkpoint module (its projections' weights per

@@ -10,6 +10,7 @@
 //!   runtime load/unload, resident weights within a byte budget;
 //! - `compositions`: weighted compositions shared while requests hold them;
 //! - `dora`: DoRA's per-output scale, computed at load from the base;
+//! - `saved`: `modules_to_save`, whole modules (embedding, head, norms) an adapter replaces;
 //! - `svd`: the rank truncation of a low-rank product, for the `svd` merge;
 //! - `merge`: PEFT's combinations that build one adapter from several (`linear`);
 //! - `random`: random PEFT adapters for benchmarks and tests.
@@ -17,12 +18,13 @@
 pub mod adapter;
 mod compositions;
 pub mod config;
-mod dora;
+pub mod dora;
 pub mod files;
 pub mod loads;
 pub mod merge;
 pub mod random;
 pub mod registry;
+mod saved;
 mod stored;
 mod svd;
 

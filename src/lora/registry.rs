@@ -391,23 +391,32 @@ impl AdapterRegistry {
     /// the others.
     pub fn compose(&self, parts: Vec<Part>, options: &MergeOptions) -> Result<Arc<AdapterWeights>, LoraError> {
         let combination = options.combination_type;
-        let alone = parts.len() == 1 && parts[0].factor == 1.0 && combination == Combination::Cat;
-        if !alone && parts.iter().any(|p| p.adapter.is_dora()) {
+        let dora = parts.iter().any(|p| p.adapter.is_dora());
+        if dora && (parts.len() > 1 || combination != Combination::Cat) {
             return Err(LoraError::Unsupported(
-                "DoRA in a composition (a DoRA adapter is served alone at weight 1)".into(),
+                "DoRA in a composition (a DoRA adapter is served alone, at any weight, un-merged)".into(),
             ));
         }
-        if combination == Combination::Cat {
-            return Ok(self.compositions.get_or_make(parts));
+        // DoRA at a weight other than 1 (or 0, which leaves it out) has
+        // norms of its own, computed like a merge.
+        let dora_weighted = dora && ![0.0, 1.0].contains(&parts[0].factor);
+        if combination == Combination::Cat && !dora_weighted {
+            return self.compositions.get_or_make(parts).map_err(|module| {
+                LoraError::Unsupported(format!("two of these adapters replace `{module}` (modules_to_save)"))
+            });
         }
         let key = super::compositions::key(options, &parts);
         if let Some(shared) = self.compositions.get(&key) {
             self.keep(&shared);
             return Ok(shared);
         }
+        let made = match dora_weighted {
+            true => super::dora::at_weight(&parts[0].adapter, parts[0].factor, &self.base)?,
+            false => merge::merge(&parts, &self.base, options)?,
+        };
         // Two first requests at once may both merge (milliseconds); the
         // first stored is shared, and only it is counted.
-        let (merged, stored) = self.compositions.share(key, Arc::new(merge::merge(&parts, &self.base, options)?));
+        let (merged, stored) = self.compositions.share(key, Arc::new(made));
         if stored {
             self.merges.fetch_add(1, Ordering::Relaxed);
         }

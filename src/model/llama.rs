@@ -5,6 +5,7 @@
 //! weight), per-head q/k RMSNorm (Qwen3), fused projections (Phi-3, split at
 //! load so the rest of the code sees one layout).
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
@@ -16,6 +17,7 @@ use super::attention::{self, HeadShape, Rope};
 use super::kv_cache::BlockCount;
 use super::linear::Input;
 use super::linear::Weight;
+use super::lora::saved::{rms_norm_row, LayerNorm, SavedModules};
 use super::lora::{AdapterWeights, LoraGroup};
 use super::ops;
 use super::source::{TokenTable, WeightSource};
@@ -55,6 +57,36 @@ impl RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
     }
+
+    /// `forward`, but the token rows of each `replaced` range use that
+    /// weight instead (an adapter's saved norm).
+    fn forward_rows(&self, x: &Tensor, replaced: &[(Range<usize>, &[f32])]) -> Result<Tensor> {
+        let y = self.forward(x)?;
+        if replaced.is_empty() {
+            return Ok(y);
+        }
+        let (tokens, hidden) = x.dims2()?;
+        let mut out = y.flatten_all()?.to_vec1::<f32>()?;
+        ops::with_f32(x, |x| {
+            for (range, weight) in replaced {
+                for t in range.clone() {
+                    let span = t * hidden..(t + 1) * hidden;
+                    rms_norm_row(&x[span.clone()], weight, self.eps, &mut out[span]);
+                }
+            }
+        })?;
+        Ok(Tensor::from_vec(out, (tokens, hidden), &Device::Cpu)?)
+    }
+}
+
+/// The token ranges of the rows whose adapter replaces a module, with what
+/// `pick` reads of it.
+fn replaced<'a, T: ?Sized>(
+    saved: &[Option<&'a SavedModules>],
+    ranges: impl IntoIterator<Item = Range<usize>>,
+    pick: impl Fn(&'a SavedModules) -> Option<&'a T>,
+) -> Vec<(Range<usize>, &'a T)> {
+    saved.iter().zip(ranges).filter_map(|(s, range)| Some((range, pick((*s)?)?))).collect()
 }
 
 /// Per-head RMSNorm of queries or keys (Qwen3), on plain slices.
@@ -368,16 +400,25 @@ impl Llama {
         }
         let adapters =
             super::lora::groups(rows.iter().zip(&spans).map(|(row, &(at, len))| (row.adapter, at..at + len)));
+        // Modules the rows' adapters replace (`modules_to_save`).
+        let saved: Vec<Option<&SavedModules>> =
+            rows.iter().map(|r| r.adapter.map(|a| &a.saved).filter(|s| !s.is_empty())).collect();
+        let token_ranges = || spans.iter().map(|&(at, len)| at..at + len);
         // [total_tokens, hidden]
         let mut x = self.embed_tokens.lookup(&ids)?;
+        let tables = replaced(&saved, token_ranges(), |s| s.embed_tokens.as_deref());
+        if !tables.is_empty() {
+            x = replace_rows(&x, &tables, |table, range| table.gather(&ids[range]))?;
+        }
         for (index, layer) in self.layers.iter().enumerate() {
             let _enter = layer.span.enter();
+            let norm = |which| replaced(&saved, token_ranges(), move |s| s.layer_norm(index, which));
             let residual = x.clone();
-            let h = layer.input_layernorm.forward(&x)?;
+            let h = layer.input_layernorm.forward_rows(&x, &norm(LayerNorm::Input))?;
             let h = layer.self_attn.forward(&h, rows, &spans, index, &self.rope, &adapters)?;
             x = ops::add(&h, &residual)?;
             let residual = x.clone();
-            let h = layer.post_attention_layernorm.forward(&x)?;
+            let h = layer.post_attention_layernorm.forward_rows(&x, &norm(LayerNorm::PostAttention))?;
             x = ops::add(&layer.mlp.forward(&h, &adapters)?, &residual)?;
         }
         for (row, &(_, len)) in rows.iter_mut().zip(&spans) {
@@ -399,17 +440,72 @@ impl Llama {
             let none = Tensor::zeros((0, self.config.vocab_size), DType::F32, &Device::Cpu)?;
             return Ok(vec![none; rows.len()]);
         }
-        let wanted = Tensor::new(wanted.as_slice(), &Device::Cpu)?;
-        let h = self.norm.forward(&x.index_select(&wanted, 0)?)?;
-        let logits = self.lm_head.forward(&Input::new(h), &[])?;
-        let mut out = Vec::with_capacity(rows.len());
+        // Each row's positions among the wanted ones.
+        let mut logit_ranges = Vec::with_capacity(rows.len());
         let mut at = 0;
-        for n in counts {
-            out.push(logits.narrow(0, at, n)?);
+        for &n in &counts {
+            logit_ranges.push(at..at + n);
             at += n;
+        }
+        let wanted = Tensor::new(wanted.as_slice(), &Device::Cpu)?;
+        let final_norms = replaced(&saved, logit_ranges.iter().cloned(), |s| s.norm.as_deref().map(Vec::as_slice));
+        let h = self.norm.forward_rows(&x.index_select(&wanted, 0)?, &final_norms)?;
+        let heads: Vec<_> = saved.iter().map(|s| s.and_then(|s| s.lm_head.as_deref())).collect();
+        if heads.iter().all(Option::is_none) {
+            let logits = self.lm_head.forward(&Input::new(h), &[])?;
+            return logit_ranges.into_iter().map(|r| Ok(logits.narrow(0, r.start, r.len())?)).collect();
+        }
+        // Rows whose adapter replaces the head run it on their own
+        // positions; the others share one pass of the base's.
+        let base_positions: Vec<u32> = logit_ranges
+            .iter()
+            .zip(&heads)
+            .filter(|(_, head)| head.is_none())
+            .flat_map(|(r, _)| r.clone().map(|i| i as u32))
+            .collect();
+        let base_logits = match base_positions.is_empty() {
+            true => None,
+            false => {
+                let positions = Tensor::new(base_positions.as_slice(), &Device::Cpu)?;
+                Some(self.lm_head.forward(&Input::new(h.index_select(&positions, 0)?), &[])?)
+            }
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        let mut base_at = 0;
+        for (range, head) in logit_ranges.iter().zip(heads) {
+            let logits = match (head, &base_logits) {
+                (Some(head), _) => {
+                    let rows = h.narrow(0, range.start, range.len())?;
+                    let logits = ops::with_f32(&rows, |x| head.matmul(x))?;
+                    Tensor::from_vec(logits, (range.len(), head.rows()), &Device::Cpu)?
+                }
+                (None, Some(base)) => {
+                    base_at += range.len();
+                    base.narrow(0, base_at - range.len(), range.len())?
+                }
+                (None, None) => Tensor::zeros((0, self.config.vocab_size), DType::F32, &Device::Cpu)?,
+            };
+            out.push(logits);
         }
         Ok(out)
     }
+}
+
+/// `x` with the token rows of each range replaced by what `rows` gives for
+/// it (an adapter's saved embedding).
+fn replace_rows<T: ?Sized>(
+    x: &Tensor,
+    replaced: &[(Range<usize>, &T)],
+    rows: impl Fn(&T, Range<usize>) -> Option<Vec<f32>>,
+) -> Result<Tensor> {
+    let (tokens, hidden) = x.dims2()?;
+    let mut data = x.flatten_all()?.to_vec1::<f32>()?;
+    for (range, source) in replaced {
+        let values = rows(source, range.clone())
+            .ok_or_else(|| ModelError::Invalid("a token id outside an adapter's embedding".into()))?;
+        data[range.start * hidden..range.end * hidden].copy_from_slice(&values);
+    }
+    Ok(Tensor::from_vec(data, (tokens, hidden), &Device::Cpu)?)
 }
 
 /// The output head shares the embedding table (SmolLM2, Llama 3.2 small).

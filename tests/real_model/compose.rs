@@ -50,9 +50,12 @@ fn peft_cat(parts: &[(&Arc<AdapterWeights>, f32)]) -> Arc<AdapterWeights> {
 }
 
 fn composed(parts: &[(&Arc<AdapterWeights>, f32)]) -> Arc<AdapterWeights> {
-    Arc::new(AdapterWeights::composed(
-        parts.iter().map(|(w, factor)| Part { adapter: (*w).clone(), factor: *factor }).collect(),
-    ))
+    Arc::new(
+        AdapterWeights::composed(
+            parts.iter().map(|(w, factor)| Part { adapter: (*w).clone(), factor: *factor }).collect(),
+        )
+        .expect("no module saved twice"),
+    )
 }
 
 #[test]

@@ -35,6 +35,18 @@ fn dora_and_lora_bias_adapters_match_peft() -> TestResult {
 }
 
 #[test]
+fn dora_at_another_weight_matches_peft_set_scale() -> TestResult {
+    let model = loaded(WeightMode::F32);
+    let dora = load(WeightMode::F32, &peft_adapter("dora"))?;
+    let shapes = BaseShapes::of_model(&model.model);
+    for (file, weight) in [("dora_weight_half", 0.5), ("dora_weight_negative", -0.5)] {
+        let weighted = Arc::new(tailor::lora::dora::at_weight(&dora, weight, &shapes)?);
+        check_f32_parity(model, &format!("peft/{file}.json"), Some(&weighted))?;
+    }
+    Ok(())
+}
+
+#[test]
 fn dora_over_the_quantized_base_stays_within_quantization_noise_of_peft() -> TestResult {
     // The norms come from the Q4_1 weights as served; PEFT's from the same
     // weights dequantized. What moves is the activations' 8-bit
@@ -86,43 +98,67 @@ fn tensors_the_config_does_not_declare_and_missing_ones_are_named() -> TestResul
     for (from, key, value, want) in cases {
         let dir = tempfile::tempdir()?;
         copy_dir(&from, dir.path())?;
-        let path = dir.path().join("adapter_config.json");
-        let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
-        config[key] = json!(value);
-        std::fs::write(&path, config.to_string())?;
-        let err = load(WeightMode::F32, dir.path()).expect_err(want).to_string();
-        assert!(err.contains(want), "{err}");
+        refused_with(dir.path(), key, json!(value), want)?;
     }
     Ok(())
 }
 
-#[tokio::test]
-async fn dora_and_bias_adapters_serve_in_mixed_batches_and_dora_is_served_alone() -> TestResult {
-    let (dora, bias) = (peft_adapter("dora"), peft_adapter("bias"));
-    let adapters = format!("dora={},bias={}", dora.display(), bias.display());
-    let addr = start_server(&["--max-num-seqs", "12", "--lora", &adapters]);
-    let mix = json!([{"name": "bias", "weight": 0.6}, {"name": "pirate", "weight": 0.8}]);
-    let jobs: Vec<Value> = (0..12)
+/// Sets `key` of the adapter config in `dir` to `value` and checks that the
+/// adapter is then refused with an error containing `want`.
+pub fn refused_with(dir: &std::path::Path, key: &str, value: Value, want: &str) -> TestResult {
+    let path = dir.join("adapter_config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    config[key] = value;
+    std::fs::write(&path, config.to_string())?;
+    let err = load(WeightMode::F32, dir).expect_err(want).to_string();
+    assert!(err.contains(want), "{err}");
+    Ok(())
+}
+
+/// Twelve chat requests mixing two adapters' own rows (`first`, `second`,
+/// given the request's index), a composition, pirate and the base.
+pub fn mixed_jobs(first: &dyn Fn(usize, &str) -> Value, second: &str, mix: Value) -> Vec<Value> {
+    (0..12)
         .map(|i| {
             let question = format!("Name a colour of the sea ({i}).");
             match i % 4 {
-                0 => chat_body("dora", None, &question),
-                1 => chat_body("bias", None, &question),
+                0 => first(i, &question),
+                1 => chat_body(second, None, &question),
                 2 => chat_body(MODEL_ID, Some(mix.clone()), &question),
                 _ => chat_body(if i % 8 == 3 { "pirate" } else { MODEL_ID }, None, &question),
             }
         })
-        .collect();
+        .collect()
+}
+
+#[tokio::test]
+async fn dora_and_bias_adapters_serve_in_mixed_batches_and_dora_is_served_alone_at_any_weight() -> TestResult {
+    let (dora, bias) = (peft_adapter("dora"), peft_adapter("bias"));
+    let adapters = format!("dora={},bias={}", dora.display(), bias.display());
+    let addr = start_server(&["--max-num-seqs", "12", "--lora", &adapters]);
+    let mix = json!([{"name": "bias", "weight": 0.6}, {"name": "pirate", "weight": 0.8}]);
+    let dora_rows = |i: usize, question: &str| match i % 8 {
+        0 => chat_body("dora", None, question),
+        _ => chat_body(MODEL_ID, Some(json!([{"name": "dora", "weight": 0.5}])), question),
+    };
+    let jobs = mixed_jobs(&dora_rows, "bias", mix);
     batched_equals_alone(addr, &jobs).await?;
-    // DoRA alone at weight 1 is the adapter; any other use is refused by name.
-    let (_, at_one) =
-        post_at(addr, "/v1/chat/completions", chat_body(MODEL_ID, Some(json!([{"name": "dora"}])), "Hi?")).await?;
+    // DoRA alone at weight 1 is the adapter; at another weight, its norms
+    // are recomputed (once, then shared); 0 is the base.
+    let ask = |adapters: Value| post_at(addr, "/v1/chat/completions", chat_body(MODEL_ID, Some(adapters), "Hi?"));
+    let (_, at_one) = ask(json!([{"name": "dora"}])).await?;
     let (_, named) = post_at(addr, "/v1/chat/completions", chat_body("dora", None, "Hi?")).await?;
     assert_eq!(outcome(&at_one), outcome(&named));
     let (_, base) = post_at(addr, "/v1/chat/completions", chat_body(MODEL_ID, None, "Hi?")).await?;
     assert_ne!(outcome(&named), outcome(&base), "DoRA changes what the base says");
+    let (_, at_zero) = ask(json!([{"name": "dora", "weight": 0.0}])).await?;
+    assert_eq!(outcome(&at_zero), outcome(&base), "weight 0 leaves the adapter out");
+    let (status, half) = ask(json!([{"name": "dora", "weight": 0.5}])).await?;
+    assert_eq!(status, 200, "{half}");
+    let (_, again) = ask(json!([{"name": "dora", "weight": 0.5}])).await?;
+    assert_eq!(outcome(&half), outcome(&again));
+    // With others, or merged, it is refused by name.
     for (adapters, merge, param) in [
-        (json!([{"name": "dora", "weight": 0.5}]), None, "adapters[0].weight"),
         (json!([{"name": "pirate"}, {"name": "dora"}]), None, "adapters[1].name"),
         (json!([{"name": "dora"}]), Some(json!({"combination_type": "linear"})), "adapter_merge.combination_type"),
     ] {

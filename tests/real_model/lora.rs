@@ -286,7 +286,7 @@ async fn broken_startup_adapter_stops_the_server_with_its_name() -> TestResult {
     copy_dir(&project_adapter("pirate"), &dir.path().join("bad"))?;
     std::fs::write(
         dir.path().join("bad/adapter_config.json"),
-        r#"{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}"#,
+        r#"{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "bias": "all"}"#,
     )?;
     let model = crate::common::model_path().display().to_string();
     let lora = format!("bad={}", dir.path().join("bad").display());
@@ -296,6 +296,6 @@ async fn broken_startup_adapter_stops_the_server_with_its_name() -> TestResult {
     let result =
         tokio::time::timeout(Duration::from_secs(60), tailor::run(config, listener, std::future::pending())).await?;
     let error = result.expect_err("the server must not start").to_string();
-    assert!(error.contains("bad") && error.contains("modules_to_save"), "{error}");
+    assert!(error.contains("bad") && error.contains("trained base biases"), "{error}");
     Ok(())
 }

@@ -16,6 +16,7 @@ mod operations;
 mod playground;
 mod prefix_cache;
 mod reference;
+mod saved_modules;
 mod structured;
 mod templates;
 mod tools;

@@ -41,7 +41,7 @@ fn deterministic_strategies_match_add_weighted_adapter() -> TestResult {
         let parts =
             vec![Part { adapter: bias.clone(), factor: 0.6 }, Part { adapter: pirate.clone(), factor: pirate_weight }];
         let weights: Arc<AdapterWeights> = match merge.combination_type {
-            Combination::Cat => Arc::new(AdapterWeights::composed(parts)),
+            Combination::Cat => Arc::new(AdapterWeights::composed(parts).expect("no module saved twice")),
             _ => Arc::new(merge::merge(&parts, &shapes, &merge)?),
         };
         check_f32_parity(model, &format!("peft/{file}.json"), Some(&weights))?;

@@ -16,7 +16,9 @@ use super::kernels::{self as quant, Isa};
 use super::Result;
 
 mod kernels;
+pub mod saved;
 use kernels::{down, up, DOWN_BLOCK};
+pub use saved::SavedModules;
 
 /// How adapter weights are kept in memory: float32, or float16 — half the
 /// bytes to hold and to stream each step, for a base that is itself
@@ -128,6 +130,9 @@ pub struct AdapterWeights {
     /// registry keeps them (they are in use), and their addresses, which
     /// key the merge, stay theirs.
     pub merged_from: Vec<Arc<AdapterWeights>>,
+    /// Whole modules it replaces (PEFT's `modules_to_save`); a composition's
+    /// or a merge's are its parts', shared.
+    pub saved: SavedModules,
 }
 
 /// One adapter of a composition and its weight.
@@ -138,19 +143,23 @@ pub struct Part {
 }
 
 impl AdapterWeights {
-    /// A weighted composition of (single) adapters.
-    pub fn composed(parts: Vec<Part>) -> Self {
+    /// A weighted composition of (single) adapters. Err names a module two
+    /// of them replace (`modules_to_save`).
+    pub fn composed(parts: Vec<Part>) -> std::result::Result<Self, String> {
         debug_assert!(parts.iter().all(|p| p.adapter.parts.is_empty()), "parts are single adapters");
-        Self { layers: Vec::new(), parts, config: None, merged_from: Vec::new() }
+        let saved = saved_of(&parts)?;
+        Ok(Self { layers: Vec::new(), parts, config: None, merged_from: Vec::new(), saved })
     }
 
     pub fn get(&self, slot: Slot) -> Option<&LoraWeights> {
         self.layers.get(slot.layer)?.get(slot.module)?.as_ref()
     }
 
-    /// Bytes of the weights in memory (a composition holds none of its own).
+    /// Bytes of the weights in memory (a composition holds none of its own,
+    /// a merge only its deltas: the modules it replaces are its parts').
     pub fn bytes(&self) -> u64 {
-        self.layers.iter().flatten().flatten().map(|w| w.bytes() as u64).sum()
+        let own = if self.parts.is_empty() && self.merged_from.is_empty() { self.saved.bytes() } else { 0 };
+        own + self.layers.iter().flatten().flatten().map(|w| w.bytes() as u64).sum::<u64>()
     }
 
     /// Whether any module is DoRA (its delta rescales the base output, so it
@@ -158,6 +167,13 @@ impl AdapterWeights {
     pub fn is_dora(&self) -> bool {
         self.layers.iter().flatten().flatten().any(|w| w.dora.is_some())
     }
+}
+
+/// The modules a composition of `parts` replaces: each from the one part
+/// (of weight other than 0) that replaces it. Err names a module two parts
+/// replace.
+pub fn saved_of(parts: &[Part]) -> std::result::Result<SavedModules, String> {
+    SavedModules::union(parts.iter().filter(|p| p.factor != 0.0).map(|p| &p.adapter.saved))
 }
 
 /// The single adapters a row of `adapter` applies, in order, each with the
@@ -543,14 +559,14 @@ mod tests {
         let mk = |w: LoraWeights| on_module(1, w);
         let (a, b) = (mk(weights(4, inf, outf, 2.0, 1.0)), mk(weights(9, inf, outf, 0.5, 5.0)));
         let part = |w: &Arc<AdapterWeights>, factor| Part { adapter: w.clone(), factor };
-        let ab = Arc::new(AdapterWeights::composed(vec![part(&a, 0.7), part(&b, -0.5)]));
-        let ba = Arc::new(AdapterWeights::composed(vec![part(&b, -0.5), part(&a, 0.7)]));
-        let at_one = Arc::new(AdapterWeights::composed(vec![part(&a, 1.0)]));
-        let at_zero = Arc::new(AdapterWeights::composed(vec![part(&a, 0.0)]));
+        let ab = Arc::new(AdapterWeights::composed(vec![part(&a, 0.7), part(&b, -0.5)]).expect("no saved modules"));
+        let ba = Arc::new(AdapterWeights::composed(vec![part(&b, -0.5), part(&a, 0.7)]).expect("no saved modules"));
+        let at_one = Arc::new(AdapterWeights::composed(vec![part(&a, 1.0)]).expect("no saved modules"));
+        let at_zero = Arc::new(AdapterWeights::composed(vec![part(&a, 0.0)]).expect("no saved modules"));
         // c then a: its second term's group (a at 0.7, term 1) is made, by
         // `ba`, before its first term's, so only the term order puts c first.
         let c = on_module(1, weights(3, inf, outf, 1.5, 9.0));
-        let ca = Arc::new(AdapterWeights::composed(vec![part(&c, 0.3), part(&a, 0.7)]));
+        let ca = Arc::new(AdapterWeights::composed(vec![part(&c, 0.3), part(&a, 0.7)]).expect("no saved modules"));
         // One row each: a composition, the base, b alone (term 0 where the
         // composition has it as term 1), the reverse composition, a at
         // weight 1 and 0, a alone, and c with a.
@@ -598,7 +614,9 @@ mod tests {
         let mut dora = weights(4, inf, outf, 0.5, 4.0);
         dora.dora = Some((0..outf).map(|i| 0.8 + (i as f32 * 0.05).cos() * 0.3).collect());
         let (biased, dora_w) = (on_module(3, with_bias.clone()), on_module(3, dora.clone()));
-        let half = Arc::new(AdapterWeights::composed(vec![Part { adapter: biased.clone(), factor: 0.5 }]));
+        let half = Arc::new(
+            AdapterWeights::composed(vec![Part { adapter: biased.clone(), factor: 0.5 }]).expect("no saved modules"),
+        );
         // Rows: DoRA, the bias adapter, it at weight 0.5, the base, DoRA.
         let owners = [Some(&dora_w), Some(&biased), Some(&half), None, Some(&dora_w)];
         let x = Tensor::from_vec(
