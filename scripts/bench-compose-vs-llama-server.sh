@@ -29,7 +29,8 @@ id="$(basename "$model" .gguf)"
 source "$here/bench-common.sh"
 
 work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+pid=""
+trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$work"' EXIT
 names=()
 for dir in "$first" "$second"; do
   name="$(basename "$dir")"
@@ -41,26 +42,42 @@ for dir in "$first" "$second"; do
 done
 list="$(IFS=,; echo "${names[*]}")"
 
-run() { # name, extra bench flags for the composed run, then the server command
-  local name="$1" flags="$2"; shift 2
-  "$@" >/tmp/bench-server.log 2>&1 &
-  local pid=$!
-  wait_healthy
-  for what in base composed; do
-    local extra=()
-    [ "$what" = composed ] && read -r -a extra <<<"$flags"
-    line=$("$tailor" bench --url "http://127.0.0.1:$port" --model "$id" --prompt-tokens "$prompt" \
-      --max-tokens "$gen" --concurrency "$concurrency" --requests "$requests" "${extra[@]}" | tail -1)
-    echo "$name $what c=$concurrency: $line"
-  done
-  kill "$pid"; wait "$pid" 2>/dev/null || true
+bench() { # label, then extra bench flags
+  local label="$1"; shift
+  # One short request first: the first after start pays a warm-up.
+  "$tailor" bench --url "http://127.0.0.1:$port" --model "$id" --prompt-tokens 16 --max-tokens 4 \
+    --concurrency 1 --requests 1 --prompt-token-start 7000 "$@" >/dev/null
+  line=$("$tailor" bench --url "http://127.0.0.1:$port" --model "$id" --prompt-tokens "$prompt" \
+    --max-tokens "$gen" --concurrency "$concurrency" --requests "$requests" "$@" | tail -1)
+  echo "$label c=$concurrency: $line"
 }
 
+serve() { # the server command; the server is left running as $pid
+  "$@" >/tmp/bench-server.log 2>&1 &
+  pid=$!
+  wait_healthy
+}
+
+stop() {
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  pid=""
+}
+
+# Each base run is a server started without adapters: llama-server applies
+# the adapters it loaded to requests that do not list them (this build
+# ignores --lora-init-without-apply; a request's `lora` list sets the
+# scales of the adapters it names and zeroes the others).
 for round in $(seq "$rounds"); do
   echo "== round $round"
-  run llama-server "--compose 2 --compose-adapters $list --llama-cpp-lora" \
-    "$llama" -m "$model" --port "$port" -t 2 --parallel "$concurrency" -c 8192 --alias "$id" \
+  serve "$llama" -m "$model" --port "$port" -t 2 --parallel "$concurrency" -c 8192 --alias "$id"
+  bench "llama-server base"
+  stop
+  serve "$llama" -m "$model" --port "$port" -t 2 --parallel "$concurrency" -c 8192 --alias "$id" \
     --lora "$work/${names[0]}.gguf" --lora "$work/${names[1]}.gguf" --lora-init-without-apply
-  run tailor "--compose 2 --compose-adapters $list" \
-    "$tailor" serve --model "$model" --port "$port" --threads 2 --dtype quantized --adapters-dir "$work"
+  bench "llama-server composed" --compose 2 --compose-adapters "$list" --llama-cpp-lora
+  stop
+  serve "$tailor" serve --model "$model" --port "$port" --threads 2 --dtype quantized --adapters-dir "$work"
+  bench "tailor base"
+  bench "tailor composed" --compose 2 --compose-adapters "$list"
+  stop
 done

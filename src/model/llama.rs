@@ -17,7 +17,7 @@ use super::attention::{self, HeadShape, Rope};
 use super::kv_cache::BlockCount;
 use super::linear::Input;
 use super::linear::Weight;
-use super::lora::saved::{rms_norm_row, LayerNorm, SavedModules};
+use super::lora::saved::{rms_norm_row, LayerNorm, SavedMatrix, SavedModules};
 use super::lora::{AdapterWeights, LoraGroup};
 use super::ops;
 use super::source::{TokenTable, WeightSource};
@@ -455,39 +455,39 @@ impl Llama {
             let logits = self.lm_head.forward(&Input::new(h), &[])?;
             return logit_ranges.into_iter().map(|r| Ok(logits.narrow(0, r.start, r.len())?)).collect();
         }
-        // Rows whose adapter replaces the head run it on their own
-        // positions; the others share one pass of the base's.
-        let base_positions: Vec<u32> = logit_ranges
-            .iter()
-            .zip(&heads)
-            .filter(|(_, head)| head.is_none())
-            .flat_map(|(r, _)| r.clone().map(|i| i as u32))
-            .collect();
-        let base_logits = match base_positions.is_empty() {
-            true => None,
-            false => {
-                let positions = Tensor::new(base_positions.as_slice(), &Device::Cpu)?;
-                Some(self.lm_head.forward(&Input::new(h.index_select(&positions, 0)?), &[])?)
-            }
+        // One pass per distinct head (the base's, or a saved one shared by
+        // every row of its adapter), over the positions of its rows; the
+        // head kernels are batch invariant, so a row's logits do not depend
+        // on which rows share its pass.
+        let same = |a: Option<&SavedMatrix>, b: Option<&SavedMatrix>| match (a, b) {
+            (Some(a), Some(b)) => std::ptr::eq(a, b),
+            (a, b) => a.is_none() && b.is_none(),
         };
-        let mut out = Vec::with_capacity(rows.len());
-        let mut base_at = 0;
-        for (range, head) in logit_ranges.iter().zip(heads) {
-            let logits = match (head, &base_logits) {
-                (Some(head), _) => {
-                    let rows = h.narrow(0, range.start, range.len())?;
-                    let logits = ops::with_f32(&rows, |x| head.matmul(x))?;
-                    Tensor::from_vec(logits, (range.len(), head.rows()), &Device::Cpu)?
+        let mut out: Vec<Option<Tensor>> = vec![None; rows.len()];
+        for first in 0..rows.len() {
+            if out[first].is_some() {
+                continue;
+            }
+            let head = heads[first];
+            let members: Vec<usize> = (first..rows.len()).filter(|&r| same(heads[r], head)).collect();
+            let positions: Vec<u32> = members.iter().flat_map(|&r| logit_ranges[r].clone().map(|i| i as u32)).collect();
+            let x = h.index_select(&Tensor::new(positions.as_slice(), &Device::Cpu)?, 0)?;
+            let logits = match head {
+                _ if positions.is_empty() => Tensor::zeros((0, self.config.vocab_size), DType::F32, &Device::Cpu)?,
+                None => self.lm_head.forward(&Input::new(x), &[])?,
+                Some(head) => {
+                    let values = ops::with_f32(&x, |x| head.matmul(x))?;
+                    Tensor::from_vec(values, (positions.len(), head.rows()), &Device::Cpu)?
                 }
-                (None, Some(base)) => {
-                    base_at += range.len();
-                    base.narrow(0, base_at - range.len(), range.len())?
-                }
-                (None, None) => Tensor::zeros((0, self.config.vocab_size), DType::F32, &Device::Cpu)?,
             };
-            out.push(logits);
+            let mut at = 0;
+            for &r in &members {
+                let n = logit_ranges[r].len();
+                out[r] = Some(logits.narrow(0, at, n)?);
+                at += n;
+            }
         }
-        Ok(out)
+        out.into_iter().map(|l| l.ok_or_else(|| ModelError::Invalid("a row without logits".into()))).collect()
     }
 }
 

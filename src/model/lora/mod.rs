@@ -162,8 +162,8 @@ impl AdapterWeights {
         own + self.layers.iter().flatten().flatten().map(|w| w.bytes() as u64).sum::<u64>()
     }
 
-    /// Whether any module is DoRA (its delta rescales the base output, so it
-    /// is served alone and at its own scale).
+    /// Whether any module is DoRA (its delta rescales the base output by
+    /// norms of its own delta, so it is served alone, at any weight).
     pub fn is_dora(&self) -> bool {
         self.layers.iter().flatten().flatten().any(|w| w.dora.is_some())
     }
