@@ -17,7 +17,7 @@ use super::attention::{self, HeadShape, Rope};
 use super::kv_cache::BlockCount;
 use super::linear::Input;
 use super::linear::Weight;
-use super::lora::saved::{rms_norm_row, LayerNorm, SavedMatrix, SavedModules};
+use super::lora::saved::{rms_norm_in_place, LayerNorm, SavedMatrix, SavedModules};
 use super::lora::{AdapterWeights, LoraGroup};
 use super::ops;
 use super::source::{TokenTable, WeightSource};
@@ -70,8 +70,9 @@ impl RmsNorm {
         ops::with_f32(x, |x| {
             for (range, weight) in replaced {
                 for t in range.clone() {
-                    let span = t * hidden..(t + 1) * hidden;
-                    rms_norm_row(&x[span.clone()], weight, self.eps, &mut out[span]);
+                    let row = &mut out[t * hidden..(t + 1) * hidden];
+                    row.copy_from_slice(&x[t * hidden..(t + 1) * hidden]);
+                    rms_norm_in_place(row, weight, self.eps);
                 }
             }
         })?;
@@ -111,11 +112,7 @@ impl HeadNorm {
     /// Normalizes every head of `x` (`[n, heads · head_dim]`) in place.
     fn apply(&self, x: &mut [f32]) {
         for head in x.chunks_exact_mut(self.weight.len()) {
-            let mean = head.iter().map(|v| v * v).sum::<f32>() / head.len() as f32;
-            let inv = 1.0 / (mean + self.eps).sqrt();
-            for (v, w) in head.iter_mut().zip(&self.weight) {
-                *v = *v * inv * w;
-            }
+            rms_norm_in_place(head, &self.weight, self.eps);
         }
     }
 }

@@ -172,13 +172,14 @@ impl SavedModules {
     }
 }
 
-/// RMSNorm of one activation row with `weight` (a replaced norm), as
-/// transformers computes it: `x / sqrt(mean(x²) + eps) · weight`.
-pub fn rms_norm_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+/// RMSNorm of one activation row in place, as transformers computes it:
+/// `x / sqrt(mean(x²) + eps) · weight` (a replaced norm, or one of Qwen3's
+/// per-head norms).
+pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
     let mean = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
     let inv = 1.0 / (mean + eps).sqrt();
-    for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
-        *o = v * inv * w;
+    for (v, w) in x.iter_mut().zip(weight) {
+        *v = *v * inv * w;
     }
 }
 
@@ -223,9 +224,9 @@ mod tests {
     }
 
     #[test]
-    fn rms_norm_row_scales_by_the_root_mean_square() {
-        let mut out = [0.0; 2];
-        rms_norm_row(&[3.0, 4.0], &[1.0, 2.0], 0.0, &mut out);
+    fn rms_norm_scales_by_the_root_mean_square() {
+        let mut out = [3.0, 4.0];
+        rms_norm_in_place(&mut out, &[1.0, 2.0], 0.0);
         let inv = 1.0 / (12.5f32).sqrt();
         assert_eq!(out, [3.0 * inv, 4.0 * inv * 2.0]);
     }
